@@ -1,0 +1,183 @@
+"""The Python API: `tokenswift.load(...)` -> `LM` with `generate`, `stream` and `steps`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .config import RopeScaling, SamplingConfig
+from .engine import METHODS, Step, generate_ar
+from .loading import DEFAULT_MODEL, load_model
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # new token ids (the prompt excluded)
+    text: str | None  # decoded new text; None when the model has no tokenizer
+    stats: dict[str, Any]
+
+
+class TextStream:
+    """Incremental detokenizer: emits text only once it is stable, so a multi-byte character
+    split across tokens never comes out as U+FFFD, and the pieces join to the full decode."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the context decoded with each new token
+        self.read = 0  # end of the text already emitted
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, ids: Sequence[int]) -> str:
+        self.ids.extend(ids)
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before) :]
+
+
+class LM:
+    """A loaded model with its tokenizer. Create it with `tokenswift.load`."""
+
+    def __init__(self, loaded: Any, heads: str = "auto") -> None:
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.config = loaded.model.cfg
+        self.name = loaded.name
+        self.source = loaded.source
+        eos = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(int(self.tokenizer.eos_token_id))
+        self.eos_token_ids = tuple(sorted(eos))
+
+    # -- text <-> ids -------------------------------------------------------------------------
+
+    def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
+        """A prompt as token ids. `chat=True` wraps a string in the model's chat template as one
+        user message and adds the assistant turn's opening."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"model {self.name!r} has no tokenizer files: give the prompt as a list of token ids")
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            if chat:
+                if not getattr(self.tokenizer, "chat_template", None):
+                    raise ValueError(f"model {self.name!r} has no chat template; drop --chat / chat=True")
+                ids = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+                )
+                if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
+                    ids = ids["input_ids"]
+                return [int(t) for t in ids]
+            return [int(t) for t in self.tokenizer(prompt).input_ids]
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if chat:
+            raise ValueError("chat=True needs a string prompt, not token ids")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            raise ValueError(f"model {self.name!r} has no tokenizer to decode with")
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def steps(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 256,
+        method: str = "ar",
+        seed: int = 0,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        eta: float = 0.0,
+        penalty: float = 1.0,
+        penalty_window: int = 1024,
+        ignore_eos: bool = False,
+        min_keep: int = 1,
+        chat: bool = False,
+    ) -> Iterator[Step]:
+        """The low-level stream: one `Step` (committed token ids + running stats) per iteration."""
+        sampling = SamplingConfig(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, min_keep=min_keep, eta=eta,
+            penalty=penalty, penalty_window=penalty_window, seed=seed,
+        )
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+        ids = self.encode(prompt, chat=chat)
+        ctx = self.config.context_length
+        hint = "extend the context with RoPE scaling, e.g. yarn:4 (--rope-scaling / rope_scaling=)"
+        if len(ids) >= ctx:
+            raise ValueError(f"prompt ({len(ids)} tokens) is longer than the model's context of {ctx} tokens; "
+                             f"shorten it or {hint}")
+        if len(ids) + max_new_tokens > ctx:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
+                f"{ctx} tokens; lower max_new_tokens to {ctx - len(ids)} or {hint}"
+            )
+        return generate_ar(self.model, ids, max_new_tokens, sampling, self.eos_token_ids, ignore_eos)
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 256, **kw: Any) -> GenerationResult:
+        """Generates up to `max_new_tokens` tokens; see `steps` for the options."""
+        tokens: list[int] = []
+        stats: dict[str, Any] = {}
+        stream = TextStream(self.tokenizer) if self.tokenizer is not None else None
+        pieces: list[str] = []
+        for step in self.steps(prompt, max_new_tokens, **kw):
+            tokens.extend(step.tokens)
+            stats = step.stats
+            if stream is not None:
+                pieces.append(stream.push(step.tokens))
+        if stream is not None:
+            pieces.append(stream.flush())
+        return GenerationResult(tokens=tokens, text="".join(pieces) if stream is not None else None, stats=stats)
+
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, **kw: Any) -> Iterator[str]:
+        """Yields text pieces as tokens are committed; they join to `generate(...).text`."""
+        if self.tokenizer is None:
+            raise ValueError(f"model {self.name!r} has no tokenizer; use steps() for token ids")
+        stream = TextStream(self.tokenizer)
+        for step in self.steps(prompt, max_new_tokens, **kw):
+            piece = stream.push(step.tokens)
+            if piece:
+                yield piece
+        tail = stream.flush()
+        if tail:
+            yield tail
+
+
+def load(
+    model: str | os.PathLike[str] = DEFAULT_MODEL,
+    heads: str = "auto",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    rope_scaling: str | dict | RopeScaling | None = None,
+) -> LM:
+    """Loads a model: the embedded default `"smollm2-135m"`, a `.gguf` file, or a Hugging Face
+    directory (config.json + safetensors). `rope_scaling` such as `"yarn:4"` extends the context.
+    """
+    if heads not in ("auto", "none"):
+        raise ValueError(f"heads={heads!r}: draft heads are not implemented yet; use 'auto' or 'none'")
+    return LM(load_model(model, device=device, dtype=dtype, rope_scaling=rope_scaling), heads=heads)

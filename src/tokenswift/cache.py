@@ -1,0 +1,72 @@
+"""Preallocated KV cache, written by index.
+
+Layout: `k`, `v` are `[layers, batch, kv_heads, capacity, head_dim]`; entry `i` of every layer
+holds the token at absolute position `pos[i]`. Entries are kept in position order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+
+
+class KVCache:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        capacity: int,
+        batch: int = 1,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        rope_len: int | None = None,
+    ) -> None:
+        """`rope_len` is the run's full length; dynamic-NTK RoPE fixes its frequencies for it
+        (every cache of one run must agree). Defaults to `capacity`."""
+        if capacity < 1:
+            raise ValueError(f"KV cache capacity must be >= 1, got {capacity}")
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, KVH, C, Dh]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, KVH, C, Dh]
+        self.pos = torch.zeros(capacity, dtype=torch.int64, device=device)  # [C]
+        self.length = 0
+        self.rope_len = rope_len if rope_len is not None else capacity
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def truncate(self, n: int) -> None:
+        """Drops every entry from index `n` on."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
+        self.length = n
+
+    def keep(self, indices: torch.Tensor, start: int | None = None) -> None:
+        """Keeps entries `[0, start)` and moves the chosen entries `indices` (ascending, all
+        >= start) to `[start, start + len(indices))`; everything else after `start` is dropped.
+
+        `start` defaults to `indices[0]`: the first kept tail entry stays where it is.
+        Used after tree verification to keep only the accepted path.
+        """
+        idx = indices.to(device=self.pos.device, dtype=torch.int64).flatten()  # [K]
+        n = idx.numel()
+        if start is None:
+            if n == 0:
+                raise ValueError("keep() with no indices needs an explicit start")
+            start = int(idx[0])
+        if n:
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < start or hi >= self.length:
+                raise ValueError(f"keep indices must lie in [{start}, {self.length}), got [{lo}, {hi}]")
+            if n > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                raise ValueError("keep indices must be strictly ascending")
+            # Gather first, then write: source and destination ranges may overlap.
+            self.k[:, :, :, start : start + n] = self.k.index_select(3, idx)
+            self.v[:, :, :, start : start + n] = self.v.index_select(3, idx)
+            self.pos[start : start + n] = self.pos.index_select(0, idx)
+        self.length = start + n

@@ -1,0 +1,280 @@
+"""`tokenswift` command line. The only module that prints.
+
+Errors in input (bad values, missing files, unknown models) print one line on stderr and exit
+with code 2; Ctrl-C exits with 130. No tracebacks for either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_USAGE = 2
+EXIT_INTERRUPT = 130
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        raise CliError(f"{self.prog}: {message}")
+
+
+def _int(name: str):
+    def conv(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        return v
+
+    return conv
+
+
+def _float(name: str):
+    def conv(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+        if math.isnan(v):
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}")
+        return v
+
+    return conv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .engine import METHODS
+    from .loading import DEFAULT_MODEL
+
+    p = _Parser(prog="tokenswift", description="Fast, lossless long-text generation (TokenSwift).")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate text from a prompt", description="Generate text from a prompt.")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"embedded model name, .gguf file or HF model directory (default {DEFAULT_MODEL})")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (default: read stdin when it is not a terminal)")
+    src.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-new-tokens", type=_int("--max-new-tokens"), default=256,
+                   help="tokens to generate (default 256)")
+    g.add_argument("--method", default="ar", choices=METHODS, help="decoding method (default ar)")
+    s = g.add_argument_group("sampling (temperature 0 = greedy)")
+    s.add_argument("--temperature", type=_float("--temperature"), default=1.0, help="default 1.0")
+    s.add_argument("--top-k", type=_int("--top-k"), default=0, help="keep the k best tokens (0 = off)")
+    s.add_argument("--top-p", type=_float("--top-p"), default=1.0, help="nucleus mass in (0, 1] (default 1 = off)")
+    s.add_argument("--min-p", type=_float("--min-p"), default=0.0, help="drop tokens below min_p x the best (0 = off)")
+    s.add_argument("--min-keep", type=_int("--min-keep"), default=1,
+                   help="tokens every filter keeps at least (default 1)")
+    s.add_argument("--eta", type=_float("--eta"), default=0.0, help="eta sampling epsilon (0 = off)")
+    s.add_argument("--repetition-penalty", type=_float("--repetition-penalty"), default=1.0,
+                   help="divide positive / multiply negative logits of recent tokens (default 1 = off)")
+    s.add_argument("--penalty-window", type=_int("--penalty-window"), default=1024,
+                   help="how many recent tokens the penalty looks at (default 1024)")
+    s.add_argument("--seed", type=_int("--seed"), default=0, help="sampling seed (default 0)")
+    s.add_argument("--paper-defaults", action="store_true",
+                   help="the paper's sampler: temperature 1, min-p 0.1 keeping 20, penalty 1.2 over 1024")
+    g.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
+    g.add_argument("--json", action="store_true", help="print one JSON object {tokens, text, stats} at the end")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR",
+                   help="extend the context, e.g. yarn:4 (types: linear, dynamic, yarn, llama3)")
+    return p
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        text = args.prompt
+    elif args.prompt_file is not None:
+        path: Path = args.prompt_file
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise CliError(f"prompt file not found: {path}") from None
+        except IsADirectoryError:
+            raise CliError(f"prompt file is a directory: {path}") from None
+        except OSError as e:
+            raise CliError(f"cannot read prompt file {path}: {e.strerror}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CliError(f"prompt file {path} is not UTF-8 (bad byte at offset {e.start})") from None
+    elif not sys.stdin.isatty():
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CliError(f"stdin is not UTF-8 (bad byte at offset {e.start})") from None
+    else:
+        raise CliError("no prompt: give --prompt, --prompt-file, or pipe text on stdin")
+    if not text.strip():
+        raise CliError("the prompt is empty")
+    return text
+
+
+class Progress:
+    """A live `tokens | tok/s | ETA` line on stderr, redrawn at most 5 times a second."""
+
+    def __init__(self, total: int, stream: Any) -> None:
+        self.total = total
+        self.out = stream
+        self.last = 0.0
+        self.shown = False
+
+    def update(self, done: int, stats: dict[str, Any], force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < 0.2:
+            return
+        self.last = now
+        rate = stats.get("decode_tokens_per_s") or 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        eta_s = f"{eta:5.0f}s" if math.isfinite(eta) else "    ?"
+        self.out.write(f"\r\033[K{done}/{self.total} tokens | {rate:6.1f} tok/s | ETA {eta_s}")
+        self.out.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .config import PAPER_SAMPLING, SamplingConfig
+
+    sampling = dict(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        min_keep=args.min_keep, eta=args.eta, penalty=args.repetition_penalty,
+        penalty_window=args.penalty_window, seed=args.seed,
+    )
+    if args.paper_defaults:
+        sampling.update(PAPER_SAMPLING)
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    try:
+        SamplingConfig(**sampling)  # fail on bad values before the model loads
+    except ValueError as e:
+        raise CliError(_cli_names(str(e))) from None
+    prompt = _read_prompt(args)
+
+    import tokenswift
+
+    lm = tokenswift.load(args.model, device=args.device, dtype=args.dtype, rope_scaling=args.rope_scaling)
+    steps = lm.steps(prompt, args.max_new_tokens, method=args.method, ignore_eos=args.ignore_eos,
+                     chat=args.chat, **sampling)
+
+    from .api import TextStream
+
+    out = sys.stdout
+    progress = Progress(args.max_new_tokens, sys.stderr) if (sys.stderr.isatty() and not out.isatty()) else None
+    text_stream = TextStream(lm.tokenizer)
+    tokens: list[int] = []
+    pieces: list[str] = []
+    stats: dict[str, Any] = {}
+    try:
+        for step in steps:
+            tokens.extend(step.tokens)
+            stats = step.stats
+            piece = text_stream.push(step.tokens)
+            if args.json:
+                pieces.append(piece)
+            elif piece:
+                out.write(piece)
+                out.flush()
+            if progress:
+                progress.update(len(tokens), stats)
+        tail = text_stream.flush()
+    finally:
+        if progress:
+            progress.update(len(tokens), stats, force=True)
+            progress.close()
+    if args.json:
+        pieces.append(tail)
+        json.dump({"tokens": tokens, "text": "".join(pieces), "stats": stats}, out)
+        out.write("\n")
+    else:
+        out.write(tail + "\n")
+        if sys.stderr.isatty() and out.isatty():
+            sys.stderr.write(
+                f"[{stats.get('new_tokens', 0)} tokens, {stats.get('decode_tokens_per_s', 0):.1f} tok/s, "
+                f"prefill {stats.get('prefill_seconds', 0):.2f} s]\n"
+            )
+    out.flush()
+    return 0
+
+
+def _cli_names(msg: str) -> str:
+    """Library messages name Python keywords; say the CLI flag instead."""
+    for py, flag in (("top_p", "--top-p"), ("top_k", "--top-k"), ("min_p", "--min-p"), ("min_keep", "--min-keep"),
+                     ("max_new_tokens", "--max-new-tokens"), ("penalty_window", "--penalty-window"),
+                     ("repetition penalty", "--repetition-penalty"), ("temperature", "--temperature"),
+                     ("eta", "--eta"), ("seed", "--seed")):
+        if msg.startswith(py + " "):
+            return flag + msg[len(py):]
+    return msg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="tokenswift: %(message)s", stream=sys.stderr)
+        if not args.verbose:
+            _quiet_transformers()
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        if args.command == "generate":
+            return cmd_generate(args)
+        raise CliError(f"unknown command {args.command!r}")
+    except CliError as e:
+        _fail(str(e))
+        return EXIT_USAGE
+    except (ValueError, FileNotFoundError) as e:
+        _fail(_cli_names(str(e)))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        return EXIT_INTERRUPT
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, and keep Python from complaining at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _fail(msg: str) -> None:
+    line = " ".join(msg.split())  # one line, whatever the message held
+    if not line.startswith("tokenswift"):
+        line = "tokenswift: error: " + line
+    sys.stderr.write(line + "\n")
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except Exception:  # transformers is a dependency; this only guards odd installs
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

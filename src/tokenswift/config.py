@@ -1,0 +1,323 @@
+"""Frozen configuration records: the model's shape, the sampler, the speculation settings.
+
+`ModelConfig` is built from a Hugging Face `config.json` dict or from GGUF metadata; the
+decoder in `model.py` reads nothing else. Architectures differ only by the flags here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ROPE_KINDS = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How rotary frequencies are derived. `kind="default"` is plain RoPE."""
+
+    kind: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    # yarn
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+    # Per-frequency divisors stored in some GGUF files (llama3 scaling baked in).
+    freq_factors: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROPE_KINDS:
+            raise ValueError(f"unsupported RoPE scaling type {self.kind!r}; supported: {', '.join(ROPE_KINDS)}")
+        if self.kind != "default" and not (self.factor > 0):
+            raise ValueError(f"RoPE scaling factor must be > 0, got {self.factor!r}")
+
+    @staticmethod
+    def parse(spec: str | Mapping[str, Any] | "RopeScaling" | None) -> "RopeScaling | None":
+        """Accepts `"yarn:4"`, `"linear:2"`, a HF-style dict, or a RopeScaling."""
+        if spec is None or isinstance(spec, RopeScaling):
+            return spec
+        if isinstance(spec, str):
+            kind, sep, factor = spec.partition(":")
+            kind = kind.strip().lower()
+            if not sep or not factor.strip():
+                raise ValueError(f"bad RoPE scaling {spec!r}: expected TYPE:FACTOR, e.g. yarn:4")
+            if kind not in ROPE_KINDS or kind == "default":
+                raise ValueError(
+                    f"bad RoPE scaling {spec!r}: expected TYPE:FACTOR with TYPE one of linear, dynamic, yarn, llama3"
+                )
+            try:
+                f = float(factor)
+            except ValueError:
+                raise ValueError(f"bad RoPE scaling {spec!r}: factor {factor!r} is not a number") from None
+            if not f > 1.0:
+                raise ValueError(f"bad RoPE scaling {spec!r}: the factor must be > 1 to extend the context")
+            return RopeScaling(kind=kind, factor=f)
+        return _rope_from_hf(dict(spec))
+
+
+def _rope_from_hf(d: dict[str, Any]) -> RopeScaling | None:
+    kind = d.get("rope_type", d.get("type", "default")) or "default"
+    if kind == "default":
+        return None
+    if kind not in ROPE_KINDS:
+        raise ValueError(f"unsupported RoPE scaling type {kind!r}; supported: {', '.join(ROPE_KINDS)}")
+    kw: dict[str, Any] = {"kind": kind}
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
+        if d.get(key) is not None:
+            kw[key] = float(d[key])
+    for key in ("attention_factor", "mscale", "mscale_all_dim"):
+        if d.get(key) is not None:
+            kw[key] = float(d[key])
+    if d.get("original_max_position_embeddings") is not None:
+        kw["original_max_position_embeddings"] = int(d["original_max_position_embeddings"])
+    if d.get("truncate") is not None:
+        kw["truncate"] = bool(d["truncate"])
+    return RopeScaling(**kw)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2; Llama's attention_bias sets this and o_bias
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    # Sliding-window size per layer (None = full attention), Mistral v0.1 / Qwen windowed layers.
+    layer_windows: tuple[int | None, ...] = field(default=())
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.arch not in SUPPORTED_ARCHS:
+            raise ValueError(f"unsupported architecture {self.arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if not self.layer_windows:
+            object.__setattr__(self, "layer_windows", (None,) * self.num_layers)
+        if len(self.layer_windows) != self.num_layers:
+            raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers")
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def context_length(self) -> int:
+        """Longest sequence the model is meant to handle, RoPE scaling included."""
+        rs = self.rope_scaling
+        if rs is None or rs.kind == "default" or rs.freq_factors is not None:
+            return self.max_position_embeddings
+        orig = rs.original_max_position_embeddings or self.max_position_embeddings
+        return max(self.max_position_embeddings, int(math.floor(orig * rs.factor)))
+
+    def with_rope_scaling(self, rs: RopeScaling) -> "ModelConfig":
+        """Extends the context: the original length is the model's own trained context."""
+        if rs.original_max_position_embeddings is None:
+            rs = replace(rs, original_max_position_embeddings=self.max_position_embeddings)
+        return replace(self, rope_scaling=rs)
+
+    # -- constructors -------------------------------------------------------------------------
+
+    @staticmethod
+    def from_hf(d: Mapping[str, Any]) -> "ModelConfig":
+        """From a Hugging Face `config.json` (transformers 4.x `rope_scaling` or 5.x `rope_parameters`)."""
+        arch = d.get("model_type")
+        if arch not in SUPPORTED_ARCHS:
+            raise ValueError(
+                f"unsupported model_type {arch!r} in config.json; supported: {', '.join(SUPPORTED_ARCHS)}"
+            )
+        try:
+            hidden = int(d["hidden_size"])
+            heads = int(d["num_attention_heads"])
+            layers = int(d["num_hidden_layers"])
+            vocab = int(d["vocab_size"])
+            inter = int(d["intermediate_size"])
+        except KeyError as e:
+            raise ValueError(f"config.json lacks required field {e.args[0]!r}") from None
+        kv_heads = int(d.get("num_key_value_heads") or heads)
+        head_dim = int(d.get("head_dim") or hidden // heads)
+
+        rope_params = d.get("rope_parameters") or {}
+        theta = float(rope_params.get("rope_theta", d.get("rope_theta", 10000.0)))
+        if rope_params.get("rope_type") or rope_params.get("type"):
+            rope = _rope_from_hf(rope_params)
+        else:
+            rope = _rope_from_hf(d["rope_scaling"]) if d.get("rope_scaling") else None
+        max_pos = int(d.get("max_position_embeddings", 2048))
+        if rope is not None:
+            orig = d.get("original_max_position_embeddings") or rope.original_max_position_embeddings
+            if rope.kind in ("yarn", "llama3"):
+                orig = orig or max_pos
+            if orig is not None:
+                rope = replace(rope, original_max_position_embeddings=int(orig))
+
+        attention_bias = bool(d.get("attention_bias", False))
+        qkv_bias = attention_bias or arch == "qwen2"
+        o_bias = attention_bias
+        if arch == "qwen2":
+            o_bias = False
+
+        windows: list[int | None] = [None] * layers
+        if d.get("layer_types"):
+            sw = d.get("sliding_window")
+            windows = [int(sw) if (t == "sliding_attention" and sw) else None for t in d["layer_types"]]
+        elif arch == "mistral" and d.get("sliding_window"):
+            windows = [int(d["sliding_window"])] * layers
+        elif arch in ("qwen2", "qwen3") and d.get("use_sliding_window") and d.get("sliding_window"):
+            first = int(d.get("max_window_layers", layers))
+            windows = [int(d["sliding_window"]) if i >= first else None for i in range(layers)]
+
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(int(x) for x in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+        return ModelConfig(
+            arch=arch,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=rope,
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            qk_norm=arch == "qwen3",
+            layer_windows=tuple(windows),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    @staticmethod
+    def from_gguf(meta: Mapping[str, Any], tensor_names: set[str]) -> "ModelConfig":
+        """From GGUF metadata (already decoded to Python values) and the file's tensor names."""
+        arch = meta.get("general.architecture")
+        if arch not in ("llama", "qwen2", "qwen3"):
+            raise ValueError(
+                f"unsupported GGUF architecture {arch!r}; supported: llama (incl. Mistral), qwen2, qwen3"
+            )
+
+        def get(key: str, default: Any = None) -> Any:
+            return meta.get(f"{arch}.{key}", default)
+
+        try:
+            hidden = int(get("embedding_length"))
+            heads = int(get("attention.head_count"))
+            layers = int(get("block_count"))
+            inter = int(get("feed_forward_length"))
+        except TypeError:
+            raise ValueError(f"GGUF metadata lacks the {arch}.* shape fields") from None
+        kv_heads = int(get("attention.head_count_kv", heads))
+        head_dim = int(get("attention.key_length", hidden // heads))
+        vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+        max_pos = int(get("context_length", 2048))
+
+        rope = None
+        stype = get("rope.scaling.type")
+        if stype in ("linear", "yarn"):
+            orig = get("rope.scaling.original_context_length")
+            rope = RopeScaling(
+                kind=stype,
+                factor=float(get("rope.scaling.factor", 1.0)),
+                original_max_position_embeddings=int(orig) if orig else max_pos,
+            )
+        elif stype not in (None, "none"):
+            raise ValueError(f"unsupported GGUF RoPE scaling type {stype!r}")
+
+        window = get("attention.sliding_window")
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        return ModelConfig(
+            arch=arch,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_scaling=rope,
+            max_position_embeddings=max_pos,
+            tie_word_embeddings="output.weight" not in tensor_names,
+            qkv_bias="blk.0.attn_q.bias" in tensor_names,
+            o_bias="blk.0.attn_output.bias" in tensor_names,
+            mlp_bias="blk.0.ffn_up.bias" in tensor_names,
+            qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+            layer_windows=(int(window) if window else None,) * layers,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=(int(eos),) if eos is not None else (),
+        )
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """The sampler. temperature 0 means greedy. Every field is validated on construction."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    min_keep: int = 1
+    eta: float = 0.0
+    penalty: float = 1.0
+    penalty_window: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: Any, want: str) -> ValueError:
+            return ValueError(f"{name} must be {want}, got {value!r}")
+
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise bad("temperature", self.temperature, ">= 0 (0 = greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", self.top_k, "an integer >= 0 (0 = off)")
+        if not (0.0 < self.top_p <= 1.0):
+            raise bad("top_p", self.top_p, "in (0, 1]")
+        if not (0.0 <= self.min_p < 1.0):
+            raise bad("min_p", self.min_p, "in [0, 1)")
+        if not isinstance(self.min_keep, int) or self.min_keep < 1:
+            raise bad("min_keep", self.min_keep, "an integer >= 1")
+        if not (0.0 <= self.eta < 1.0):
+            raise bad("eta", self.eta, "in [0, 1)")
+        if not (self.penalty > 0) or not math.isfinite(self.penalty):
+            raise bad("repetition penalty", self.penalty, "> 0 (1 = off)")
+        if not isinstance(self.penalty_window, int) or self.penalty_window < 0:
+            raise bad("penalty_window", self.penalty_window, "an integer >= 0")
+        if not isinstance(self.seed, int) or not (0 <= self.seed < 2**63):
+            raise bad("seed", self.seed, "an integer in [0, 2^63)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# The paper's sampling setup (DESIGN.md, "Defaults"): what speed is measured under.
+PAPER_SAMPLING = dict(temperature=1.0, min_p=0.1, min_keep=20, penalty=1.2, penalty_window=1024)

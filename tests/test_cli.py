@@ -1,0 +1,83 @@
+"""The command line, run as a user would: a subprocess, its stdout, stderr and exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args: str, stdin: bytes | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tokenswift", *args], input=stdin, capture_output=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    (d / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    (d / "long.txt").write_text("word " * 9000, encoding="utf-8")
+    (d / "ok.txt").write_text("The story begins", encoding="utf-8")
+    return d
+
+
+BAD = [
+    (["--prompt", "hi", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--prompt", "hi", "--temperature", "-0.5"], "--temperature must be >= 0 (0 = greedy), got -0.5"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--prompt", "hi", "--max-new-tokens", "-3"], "--max-new-tokens must be >= 1, got -3"),
+    (["--prompt", "hi", "--max-new-tokens", "many"], "--max-new-tokens must be an integer, got 'many'"),
+    (["--prompt", "hi", "--min-p", "1"], "--min-p must be in [0, 1), got 1.0"),
+    (["--prompt", "hi", "--repetition-penalty", "0"], "--repetition-penalty must be > 0 (1 = off), got 0.0"),
+    (["--prompt-file", "{d}/missing.txt"], "prompt file not found: {d}/missing.txt"),
+    (["--prompt-file", "{d}/latin1.txt"], "is not UTF-8 (bad byte at offset 3)"),
+    (["--prompt", "hi", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--prompt", "hi", "--rope-scaling", "yarn"], "bad RoPE scaling 'yarn': expected TYPE:FACTOR"),
+    (["--prompt", "   "], "the prompt is empty"),
+    (["--prompt", "hi", "--method", "magic"], "invalid choice: 'magic'"),
+    (["--prompt-file", "{d}/long.txt", "--max-new-tokens", "4"],
+     "prompt (9001 tokens) is longer than the model's context of 8192 tokens"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_exit_2(files, args, fragment):
+    args = [a.format(d=files) for a in args]
+    r = run("generate", *args)
+    err = r.stderr.decode()
+    assert r.returncode == 2, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert fragment.format(d=files) in lines[0]
+    assert r.stdout == b""
+
+
+def test_no_prompt_on_a_terminal_is_an_error():
+    # stdin is /dev/null here, which is not a terminal: it reads as an empty prompt
+    r = subprocess.run([sys.executable, "-m", "tokenswift", "generate"], stdin=subprocess.DEVNULL,
+                       capture_output=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.decode().strip() == "tokenswift: error: the prompt is empty"
+
+
+def test_json_output_matches_the_api(smollm, files):
+    r = run("generate", "--prompt-file", str(files / "ok.txt"), "--max-new-tokens", "12", "--temperature", "0",
+            "--ignore-eos", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    out = json.loads(r.stdout)
+    want = smollm.generate("The story begins", 12, temperature=0, ignore_eos=True)
+    assert out["tokens"] == want.tokens
+    assert out["text"] == want.text
+    assert out["stats"]["new_tokens"] == 12
+
+
+def test_streams_text_from_stdin_with_sampling_options(smollm):
+    args = ["--max-new-tokens", "20", "--seed", "9", "--paper-defaults", "--ignore-eos"]
+    r = run("generate", *args, stdin=b"In the beginning")
+    assert r.returncode == 0, r.stderr.decode()
+    want = smollm.generate("In the beginning", 20, seed=9, ignore_eos=True,
+                           temperature=1.0, min_p=0.1, min_keep=20, penalty=1.2, penalty_window=1024)
+    assert r.stdout.decode() == want.text + "\n"

@@ -1,0 +1,149 @@
+"""The sampler's pure functions: filters, penalty, validation and position-keyed Gumbel-max."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tokenswift.config import SamplingConfig
+from tokenswift.sampling import apply_penalty, draw, final_logprobs, gumbel, history_windows, position_key, sample
+
+NEG = float("-inf")
+
+
+@pytest.mark.parametrize(
+    "logits,window,penalty,want",
+    [
+        ([2.0, -1.0, 0.5, 3.0], [0, 1, 1], 2.0, [1.0, -2.0, 0.5, 3.0]),  # duplicates penalized once
+        ([2.0, -1.0, 0.5, 3.0], [3], 1.0, [2.0, -1.0, 0.5, 3.0]),  # penalty 1 = off
+        ([0.0, 4.0], [0, 1], 4.0, [0.0, 1.0]),  # zero stays zero
+        ([1.0, -1.0], [0, 1], 0.5, [2.0, -0.5]),  # penalty < 1 rewards repeats
+    ],
+)
+def test_repetition_penalty(logits, window, penalty, want):
+    out = apply_penalty(torch.tensor([logits]), torch.tensor([window]), penalty)
+    assert out[0].tolist() == pytest.approx(want)
+
+
+def test_history_windows_pad_with_own_tokens_and_cut_to_width():
+    w = history_windows([[1, 2, 3, 4, 5], [7]], width=3)
+    assert w.tolist() == [[3, 4, 5], [7, 7, 7]]
+    logits = torch.zeros(2, 10) + 2.0
+    out = apply_penalty(logits, w, 2.0)
+    assert out[0].tolist() == [2, 2, 2, 1, 1, 1, 2, 2, 2, 2]
+    assert out[1].tolist() == [2, 2, 2, 2, 2, 2, 2, 1, 2, 2]  # padding penalized nothing extra
+
+
+def _kept(cfg: SamplingConfig, logits) -> list[int]:
+    lp = final_logprobs(torch.tensor([logits]), None, cfg)[0]
+    return [i for i, v in enumerate(lp.tolist()) if v != NEG]
+
+
+L5 = [math.log(p) for p in (0.5, 0.25, 0.15, 0.07, 0.03)]
+
+
+@pytest.mark.parametrize(
+    "kw,kept",
+    [
+        ({}, [0, 1, 2, 3, 4]),
+        ({"top_k": 2}, [0, 1]),
+        ({"top_k": 2, "min_keep": 3}, [0, 1, 2]),
+        ({"top_p": 0.5}, [0]),
+        ({"top_p": 0.7}, [0, 1]),
+        ({"top_p": 0.76}, [0, 1, 2]),
+        ({"top_p": 0.5, "min_keep": 2}, [0, 1]),
+        ({"min_p": 0.2}, [0, 1, 2]),  # 0.2 * 0.5 = 0.1 > 0.07
+        ({"min_p": 0.6}, [0]),
+        ({"min_p": 0.6, "min_keep": 4}, [0, 1, 2, 3]),
+        ({"eta": 0.09}, [0, 1, 2]),  # threshold min(0.09, 0.3 * exp(-H)) with H = 1.32 -> 0.080
+        ({"top_k": 3, "min_p": 0.4}, [0, 1]),
+    ],
+)
+def test_filters_keep_the_expected_tokens(kw, kept):
+    assert _kept(SamplingConfig(**kw), L5) == kept
+
+
+def test_temperature_sharpens_and_final_distribution_is_normalized():
+    cfg = SamplingConfig(temperature=0.5)
+    lp = final_logprobs(torch.tensor([L5]), None, cfg)[0]
+    p = lp.exp()
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-6)
+    base = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+    want = base**2 / (base**2).sum()
+    assert torch.allclose(p, want, atol=1e-6)
+
+
+def test_greedy_is_argmax_after_penalty():
+    cfg = SamplingConfig(temperature=0, penalty=3.0)
+    logits = torch.tensor([[3.0, 2.0, 0.1]])
+    assert sample(logits, None, [0], cfg).item() == 0
+    assert sample(logits, torch.tensor([[0]]), [0], cfg).item() == 1  # 3/3 = 1 < 2
+
+
+@pytest.mark.parametrize(
+    "kw,fragment",
+    [
+        ({"temperature": -0.1}, "temperature must be >= 0"),
+        ({"temperature": float("nan")}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, "top_p must be in (0, 1], got 0.0"),
+        ({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
+        ({"min_p": 1.0}, "min_p must be in [0, 1), got 1.0"),
+        ({"min_p": -0.1}, "min_p must be in [0, 1), got -0.1"),
+        ({"top_k": -1}, "top_k must be an integer >= 0"),
+        ({"penalty": 0.0}, "repetition penalty must be > 0 (1 = off), got 0.0"),
+        ({"penalty_window": -5}, "penalty_window must be an integer >= 0, got -5"),
+        ({"eta": 1.0}, "eta must be in [0, 1), got 1.0"),
+        ({"min_keep": 0}, "min_keep must be an integer >= 1, got 0"),
+        ({"seed": -1}, "seed must be an integer in [0, 2^63), got -1"),
+    ],
+)
+def test_bad_sampling_values_are_named(kw, fragment):
+    with pytest.raises(ValueError) as e:
+        SamplingConfig(**kw)
+    assert fragment in str(e.value)
+
+
+# --- position-keyed Gumbel-max --------------------------------------------------------------
+
+
+def test_noise_depends_only_on_seed_and_position():
+    a = gumbel(7, 1000, 50)
+    assert torch.equal(a, gumbel(7, 1000, 50))
+    assert not torch.equal(a, gumbel(7, 1001, 50))
+    assert not torch.equal(a, gumbel(8, 1000, 50))
+    keys = {position_key(s, p) for s in range(20) for p in range(200)}
+    assert len(keys) == 20 * 200
+
+
+def test_rows_sharing_a_position_share_noise():
+    cfg = SamplingConfig(seed=3)
+    lp = final_logprobs(torch.zeros(3, 1000), None, cfg)
+    toks = draw(lp, [10, 10, 11], cfg)
+    assert toks[0] == toks[1]
+    assert toks[0] == draw(lp[:1], [10], cfg)[0]
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    n = counts.sum()
+    expected = probs * n
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_gumbel_max_draws_exactly_from_the_final_distribution():
+    """20,000 positions, one draw each: the histogram fits the target (chi-square, 5 dof)."""
+    cfg = SamplingConfig(seed=11, penalty=1.3)
+    logits = torch.tensor([[1.0, 0.5, 0.0, -0.5, 2.0, 0.2]])
+    window = torch.tensor([[4]])
+    p = final_logprobs(logits, window, cfg)[0].exp()
+    counts = torch.zeros(6)
+    n = 20_000
+    lp = final_logprobs(logits, window, cfg).expand(n, -1)
+    toks = draw(lp, list(range(n)), cfg)
+    counts += torch.bincount(toks, minlength=6).float()
+    # 99.9% quantile of chi-square with 5 degrees of freedom is 20.5
+    assert _chi_square(counts, p) < 20.5
+    # and it is not the unpenalized distribution: the penalty on token 4 shows
+    p_raw = logits[0].softmax(-1)
+    assert _chi_square(counts, p_raw) > 100
