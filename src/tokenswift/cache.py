@@ -12,6 +12,9 @@ from .config import ModelConfig
 
 
 class KVCache:
+    # Entries sit in position order, so sliding-window masks can be computed from `pos`.
+    ordered = True
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -70,3 +73,68 @@ class KVCache:
             self.v[:, :, :, start : start + n] = self.v.index_select(3, idx)
             self.pos[start : start + n] = self.pos.index_select(0, idx)
         self.length = start + n
+
+
+class DraftCache(KVCache):
+    """The small KV cache the draft pass attends to: `sinks` first tokens + the entries with
+    the highest attention scores (chosen per layer and KV head with the current query) + the
+    tokens committed since, within `budget` entries.
+
+    Entries differ per layer and head, so `pos` is not meaningful here (`ordered` is False and
+    the decoder skips sliding-window masks: the draft only affects speed). One slot beyond the
+    budget holds the root token while the draft pass runs.
+    """
+
+    ordered = False
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        budget: int = 4096,
+        sinks: int = 16,
+        recent: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        rope_len: int | None = None,
+    ) -> None:
+        recent = budget // 4 if recent is None else recent
+        if budget < sinks + recent + 1:
+            raise ValueError(f"draft budget {budget} is smaller than sinks ({sinks}) + recent window ({recent}) + 1")
+        super().__init__(cfg, capacity=budget + 1, batch=1, dtype=dtype, device=device, rope_len=rope_len)
+        self.budget = budget
+        self.sinks = sinks
+        self.recent = recent
+        self.valid = False  # holds a selection that the recent window has not outgrown
+        self.refreshes = 0
+
+    @torch.no_grad()
+    def refresh(self, main: KVCache, scores: torch.Tensor) -> None:
+        """Re-selects from `main`'s entries [0, main.length).
+
+        scores: [L, KVH, >= main.length] attention weight of the current query on each entry."""
+        S = main.length
+        n_sel = min(self.budget - self.recent - self.sinks, S - self.sinks)
+        s = self.sinks
+        self.k[:, :, :, :s] = main.k[:, :, :, :s]
+        self.v[:, :, :, :s] = main.v[:, :, :, :s]
+        if n_sel > 0:
+            L, _, K, _, D = main.k.shape
+            idx = scores[:, :, s:S].topk(n_sel, dim=-1).indices.sort(dim=-1).values + s  # [L, KVH, n_sel]
+            gidx = idx.unsqueeze(-1).expand(L, K, n_sel, D)
+            self.k[:, 0, :, s : s + n_sel] = torch.gather(main.k[:, 0, :, :S], 2, gidx)
+            self.v[:, 0, :, s : s + n_sel] = torch.gather(main.v[:, 0, :, :S], 2, gidx)
+        self.length = s + max(n_sel, 0)
+        self.valid = True
+        self.refreshes += 1
+
+    def append(self, main: KVCache, start: int, n: int) -> None:
+        """Copies main entries [start, start+n) (just committed) into the recent window; once
+        it is full the cache is marked stale and the next draft pass re-selects."""
+        if not self.valid:
+            return
+        if self.length + n > self.budget:
+            self.valid = False
+            return
+        self.k[:, :, :, self.length : self.length + n] = main.k[:, :, :, start : start + n]
+        self.v[:, :, :, self.length : self.length + n] = main.v[:, :, :, start : start + n]
+        self.length += n

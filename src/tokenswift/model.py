@@ -346,12 +346,15 @@ class Decoder(nn.Module):
         positions: torch.Tensor,  # [B, T] int64, absolute positions
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,  # bool; [T, T] / [B, T, T] new block, or [.., T, S] full
+        attn_probs: torch.Tensor | None = None,  # [L, KVH, >= S] float32 out: T=1, B=1 only
     ) -> torch.Tensor:  # [B, T, D] residual stream before the final norm
         """Runs the decoder on T new tokens.
 
         With a cache, the new K/V are written at `cache.length` onward and the cache grows by T;
         the new tokens see every cached entry plus the new ones the mask allows (default:
         causal by index). `mask` may also span cached + new entries (`[.., T, cache.length+T]`).
+        With `attn_probs`, a single query's attention weights (summed over the query heads of
+        each KV head) on every key are written there, per layer — the draft cache's selection.
         """
         cfg = self.cfg
         B, T = tokens.shape
@@ -378,7 +381,12 @@ class Decoder(nn.Module):
         if mask is not None and block is not None:
             bias = torch.zeros(block.shape, dtype=self.dtype, device=tokens.device)
             bias = bias.masked_fill_(~block, float("-inf")).unsqueeze(1)
-        window_masks = self._window_masks(positions, key_pos_all[:S], S, block, full)
+        if cache is not None and not cache.ordered:
+            window_masks = {}  # a draft cache mixes positions per head; windows are skipped there
+        else:
+            window_masks = self._window_masks(positions, key_pos_all[:S], S, block, full)
+        if attn_probs is not None and (T != 1 or B != 1):
+            raise ValueError(f"attn_probs needs one token and batch 1, got tokens shape {tuple(tokens.shape)}")
 
         cos, sin = self._cos_sin(positions, scale_len)
         H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -403,8 +411,12 @@ class Decoder(nn.Module):
                 keys, vals = cache.k[li, :, :, :S], cache.v[li, :, :, :S]  # [B, K, S, Dh] views
             else:
                 keys, vals = k.transpose(1, 2), v.transpose(1, 2)
-            lo, wmask = window_masks[cfg.layer_windows[li]] if cfg.layer_windows[li] else (0, None)
-            att = _attention(q * scale, keys, vals, block, bias, full, lo, wmask)  # [B, T, H*Dh]
+            w = cfg.layer_windows[li]
+            lo, wmask = window_masks[w] if (w and w in window_masks) else (0, None)
+            if attn_probs is not None:
+                att = _attention_plain(q * scale, keys, vals, None, None, 0, None, probs_out=attn_probs[li])
+            else:
+                att = _attention(q * scale, keys, vals, block, bias, full, lo, wmask)  # [B, T, H*Dh]
             x = x + linear(att, L.wo, L.bo)
             h = F.rms_norm(x, (x.shape[-1],), L.mlp_norm, eps)
             gu = linear(h, L.w_gate_up, L.b_gate_up)  # [B, T, 2I]
@@ -515,8 +527,9 @@ def _attention(
     return _attention_plain(q, keys, vals, block, full, lo, wmask)
 
 
-def _attention_plain(q, keys, vals, block, full, lo, wmask):  # shapes as in _attention
-    """Scores materialized: for one query or the rare full/window masks."""
+def _attention_plain(q, keys, vals, block, full, lo, wmask, probs_out=None):  # shapes as in _attention
+    """Scores materialized: for one query or the rare full/window masks. `probs_out` [KVH, >=S]
+    receives the attention weights summed over each group's query heads (T=1, B=1)."""
     B, T, H, D = q.shape
     K = keys.shape[1]
     G = H // K
@@ -533,7 +546,10 @@ def _attention_plain(q, keys, vals, block, full, lo, wmask):  # shapes as in _at
         s5.masked_fill_(~full[:, None, None, :, lo:], neg)
     if wmask is not None:
         s5.masked_fill_(~wmask[:, None, None], neg)
-    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    p = torch.softmax(s, dim=-1, dtype=torch.float32)
+    if probs_out is not None:
+        probs_out[:, :Sk] = p[0].sum(1)  # [K, Sk]
+    p = p.to(q.dtype)
     o = torch.matmul(p, vals)  # [B, K, G*T, D]
     return o.view(B, K, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
 
