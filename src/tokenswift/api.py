@@ -8,8 +8,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .config import RopeScaling, SamplingConfig
-from .engine import METHODS, Step, generate_ar
+from .config import RopeScaling, SamplingConfig, SpecConfig
+from .engine import METHODS, Step, generate_ar, generate_speculative
+from .heads import DraftHeads, resolve_heads
 from .loading import DEFAULT_MODEL, load_model
 
 
@@ -52,8 +53,9 @@ class TextStream:
 class LM:
     """A loaded model with its tokenizer. Create it with `tokenswift.load`."""
 
-    def __init__(self, loaded: Any, heads: str = "auto") -> None:
+    def __init__(self, loaded: Any, heads: DraftHeads | None = None) -> None:
         self.model = loaded.model
+        self.heads = heads
         self.tokenizer = loaded.tokenizer
         self.config = loaded.model.cfg
         self.name = loaded.name
@@ -116,8 +118,21 @@ class LM:
         ignore_eos: bool = False,
         min_keep: int = 1,
         chat: bool = False,
+        gamma: int = 4,
+        tree: str | Sequence = "1,3,3,3",
+        ngram_topk: int = 20,
+        draft_budget: int = 4096,
+        use_ngrams: bool = True,
+        use_heads: bool = True,
+        full_kv_draft: bool = False,
+        max_nodes: int | None = None,
     ) -> Iterator[Step]:
-        """The low-level stream: one `Step` (committed token ids + running stats) per iteration."""
+        """The low-level stream: one `Step` (committed token ids + running stats) per iteration.
+
+        `method`: "ar" (plain decoding), "tokenswift" (draft heads + tree + n-grams over a partial
+        KV cache) or "ngram" (n-gram drafts only). Every method writes the same tokens for the
+        same seed; the speculation options (gamma, tree, ngram_topk, draft_budget, use_ngrams,
+        use_heads, full_kv_draft, max_nodes) change only the speed."""
         sampling = SamplingConfig(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, min_keep=min_keep, eta=eta,
             penalty=penalty, penalty_window=penalty_window, seed=seed,
@@ -137,7 +152,13 @@ class LM:
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
                 f"{ctx} tokens; lower max_new_tokens to {ctx - len(ids)} or {hint}"
             )
-        return generate_ar(self.model, ids, max_new_tokens, sampling, self.eos_token_ids, ignore_eos)
+        if method == "ar":
+            return generate_ar(self.model, ids, max_new_tokens, sampling, self.eos_token_ids, ignore_eos)
+        spec = SpecConfig(gamma=gamma, tree=tree if isinstance(tree, str) else tuple(tree), ngram_topk=ngram_topk,
+                          draft_budget=draft_budget, use_ngrams=use_ngrams, use_heads=use_heads,
+                          full_kv_draft=full_kv_draft, max_nodes=max_nodes)
+        return generate_speculative(self.model, self.heads, ids, max_new_tokens, sampling, spec,
+                                    self.eos_token_ids, ignore_eos, method=method)
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 256, **kw: Any) -> GenerationResult:
         """Generates up to `max_new_tokens` tokens; see `steps` for the options."""
@@ -177,7 +198,8 @@ def load(
 ) -> LM:
     """Loads a model: the embedded default `"smollm2-135m"`, a `.gguf` file, or a Hugging Face
     directory (config.json + safetensors). `rope_scaling` such as `"yarn:4"` extends the context.
+
+    `heads`: "auto" (the heads shipped for a known model, else none), "none", or a heads file.
     """
-    if heads not in ("auto", "none"):
-        raise ValueError(f"heads={heads!r}: draft heads are not implemented yet; use 'auto' or 'none'")
-    return LM(load_model(model, device=device, dtype=dtype, rope_scaling=rope_scaling), heads=heads)
+    loaded = load_model(model, device=device, dtype=dtype, rope_scaling=rope_scaling)
+    return LM(loaded, heads=resolve_heads(heads, loaded.model, loaded.name))

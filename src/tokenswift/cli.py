@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--max-new-tokens", type=_int("--max-new-tokens"), default=256,
                    help="tokens to generate (default 256)")
-    g.add_argument("--method", default="ar", choices=METHODS, help="decoding method (default ar)")
+    g.add_argument("--method", default="ar", choices=METHODS,
+                   help="ar (plain), tokenswift, or ngram (prompt-lookup drafts); all write the same text (default ar)")
     s = g.add_argument_group("sampling (temperature 0 = greedy)")
     s.add_argument("--temperature", type=_float("--temperature"), default=1.0, help="default 1.0")
     s.add_argument("--top-k", type=_int("--top-k"), default=0, help="keep the k best tokens (0 = off)")
@@ -86,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=_int("--seed"), default=0, help="sampling seed (default 0)")
     s.add_argument("--paper-defaults", action="store_true",
                    help="the paper's sampler: temperature 1, min-p 0.1 keeping 20, penalty 1.2 over 1024")
+    sp = g.add_argument_group("speculation (tokenswift / ngram methods; speed only, never the text)")
+    sp.add_argument("--heads", default="auto", metavar="PATH|none|auto",
+                    help="draft heads file; auto = shipped heads for a known model (default auto)")
+    sp.add_argument("--gamma", type=_int("--gamma"), default=4, help="positions drafted per iteration (default 4)")
+    sp.add_argument("--tree", default="1,3,3,3", help="tree shape: branching per depth or JSON paths (default 1,3,3,3)")
+    sp.add_argument("--ngram-topk", type=_int("--ngram-topk"), default=20,
+                    help="n-gram continuations per candidate (default 20)")
+    sp.add_argument("--draft-budget", type=_int("--draft-budget"), default=4096,
+                    help="KV entries the draft pass attends to (default 4096)")
+    sp.add_argument("--no-ngrams", action="store_true", help="draft without n-gram reuse")
+    sp.add_argument("--full-kv-draft", action="store_true", help="draft over the full KV cache")
+    g.add_argument("--stats", action="store_true", help="print the run's stats as JSON on stderr at the end")
     g.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
     g.add_argument("--json", action="store_true", help="print one JSON object {tokens, text, stats} at the end")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -153,7 +166,7 @@ class Progress:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .config import PAPER_SAMPLING, SamplingConfig
+    from .config import PAPER_SAMPLING, SamplingConfig, SpecConfig
 
     sampling = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
@@ -164,17 +177,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sampling.update(PAPER_SAMPLING)
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    try:
-        SamplingConfig(**sampling)  # fail on bad values before the model loads
+    spec = dict(gamma=args.gamma, tree=args.tree, ngram_topk=args.ngram_topk, draft_budget=args.draft_budget,
+                use_ngrams=not args.no_ngrams, full_kv_draft=args.full_kv_draft)
+    try:  # fail on bad values before the model loads
+        SamplingConfig(**sampling)
+        SpecConfig(**spec)
     except ValueError as e:
         raise CliError(_cli_names(str(e))) from None
     prompt = _read_prompt(args)
 
     import tokenswift
 
-    lm = tokenswift.load(args.model, device=args.device, dtype=args.dtype, rope_scaling=args.rope_scaling)
+    lm = tokenswift.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype,
+                         rope_scaling=args.rope_scaling)
     steps = lm.steps(prompt, args.max_new_tokens, method=args.method, ignore_eos=args.ignore_eos,
-                     chat=args.chat, **sampling)
+                     chat=args.chat, **sampling, **spec)
 
     from .api import TextStream
 
@@ -207,7 +224,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out.write("\n")
     else:
         out.write(tail + "\n")
-        if sys.stderr.isatty() and out.isatty():
+        if args.stats:
+            sys.stderr.write(json.dumps(stats) + "\n")
+        elif sys.stderr.isatty() and out.isatty():
             sys.stderr.write(
                 f"[{stats.get('new_tokens', 0)} tokens, {stats.get('decode_tokens_per_s', 0):.1f} tok/s, "
                 f"prefill {stats.get('prefill_seconds', 0):.2f} s]\n"
@@ -221,7 +240,8 @@ def _cli_names(msg: str) -> str:
     for py, flag in (("top_p", "--top-p"), ("top_k", "--top-k"), ("min_p", "--min-p"), ("min_keep", "--min-keep"),
                      ("max_new_tokens", "--max-new-tokens"), ("penalty_window", "--penalty-window"),
                      ("repetition penalty", "--repetition-penalty"), ("temperature", "--temperature"),
-                     ("eta", "--eta"), ("seed", "--seed")):
+                     ("eta", "--eta"), ("seed", "--seed"), ("gamma", "--gamma"), ("ngram_topk", "--ngram-topk"),
+                     ("draft_budget", "--draft-budget")):
         if msg.startswith(py + " "):
             return flag + msg[len(py):]
     return msg

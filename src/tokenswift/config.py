@@ -321,3 +321,39 @@ class SamplingConfig:
 
 # The paper's sampling setup (DESIGN.md, "Defaults"): what speed is measured under.
 PAPER_SAMPLING = dict(temperature=1.0, min_p=0.1, min_keep=20, penalty=1.2, penalty_window=1024)
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Speculation settings (DESIGN.md defaults). Only speed depends on them, never the text."""
+
+    gamma: int = 4  # positions drafted per iteration: the base prediction + (gamma - 1) heads
+    tree: str | tuple = "1,3,3,3"  # static tree shape (see tree.parse_tree)
+    ngram_n: int = 4
+    ngram_topk: int = 20
+    use_ngrams: bool = True
+    use_heads: bool = True
+    draft_budget: int = 4096  # partial KV entries the draft pass attends to
+    sinks: int = 16
+    full_kv_draft: bool = False  # ablation: draft over the full cache
+    max_nodes: int | None = None  # cap on trie nodes (root included); None = no cap
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.gamma, int) or self.gamma < 1:
+            raise ValueError(f"gamma must be an integer >= 1, got {self.gamma!r}")
+        if not isinstance(self.ngram_topk, int) or self.ngram_topk < 0:
+            raise ValueError(f"ngram_topk must be an integer >= 0, got {self.ngram_topk!r}")
+        if not isinstance(self.ngram_n, int) or self.ngram_n < 2:
+            raise ValueError(f"ngram_n must be an integer >= 2, got {self.ngram_n!r}")
+        if not isinstance(self.draft_budget, int) or self.draft_budget < 64:
+            raise ValueError(f"draft_budget must be an integer >= 64, got {self.draft_budget!r}")
+        if self.max_nodes is not None and (not isinstance(self.max_nodes, int) or self.max_nodes < 1):
+            raise ValueError(f"max_nodes must be an integer >= 1, got {self.max_nodes!r}")
+        from .tree import parse_tree
+
+        parse_tree(self.tree)  # raises on a bad shape
+
+    def paths(self) -> tuple[tuple[int, ...], ...]:
+        from .tree import parse_tree
+
+        return tuple(p for p in parse_tree(self.tree) if len(p) <= self.gamma)

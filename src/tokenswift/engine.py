@@ -10,14 +10,18 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .cache import KVCache
-from .config import SamplingConfig
+from .cache import DraftCache, KVCache
+from .config import SamplingConfig, SpecConfig
+from .heads import DraftHeads, base_draft_logits
 from .model import Decoder
-from .sampling import sample
+from .ngram import NGramFeeder, NGramTable
+from .sampling import apply_penalty, sample
+from .tree import SRC_NGRAM, build_trie, tree_width
+from .verify import walk
 
 log = logging.getLogger("tokenswift")
 
-METHODS = ("ar",)
+METHODS = ("ar", "tokenswift", "ngram")
 
 
 @dataclass
@@ -97,3 +101,173 @@ def generate_ar(
         pos_buf.fill_(p)
         h = model(tok_buf, pos_buf, cache)  # [1, 1, D]
         logits = model.logits(h[:, -1])  # [1, V]
+
+
+@torch.inference_mode()
+def generate_speculative(
+    model: Decoder,
+    heads: DraftHeads | None,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    spec: SpecConfig,
+    eos_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
+    method: str = "tokenswift",
+) -> Iterator[Step]:
+    """TokenSwift (method "tokenswift") and prompt-lookup drafting (method "ngram").
+
+    Each iteration turns the root r (sampled, not yet cached, at position N) into 1 + k tokens:
+    draft (model(r) over the partial cache + heads) -> trie (static tree ∪ n-gram chains) ->
+    verify (one pass over the full cache with a tree mask) -> walk (one draw per node) ->
+    commit (keep the accepted path's KV; feed the draft cache and the n-gram table).
+    """
+    cfg = model.cfg
+    dev = model.device
+    n0 = len(prompt)
+    timer = Timer()
+    t_draft = t_verify = 0.0
+    use_draft = method == "tokenswift"
+    use_heads = use_draft and spec.use_heads and heads is not None
+    use_ngrams = method == "ngram" or spec.use_ngrams
+    paths = spec.paths() if use_draft else ()
+    depth = min(spec.gamma, 1 + heads.num_heads) if use_heads else 1
+    paths = tuple(p for p in paths if len(p) <= depth)
+    widths = [tree_width(paths, d) for d in range(1, depth + 1)]
+    # γ of the paper's acceptance rate: positions drafted per iteration
+    gamma = spec.gamma if use_draft else spec.ngram_n - 1
+    max_nodes = spec.max_nodes or (1 + len(paths) + max(1, widths[0] if widths else 1) * spec.ngram_topk * spec.ngram_n)
+
+    run_len = n0 + max_new_tokens  # fixes dynamic-NTK RoPE exactly as `generate_ar` does
+    capacity = run_len + max_nodes + 1
+    history = torch.empty(capacity, dtype=torch.int64)  # [capacity] committed tokens (+ walk scratch)
+    history[:n0] = torch.as_tensor(list(prompt), dtype=torch.int64)
+    tokens_list = list(prompt)  # the same, as Python ints for the n-gram table
+    main = KVCache(cfg, capacity=capacity, dtype=model.dtype, device=dev, rope_len=run_len)
+    h = model.prefill(history[:n0].to(dev).unsqueeze(0), main)  # [1, D]
+    logits = model.logits(h)  # [1, V]
+    timer.prefill = timer.elapsed()
+
+    table = NGramTable(spec.ngram_n)
+    feeder = NGramFeeder(table, sampling.penalty_window if sampling.penalty != 1.0 else 0)
+    draft: DraftCache | None = None
+    probs_buf: torch.Tensor | None = None
+    if use_draft and not spec.full_kv_draft:
+        draft = DraftCache(cfg, budget=spec.draft_budget, sinks=spec.sinks, dtype=model.dtype, device=dev,
+                           rope_len=run_len)
+        probs_buf = torch.empty(cfg.num_layers, cfg.num_kv_heads, capacity, dtype=torch.float32, device=dev)
+    stop = set() if ignore_eos else set(eos_ids)
+
+    W = sampling.penalty_window if sampling.penalty != 1.0 else 0
+    N = n0
+    root = int(sample(logits, penalty_window(history, N, sampling), [N], sampling)[0])
+    history[N] = root
+    tokens_list.append(root)
+    produced = 1
+    iters = accepted_total = ngram_accepted = 0
+    draft_reads = 0  # most KV entries one ordinary draft pass attended to (refreshes excluded)
+    refresh_reads = 0  # KV entries read by refresh passes, in total
+
+    def stats(finish: str | None) -> dict[str, Any]:
+        st = _stats(method, n0, produced, timer, finish, iters)
+        st.update({
+            "acceptance_rate": accepted_total / (gamma * iters) if iters else 0.0,
+            "tokens_per_iteration": (produced - 1) / iters if iters else 0.0,
+            "accepted_draft_tokens": accepted_total,
+            "ngram_share": ngram_accepted / accepted_total if accepted_total else 0.0,
+            "gamma": gamma,
+            "draft_seconds": t_draft,
+            "verify_seconds": t_verify,
+            "other_seconds": max(0.0, st["decode_seconds"] - t_draft - t_verify),
+            "draft_kv_max": draft_reads,
+            "draft_refresh_kv_total": refresh_reads,
+            "draft_refreshes": draft.refreshes if draft is not None else 0,
+            "heads": heads.num_heads if use_heads else 0,
+        })
+        return st
+
+    finish = "eos" if root in stop else ("length" if produced >= max_new_tokens else None)
+    yield Step([root], stats(finish), finished=finish is not None)
+    if finish is not None:
+        return
+    feeder.catch_up(tokens_list, len(tokens_list))
+    tok_buf = torch.empty(1, 1, dtype=torch.int64, device=dev)  # [1, 1]
+    pos_buf = torch.empty(1, 1, dtype=torch.int64, device=dev)  # [1, 1]
+
+    while True:
+        iters += 1
+        # -- DRAFT: candidates per position r+1 .. r+depth
+        t0 = time.perf_counter()
+        candidates: list[list[int]] = []
+        if use_draft:
+            tok_buf.fill_(root)
+            pos_buf.fill_(N)
+            if draft is not None and N > spec.draft_budget:
+                if not draft.valid:  # re-select with this query over the full cache
+                    h0 = model(tok_buf, pos_buf, main, attn_probs=probs_buf)[0, -1]
+                    main.truncate(N)
+                    draft.refresh(main, probs_buf)
+                    refresh_reads += N + 1
+                else:
+                    h0 = model(tok_buf, pos_buf, draft)[0, -1]
+                    draft_reads = max(draft_reads, draft.length)
+                    draft.truncate(draft.length - 1)  # the exact KV of r comes from verify
+            else:
+                h0 = model(tok_buf, pos_buf, main)[0, -1]
+                draft_reads = max(draft_reads, N + 1)
+                main.truncate(N)
+            rows = heads.draft_logits(model, h0) if use_heads else base_draft_logits(model, h0)  # [1+K, V]
+            if W:  # rank drafts as the sampler will see them: penalized by the committed window
+                win = history[max(0, N + 1 - W) : N + 1].to(dev).unsqueeze(0).expand(rows.shape[0], -1)
+                rows = apply_penalty(rows, win, sampling.penalty)
+            for d in range(depth):
+                k = widths[d] if d < len(widths) else 0
+                candidates.append(torch.topk(rows[d], k).indices.tolist() if k else [])
+        t_draft += time.perf_counter() - t0
+
+        # -- PROPOSE: static tree ∪ n-gram chains
+        chains: list[list[int]] = []
+        if use_ngrams and spec.ngram_topk > 0:
+            if use_draft:
+                for c in candidates[0] if candidates else []:
+                    chains.extend([c, *cont] for cont in table.top(c, spec.ngram_topk))
+            else:
+                chains = [list(cont) for cont in table.top(root, spec.ngram_topk)]
+        trie = build_trie(root, candidates, paths, chains, max_nodes)
+
+        # -- VERIFY: one pass over the full cache, tree-masked
+        t0 = time.perf_counter()
+        T = len(trie)
+        x = torch.tensor(trie.tokens, dtype=torch.int64, device=dev).unsqueeze(0)  # [1, T]
+        pos = trie.positions(N, dev).unsqueeze(0)  # [1, T]
+        hv = model(x, pos, main, mask=trie.mask(dev) if T > 1 else None)  # [1, T, D]
+        vlogits = model.logits(hv[0])  # [T, V]
+        t_verify += time.perf_counter() - t0
+
+        # -- ACCEPT
+        res = walk(trie, vlogits, history, N, sampling)
+        k = len(res.accepted)
+        accepted_total += k
+        ngram_accepted += sum(1 for i in res.accepted if trie.sources[i] == SRC_NGRAM)
+
+        # -- COMMIT: keep the root's and the accepted nodes' KV, in path order
+        main.keep(torch.tensor([N] + [N + i for i in res.accepted], dtype=torch.int64))
+        new = res.tokens  # accepted tokens, then the next root
+        finish = None
+        for j, t in enumerate(new):
+            if t in stop:
+                new, finish = new[: j + 1], "eos"
+                break
+        if produced + len(new) >= max_new_tokens and finish is None:
+            new, finish = new[: max_new_tokens - produced], "length"
+        produced += len(new)
+        yield Step(new, stats(finish), finished=finish is not None)
+        if finish is not None:
+            return
+        if draft is not None:
+            draft.append(main, N, 1 + k)
+        tokens_list.extend(res.tokens)
+        feeder.catch_up(tokens_list, len(tokens_list))
+        N += 1 + k
+        root = res.next_root
+
