@@ -25,9 +25,15 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_lay
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
 
-def tiny_hf_config(kind: str):
+def tiny_hf_config(kind: str, **override):
     """A small transformers config for each architecture/RoPE case the decoder supports."""
     import transformers as tf
+
+    if override:
+        cfg = tiny_hf_config(kind)
+        for k, v in override.items():
+            setattr(cfg, k, v)
+        return cfg
 
     if kind == "llama":
         return tf.LlamaConfig(**TINY)
@@ -65,19 +71,20 @@ ARCH_CASES = ["llama", "llama-bias", "llama-tied", "llama-mha", "llama3", "yarn"
               "qwen2", "qwen3", "mistral", "mistral-window"]
 
 
-def tiny_hf_model(kind: str, seed: int = 0):
-    """A transformers model with every weight random (norms around 1), float32, eval mode."""
+def tiny_hf_model(kind: str, seed: int = 0, scale: float = 0.08, **override):
+    """A transformers model with every weight random (norms around 1), float32, eval mode.
+    A larger `scale` gives peakier next-token distributions."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    cfg = tiny_hf_config(kind)
+    cfg = tiny_hf_config(kind, **override)
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             else:
-                p.copy_(0.08 * torch.randn_like(p))
+                p.copy_(scale * torch.randn_like(p))
     return model
 
 

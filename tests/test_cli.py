@@ -37,6 +37,12 @@ BAD = [
     (["--prompt", "hi", "--rope-scaling", "yarn"], "bad RoPE scaling 'yarn': expected TYPE:FACTOR"),
     (["--prompt", "   "], "the prompt is empty"),
     (["--prompt", "hi", "--method", "magic"], "invalid choice: 'magic'"),
+    (["--prompt", "hi", "--gamma", "0"], "--gamma must be an integer >= 1, got 0"),
+    (["--prompt", "hi", "--tree", "3,zero"], "bad tree '3,zero'"),
+    (["--prompt", "hi", "--draft-budget", "8"], "--draft-budget must be an integer >= 64, got 8"),
+    (["--prompt", "hi", "--method", "tokenswift", "--heads", "{d}/missing.safetensors"],
+     "draft heads file not found: {d}/missing.safetensors"),
+    (["--prompt", "hi", "--method", "tokenswift", "--heads", "{d}/ok.txt"], "is not a readable safetensors file"),
     (["--prompt-file", "{d}/long.txt", "--max-new-tokens", "4"],
      "prompt (9001 tokens) is longer than the model's context of 8192 tokens"),
 ]
@@ -81,3 +87,15 @@ def test_streams_text_from_stdin_with_sampling_options(smollm):
     want = smollm.generate("In the beginning", 20, seed=9, ignore_eos=True,
                            temperature=1.0, min_p=0.1, min_keep=20, penalty=1.2, penalty_window=1024)
     assert r.stdout.decode() == want.text + "\n"
+
+
+def test_tokenswift_method_writes_the_same_text_as_ar(files):
+    common = ["generate", "--prompt-file", str(files / "ok.txt"), "--max-new-tokens", "60", "--paper-defaults",
+              "--seed", "4", "--ignore-eos", "--json"]
+    ar = run(*common)
+    ts = run(*common, "--method", "tokenswift", "--draft-budget", "64", "--tree", "1,2,2", "--ngram-topk", "5")
+    ng = run(*common, "--method", "ngram", "--no-ngrams")
+    assert ar.returncode == ts.returncode == ng.returncode == 0, ts.stderr.decode()
+    a, t, n = json.loads(ar.stdout), json.loads(ts.stdout), json.loads(ng.stdout)
+    assert t["tokens"] == a["tokens"] and t["text"] == a["text"] and n["tokens"] == a["tokens"]
+    assert t["stats"]["method"] == "tokenswift" and t["stats"]["iterations"] < 60
