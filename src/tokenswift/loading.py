@@ -96,7 +96,10 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     rope_scaling: str | dict | RopeScaling | None = None,
     tokenizer: bool = True,
+    pack: bool = True,
 ) -> Loaded:
+    """`pack=False` keeps plain weight tensors (autograd through the LM head, as head training
+    needs); packing only changes the speed of CPU inference."""
     dev = torch.device(device) if device is not None else default_device()
     dt = resolve_dtype(dtype, dev)
     override = RopeScaling.parse(rope_scaling)
@@ -112,7 +115,7 @@ def load_model(
     dec.load_tensors(tensors)
     dec.eval()
     del tensors
-    if dev.type == "cpu" and dec.pack():
+    if pack and dev.type == "cpu" and dec.pack():
         log.info("weights packed for oneDNN")
     tok = None
     if tokenizer and has_tokenizer:

@@ -1,0 +1,515 @@
+"""Draft-head training with a frozen backbone, and head evaluation.
+
+Head k (1-based) reads the hidden state h_t of position t (the residual stream after token t)
+and predicts token t+1+k; the base model's own LM head predicts t+1. Only the heads train.
+
+Data comes in two modes:
+- text: windows of `seq_len` tokens from the given files; targets are the text's tokens.
+- self-distill: prompts of `prompt_len` tokens from the files, continued by the model itself
+  with the paper's sampler (temperature 1, min-p 0.1, penalty 1.2 over 1024); targets are the
+  generated tokens, so the heads learn the model's own distribution.
+
+The backbone's hidden states are computed once and stored on disk (float16 memmaps under the
+cache directory, keyed by model, data and options), so further epochs and reruns skip the
+backbone. Training is deterministic for a seed, and resumable from its checkpoint: batches are
+a function of (seed, step) alone, and the checkpoint holds the heads and Adam's state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .cache import KVCache
+from .config import PAPER_SAMPLING, SamplingConfig
+from .heads import DraftHeads, model_identity, save_heads
+from .model import Decoder
+from .sampling import draw, final_logprobs
+
+log = logging.getLogger("tokenswift")
+
+# The sampler self-distillation generates with (the paper's defaults).
+DISTILL_SAMPLING = dict(PAPER_SAMPLING)
+
+Progress = Callable[[str, int, int, dict[str, Any]], None]  # (phase, done, total, info)
+
+
+@dataclass
+class TrainConfig:
+    num_heads: int = 3
+    steps: int = 1000
+    seq_len: int = 256
+    lr: float = 1e-3
+    batch_size: int = 8
+    seed: int = 0
+    self_distill: bool = False
+    max_tokens: int = 262_144  # size of the training pool (tokens whose hidden states are cached)
+    prompt_len: int = 32  # self-distill: prompt tokens at the start of each sequence
+    gen_batch: int = 64  # self-distill: sequences generated side by side
+    warmup: float = 0.05  # fraction of steps with a linear warm-up
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr × this
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    checkpoint_every: int = 25
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, value: Any, want: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} must be {want}, got {value!r}")
+
+        need(isinstance(self.num_heads, int) and 1 <= self.num_heads <= 16, "num_heads", self.num_heads, "in [1, 16]")
+        need(isinstance(self.steps, int) and self.steps >= 1, "steps", self.steps, "an integer >= 1")
+        need(isinstance(self.seq_len, int) and self.seq_len >= self.num_heads + 2, "seq_len", self.seq_len,
+             f">= num_heads + 2 = {self.num_heads + 2}")
+        need(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "> 0")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        need(self.max_tokens >= self.seq_len, "max_tokens", self.max_tokens, f">= seq_len ({self.seq_len})")
+        need(not self.self_distill or 1 <= self.prompt_len < self.seq_len - self.num_heads, "prompt_len", self.prompt_len,
+             f"in [1, seq_len - num_heads) = [1, {self.seq_len - self.num_heads})")
+        need(self.gen_batch >= 1, "gen_batch", self.gen_batch, ">= 1")
+        need(0 <= self.warmup < 1, "warmup", self.warmup, "in [0, 1)")
+
+    @property
+    def sequences(self) -> int:
+        return self.max_tokens // self.seq_len
+
+    def data_key(self) -> dict[str, Any]:
+        """The options that decide the cached hidden states."""
+        k = {"seq_len": self.seq_len, "sequences": self.sequences, "seed": self.seed, "self_distill": self.self_distill}
+        if self.self_distill:
+            k.update(prompt_len=self.prompt_len, sampling=DISTILL_SAMPLING)
+        return k
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def read_texts(files: Sequence[str | os.PathLike[str]]) -> list[str]:
+    if not files:
+        raise ValueError("no training data: give at least one text file")
+    out = []
+    for f in files:
+        p = Path(f)
+        if not p.is_file():
+            raise FileNotFoundError(f"data file not found: {p}")
+        try:
+            out.append(p.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"data file {p} is not UTF-8 (bad byte at offset {e.start})") from None
+    return out
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str]) -> list[np.ndarray]:
+    """Each text as one int32 array; long texts go through the tokenizer in paragraph batches."""
+    docs = []
+    for text in texts:
+        parts = text.split("\n\n")
+        pieces = [p + "\n\n" for p in parts[:-1]] + [parts[-1]]
+        ids: list[int] = []
+        for i in range(0, len(pieces), 4096):
+            for row in tokenizer(pieces[i : i + 4096], add_special_tokens=False).input_ids:
+                ids.extend(row)
+        docs.append(np.asarray(ids, dtype=np.int32))
+    return docs
+
+
+def pick_windows(docs: Sequence[np.ndarray], length: int, count: int, seed: int) -> np.ndarray:
+    """`count` non-overlapping windows of `length` tokens, drawn uniformly from all the documents
+    -> [count, length] int32. Deterministic for a seed."""
+    spans = [(d, s) for d, doc in enumerate(docs) for s in range(0, len(doc) - length + 1, length)]
+    if not spans:
+        raise ValueError(f"the data holds fewer than {length} tokens")
+    if count > len(spans):
+        log.info("data holds %d windows of %d tokens; using all of them", len(spans), length)
+        count = len(spans)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(spans), generator=g)[:count].tolist()
+    out = np.empty((count, length), dtype=np.int32)
+    for i, j in enumerate(order):
+        d, s = spans[j]
+        out[i] = docs[d][s : s + length]
+    return out
+
+
+class HiddenStore:
+    """On-disk pool of training sequences: tokens [N, S] int32, hidden [N, S, D] float16 (the
+    backbone's pre-norm residual output), start [N] (first position whose targets count).
+    `filled` sequences are complete; filling resumes where it stopped."""
+
+    def __init__(self, root: Path, n: int, s: int, d: int, key: dict[str, Any]) -> None:
+        self.root = root
+        self.meta_path = root / "meta.json"
+        root.mkdir(parents=True, exist_ok=True)
+        meta = json.loads(self.meta_path.read_text()) if self.meta_path.is_file() else None
+        shape_ok = meta is not None and meta.get("key") == key and meta.get("shape") == [n, s, d]
+        mode = "r+" if shape_ok else "w+"
+        self.tokens = np.lib.format.open_memmap(root / "tokens.npy", mode=mode, dtype=np.int32, shape=(n, s))
+        self.hidden = np.lib.format.open_memmap(root / "hidden.npy", mode=mode, dtype=np.float16, shape=(n, s, d))
+        self.start = np.lib.format.open_memmap(root / "start.npy", mode=mode, dtype=np.int32, shape=(n,))
+        self.key = key
+        self.filled = int(meta.get("filled", 0)) if shape_ok else 0
+        if not shape_ok:
+            self._save_meta()
+
+    def _save_meta(self) -> None:
+        tmp = self.meta_path.with_name("meta.json.tmp")
+        tmp.write_text(json.dumps({"key": self.key, "shape": list(self.hidden.shape), "filled": self.filled}))
+        tmp.replace(self.meta_path)
+
+    def commit(self, upto: int) -> None:
+        """Marks sequences [0, upto) complete, after flushing them to disk."""
+        self.tokens.flush()
+        self.hidden.flush()
+        self.start.flush()
+        self.filled = upto
+        self._save_meta()
+
+    @property
+    def size(self) -> int:
+        return self.hidden.shape[0]
+
+
+def store_dir(cache_dir: Path, model: Decoder, files: Sequence[str | os.PathLike[str]], cfg: TrainConfig) -> Path:
+    ident = model_identity(model)
+    files_id = [(str(Path(f).resolve()), Path(f).stat().st_size, int(Path(f).stat().st_mtime)) for f in files]
+    blob = json.dumps({"model": ident, "files": files_id, "data": cfg.data_key()}, sort_keys=True)
+    return cache_dir / hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+@torch.inference_mode()
+def fill_text(store: HiddenStore, model: Decoder, windows: np.ndarray, batch: int, progress: Progress | None) -> None:
+    """Hidden states of text windows, `batch` windows per backbone pass."""
+    n, s = windows.shape
+    store.tokens[:] = windows
+    store.start[:] = 0
+    t0 = time.perf_counter()
+    done0 = i = store.filled
+    while i < n:
+        j = min(n, i + batch)
+        toks = torch.from_numpy(windows[i:j].astype(np.int64)).to(model.device)  # [b, S]
+        cache = KVCache(model.cfg, capacity=s, batch=j - i, dtype=model.dtype, device=model.device)
+        h = model.prefill(toks, cache, return_all=True)  # [b, S, D]
+        store.hidden[i:j] = h.float().cpu().numpy().astype(np.float16)
+        store.commit(j)
+        if progress:
+            progress("hidden", j, n, {"tokens_per_s": (j - done0) * s / max(1e-9, time.perf_counter() - t0)})
+        i = j
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: Decoder,
+    prompts: torch.Tensor,  # [b, P] int64
+    total: int,
+    sampling: Sequence[SamplingConfig],
+    hidden_out: np.ndarray | None = None,  # [b, total, D] float16, filled with each position's hidden
+) -> torch.Tensor:  # [b, total] int64: prompt then generated tokens
+    """Plain sampling of b sequences side by side (one pass per position for all of them).
+    Row i uses `sampling[i]` (its own seed), so each row is exactly what `ar` would write for it."""
+    b, p = prompts.shape
+    dev = model.device
+    toks = torch.empty(b, total, dtype=torch.int64)  # [b, total]
+    toks[:, :p] = prompts
+    cache = KVCache(model.cfg, capacity=total, batch=b, dtype=model.dtype, device=dev)
+    h = model.prefill(prompts.to(dev), cache, return_all=True)  # [b, P, D]
+    if hidden_out is not None:
+        hidden_out[:, :p] = h.float().cpu().numpy().astype(np.float16)
+    last = h[:, -1]  # [b, D]
+    pos = torch.empty(b, 1, dtype=torch.int64, device=dev)  # [b, 1]
+    for t in range(p, total):
+        logits = model.logits(last)  # [b, V]
+        W = sampling[0].penalty_window if sampling[0].penalty != 1.0 else 0
+        window = toks[:, max(0, t - W) : t].to(dev) if W else None  # [b, W]
+        lp = final_logprobs(logits, window, sampling[0])  # [b, V]; the rows differ only in seed
+        for r in range(b):
+            toks[r, t] = draw(lp[r : r + 1], [t], sampling[r])[0]
+        if t == total - 1:
+            break
+        pos.fill_(t)
+        h = model(toks[:, t : t + 1].to(dev), pos, cache)  # [b, 1, D]
+        last = h[:, -1]
+        if hidden_out is not None:
+            hidden_out[:, t] = h[:, 0].float().cpu().numpy().astype(np.float16)
+    if hidden_out is not None:
+        # the last position's hidden state is never needed for a target; keep the memmap defined
+        hidden_out[:, total - 1] = 0
+    return toks
+
+
+def fill_self_distill(store: HiddenStore, model: Decoder, prompts: np.ndarray, cfg: TrainConfig,
+                      progress: Progress | None) -> None:
+    n = store.size
+    s = cfg.seq_len
+    t0 = time.perf_counter()
+    done0 = store.filled
+    i = store.filled
+    while i < n:
+        j = min(n, i + cfg.gen_batch)
+        samplers = [SamplingConfig(seed=cfg.seed * 1_000_003 + r, **DISTILL_SAMPLING) for r in range(i, j)]
+        buf = np.empty((j - i, s, model.cfg.hidden_size), dtype=np.float16)
+        toks = generate_batch(model, torch.from_numpy(prompts[i:j].astype(np.int64)), s, samplers, buf)
+        store.hidden[i:j] = buf
+        store.tokens[i:j] = toks.numpy().astype(np.int32)
+        # targets start with the first generated token: h_{P-1} predicts it (base), heads the next
+        store.start[i:j] = cfg.prompt_len - 1
+        store.commit(j)
+        if progress:
+            rate = (j - done0) * (s - cfg.prompt_len) / max(1e-9, time.perf_counter() - t0)
+            progress("generate", j, n, {"tokens_per_s": rate})
+        i = j
+
+
+def build_store(model: Decoder, tokenizer: Any, files: Sequence[str | os.PathLike[str]], cfg: TrainConfig,
+                cache_dir: Path, progress: Progress | None = None) -> HiddenStore:
+    if tokenizer is None:
+        raise ValueError("head training needs a model with a tokenizer (to read the text files)")
+    docs = tokenize(tokenizer, read_texts(files))
+    length = cfg.prompt_len if cfg.self_distill else cfg.seq_len
+    windows = pick_windows(docs, length, cfg.sequences, cfg.seed)
+    root = store_dir(cache_dir, model, files, cfg)
+    store = HiddenStore(root, windows.shape[0], cfg.seq_len, model.cfg.hidden_size, cfg.data_key())
+    if store.filled < store.size:
+        log.info("caching hidden states in %s (%d of %d sequences done)", root, store.filled, store.size)
+        if cfg.self_distill:
+            fill_self_distill(store, model, windows, cfg, progress)
+        else:
+            fill_text(store, model, windows, max(1, 2048 // cfg.seq_len), progress)
+    return store
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Sequences of a step: epochs are seeded permutations, so any step's batch is known
+    without replaying the ones before it (what makes resuming exact)."""
+    out = []
+    perm_epoch, perm = -1, None
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        e = i // n
+        if e != perm_epoch:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + e)).tolist()
+            perm_epoch = e
+        out.append(perm[i % n])
+    return out
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    warm = max(1, int(cfg.steps * cfg.warmup))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def new_heads(model: Decoder, num_heads: int) -> DraftHeads:
+    """Zero residual weights: every head starts by repeating the base prediction's hidden state."""
+    cfg = model.cfg
+    heads = DraftHeads(cfg.hidden_size, num_heads, cfg.rms_norm_eps, dtype=torch.float32, device=model.device)
+    with torch.no_grad():
+        heads.norm_out.copy_(model.norm.detach().float().expand(num_heads, -1))
+    return heads
+
+
+def head_losses(heads: DraftHeads, lm_head: torch.Tensor, hidden: torch.Tensor, tokens: torch.Tensor,
+                start: torch.Tensor) -> tuple[list[torch.Tensor], list[float]]:
+    """hidden [b, S, D] float32, tokens [b, S], start [b] -> per-head mean cross-entropy and top-1
+    accuracy over positions t >= start whose target t+1+k lies in the window."""
+    b, S, D = hidden.shape
+    states = heads.states(hidden)  # [K, b, S, D]
+    t = torch.arange(S, device=hidden.device)
+    losses, accs = [], []
+    for k in range(1, heads.num_heads + 1):
+        valid = (t.unsqueeze(0) >= start.unsqueeze(1)) & (t.unsqueeze(0) < S - 1 - k)  # [b, S]
+        x = states[k - 1][valid]  # [M, D]
+        y = tokens[:, 1 + k :]  # [b, S-1-k] targets for t in [0, S-1-k)
+        y = F.pad(y, (0, 1 + k))[valid]  # [M]
+        logits = F.linear(x, lm_head)  # [M, V]
+        losses.append(F.cross_entropy(logits, y))
+        accs.append(float((logits.detach().argmax(-1) == y).float().mean()))
+    return losses, accs
+
+
+def _ckpt_path(out: Path) -> Path:
+    return out.with_name(out.name + ".ckpt")
+
+
+def _save_checkpoint(path: Path, heads: DraftHeads, opt: torch.optim.Optimizer, step: int, meta: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"heads.{n}": p.detach().contiguous() for n, p in heads.named_parameters()}
+    adam_steps = {}
+    for n, p in heads.named_parameters():
+        st = opt.state.get(p, {})
+        if st:
+            tensors[f"adam.{n}.exp_avg"] = st["exp_avg"].contiguous()
+            tensors[f"adam.{n}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+            adam_steps[n] = float(st["step"])
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step), "meta": json.dumps(meta), "adam_steps": json.dumps(adam_steps)})
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path, heads: DraftHeads, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        md = f.metadata() or {}
+        saved = json.loads(md.get("meta", "{}"))
+        if saved != meta:
+            a, b = {**saved.get("config", {}), **saved}, {**meta.get("config", {}), **meta}
+            diff = sorted(k for k in set(a) | set(b) if k != "config" and a.get(k) != b.get(k))
+            raise ValueError(f"checkpoint {path} was made with other options ({', '.join(diff)} differ); "
+                             f"delete it or train without --resume")
+        adam_steps = json.loads(md.get("adam_steps", "{}"))
+        with torch.no_grad():
+            for n, p in heads.named_parameters():
+                p.copy_(f.get_tensor(f"heads.{n}"))
+                if n in adam_steps:
+                    opt.state[p] = {
+                        "step": torch.tensor(adam_steps[n]),
+                        "exp_avg": f.get_tensor(f"adam.{n}.exp_avg"),
+                        "exp_avg_sq": f.get_tensor(f"adam.{n}.exp_avg_sq"),
+                    }
+        return int(md["step"])
+
+
+def train_heads(model: Decoder, store: HiddenStore, cfg: TrainConfig, out: str | os.PathLike[str],
+                resume: bool = False, progress: Progress | None = None, model_name: str = "",
+                info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Trains heads on the stored hidden states and writes them (float16) to `out`.
+    Checkpoints go to `<out>.ckpt` every `checkpoint_every` steps."""
+    if model.packed:
+        raise ValueError("head training needs unpacked weights: load the model with pack=False")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lm_head = model.lm_head.detach().float()  # [V, D] frozen
+    heads = new_heads(model, cfg.num_heads)
+    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    meta = {"config": asdict(cfg), "store": store.root.name}
+    ckpt = _ckpt_path(out)
+    step = 0
+    if resume and ckpt.is_file():
+        step = _load_checkpoint(ckpt, heads, opt, meta)
+        log.info("resuming from %s at step %d", ckpt, step)
+    n = store.size
+    t0 = time.perf_counter()
+    seen = 0
+    loss_v: list[float] = []
+    accs: list[float] = []
+    while step < cfg.steps:
+        idx = sorted(batch_indices(step, cfg.batch_size, n, cfg.seed))
+        hidden = torch.from_numpy(store.hidden[idx].astype(np.float32)).to(model.device)  # [b, S, D]
+        tokens = torch.from_numpy(store.tokens[idx].astype(np.int64)).to(model.device)  # [b, S]
+        start = torch.from_numpy(store.start[idx].astype(np.int64)).to(model.device)  # [b]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        losses, accs = head_losses(heads, lm_head, hidden, tokens, start)
+        loss = torch.stack(losses).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(heads.parameters(), cfg.clip)
+        opt.step()
+        step += 1
+        seen += int((tokens.shape[1] - start).sum())
+        loss_v = [float(x.detach()) for x in losses]
+        if progress:
+            progress("train", step, cfg.steps, {"loss": float(loss.detach()), "acc": accs,
+                                                 "tokens_per_s": seen / max(1e-9, time.perf_counter() - t0)})
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _save_checkpoint(ckpt, heads, opt, step, meta)
+    seconds = time.perf_counter() - t0
+    summary = {
+        "steps": cfg.steps, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
+        "self_distill": cfg.self_distill, "pool_sequences": n, "final_loss": loss_v, "final_train_acc": accs,
+        "train_seconds_this_run": round(seconds, 1),
+    }
+    save_heads(heads, out, model_identity(model, model_name), extra={**summary, **(info or {})})
+    return summary
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    top1: list[float]  # per head
+    top3: list[float]
+    base_top1: float  # the base LM head on the same positions (next token), for reference
+    positions: int
+    greedy: dict[str, Any] = field(default_factory=dict)
+
+
+@torch.inference_mode()
+def head_accuracy(model: Decoder, heads: DraftHeads, windows: np.ndarray, batch: int = 4) -> EvalResult:
+    """Per-head top-1 / top-3 on text windows [N, S]: head k at t against token t+1+k."""
+    n, S = windows.shape
+    K = heads.num_heads
+    lm_head = model.lm_head
+    hit1 = [0] * K
+    hit3 = [0] * K
+    count = [0] * K
+    base_hits = base_count = 0
+    from .model import linear
+
+    for i in range(0, n, batch):
+        toks = torch.from_numpy(windows[i : i + batch].astype(np.int64)).to(model.device)  # [b, S]
+        b = toks.shape[0]
+        cache = KVCache(model.cfg, capacity=S, batch=b, dtype=model.dtype, device=model.device)
+        h = model.prefill(toks, cache, return_all=True)  # [b, S, D]
+        base = model.logits(h[:, : S - 1]).argmax(-1)  # [b, S-1]
+        base_hits += int((base == toks[:, 1:]).sum())
+        base_count += base.numel()
+        states = heads.states(h)  # [K, b, S, D]
+        for k in range(1, K + 1):
+            x = states[k - 1][:, : S - 1 - k]  # [b, S-1-k, D]
+            y = toks[:, 1 + k :]  # [b, S-1-k]
+            top = linear(x, lm_head, None).topk(3, dim=-1).indices  # [b, S-1-k, 3]
+            hit1[k - 1] += int((top[..., 0] == y).sum())
+            hit3[k - 1] += int((top == y.unsqueeze(-1)).any(-1).sum())
+            count[k - 1] += y.numel()
+    return EvalResult(
+        top1=[h / c for h, c in zip(hit1, count)],
+        top3=[h / c for h, c in zip(hit3, count)],
+        base_top1=base_hits / max(1, base_count),
+        positions=count[0],
+    )
+
+
+def greedy_accepted_length(model: Decoder, heads: DraftHeads, prompts: np.ndarray, new_tokens: int,
+                           tree: str = "1,3,3,3", eos_ids: Sequence[int] = ()) -> dict[str, Any]:
+    """Runs greedy TokenSwift with these heads and the tree alone (no n-grams, full KV draft), so
+    the figure measures the heads: mean accepted draft tokens per iteration over the prompts."""
+    from .config import SpecConfig
+    from .engine import generate_speculative
+
+    spec = SpecConfig(tree=tree, use_ngrams=False, full_kv_draft=True, gamma=1 + heads.num_heads)
+    greedy = SamplingConfig(temperature=0.0)
+    accepted = iterations = produced = 0
+    for row in prompts:
+        stats: dict[str, Any] = {}
+        for step in generate_speculative(model, heads, row.tolist(), new_tokens, greedy, spec, eos_ids, ignore_eos=True):
+            stats = step.stats
+        accepted += stats["accepted_draft_tokens"]
+        iterations += stats["iterations"]
+        produced += stats["new_tokens"]
+    return {
+        "tree": tree,
+        "prompts": len(prompts),
+        "new_tokens": produced,
+        "iterations": iterations,
+        "mean_accepted_length": accepted / max(1, iterations),
+        "tokens_per_iteration": (produced - len(prompts)) / max(1, iterations),
+    }
