@@ -106,6 +106,50 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights dtype (default float32 on CPU, bfloat16 on CUDA)")
     g.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR",
                    help="extend the context, e.g. yarn:4 (types: linear, dynamic, yarn, llama3)")
+
+    t = sub.add_parser("train-heads", help="train draft heads on a frozen model",
+                       description="Train draft heads (the backbone and LM head stay frozen). Hidden states are "
+                                   "cached on disk, so reruns and further epochs skip the backbone.")
+    t.add_argument("--model", default=DEFAULT_MODEL, help=f"model to train heads for (default {DEFAULT_MODEL})")
+    t.add_argument("--data", nargs="+", required=True, type=Path, metavar="FILE", help="UTF-8 text files")
+    t.add_argument("--out", required=True, type=Path, help="heads file to write (.safetensors)")
+    t.add_argument("--num-heads", type=_int("--num-heads"), default=3, help="draft heads (default 3)")
+    t.add_argument("--steps", type=_int("--steps"), default=1000, help="optimizer steps (default 1000)")
+    t.add_argument("--seq-len", type=_int("--seq-len"), default=256, help="tokens per training sequence (default 256)")
+    t.add_argument("--lr", type=_float("--lr"), default=1e-3, help="peak learning rate, cosine decay (default 1e-3)")
+    t.add_argument("--batch-size", type=_int("--batch-size"), default=8, help="sequences per step (default 8)")
+    t.add_argument("--seed", type=_int("--seed"), default=0, help="data order and self-distill sampling (default 0)")
+    t.add_argument("--max-tokens", type=_int("--max-tokens"), default=262144,
+                   help="training pool size in tokens; their hidden states are cached (default 262144)")
+    mode = t.add_mutually_exclusive_group()
+    mode.add_argument("--self-distill", dest="self_distill", action="store_true", default=True,
+                      help="targets are the model's own continuations (paper sampler) of prompts from the data "
+                           "(default: measured to give higher held-out acceptance)")
+    mode.add_argument("--text-targets", dest="self_distill", action="store_false",
+                      help="targets are the data's own tokens")
+    t.add_argument("--prompt-len", type=_int("--prompt-len"), default=32,
+                   help="self-distill: prompt tokens taken from the data per sequence (default 32)")
+    t.add_argument("--resume", action="store_true", help="continue from <out>.ckpt when it exists")
+    t.add_argument("--cache-dir", type=Path, default=None,
+                   help="where hidden states are cached (default ~/.cache/tokenswift/hidden)")
+    t.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+
+    e = sub.add_parser("eval-heads", help="measure draft heads on held-out text",
+                       description="Per-head top-1 / top-3 accuracy on held-out text, and the mean accepted "
+                                   "length of greedy TokenSwift with a static tree (no n-grams).")
+    e.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    e.add_argument("--heads", required=True, help="heads file (or auto for the shipped heads)")
+    e.add_argument("--data", nargs="+", required=True, type=Path, metavar="FILE", help="held-out UTF-8 text files")
+    e.add_argument("--max-tokens", type=_int("--max-tokens"), default=32768,
+                   help="held-out tokens for the accuracies (default 32768)")
+    e.add_argument("--seq-len", type=_int("--seq-len"), default=512, help="window length (default 512)")
+    e.add_argument("--tree", default="1,3,3,3", help="tree for the accepted-length run (default 1,3,3,3)")
+    e.add_argument("--prompts", type=_int("--prompts"), default=4, help="greedy runs (default 4; 0 = skip)")
+    e.add_argument("--prompt-len", type=_int("--prompt-len"), default=512, help="prompt tokens per run (default 512)")
+    e.add_argument("--new-tokens", type=_int("--new-tokens"), default=128, help="tokens per greedy run (default 128)")
+    e.add_argument("--seed", type=_int("--seed"), default=0, help="which windows are drawn (default 0)")
+    e.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    e.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     return p
 
 
@@ -235,6 +279,101 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Bars:
+    """tqdm bars on stderr for the phases of a long job (hidden states, generation, training)."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, phase: str, done: int, total: int, info: dict[str, Any]) -> None:
+        from tqdm import tqdm
+
+        labels = {"hidden": "hidden states", "generate": "self-distill", "train": "training"}
+        bar = self.bars.get(phase)
+        if bar is None:
+            bar = self.bars[phase] = tqdm(total=total, initial=done - 1 if phase == "train" else 0,
+                                          desc=labels.get(phase, phase), unit="step" if phase == "train" else "seq",
+                                          file=sys.stderr, dynamic_ncols=True)
+        bar.update(done - bar.n)
+        post = {"tok/s": f"{info.get('tokens_per_s', 0):.0f}"}
+        if "loss" in info:
+            post["loss"] = f"{info['loss']:.3f}"
+            post["acc"] = "/".join(f"{a:.2f}" for a in info.get("acc", []))
+        bar.set_postfix(post, refresh=False)
+        if done >= total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokenswift" / "hidden"
+
+
+def cmd_train_heads(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, build_store, read_texts, train_heads
+
+    cfg = TrainConfig(num_heads=args.num_heads, steps=args.steps, seq_len=args.seq_len, lr=args.lr,
+                      batch_size=args.batch_size, seed=args.seed, self_distill=args.self_distill,
+                      max_tokens=args.max_tokens, prompt_len=args.prompt_len)
+    read_texts(args.data)  # missing or non-UTF-8 files fail before the model loads
+    if args.out.suffix != ".safetensors":
+        raise CliError(f"--out must end in .safetensors, got {args.out}")
+    from .loading import load_model
+
+    loaded = load_model(args.model, device=args.device, pack=False)
+    t0 = time.perf_counter()
+    bars = _Bars()
+    try:
+        store = build_store(loaded.model, loaded.tokenizer, args.data, cfg, args.cache_dir or _default_cache_dir(), bars)
+        t1 = time.perf_counter()
+        info = {"data": [p.name for p in args.data], "command": "tokenswift train-heads " + " ".join(sys.argv[2:])}
+        summary = train_heads(loaded.model, store, cfg, args.out, resume=args.resume, progress=bars,
+                              model_name=loaded.name, info=info)
+    finally:
+        bars.close()
+    t2 = time.perf_counter()
+    summary.update(cache_seconds=round(t1 - t0, 1), total_seconds=round(t2 - t0, 1), out=str(args.out))
+    sys.stderr.write(json.dumps(summary) + "\n")
+    return 0
+
+
+def cmd_eval_heads(args: argparse.Namespace) -> int:
+    from .train import greedy_accepted_length, head_accuracy, pick_windows, read_texts, tokenize
+
+    texts = read_texts(args.data)
+    import tokenswift
+
+    lm = tokenswift.load(args.model, heads=args.heads, device=args.device)
+    if lm.heads is None:
+        raise CliError(f"no draft heads to evaluate for {args.model!r} (--heads {args.heads})")
+    if lm.tokenizer is None:
+        raise CliError(f"model {args.model!r} has no tokenizer to read the data with")
+    docs = tokenize(lm.tokenizer, texts)
+    windows = pick_windows(docs, args.seq_len, max(1, args.max_tokens // args.seq_len), args.seed)
+    acc = head_accuracy(lm.model, lm.heads, windows)
+    result: dict[str, Any] = {"heads": lm.heads.meta.get("path"), "positions": acc.positions,
+                              "base_top1": round(acc.base_top1, 4),
+                              "top1": [round(x, 4) for x in acc.top1], "top3": [round(x, 4) for x in acc.top3]}
+    if args.prompts > 0:
+        prompts = pick_windows(docs, args.prompt_len, args.prompts, args.seed + 1)
+        result["greedy"] = greedy_accepted_length(lm.model, lm.heads, prompts, args.new_tokens, args.tree,
+                                                  lm.eos_token_ids)
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        sys.stdout.write(f"held-out positions: {acc.positions}  (base model next-token top-1 {acc.base_top1:.3f})\n")
+        for k, (a1, a3) in enumerate(zip(acc.top1, acc.top3), 1):
+            sys.stdout.write(f"head {k} (token t+{k + 1}): top-1 {a1:.3f}  top-3 {a3:.3f}\n")
+        if "greedy" in result:
+            g = result["greedy"]
+            sys.stdout.write(f"greedy tree {g['tree']}: mean accepted length {g['mean_accepted_length']:.2f} "
+                             f"({g['tokens_per_iteration']:.2f} tokens/iteration over {g['iterations']} iterations)\n")
+    return 0
+
+
 def _cli_names(msg: str) -> str:
     """Library messages name Python keywords; say the CLI flag instead."""
     for py, flag in (("top_p", "--top-p"), ("top_k", "--top-k"), ("min_p", "--min-p"), ("min_keep", "--min-keep"),
@@ -261,6 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "train-heads":
+            return cmd_train_heads(args)
+        if args.command == "eval-heads":
+            return cmd_eval_heads(args)
         raise CliError(f"unknown command {args.command!r}")
     except CliError as e:
         _fail(str(e))
