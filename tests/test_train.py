@@ -164,3 +164,22 @@ def test_cli_refuses_bad_training_input_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tokenswift", "train-heads", "--data", str(bad), "--steps", "0",
                         "--out", str(tmp_path / "h.safetensors")], capture_output=True, text=True)
     assert r.returncode == 2 and "steps must be an integer >= 1, got 0" in r.stderr
+
+
+@pytest.mark.parametrize("m,v,chunk", [(1, 7, 4), (10, 33, 3), (64, 50, 64), (65, 50, 16)])
+def test_chunked_linear_cross_entropy_matches_autograd(m, v, chunk):
+    from tokenswift.train import LinearCrossEntropy
+
+    g = torch.Generator().manual_seed(m * 100 + v)
+    w = torch.randn(v, 12, generator=g)
+    y = torch.randint(0, v, (m,), generator=g)
+    x1 = (3 * torch.randn(m, 12, generator=g)).requires_grad_()
+    x2 = x1.detach().clone().requires_grad_()
+    loss, hits = LinearCrossEntropy.apply(x1, w, y, chunk)
+    (2.5 * loss).backward()
+    logits = x2 @ w.T
+    ref = torch.nn.functional.cross_entropy(logits, y)
+    (2.5 * ref).backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-6, rtol=1e-4)
+    assert int(hits) == int((logits.argmax(-1) == y).sum())

@@ -322,6 +322,45 @@ def new_heads(model: Decoder, num_heads: int) -> DraftHeads:
     return heads
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `x @ w.T` against `y`, for a frozen `w`, computed in row chunks into
+    one reused buffer: the [M, V] logits are never stored, and the gradient for x is formed in
+    the forward pass. Allocating and freeing [M, V] tensors every step cost as much system time
+    in page faults as the matmuls themselves on CPU."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int = 512):  # type: ignore[override]
+        # x [M, D] float32, w [V, D] (no grad), y [M] int64 -> (loss [], hits [])
+        M = x.shape[0]
+        grad = torch.empty_like(x)  # [M, D] d(loss)/dx
+        buf = torch.empty(min(chunk, M), w.shape[0], dtype=x.dtype, device=x.device)  # [c, V]
+        total = torch.zeros((), dtype=torch.float64, device=x.device)
+        hits = torch.zeros((), dtype=torch.int64, device=x.device)
+        for i in range(0, M, chunk):
+            xc, yc = x[i : i + chunk], y[i : i + chunk]
+            n = xc.shape[0]
+            lg = buf[:n]
+            torch.matmul(xc, w.t(), out=lg)
+            rows = torch.arange(n, device=x.device)
+            hits += (lg.argmax(-1) == yc).sum()
+            m = lg.amax(-1, keepdim=True)  # [n, 1]
+            z = lg[rows, yc].unsqueeze(-1)  # [n, 1] target logits
+            lg.sub_(m).exp_()
+            ssum = lg.sum(-1, keepdim=True)  # [n, 1]
+            total += (m + ssum.log() - z).sum().double()
+            lg.div_(ssum)  # softmax
+            lg[rows, yc] -= 1.0
+            torch.matmul(lg, w, out=grad[i : i + n])
+        grad.div_(M)
+        ctx.save_for_backward(grad)
+        return (total / M).to(x.dtype), hits
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_hits: torch.Tensor):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None
+
+
 def head_losses(heads: DraftHeads, lm_head: torch.Tensor, hidden: torch.Tensor, tokens: torch.Tensor,
                 start: torch.Tensor) -> tuple[list[torch.Tensor], list[float]]:
     """hidden [b, S, D] float32, tokens [b, S], start [b] -> per-head mean cross-entropy and top-1
@@ -333,11 +372,10 @@ def head_losses(heads: DraftHeads, lm_head: torch.Tensor, hidden: torch.Tensor, 
     for k in range(1, heads.num_heads + 1):
         valid = (t.unsqueeze(0) >= start.unsqueeze(1)) & (t.unsqueeze(0) < S - 1 - k)  # [b, S]
         x = states[k - 1][valid]  # [M, D]
-        y = tokens[:, 1 + k :]  # [b, S-1-k] targets for t in [0, S-1-k)
-        y = F.pad(y, (0, 1 + k))[valid]  # [M]
-        logits = F.linear(x, lm_head)  # [M, V]
-        losses.append(F.cross_entropy(logits, y))
-        accs.append(float((logits.detach().argmax(-1) == y).float().mean()))
+        y = F.pad(tokens[:, 1 + k :], (0, 1 + k))[valid]  # [M] token t+1+k for each kept t
+        loss, hits = LinearCrossEntropy.apply(x, lm_head, y)
+        losses.append(loss)
+        accs.append(int(hits) / max(1, y.numel()))
     return losses, accs
 
 
