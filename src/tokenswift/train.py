@@ -313,13 +313,24 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def new_heads(model: Decoder, num_heads: int) -> DraftHeads:
-    """Zero residual weights: every head starts by repeating the base prediction's hidden state."""
+def new_heads(model: Decoder, num_heads: int, hidden_rms: float = 1.0) -> DraftHeads:
+    """Zero residual weights: every head starts by repeating the base prediction's hidden state.
+
+    The input norms start at the RMS of the hidden states: the residual stream of a trained
+    model is large (about 40 for SmolLM2, with outlier dimensions in the thousands), and with
+    unit norms W would need entries that far from its zero start before a head could move
+    its prediction at all, which Adam's per-step updates take thousands of steps to reach."""
     cfg = model.cfg
     heads = DraftHeads(cfg.hidden_size, num_heads, cfg.rms_norm_eps, dtype=torch.float32, device=model.device)
     with torch.no_grad():
+        heads.norm_in.fill_(hidden_rms)
         heads.norm_out.copy_(model.norm.detach().float().expand(num_heads, -1))
     return heads
+
+
+def hidden_rms(store: HiddenStore, sequences: int = 8) -> float:
+    x = store.hidden[: min(sequences, store.size)].astype(np.float32)
+    return float(np.sqrt(np.mean(x * x)))
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -433,7 +444,7 @@ def train_heads(model: Decoder, store: HiddenStore, cfg: TrainConfig, out: str |
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lm_head = model.lm_head.detach().float()  # [V, D] frozen
-    heads = new_heads(model, cfg.num_heads)
+    heads = new_heads(model, cfg.num_heads, hidden_rms(store))
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     meta = {"config": asdict(cfg), "store": store.root.name}
     ckpt = _ckpt_path(out)
