@@ -100,3 +100,19 @@ def test_zero_heads_predict_like_the_base():
     h0 = torch.randn(64)
     rows = heads.draft_logits(m, h0)
     assert torch.allclose(rows[1], rows[0], atol=1e-5) and torch.allclose(rows[2], rows[0], atol=1e-5)
+
+
+def test_shipped_heads_load_for_the_default_model_by_auto(smollm):
+    from tokenswift.heads import shipped_heads_path
+
+    path = shipped_heads_path("smollm2-135m")
+    assert path is not None and path.stat().st_size < 8 * 2**20  # float16, a few MB
+    assert smollm.heads is not None and smollm.heads.num_heads == 3
+    assert smollm.heads.meta["path"] == str(path)
+    # shipped heads draft better than chance: head 1's top-3 on cdne text holds token t+2 often
+    from conftest import cdne_text
+    from tokenswift.train import head_accuracy, pick_windows, tokenize
+
+    windows = pick_windows(tokenize(smollm.tokenizer, [cdne_text()]), 256, 4, seed=0)
+    acc = head_accuracy(smollm.model, smollm.heads, windows)
+    assert acc.top3[0] > 0.1, acc
