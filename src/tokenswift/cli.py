@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="self-distill: prompt tokens taken from the data per sequence (default 32)")
     t.add_argument("--resume", action="store_true", help="continue from <out>.ckpt when it exists")
     t.add_argument("--cache-dir", type=Path, default=None,
-                   help="where hidden states are cached (default ~/.cache/tokenswift/hidden)")
+                   help="where hidden states are cached (default ~/.cache/tokenswift/hidden, or $TOKENSWIFT_CACHE/hidden)")
     t.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
 
     e = sub.add_parser("eval-heads", help="measure draft heads on held-out text",
@@ -309,7 +309,9 @@ class _Bars:
 
 
 def _default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokenswift" / "hidden"
+    from .loading import _cache_root
+
+    return _cache_root() / "hidden"
 
 
 def cmd_train_heads(args: argparse.Namespace) -> int:

@@ -227,9 +227,9 @@ def generate_batch(
         hidden_out[:, :p] = h.float().cpu().numpy().astype(np.float16)
     last = h[:, -1]  # [b, D]
     pos = torch.empty(b, 1, dtype=torch.int64, device=dev)  # [b, 1]
+    W = sampling[0].penalty_window if sampling[0].penalty != 1.0 else 0
     for t in range(p, total):
         logits = model.logits(last)  # [b, V]
-        W = sampling[0].penalty_window if sampling[0].penalty != 1.0 else 0
         window = toks[:, max(0, t - W) : t].to(dev) if W else None  # [b, W]
         lp = final_logprobs(logits, window, sampling[0])  # [b, V]; the rows differ only in seed
         for r in range(b):
