@@ -147,3 +147,47 @@ def test_gumbel_max_draws_exactly_from_the_final_distribution():
     # and it is not the unpenalized distribution: the penalty on token 4 shows
     p_raw = logits[0].softmax(-1)
     assert _chi_square(counts, p_raw) > 100
+
+
+# --- coupled draft candidates ------------------------------------------------------------------
+
+
+def test_coupled_candidate_is_the_targets_draw_when_the_draft_is_exact():
+    """Same distribution + the same position noise -> the first candidate is the token the
+    target will draw, at every position; q's top-1 agrees far less often under sampling."""
+    from tokenswift.sampling import coupled_candidates
+
+    torch.manual_seed(0)
+    logits = torch.randn(200, 50) * 1.5  # [N, V]
+    window = torch.randint(0, 50, (200, 8))
+    s = SamplingConfig(temperature=1.0, min_p=0.05, min_keep=5, penalty=1.3, penalty_window=8, seed=11)
+    positions = list(range(1000, 1200))
+    want = sample(logits, window, positions, s).tolist()
+    cands = coupled_candidates(logits, window, positions, s, k=3)
+    assert [c[0] for c in cands] == want
+    top1 = logits.argmax(-1).tolist()
+    assert sum(a == b for a, b in zip(top1, want)) < 150  # the plain top-1 misses often
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_coupled_candidates_are_distinct_and_ranked(k):
+    from tokenswift.sampling import coupled_candidates
+
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
+    greedy = SamplingConfig(temperature=0.0)
+    assert coupled_candidates(logits, None, [7], greedy, k) == [[0, 1, 2, 3, 4][:k]]
+    s = SamplingConfig(temperature=1.0, seed=3)
+    got = coupled_candidates(logits, None, [7], s, k)[0]
+    assert len(got) == k and len(set(got)) == k
+    assert got[0] == int(sample(logits, None, [7], s)[0])
+    rest = [t for t in [0, 1, 2, 3, 4, 5] if t != got[0]]
+    assert got[1:] == rest[: k - 1]  # then the best remaining tokens in order
+
+
+def test_coupled_candidates_skip_filtered_tokens():
+    from tokenswift.sampling import coupled_candidates
+
+    logits = torch.tensor([[5.0, 4.9, -10.0, -10.0]])
+    s = SamplingConfig(temperature=1.0, min_p=0.5, seed=1)  # keeps tokens 0 and 1 only
+    got = coupled_candidates(logits, None, [3], s, 4)[0]
+    assert sorted(got) == [0, 1]

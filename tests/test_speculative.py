@@ -301,6 +301,7 @@ def tiny_lms(tmp_path_factory):
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_tokenswift_equals_ar_on_tiny_models(tiny_lms, kind, sampler):
+    """Static tree (the paper's): every drafting path is taken every iteration."""
     lm, heads = tiny_lms[kind]
     torch.manual_seed(3)
     prompt = torch.randint(0, 96, (100,)).tolist()
@@ -310,7 +311,7 @@ def test_tokenswift_equals_ar_on_tiny_models(tiny_lms, kind, sampler):
     accepted = 0
     for use_heads, use_ngrams, partial in COMBOS:
         lm.heads = heads if use_heads else None
-        res = lm.generate(prompt, 1000, method="tokenswift", use_ngrams=use_ngrams,
+        res = lm.generate(prompt, 1000, method="tokenswift", use_ngrams=use_ngrams, tree="1,3,3,3",
                           draft_budget=64 if partial else 4096, full_kv_draft=not partial, **kw)
         assert res.tokens == want, f"heads={use_heads} ngrams={use_ngrams} partial={partial}"
         accepted += res.stats["accepted_draft_tokens"]
@@ -320,6 +321,48 @@ def test_tokenswift_equals_ar_on_tiny_models(tiny_lms, kind, sampler):
     ngram = lm.generate(prompt, 1000, method="ngram", **kw)
     assert ngram.tokens == want
     assert accepted > 20  # the walk really descended into drafts, not only rejected them
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_auto_trie_equals_ar_whatever_it_plans(tiny_lms, sampler, monkeypatch):
+    """The auto planner switches between AR steps, trees and chains by measured cost; the
+    text must not notice. Timings are forced both ways: a flat verify curve (big tries pay)
+    and a steep one (AR steps pay), so both kinds of iteration run."""
+    import tokenswift.plan as plan
+
+    lm, heads = tiny_lms["llama"]
+    torch.manual_seed(5)
+    prompt = torch.randint(0, 96, (300,)).tolist()
+    kw = dict(ignore_eos=True, **SAMPLERS[sampler])
+    lm.heads = None
+    want = lm.generate(prompt, 600, **kw).tokens
+    lm.heads = heads
+    orig = plan.AutoPlanner.probe
+    try:
+        for slope in (0.0, 5.0):
+            def fake_probe(self, ctx, run, sizes=plan.PROBE_SIZES, slope=slope):
+                orig(self, ctx, run, sizes)  # runs the real passes (and undoes them)
+                if slope == 0.0:  # a single-token pass costs double: drafting always pays
+                    self.costs = {T: 0.02 if T == 1 else 0.01 for T in self.costs}
+                else:
+                    self.costs = {T: 0.01 * (1 + slope * (T - 1)) for T in self.costs}
+                self.t_draft = 0.0 if slope == 0 else 0.02
+
+            monkeypatch.setattr(plan.AutoPlanner, "probe", fake_probe)
+            monkeypatch.setattr(plan.AutoPlanner, "observe", lambda *a, **k: None)  # keep the forced costs
+            for partial in (True, False):
+                res = lm.generate(prompt, 600, method="tokenswift", draft_budget=64 if partial else 4096, **kw)
+                assert res.tokens == want, f"slope={slope} partial={partial}"
+                auto = res.stats["auto"]
+                assert auto["probes"] >= 1 and auto["changes"]
+                if slope == 0.0:  # big tries (tree and/or chains) every iteration
+                    assert res.stats["mean_trie_size"] > 4 and res.stats["accepted_draft_tokens"] > 20
+                    assert auto["draft_iterations"] > 0
+                else:  # mostly single-token passes, with a draft now and then to keep statistics
+                    assert res.stats["mean_trie_size"] < 2
+                    assert 0 < auto["draft_iterations"] < res.stats["iterations"] / 4
+    finally:
+        lm.heads = None
 
 
 def test_draft_pass_reads_at_most_the_budget(tiny_lms, monkeypatch):
@@ -340,7 +383,8 @@ def test_draft_pass_reads_at_most_the_budget(tiny_lms, monkeypatch):
     torch.manual_seed(4)
     prompt = torch.randint(0, 96, (1000,)).tolist()
     B = 64
-    res = lm.generate(prompt, 150, method="tokenswift", draft_budget=B, ignore_eos=True, temperature=0)
+    res = lm.generate(prompt, 150, method="tokenswift", tree="1,3,3,3", draft_budget=B, ignore_eos=True,
+                      temperature=0)
     lm.heads = None
     assert seen and max(seen) <= B + 1
     st = res.stats
@@ -365,9 +409,11 @@ def test_tokenswift_equals_ar_on_smollm2(smollm, cdne_ids, sampler):
     prompt = cdne_ids[2000:2512]
     kw = dict(ignore_eos=True, **SAMPLERS[sampler])
     want = smollm.generate(prompt, 1000, **kw).tokens
-    got = smollm.generate(prompt, 1000, method="tokenswift", draft_budget=256, **kw)
+    got = smollm.generate(prompt, 1000, method="tokenswift", tree="1,3,3,3", draft_budget=256, **kw)
     assert got.tokens == want
     assert got.stats["draft_refreshes"] > 0
+    auto = smollm.generate(prompt, 300, method="tokenswift", draft_budget=256, **kw)  # the default trie
+    assert auto.tokens == want[:300]
 
 
 @pytest.mark.slow
@@ -381,7 +427,7 @@ def test_tokenswift_equals_ar_on_smollm2_all_combinations(smollm, cdne_ids, samp
     try:
         for use_heads, use_ngrams, partial in COMBOS:
             smollm.heads = heads if use_heads else None
-            got = smollm.generate(prompt, 1000, method="tokenswift", use_ngrams=use_ngrams,
+            got = smollm.generate(prompt, 1000, method="tokenswift", use_ngrams=use_ngrams, tree="1,3,3,3",
                                   draft_budget=256 if partial else 4096, full_kv_draft=not partial, **kw)
             assert got.tokens == want, f"heads={use_heads} ngrams={use_ngrams} partial={partial}"
     finally:

@@ -119,7 +119,7 @@ class LM:
         min_keep: int = 1,
         chat: bool = False,
         gamma: int = 4,
-        tree: str | Sequence = "1,3,3,3",
+        tree: str | Sequence = "auto",
         ngram_topk: int = 20,
         draft_budget: int = 4096,
         use_ngrams: bool = True,

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--heads", default="auto", metavar="PATH|none|auto",
                     help="draft heads file; auto = shipped heads for a known model (default auto)")
     sp.add_argument("--gamma", type=_int("--gamma"), default=4, help="positions drafted per iteration (default 4)")
-    sp.add_argument("--tree", default="1,3,3,3", help="tree shape: branching per depth or JSON paths (default 1,3,3,3)")
+    sp.add_argument("--tree", default="auto", help="trie: auto (sized by measured cost, the default) or a static shape, branching per depth or JSON paths (the paper: 1,3,3,3)")
     sp.add_argument("--ngram-topk", type=_int("--ngram-topk"), default=20,
                     help="n-gram continuations per candidate (default 20)")
     sp.add_argument("--draft-budget", type=_int("--draft-budget"), default=4096,
@@ -150,7 +150,41 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=_int("--seed"), default=0, help="which windows are drawn (default 0)")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
     e.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+
+    b = sub.add_parser("bench", help="benchmark decoding methods side by side",
+                       description="Runs methods one after another on the same prompt and seed, reads each long "
+                                   "run at checkpoint lengths, and reports speed (and speedup vs ar), acceptance, "
+                                   "Distinct-n and peak memory. Writes JSON, CSV and a PNG figure.")
+    b.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    b.add_argument("--heads", default="auto", metavar="PATH|none|auto", help="draft heads (default auto)")
+    b.add_argument("--prompt-file", type=Path, default=None,
+                   help="UTF-8 text the prompt is cut from (default ../shared/data/cdne.txt when present)")
+    b.add_argument("--prefix", type=_int("--prefix"), default=2048, help="prompt tokens (default 2048)")
+    b.add_argument("--lengths", default="2048,4096,8192,16384",
+                   help="checkpoint lengths of new tokens, comma-separated (default 2048,4096,8192,16384)")
+    b.add_argument("--methods", default=",".join(_bench_defaults()),
+                   help="comma-separated, from: " + ", ".join(_bench_methods()) + f" (default {','.join(_bench_defaults())})")
+    b.add_argument("--seed", type=_int("--seed"), default=0, help="sampling seed (default 0)")
+    b.add_argument("--greedy", action="store_true", help="greedy instead of the paper's sampler (not for speed claims)")
+    b.add_argument("--rope-scaling", default=None, metavar="KIND:FACTOR",
+                   help="extend the context, e.g. yarn:4 for 32K on SmolLM2 (default: auto when needed)")
+    b.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results)")
+    b.add_argument("--name", default=None, help="file name stem (default bench-<prefix>-<max length>)")
+    b.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+    b.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
     return p
+
+
+def _bench_methods() -> tuple[str, ...]:
+    from .bench import METHODS
+
+    return METHODS
+
+
+def _bench_defaults() -> tuple[str, ...]:
+    from .bench import DEFAULT_METHODS
+
+    return DEFAULT_METHODS
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -376,6 +410,122 @@ def cmd_eval_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_bench_text() -> Path | None:
+    for base in (Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parents[2]):
+        cand = base / "shared" / "data" / "cdne.txt"
+        if cand.is_file():
+            return cand
+        cand = base.parent / "shared" / "data" / "cdne.txt"
+        if cand.is_file():
+            return cand
+    return None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import METHODS, run_bench, table, write_csv, write_png
+    from .config import PAPER_SAMPLING
+
+    try:
+        lengths = sorted({int(x) for x in args.lengths.split(",") if x.strip()})
+    except ValueError:
+        raise CliError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
+    if not lengths or lengths[0] < 1:
+        raise CliError(f"--lengths must be positive, got {args.lengths!r}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise CliError(f"--methods: unknown method {bad[0] if bad else ''!r}; available: {', '.join(METHODS)}")
+    if args.prefix < 1:
+        raise CliError(f"--prefix must be >= 1, got {args.prefix}")
+    text_path = args.prompt_file or _default_bench_text()
+    if text_path is None:
+        raise CliError("no prompt text: give --prompt-file (../shared/data/cdne.txt was not found)")
+    try:
+        text = Path(text_path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CliError(f"--prompt-file {text_path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise CliError(f"--prompt-file {text_path}: {e.strerror}") from None
+
+    import tokenswift
+
+    rope = args.rope_scaling
+    lm = tokenswift.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype, rope_scaling=rope)
+    need = args.prefix + lengths[-1]
+    if rope is None and need > lm.config.context_length:
+        factor = 2
+        while lm.config.context_length * factor < need:
+            factor *= 2
+        rope = f"yarn:{factor}"
+        sys.stderr.write(f"tokenswift: {need} tokens exceed the context of {lm.config.context_length}; "
+                         f"using --rope-scaling {rope}\n")
+        lm = tokenswift.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype, rope_scaling=rope)
+    ids = lm.encode(text)
+    if len(ids) < args.prefix:
+        raise CliError(f"--prefix {args.prefix} is longer than {text_path} ({len(ids)} tokens)")
+    prompt = ids[: args.prefix]
+    sampling = dict(temperature=0.0, seed=args.seed) if args.greedy else dict(PAPER_SAMPLING, seed=args.seed)
+
+    bars = _BenchBars()
+    t0 = time.perf_counter()
+    try:
+        result = run_bench(lm, prompt, lengths, methods, sampling, progress=bars)
+    finally:
+        bars.close()
+    result.update({
+        "model": lm.name, "heads": args.heads, "prompt_file": str(text_path), "rope_scaling": rope,
+        "device": str(lm.model.device), "dtype": str(lm.model.dtype).replace("torch.", ""),
+        "threads": torch_threads(), "bench_seconds": time.perf_counter() - t0,
+        "command": "tokenswift " + " ".join(sys.argv[1:]) if sys.argv and "tokenswift" in sys.argv[0] else None,
+    })
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or f"bench-{args.prefix}-{lengths[-1]}"
+    paths = {ext: args.out / f"{stem}.{ext}" for ext in ("json", "csv", "png")}
+    paths["json"].write_text(json.dumps(result, indent=1, default=str))
+    write_csv(result, paths["csv"])
+    try:
+        write_png(result, paths["png"], title=f"{lm.name}, {args.prefix}-token prefix, "
+                                               f"{'greedy' if args.greedy else 'paper sampler'}, {result['device']}")
+    except ImportError:
+        paths.pop("png")
+        sys.stderr.write("tokenswift: matplotlib is not installed; no PNG (pip install 'tokenswift[bench]')\n")
+    print(table(result))
+    for name, run in result["runs"].items():
+        if "skipped" in run:
+            print(f"{name}: skipped ({run['skipped']})")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+class _BenchBars:
+    """One tqdm bar per method (stderr)."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.name = None
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if name != self.name:
+            self.close()
+            self.name = name
+            self.bar = tqdm(total=total, desc=name, unit="tok", file=sys.stderr, leave=True, dynamic_ncols=True)
+        self.bar.update(min(done, total) - self.bar.n)  # tqdm throttles the redraws
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.name = None
+
+
 def _cli_names(msg: str) -> str:
     """Library messages name Python keywords; say the CLI flag instead."""
     for py, flag in (("top_p", "--top-p"), ("top_k", "--top-k"), ("min_p", "--min-p"), ("min_keep", "--min-keep"),
@@ -406,6 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train_heads(args)
         if args.command == "eval-heads":
             return cmd_eval_heads(args)
+        if args.command == "bench":
+            return cmd_bench(args)
         raise CliError(f"unknown command {args.command!r}")
     except CliError as e:
         _fail(str(e))

@@ -328,7 +328,9 @@ class SpecConfig:
     """Speculation settings (DESIGN.md defaults). Only speed depends on them, never the text."""
 
     gamma: int = 4  # positions drafted per iteration: the base prediction + (gamma - 1) heads
-    tree: str | tuple = "1,3,3,3"  # static tree shape (see tree.parse_tree)
+    # "auto": size the trie (and n-gram chains) by measured cost and running acceptance
+    # (plan.py); else a static tree shape (see tree.parse_tree), e.g. the paper's "1,3,3,3"
+    tree: str | tuple = "auto"
     ngram_n: int = 4
     ngram_topk: int = 20
     use_ngrams: bool = True
@@ -349,11 +351,19 @@ class SpecConfig:
             raise ValueError(f"draft_budget must be an integer >= 64, got {self.draft_budget!r}")
         if self.max_nodes is not None and (not isinstance(self.max_nodes, int) or self.max_nodes < 1):
             raise ValueError(f"max_nodes must be an integer >= 1, got {self.max_nodes!r}")
+        if self.auto:
+            return
         from .tree import parse_tree
 
         parse_tree(self.tree)  # raises on a bad shape
 
+    @property
+    def auto(self) -> bool:
+        return isinstance(self.tree, str) and self.tree.strip().lower() == "auto"
+
     def paths(self) -> tuple[tuple[int, ...], ...]:
         from .tree import parse_tree
 
+        if self.auto:
+            raise ValueError("tree 'auto' has no fixed paths; the planner chooses them per iteration")
         return tuple(p for p in parse_tree(self.tree) if len(p) <= self.gamma)

@@ -15,7 +15,8 @@ from .config import SamplingConfig, SpecConfig
 from .heads import DraftHeads, base_draft_logits
 from .model import Decoder
 from .ngram import NGramFeeder, NGramTable
-from .sampling import apply_penalty, sample
+from .plan import PROBE_SIZES, STAT_WIDTH, TREE_SIZES, AutoPlanner, Plan
+from .sampling import coupled_candidates, sample
 from .tree import SRC_NGRAM, build_trie, tree_width
 from .verify import walk
 
@@ -130,16 +131,24 @@ def generate_speculative(
     use_draft = method == "tokenswift"
     use_heads = use_draft and spec.use_heads and heads is not None
     use_ngrams = method == "ngram" or spec.use_ngrams
-    paths = spec.paths() if use_draft else ()
+    auto = use_draft and spec.auto
     depth = min(spec.gamma, 1 + heads.num_heads) if use_heads else 1
-    paths = tuple(p for p in paths if len(p) <= depth)
-    widths = [tree_width(paths, d) for d in range(1, depth + 1)]
+    paths = tuple(p for p in spec.paths() if len(p) <= depth) if use_draft and not auto else ()
+    # candidates per depth: what the static tree uses, or every tracked rank under auto
+    widths = [STAT_WIDTH if auto else tree_width(paths, d) for d in range(1, depth + 1)]
     # γ of the paper's acceptance rate: positions drafted per iteration
     gamma = spec.gamma if use_draft else spec.ngram_n - 1
-    max_nodes = spec.max_nodes or (1 + len(paths) + max(1, widths[0] if widths else 1) * spec.ngram_topk * spec.ngram_n)
+    ngram_k = spec.ngram_topk if use_ngrams else 0
+    if auto:
+        max_nodes = spec.max_nodes or (1 + max(TREE_SIZES) + ngram_k * (spec.ngram_n - 1))
+    else:
+        max_nodes = spec.max_nodes or (1 + len(paths) + max(1, widths[0] if widths else 1) * ngram_k * spec.ngram_n)
+    planner = AutoPlanner(depth, spec.ngram_n, ngram_k, use_draft, spec.max_nodes) if auto else None
+    if planner is not None:
+        planner.ngram.done = n0  # score generated text only: the prompt's n-grams would match themselves
 
     run_len = n0 + max_new_tokens  # fixes dynamic-NTK RoPE exactly as `generate_ar` does
-    capacity = run_len + max_nodes + 1
+    capacity = run_len + max(max_nodes, max(PROBE_SIZES)) + 1
     history = torch.empty(capacity, dtype=torch.int64)  # [capacity] committed tokens (+ walk scratch)
     history[:n0] = torch.as_tensor(list(prompt), dtype=torch.int64)
     tokens_list = list(prompt)  # the same, as Python ints for the n-gram table
@@ -167,6 +176,8 @@ def generate_speculative(
     iters = accepted_total = ngram_accepted = 0
     draft_reads = 0  # most KV entries one ordinary draft pass attended to (refreshes excluded)
     refresh_reads = 0  # KV entries read by refresh passes, in total
+    trie_nodes = draft_iters = 0
+    plan: Plan | None = None
 
     def stats(finish: str | None) -> dict[str, Any]:
         st = _stats(method, n0, produced, timer, finish, iters)
@@ -183,7 +194,13 @@ def generate_speculative(
             "draft_refresh_kv_total": refresh_reads,
             "draft_refreshes": draft.refreshes if draft is not None else 0,
             "heads": heads.num_heads if use_heads else 0,
+            "tree": "auto" if auto else str(spec.tree),
+            "mean_trie_size": trie_nodes / iters if iters else 0.0,
         })
+        if planner is not None:
+            st["auto"] = {"plan": plan.describe() if plan is not None else None, "changes": planner.choices,
+                          "probes": planner.probes, "explorations": planner.explorations,
+                          "draft_iterations": draft_iters}
         return st
 
     finish = "eos" if root in stop else ("length" if produced >= max_new_tokens else None)
@@ -194,12 +211,28 @@ def generate_speculative(
     tok_buf = torch.empty(1, 1, dtype=torch.int64, device=dev)  # [1, 1]
     pos_buf = torch.empty(1, 1, dtype=torch.int64, device=dev)  # [1, 1]
 
+    def probe_run(T: int) -> None:  # one verify-shaped pass of T tokens at context N, undone
+        x = torch.full((1, T), root, dtype=torch.int64, device=dev)  # [1, T]
+        pos = torch.arange(N, N + T, dtype=torch.int64, device=dev).unsqueeze(0)  # [1, T]
+        model.logits(model(x, pos, main)[0])
+        main.truncate(N)
+
     while True:
         iters += 1
+        t_iter0 = time.perf_counter()
+        chain_k = ngram_k
+        drafting = use_draft
+        if planner is not None:
+            if planner.needs_probe(N):
+                planner.probe(N, probe_run)
+                t_iter0 = time.perf_counter()
+            plan = planner.choose(N)
+            paths, chain_k, drafting = plan.paths, plan.ngram_k, plan.draft
         # -- DRAFT: candidates per position r+1 .. r+depth
         t0 = time.perf_counter()
         candidates: list[list[int]] = []
-        if use_draft:
+        if drafting:
+            draft_iters += 1
             tok_buf.fill_(root)
             pos_buf.fill_(N)
             if draft is not None and N > spec.draft_budget:
@@ -217,23 +250,26 @@ def generate_speculative(
                 draft_reads = max(draft_reads, N + 1)
                 main.truncate(N)
             rows = heads.draft_logits(model, h0) if use_heads else base_draft_logits(model, h0)  # [1+K, V]
-            if W:  # rank drafts as the sampler will see them: penalized by the committed window
-                win = history[max(0, N + 1 - W) : N + 1].to(dev).unsqueeze(0).expand(rows.shape[0], -1)
-                rows = apply_penalty(rows, win, sampling.penalty)
-            for d in range(depth):
-                k = widths[d] if d < len(widths) else 0
-                candidates.append(torch.topk(rows[d], k).indices.tolist() if k else [])
-        t_draft += time.perf_counter() - t0
+            rows = rows[:depth]
+            # rank drafts as the sampler will see them (penalized by the committed window) and
+            # put first the token the target's own noise would pick from the draft distribution
+            win = history[max(0, N + 1 - W) : N + 1].to(dev).unsqueeze(0).expand(rows.shape[0], -1) if W else None
+            candidates = coupled_candidates(rows, win, [N + 1 + d for d in range(rows.shape[0])], sampling,
+                                            max(widths, default=0))
+            candidates = [c[: widths[d]] for d, c in enumerate(candidates)]
+        dt_draft = time.perf_counter() - t0
+        t_draft += dt_draft
 
         # -- PROPOSE: static tree ∪ n-gram chains
         chains: list[list[int]] = []
-        if use_ngrams and spec.ngram_topk > 0:
-            if use_draft:
-                for c in candidates[0] if candidates else []:
-                    chains.extend([c, *cont] for cont in table.top(c, spec.ngram_topk))
+        if chain_k > 0:
+            if drafting:  # auto hangs chains off the likeliest depth-1 candidate only
+                for c in (candidates[0][:1] if auto else candidates[0]) if candidates else []:
+                    chains.extend([c, *cont] for cont in table.top(c, chain_k))
             else:
-                chains = [list(cont) for cont in table.top(root, spec.ngram_topk)]
+                chains = [list(cont) for cont in table.top(root, chain_k)]
         trie = build_trie(root, candidates, paths, chains, max_nodes)
+        trie_nodes += len(trie)
 
         # -- VERIFY: one pass over the full cache, tree-masked
         t0 = time.perf_counter()
@@ -242,7 +278,8 @@ def generate_speculative(
         pos = trie.positions(N, dev).unsqueeze(0)  # [1, T]
         hv = model(x, pos, main, mask=trie.mask(dev) if T > 1 else None)  # [1, T, D]
         vlogits = model.logits(hv[0])  # [T, V]
-        t_verify += time.perf_counter() - t0
+        dt_verify = time.perf_counter() - t0
+        t_verify += dt_verify
 
         # -- ACCEPT
         res = walk(trie, vlogits, history, N, sampling)
@@ -252,6 +289,13 @@ def generate_speculative(
 
         # -- COMMIT: keep the root's and the accepted nodes' KV, in path order
         main.keep(torch.tensor([N] + [N + i for i in res.accepted], dtype=torch.int64))
+        if planner is not None:
+            if drafting and planner.stats is not None:
+                for d in range(min(depth, len(res.tokens))):
+                    tok = res.tokens[d]
+                    planner.stats.update(d, candidates[d].index(tok) if tok in candidates[d] else None)
+            other = time.perf_counter() - t_iter0 - dt_draft - dt_verify
+            planner.observe(plan, dt_draft, dt_verify, other, len(res.tokens))
         new = res.tokens  # accepted tokens, then the next root
         finish = None
         for j, t in enumerate(new):
@@ -268,6 +312,8 @@ def generate_speculative(
             draft.append(main, N, 1 + k)
         tokens_list.extend(res.tokens)
         feeder.catch_up(tokens_list, len(tokens_list))
+        if planner is not None and ngram_k:
+            planner.ngram.update(tokens_list, table.top, spec.ngram_n)
         N += 1 + k
         root = res.next_root
 

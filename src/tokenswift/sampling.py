@@ -115,7 +115,25 @@ def position_key(seed: int, position: int) -> int:
 
 
 def gumbel(seed: int, position: int, vocab: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise [V] for one position, drawn on the CPU so every device agrees."""
+    """Gumbel(0, 1) noise [V] for one position, drawn on the CPU so every device agrees.
+
+    The draft and the walk both need the noise of the same few positions, so the latest ones
+    are kept (read-only: callers add it to their logits, never write into it)."""
+    key = (seed, position, vocab)
+    hit = _NOISE.get(key)
+    if hit is None:
+        hit = _gumbel(seed, position, vocab)
+        if len(_NOISE) >= _NOISE_KEEP:
+            _NOISE.pop(next(iter(_NOISE)))
+        _NOISE[key] = hit
+    return hit
+
+
+_NOISE: dict[tuple[int, int, int], torch.Tensor] = {}
+_NOISE_KEEP = 64  # more than the deepest trie plus an iteration's slack
+
+
+def _gumbel(seed: int, position: int, vocab: int) -> torch.Tensor:
     g = torch.Generator(device="cpu")
     g.manual_seed(position_key(seed, position))
     u = torch.rand(vocab, generator=g, dtype=torch.float64)
@@ -140,6 +158,36 @@ def draw(
             noise[p] = gumbel(s.seed, int(p), V).to(logprobs.device)
         rows.append(noise[p])
     return (logprobs + torch.stack(rows)).argmax(-1)
+
+
+def coupled_candidates(
+    logits: torch.Tensor,  # [N, V] draft logits, one row per drafted position
+    window: torch.Tensor | None,  # [N, W] penalty history each row is ranked with
+    positions: Sequence[int],  # absolute position of each row's token
+    s: SamplingConfig,
+    k: int,
+) -> list[list[int]]:  # per row: up to k distinct tokens, best guess first
+    """Draft candidates that guess the target's *draw*, not just its likeliest token.
+
+    The target draws `argmax(log p_P + g(P))` with noise known in advance. Drawing from the
+    draft's distribution q_P with the same noise gives the same token whenever q_P is close
+    to p_P (the Gumbel coupling), so under sampling the first candidate matches far more often
+    than q's top-1 does. The rest are q's next-best tokens. Greedy: plain top-k. The target
+    side is untouched, so this changes speed only."""
+    if k <= 0:
+        return [[] for _ in range(logits.shape[0])]
+    lp = final_logprobs(logits, window, s)  # [N, V]
+    first = draw(lp, positions, s)  # [N]
+    rest = lp.scatter(-1, first.unsqueeze(-1), _NEG_INF)
+    kk = min(k - 1, lp.shape[-1] - 1)
+    out = []
+    vals, idx = torch.topk(rest, kk, dim=-1) if kk > 0 else (None, None)
+    for i in range(lp.shape[0]):
+        row = [int(first[i])]
+        if kk > 0:
+            row += [int(t) for t, v in zip(idx[i].tolist(), vals[i].tolist()) if v != _NEG_INF]
+        out.append(row)
+    return out
 
 
 def sample(

@@ -1,0 +1,339 @@
+"""Side-by-side benchmarks: several decoding methods on one prompt, one after another in one
+process, each as one long run read at checkpoint lengths (one 16K run gives 2K/4K/8K/16K).
+
+Per method and checkpoint: wall and decode seconds, tokens/s, speedup vs `ar` of the same
+bench, acceptance rate, tokens per iteration, n-gram share, Distinct-1..4 of the generated
+tokens, peak memory, and whether the tokens equal `ar`'s. The library returns records;
+`tokenswift bench` prints them and writes JSON, CSV and a PNG figure.
+
+Methods: `ar`; `tokenswift` (auto trie) and its ablations `tokenswift-paper` (static tree
+1,3,3,3 with n-gram top-20, the paper's setting), `tokenswift-noheads`, `tokenswift-nongrams`,
+`tokenswift-fullkv`; `ngram` (prompt lookup); when installed, `hf` (transformers generate)
+and `hf-lookup` (its prompt_lookup_num_tokens=10), both given one logits processor that is
+our whole sampler (windowed penalty included), so they sample the same distribution with
+their own random numbers; and `llamacpp` (llama-cpp-python on the same GGUF, its own sampler
+set to the nearest settings).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .config import PAPER_SAMPLING
+
+log = logging.getLogger("tokenswift")
+
+OURS = {
+    "ar": dict(method="ar"),
+    "tokenswift": dict(method="tokenswift"),
+    "tokenswift-paper": dict(method="tokenswift", tree="1,3,3,3", ngram_topk=20),
+    "tokenswift-noheads": dict(method="tokenswift", use_heads=False),
+    "tokenswift-nongrams": dict(method="tokenswift", use_ngrams=False),
+    "tokenswift-fullkv": dict(method="tokenswift", full_kv_draft=True),
+    "ngram": dict(method="ngram"),
+}
+EXTERNAL = ("hf", "hf-lookup", "llamacpp")
+METHODS = tuple(OURS) + EXTERNAL
+DEFAULT_METHODS = ("ar", "tokenswift", "ngram")
+
+
+def distinct_n(tokens: Sequence[int], n: int) -> float:
+    """Distinct-n: distinct n-grams / all n-grams of a token sequence (0 when too short)."""
+    total = len(tokens) - n + 1
+    if total <= 0:
+        return 0.0
+    return len({tuple(tokens[i : i + n]) for i in range(total)}) / total
+
+
+def _reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:  # Linux: "5" resets the peak resident set size of this process
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mib(device: str = "cpu") -> float:
+    """Peak memory since the last reset: GPU allocations on CUDA, else the process's peak RSS."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class Checkpoints:
+    """Collects one record per checkpoint length as a run goes past it."""
+
+    lengths: list[int]
+    method: str
+    device: str
+    t0: float = field(default_factory=time.perf_counter)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def due(self, produced: int) -> list[int]:
+        done = {r["length"] for r in self.records}
+        return [L for L in self.lengths if L <= produced and L not in done]
+
+    def add(self, L: int, tokens: Sequence[int], wall: float, prefill: float, stats: dict[str, Any]) -> None:
+        gen = list(tokens[:L])
+        decode = max(wall - prefill, 1e-9)
+        rec = {
+            "method": self.method, "length": L, "wall_seconds": wall, "prefill_seconds": prefill,
+            "decode_seconds": decode, "tokens_per_s": L / wall, "decode_tokens_per_s": L / decode,
+            "acceptance_rate": stats.get("acceptance_rate"), "tokens_per_iteration": stats.get("tokens_per_iteration"),
+            "ngram_share": stats.get("ngram_share"), "peak_memory_mib": peak_memory_mib(self.device),
+        }
+        for n in (1, 2, 3, 4):
+            rec[f"distinct_{n}"] = distinct_n(gen, n)
+        self.records.append(rec)
+
+
+def run_ours(lm: Any, prompt: list[int], lengths: list[int], name: str, sampling: dict[str, Any],
+             progress: Callable[[str, int, int], None] | None = None) -> tuple[list[dict[str, Any]], list[int], dict]:
+    total = max(lengths)
+    cp = Checkpoints(lengths, name, str(lm.model.device))
+    _reset_peak()
+    tokens: list[int] = []
+    stats: dict[str, Any] = {}
+    start = time.perf_counter()
+    for step in lm.steps(prompt, total, ignore_eos=True, **sampling, **OURS[name]):
+        tokens.extend(step.tokens)
+        stats = step.stats
+        wall = time.perf_counter() - start
+        for L in cp.due(len(tokens)):
+            cp.add(L, tokens, wall, stats["prefill_seconds"], stats)
+        if progress is not None:
+            progress(name, len(tokens), total)
+    return cp.records, tokens[:total], stats
+
+
+def _sampler_processor(sampling: dict[str, Any]):
+    """A transformers LogitsProcessor that is our whole sampler: windowed penalty, temperature
+    and filters -> final log-probabilities, so `generate(do_sample=True)` with neutral warpers
+    samples exactly our distribution (with its own random numbers)."""
+    from transformers import LogitsProcessor
+
+    from .config import SamplingConfig
+    from .sampling import final_logprobs
+
+    s = SamplingConfig(**sampling)
+    W = s.penalty_window if s.penalty != 1.0 else 0
+
+    class OurSampler(LogitsProcessor):
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            window = input_ids[:, -W:] if W else None
+            return final_logprobs(scores.float(), window, s)
+
+    return OurSampler()
+
+
+def run_hf(lm: Any, prompt: list[int], lengths: list[int], name: str, sampling: dict[str, Any],
+           progress: Callable[[str, int, int], None] | None = None) -> tuple[list[dict[str, Any]], list[int], dict]:
+    from transformers import AutoModelForCausalLM, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+    src = Path(lm.source)
+    if src.suffix == ".gguf":
+        hf = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    hf.eval()
+    total = max(lengths)
+    n0 = len(prompt)
+    cp = Checkpoints(lengths, name, "cpu")
+    times: dict[str, float] = {}
+
+    class Clock(StoppingCriteria):
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kw: Any) -> torch.BoolTensor:
+            produced = input_ids.shape[1] - n0
+            wall = time.perf_counter() - times["start"]
+            times.setdefault("prefill", wall)  # the first call comes right after the prefill token
+            for L in cp.due(produced):
+                cp.add(L, input_ids[0, n0:].tolist(), wall, times["prefill"], {})
+            if progress is not None:
+                progress(name, produced, total)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    torch.manual_seed(int(sampling.get("seed", 0)))
+    hf.generation_config.eos_token_id = None  # like ignore_eos: no stop, no EOS masking
+    kw: dict[str, Any] = dict(max_new_tokens=total, do_sample=True, temperature=1.0, top_k=0,
+                              top_p=1.0, logits_processor=LogitsProcessorList([_sampler_processor(sampling)]),
+                              stopping_criteria=StoppingCriteriaList([Clock()]), pad_token_id=0)
+    if name == "hf-lookup":
+        kw["prompt_lookup_num_tokens"] = 10
+    _reset_peak()
+    times["start"] = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([prompt]), **kw)
+    tokens = out[0, n0:].tolist()
+    del hf
+    return cp.records, tokens, {}
+
+
+def run_llamacpp(lm: Any, prompt: list[int], lengths: list[int], name: str, sampling: dict[str, Any],
+                 progress: Callable[[str, int, int], None] | None = None) -> tuple[list[dict[str, Any]], list[int], dict]:
+    import llama_cpp
+
+    src = Path(lm.source)
+    if src.suffix != ".gguf":
+        raise ValueError(f"llamacpp needs a .gguf model, got {src}")
+    total = max(lengths)
+    llm = llama_cpp.Llama(model_path=str(src), n_ctx=len(prompt) + total + 8, n_threads=os.cpu_count() or 1,
+                          verbose=False, logits_all=False)
+    cp = Checkpoints(lengths, name, "cpu")
+    _reset_peak()
+    start = time.perf_counter()
+    prefill = None
+    tokens: list[int] = []
+    gen = llm.generate(prompt, temp=float(sampling.get("temperature", 1.0)), top_k=0, top_p=1.0,
+                       min_p=float(sampling.get("min_p", 0.0)), repeat_penalty=float(sampling.get("penalty", 1.0)),
+                       penalty_last_n=int(sampling.get("penalty_window", 64)), seed=int(sampling.get("seed", 0)))
+    for tok in gen:
+        wall = time.perf_counter() - start
+        prefill = wall if prefill is None else prefill
+        tokens.append(int(tok))
+        for L in cp.due(len(tokens)):
+            cp.add(L, tokens, wall, prefill, {})
+        if progress is not None:
+            progress(name, len(tokens), total)
+        if len(tokens) >= total:
+            break
+    return cp.records, tokens, {}
+
+
+def available(name: str) -> str | None:
+    """None when the method can run here, else why not."""
+    if name in ("hf", "hf-lookup") and importlib.util.find_spec("transformers") is None:
+        return "transformers is not installed (pip install transformers accelerate)"
+    if name == "llamacpp" and importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed (pip install 'tokenswift[bench]' or llama-cpp-python)"
+    if name not in METHODS:
+        return f"unknown method {name!r}; available: {', '.join(METHODS)}"
+    return None
+
+
+def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Sequence[str],
+              sampling: dict[str, Any] | None = None,
+              progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Runs every method on `prompt` for max(lengths) new tokens; returns a JSON-ready result."""
+    lengths = sorted({int(L) for L in lengths})
+    if not lengths or lengths[0] < 1:
+        raise ValueError(f"lengths must be positive integers, got {list(lengths)}")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown method {bad[0]!r}; available: {', '.join(METHODS)}")
+    sampling = dict(PAPER_SAMPLING if sampling is None else sampling)
+    records: list[dict[str, Any]] = []
+    runs: dict[str, Any] = {}
+    ref: list[int] | None = None
+    order = sorted(methods, key=lambda m: m != "ar")  # ar first: the others are compared to it
+    for name in order:
+        why = available(name)
+        if why is not None:
+            runs[name] = {"skipped": why}
+            log.warning("bench: skipping %s: %s", name, why)
+            continue
+        runner = run_ours if name in OURS else (run_llamacpp if name == "llamacpp" else run_hf)
+        recs, tokens, stats = runner(lm, prompt, lengths, name, sampling, progress)
+        if name == "ar":
+            ref = tokens
+        same = (tokens == ref[: len(tokens)]) if (ref is not None and name in OURS) else None
+        for r in recs:
+            r["same_as_ar"] = same
+        records.extend(recs)
+        run = {"new_tokens": len(tokens), "same_as_ar": same}
+        if stats:
+            run["stats"] = {k: v for k, v in stats.items() if k != "auto"}
+            if "auto" in stats:
+                run["auto"] = stats["auto"]
+        runs[name] = run
+    ar = {r["length"]: r for r in records if r["method"] == "ar"}
+    for r in records:
+        base = ar.get(r["length"])
+        r["speedup"] = base["wall_seconds"] / r["wall_seconds"] if base else None
+        r["decode_speedup"] = base["decode_seconds"] / r["decode_seconds"] if base else None
+        if base:
+            for n in (1, 2, 3, 4):
+                r[f"distinct_{n}_vs_ar"] = r[f"distinct_{n}"] - base[f"distinct_{n}"]
+    return {"records": records, "runs": runs, "lengths": lengths, "methods": list(order),
+            "prompt_tokens": len(prompt), "sampling": sampling}
+
+
+CSV_FIELDS = ("method", "length", "wall_seconds", "prefill_seconds", "decode_seconds", "tokens_per_s",
+              "decode_tokens_per_s", "speedup", "decode_speedup", "acceptance_rate", "tokens_per_iteration",
+              "ngram_share", "distinct_1", "distinct_2", "distinct_3", "distinct_4", "peak_memory_mib", "same_as_ar")
+
+
+def write_csv(result: dict[str, Any], path: str | Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in result["records"]:
+            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def write_png(result: dict[str, Any], path: str | Path, title: str = "") -> None:
+    """Speedup vs length and acceptance vs length, one line per method (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for m in result["methods"]:
+        recs = sorted((r for r in result["records"] if r["method"] == m), key=lambda r: r["length"])
+        if not recs:
+            continue
+        xs = [r["length"] for r in recs]
+        a1.plot(xs, [r["speedup"] for r in recs], marker="o", label=m)
+        if any(r["acceptance_rate"] is not None for r in recs) and m != "ar":
+            a2.plot(xs, [r["acceptance_rate"] or 0.0 for r in recs], marker="o", label=m)
+    a1.axhline(1.0, color="gray", lw=0.8, ls="--")
+    for a, lab in ((a1, "speedup vs ar (wall time)"), (a2, "acceptance rate")):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("new tokens")
+        a.set_ylabel(lab)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(result: dict[str, Any]) -> str:
+    """A Markdown table of the records."""
+    head = ("| method | new tokens | wall s | tok/s | speedup | acceptance | tok/iter | n-gram share "
+            "| Distinct-1/2/3/4 | peak MiB | = ar |")
+    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+
+    def f(v: Any, d: int = 2) -> str:
+        return "—" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
+
+    for r in sorted(result["records"], key=lambda r: (r["length"], result["methods"].index(r["method"]))):
+        dn = "/".join(f"{r[f'distinct_{n}']:.3f}" for n in (1, 2, 3, 4))
+        same = {True: "yes", False: "NO", None: "—"}[r["same_as_ar"]]
+        lines.append(f"| {r['method']} | {r['length']} | {r['wall_seconds']:.1f} | {r['tokens_per_s']:.2f} | "
+                     f"{f(r['speedup'])}x | {f(r['acceptance_rate'], 3)} | {f(r['tokens_per_iteration'])} | "
+                     f"{f(r['ngram_share'], 3)} | {dn} | {r['peak_memory_mib']:.0f} | {same} |")
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""`tokenswift bench`: Distinct-n, checkpoint records, equality with ar, outputs, CLI errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+import tokenswift
+from conftest import tiny_hf_model
+from tokenswift.bench import distinct_n, run_bench, table, write_csv, write_png
+from tokenswift.cli import main
+from tokenswift.config import PAPER_SAMPLING
+
+
+@pytest.mark.parametrize("tokens, n, want", [
+    ([1, 2, 3, 4], 1, 1.0),
+    ([1, 1, 1, 1], 1, 0.25),
+    ([1, 2, 1, 2, 1], 2, 2 / 4),  # (1,2) (2,1) (1,2) (2,1)
+    ([1, 2, 3], 4, 0.0),  # too short
+    ([5, 5, 6, 5, 5, 6], 3, 3 / 4),
+])
+def test_distinct_n(tokens, n, want):
+    assert distinct_n(tokens, n) == pytest.approx(want)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-bench")
+    tiny_hf_model("llama", seed=1, max_position_embeddings=1024, scale=0.3).save_pretrained(d)
+    return tokenswift.load(str(d), heads="none")
+
+
+def test_bench_records_every_checkpoint_of_one_run(tiny, tmp_path):
+    torch.manual_seed(0)
+    prompt = torch.randint(0, 96, (64,)).tolist()
+    res = run_bench(tiny, prompt, [40, 10, 80], ["tokenswift", "ar", "ngram", "tokenswift-paper"],
+                    dict(PAPER_SAMPLING, seed=3))
+    assert res["methods"][0] == "ar" and res["lengths"] == [10, 40, 80]
+    recs = res["records"]
+    assert len(recs) == 4 * 3
+    want = tiny.generate(prompt, 80, ignore_eos=True, **PAPER_SAMPLING, seed=3).tokens
+    for r in recs:
+        assert r["same_as_ar"] is True
+        assert r["wall_seconds"] > r["decode_seconds"] > 0
+        assert r["tokens_per_s"] == pytest.approx(r["length"] / r["wall_seconds"])
+        assert r["distinct_2"] == pytest.approx(distinct_n(want[: r["length"]], 2))
+        assert r["distinct_2_vs_ar"] == pytest.approx(0.0)  # same tokens, same Distinct-n
+        assert r["peak_memory_mib"] > 0
+        if r["method"] == "ar":
+            assert r["speedup"] == pytest.approx(1.0)
+    by = {(r["method"], r["length"]): r for r in recs}
+    assert by[("ar", 10)]["wall_seconds"] < by[("ar", 80)]["wall_seconds"]  # checkpoints of one run
+    assert "auto" in res["runs"]["tokenswift"] and res["runs"]["tokenswift"]["auto"]["probes"] >= 1
+
+    write_csv(res, tmp_path / "b.csv")
+    rows = list(csv.DictReader(open(tmp_path / "b.csv")))
+    assert len(rows) == 12 and {"speedup", "distinct_4", "acceptance_rate"} <= set(rows[0])
+    md = table(res)
+    assert md.count("\n") == 1 + 12 and "| tokenswift-paper | 80 |" in md
+    write_png(res, tmp_path / "b.png")
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_skips_missing_extras_and_names_bad_methods(tiny, monkeypatch):
+    import tokenswift.bench as bench
+
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
+    res = run_bench(tiny, [1, 2, 3], [4], ["ar", "llamacpp"])
+    assert "llama-cpp-python is not installed" in res["runs"]["llamacpp"]["skipped"]
+    with pytest.raises(ValueError, match="unknown method 'fast'"):
+        run_bench(tiny, [1, 2, 3], [4], ["ar", "fast"])
+    with pytest.raises(ValueError, match="lengths must be positive"):
+        run_bench(tiny, [1, 2, 3], [0], ["ar"])
+
+
+def test_transformers_runs_our_sampler(tiny):
+    """The hf methods get one logits processor = our penalty + filters, so transformers samples
+    the same distribution; and the hf run itself yields checkpoint records."""
+    from tokenswift.bench import _sampler_processor, run_hf
+    from tokenswift.config import SamplingConfig
+    from tokenswift.sampling import final_logprobs
+
+    s = dict(PAPER_SAMPLING, penalty_window=8, seed=0)
+    proc = _sampler_processor(s)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 96, (2, 30))
+    scores = torch.randn(2, 96)
+    want = final_logprobs(scores, ids[:, -8:], SamplingConfig(**s))
+    assert torch.equal(proc(ids, scores), want)
+    recs, tokens, _ = run_hf(tiny, list(range(1, 20)), [5, 12], "hf", dict(PAPER_SAMPLING, seed=0))
+    assert [r["length"] for r in recs] == [5, 12] and len(tokens) == 12
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["bench", "--methods", "ar,fast"], "--methods: unknown method 'fast'"),
+    (["bench", "--lengths", "2k"], "--lengths must be comma-separated integers, got '2k'"),
+    (["bench", "--lengths", "0,5"], "--lengths must be positive"),
+    (["bench", "--prompt-file", "/nonexistent/x.txt"], "--prompt-file /nonexistent/x.txt: No such file"),
+])
+def test_bench_cli_errors_are_one_line(argv, msg, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
+
+
+def test_bench_cli_writes_json_csv_png(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("The history of the hacker culture, told in many small pieces. " * 20)
+    out = tmp_path / "out"
+    rc = main(["bench", "--prompt-file", str(text), "--prefix", "32",
+               "--lengths", "8,16", "--methods", "ar,tokenswift", "--out", str(out), "--name", "t"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| tokenswift | 16 |" in printed
+    res = json.loads((out / "t.json").read_text())
+    assert res["prompt_tokens"] == 32 and len(res["records"]) == 4
+    assert all(r["same_as_ar"] for r in res["records"])
+    assert (out / "t.csv").exists() and (out / "t.png").exists()
