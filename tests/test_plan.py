@@ -112,3 +112,12 @@ def test_planner_explores_drafts_now_and_then_while_planning_ar():
     p.explore_every = 5
     drafts = sum(p.choose(1000 + i).draft for i in range(50))
     assert drafts == 10 and p.explorations == 10
+
+
+def test_planner_needs_a_clear_gain_to_leave_ar():
+    # the best drafting plan is worth ~3 % more than AR on paper: within the noise margin, so AR
+    p = _planner({1: 0.10, 2: 0.104, 4: 0.11}, 0.092, q0=1.0, q1=0.0, depth=1)
+    plan = p.choose(4096)
+    assert not plan.draft
+    p.margin = 0.0
+    assert p.choose(4096).draft  # without the margin the estimate alone decides

@@ -200,7 +200,9 @@ def generate_speculative(
         if planner is not None:
             st["auto"] = {"plan": plan.describe() if plan is not None else None, "changes": planner.choices,
                           "probes": planner.probes, "explorations": planner.explorations,
-                          "draft_iterations": draft_iters}
+                          "draft_iterations": draft_iters,
+                          # acceptance over the iterations that drafted (AR steps excluded)
+                          "draft_acceptance_rate": accepted_total / (gamma * draft_iters) if draft_iters else 0.0}
         return st
 
     finish = "eos" if root in stop else ("length" if produced >= max_new_tokens else None)

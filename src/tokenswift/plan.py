@@ -168,7 +168,7 @@ class AutoPlanner:
 
     def __init__(self, depth: int, ngram_n: int, max_k: int, use_draft: bool, max_nodes: int | None,
                  prior: Sequence[Sequence[float]] = ((0.6, 0.08, 0.04, 0.02), (0.15, 0.05, 0.03, 0.02)),
-                 explore_every: int = 24, reprobe_growth: float = 1.25) -> None:
+                 explore_every: int = 24, reprobe_growth: float = 1.25, margin: float = 0.05) -> None:
         self.depth = depth
         self.n = ngram_n
         self.use_draft = use_draft
@@ -184,6 +184,7 @@ class AutoPlanner:
         self.t_iter = 0.0  # per-iteration overhead outside draft and verify
         self.t_token = 0.0  # per committed token (the walk's draws)
         self.explore_every = explore_every
+        self.margin = margin
         self.since_draft = 0
         self.probes = 0
         self.explorations = 0
@@ -254,6 +255,9 @@ class AutoPlanner:
                 secs = self._cost(size, draft=n > 0) + self.t_token * tokens
                 plans.append(Plan(n, paths, k, n > 0, tokens, secs, size))
         best = max(plans, key=lambda p: p.rate)
+        ar_plan = next(p for p in plans if p.tree_nodes == 0 and p.ngram_k == 0)
+        if best is not ar_plan and best.rate < ar_plan.rate * (1 + self.margin):
+            best = ar_plan  # estimates are noisy: speculate only for a clear expected gain
         # keep the acceptance statistics alive while planning without a draft pass: every so
         # often run the best drafting plan anyway (not logged as a change of plan)
         if self.stats is not None and not best.draft:
