@@ -74,7 +74,7 @@ def test_rank_stats_converge_to_the_observed_rates():
 
 def test_ngram_gain_scores_matches_on_committed_text():
     table = {5: [(6, 7, 8), (6, 9, 9)]}
-    gain = NGramGain([1, 2], decay=1.0)
+    gain = NGramGain([1, 2], decay=1.0, prior=0.0)
     toks = [5, 6, 9, 9, 1, 1, 1]  # at 5: chain 1 matches 1 token, chain 2 all 3
     gain.update(toks, lambda key, k: table.get(key, [])[:k], n=4)
     assert gain.count == 4  # positions 0..3 have their 3 followers committed
@@ -121,3 +121,25 @@ def test_planner_needs_a_clear_gain_to_leave_ar():
     assert not plan.draft
     p.margin = 0.0
     assert p.choose(4096).draft  # without the margin the estimate alone decides
+
+
+@pytest.mark.parametrize("probed_at,ctx,again", [
+    (0, 0, True),  # never measured
+    (4, 5, False), (4, 300, False), (4, 516, True),  # a short prompt: wait for a few hundred tokens
+    (4096, 5000, False), (4096, 5120, True),  # a long one: wait for a quarter more
+])
+def test_planner_re_measures_when_the_context_has_grown_enough(probed_at, ctx, again):
+    p = AutoPlanner(3, ngram_n=4, max_k=0, use_draft=True, max_nodes=None)
+    if probed_at:
+        p.costs, p.probe_ctx = {1: 0.05}, probed_at
+    assert p.needs_probe(ctx) is again
+
+
+def test_ngram_gain_is_shrunk_toward_zero_until_it_has_evidence():
+    gain = NGramGain([1], decay=1.0, prior=16.0)
+    chains = {5: [(6, 7)]}
+    top = lambda t, k: chains.get(t, [])[:k]  # noqa: E731
+    gain.update([5, 6, 7], top, n=3)  # one position scored, a 2-token match
+    assert gain.mean(1) == pytest.approx(2 / 17)
+    gain.update([5, 6, 7] * 40, top, n=3)
+    assert gain.mean(1) > 0.5  # plenty of evidence: the measured gain shows through

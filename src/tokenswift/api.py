@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -12,6 +12,8 @@ from .config import RopeScaling, SamplingConfig, SpecConfig
 from .engine import METHODS, Step, generate_ar, generate_speculative
 from .heads import DraftHeads, resolve_heads
 from .loading import DEFAULT_MODEL, load_model
+
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -70,6 +72,8 @@ class LM:
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
         """A prompt as token ids. `chat=True` wraps a string in the model's chat template as one
         user message and adds the assistant turn's opening."""
+        if isinstance(prompt, (bytes, bytearray, memoryview)):
+            raise ValueError("the prompt must be a str or a list of token ids, got bytes: decode it (UTF-8) first")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"model {self.name!r} has no tokenizer files: give the prompt as a list of token ids")
@@ -78,12 +82,7 @@ class LM:
             if chat:
                 if not getattr(self.tokenizer, "chat_template", None):
                     raise ValueError(f"model {self.name!r} has no chat template; drop --chat / chat=True")
-                ids = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-                )
-                if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
-                    ids = ids["input_ids"]
-                return [int(t) for t in ids]
+                return self._template_ids([{"role": "user", "content": prompt}])
             return [int(t) for t in self.tokenizer(prompt).input_ids]
         ids = [int(t) for t in prompt]
         if not ids:
@@ -94,6 +93,31 @@ class LM:
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
         return ids
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """A conversation as token ids: the model's chat template over all `messages` (each a dict
+        with `role` system, user or assistant and a string `content`), plus the assistant turn's
+        opening so that the model writes the reply."""
+        if self.tokenizer is None:
+            raise ValueError(f"model {self.name!r} has no tokenizer files, so no chat template")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"model {self.name!r} has no chat template; give a plain prompt instead")
+        if not messages:
+            raise ValueError("messages is empty: give at least one message")
+        for i, m in enumerate(messages):
+            if not isinstance(m, Mapping):
+                raise ValueError(f"messages[{i}] must be a dict with role and content, got {m!r}")
+            if m.get("role") not in CHAT_ROLES:
+                raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.get('role')!r}")
+            if not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}].content must be a string, got {m.get('content')!r}")
+        return self._template_ids([{"role": m["role"], "content": m["content"]} for m in messages])
+
+    def _template_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
 
     def decode(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:

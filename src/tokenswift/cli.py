@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -106,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights dtype (default float32 on CPU, bfloat16 on CUDA)")
     g.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR",
                    help="extend the context, e.g. yarn:4 (types: linear, dynamic, yarn, llama3)")
+    ck = g.add_argument_group("resumable runs")
+    ck.add_argument("--checkpoint", type=Path, metavar="FILE",
+                    help="keep FILE up to date with the options, seed and committed tokens (atomic writes), "
+                         "every --checkpoint-every tokens and at exit, Ctrl-C included")
+    ck.add_argument("--checkpoint-every", type=_int("--checkpoint-every"), default=256, metavar="N",
+                    help="tokens between checkpoint writes (default 256)")
+    ck.add_argument("--resume", type=Path, metavar="FILE",
+                    help="continue the run saved in FILE with its own options (the text is the same as an "
+                         "uninterrupted run's); prints the whole text; keeps FILE up to date")
 
     t = sub.add_parser("train-heads", help="train draft heads on a frozen model",
                        description="Train draft heads (the backbone and LM head stay frozen). Hidden states are "
@@ -172,6 +182,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--name", default=None, help="file name stem (default bench-<prefix>-<max length>)")
     b.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     b.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
+
+    v = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                       description="OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (streamed "
+                                   "or not), /v1/models, /health. One generation runs at a time; the others wait in "
+                                   "a bounded queue. Needs the serve extra: pip install 'tokenswift[serve]'.")
+    v.add_argument("--model", default=DEFAULT_MODEL, help=f"model to serve (default {DEFAULT_MODEL})")
+    v.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
+    v.add_argument("--port", type=_int("--port"), default=8000, help="TCP port (default 8000; 0 = any free port)")
+    v.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
+    v.add_argument("--queue-size", type=_int("--queue-size"), default=16, metavar="N",
+                   help="requests that may wait while one generates; more get 429 (default 16)")
+    v.add_argument("--heads", default="auto", metavar="PATH|none|auto", help="draft heads (default auto)")
+    v.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+    v.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    v.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR",
+                   help="extend the context, e.g. yarn:4 (types: linear, dynamic, yarn, llama3)")
     return p
 
 
@@ -243,7 +271,15 @@ class Progress:
             self.out.flush()
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+# The generate options the text depends on: a checkpoint records them and --resume reuses them.
+_RUN_OPTIONS = ("prompt", "prompt_file", "model", "heads", "device", "dtype", "rope_scaling", "method", "chat",
+                "max_new_tokens", "ignore_eos", "temperature", "top_k", "top_p", "min_p", "min_keep", "eta",
+                "repetition_penalty", "penalty_window", "seed", "paper_defaults", "gamma", "tree", "ngram_topk",
+                "draft_budget", "no_ngrams", "full_kv_draft")
+
+
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's options from the command line, validated before any model loads."""
     from .config import PAPER_SAMPLING, SamplingConfig, SpecConfig
 
     sampling = dict(
@@ -257,48 +293,123 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     spec = dict(gamma=args.gamma, tree=args.tree, ngram_topk=args.ngram_topk, draft_budget=args.draft_budget,
                 use_ngrams=not args.no_ngrams, full_kv_draft=args.full_kv_draft)
-    try:  # fail on bad values before the model loads
+    try:
         SamplingConfig(**sampling)
         SpecConfig(**spec)
     except ValueError as e:
         raise CliError(_cli_names(str(e))) from None
-    prompt = _read_prompt(args)
+    return {"model": args.model, "heads": args.heads, "device": args.device, "dtype": args.dtype,
+            "rope_scaling": args.rope_scaling, "method": args.method, "chat": args.chat,
+            "max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos,
+            "sampling": sampling, "spec": spec}
+
+
+def _refuse_options_with_resume(args: argparse.Namespace) -> None:
+    defaults = build_parser().parse_args(["generate"])
+    given = [name for name in _RUN_OPTIONS if getattr(args, name) != getattr(defaults, name)]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise CliError(f"--resume continues with the options saved in {args.resume}; drop {flag}")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .checkpoint import Checkpoint
+
+    if args.checkpoint_every < 1:
+        raise CliError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    if args.resume is not None:
+        _refuse_options_with_resume(args)
+        ck = Checkpoint.load(args.resume)
+        ck_path: Path | None = args.checkpoint or args.resume
+    else:
+        ck = Checkpoint(options=_run_options(args), prompt=_read_prompt(args))
+        ck_path = args.checkpoint
+        if ck_path is not None:  # from the first moment, so that a run killed while loading resumes too
+            ck.save(ck_path)
+    old_term = _sigterm_as_interrupt()
+    try:
+        return _run_generate(args, ck, ck_path)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, while loading or generating
+        where = (f"; {len(ck.tokens)} tokens saved in {ck_path}: continue with tokenswift generate --resume {ck_path}"
+                 if ck_path is not None else "")
+        sys.stdout.flush()
+        sys.stderr.write(f"\ninterrupted{where}\n")
+        return EXIT_INTERRUPT
+    finally:
+        _restore_sigterm(old_term)
+
+
+def _run_generate(args: argparse.Namespace, ck: Any, ck_path: Path | None) -> int:
+    from .checkpoint import model_fingerprint
+
+    o = ck.options
 
     import tokenswift
 
-    lm = tokenswift.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype,
-                         rope_scaling=args.rope_scaling)
-    steps = lm.steps(prompt, args.max_new_tokens, method=args.method, ignore_eos=args.ignore_eos,
-                     chat=args.chat, **sampling, **spec)
+    lm = tokenswift.load(o["model"], heads=o["heads"], device=o["device"], dtype=o["dtype"],
+                         rope_scaling=o["rope_scaling"])
+    fp = model_fingerprint(lm.config)
+    if ck.model_fingerprint is not None and ck.model_fingerprint != fp:
+        raise CliError(f"checkpoint {args.resume} was written by a model shaped {ck.model_fingerprint}, "
+                       f"but {o['model']!r} loads as {fp}")
+    ck.model_fingerprint = fp
+    # pin what "default" resolved to: another device or dtype would change the numerics, so the text
+    o["device"], o["dtype"] = str(lm.model.device), str(lm.model.dtype).removeprefix("torch.")
+    if ck.prompt_ids is None:
+        ck.prompt_ids = lm.encode(ck.prompt, chat=o["chat"])
+    if ck.tokens and not o["ignore_eos"] and ck.tokens[-1] in lm.eos_token_ids:
+        ck.finish_reason = ck.finish_reason or "eos"  # killed between committing EOS and saving the end
+    resumed = len(ck.tokens)
+    steps = iter(()) if ck.done else lm.steps(
+        ck.prompt_ids + ck.tokens, ck.max_new_tokens - resumed, method=o["method"], ignore_eos=o["ignore_eos"],
+        **o["sampling"], **o["spec"])
+
+    def save() -> None:
+        if ck_path is not None:
+            ck.save(ck_path)
+
+    save()
 
     from .api import TextStream
 
     out = sys.stdout
-    progress = Progress(args.max_new_tokens, sys.stderr) if (sys.stderr.isatty() and not out.isatty()) else None
+    progress = Progress(ck.max_new_tokens, sys.stderr) if (sys.stderr.isatty() and not out.isatty()) else None
     text_stream = TextStream(lm.tokenizer)
-    tokens: list[int] = []
     pieces: list[str] = []
     stats: dict[str, Any] = {}
+
+    def emit(piece: str) -> None:
+        if args.json:
+            pieces.append(piece)
+        elif piece:
+            out.write(piece)
+            out.flush()
+
+    emit(text_stream.push(ck.tokens))  # the text a resumed run had already written: stdout gets it whole
+    saved = resumed
     try:
         for step in steps:
-            tokens.extend(step.tokens)
+            ck.tokens.extend(step.tokens)
             stats = step.stats
-            piece = text_stream.push(step.tokens)
-            if args.json:
-                pieces.append(piece)
-            elif piece:
-                out.write(piece)
-                out.flush()
+            if step.finished:
+                ck.finish_reason = stats.get("finish_reason")
+            emit(text_stream.push(step.tokens))
+            if ck_path is not None and len(ck.tokens) - saved >= args.checkpoint_every:
+                save()
+                saved = len(ck.tokens)
             if progress:
-                progress.update(len(tokens), stats)
-        tail = text_stream.flush()
+                progress.update(len(ck.tokens), stats)
     finally:
+        save()  # at exit, whatever the exit (Ctrl-C and SIGTERM included)
         if progress:
-            progress.update(len(tokens), stats, force=True)
+            progress.update(len(ck.tokens), stats, force=True)
             progress.close()
+    tail = text_stream.flush()
+    if resumed:
+        stats = dict(stats, resumed_tokens=resumed)
     if args.json:
         pieces.append(tail)
-        json.dump({"tokens": tokens, "text": "".join(pieces), "stats": stats}, out)
+        json.dump({"tokens": ck.tokens, "text": "".join(pieces), "stats": stats}, out)
         out.write("\n")
     else:
         out.write(tail + "\n")
@@ -311,6 +422,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
     out.flush()
     return 0
+
+
+def _sigterm_as_interrupt() -> Any:
+    """SIGTERM (kill, a job scheduler's stop) ends a run like Ctrl-C: checkpoint saved, exit 130."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(old: Any) -> None:
+    import signal
+
+    if old is not None:
+        signal.signal(signal.SIGTERM, old)
 
 
 class _Bars:
@@ -503,6 +635,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"--port must be in [0, 65535], got {args.port}")
+    if args.queue_size < 1:
+        raise CliError(f"--queue-size must be >= 1, got {args.queue_size}")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise CliError("tokenswift serve needs fastapi and uvicorn: pip install 'tokenswift[serve]'") from None
+    from .server import bind, make_server
+
+    try:  # before the model loads, so that a taken port fails at once
+        sock = bind(args.host, args.port)
+    except OSError as e:
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    import tokenswift
+
+    lm = tokenswift.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype,
+                         rope_scaling=args.rope_scaling)
+    server = make_server(lm, names=[args.model], api_key=args.api_key, queue_size=args.queue_size)
+    logging.getLogger("tokenswift.server").setLevel(logging.INFO)  # one line per request, with or without -v
+    host, port = sock.getsockname()[:2]
+    sys.stderr.write(f"tokenswift: serving {lm.name} at http://{host}:{port}/v1 (queue {args.queue_size}"
+                     f"{', API key required' if args.api_key else ''}); Ctrl-C stops\n")
+    sys.stderr.flush()
+    server.run(sockets=[sock])
+    return 0
+
+
 def torch_threads() -> int:
     import torch
 
@@ -539,8 +701,7 @@ def _cli_names(msg: str) -> str:
                      ("repetition penalty", "--repetition-penalty"), ("temperature", "--temperature"),
                      ("eta", "--eta"), ("seed", "--seed"), ("gamma", "--gamma"), ("ngram_topk", "--ngram-topk"),
                      ("draft_budget", "--draft-budget")):
-        if msg.startswith(py + " "):
-            return flag + msg[len(py):]
+        msg = re.sub(rf"(?<![-\w]){re.escape(py)}\b", flag, msg)
     return msg
 
 
@@ -564,6 +725,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_eval_heads(args)
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         raise CliError(f"unknown command {args.command!r}")
     except CliError as e:
         _fail(str(e))

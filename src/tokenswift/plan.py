@@ -108,9 +108,12 @@ class NGramGain:
     """Tokens an n-gram chain would have added, measured on the committed text: for each
     committed token, the longest prefix of the following tokens matched by its top-j chains."""
 
-    def __init__(self, ks: Sequence[int], decay: float = 0.998) -> None:
+    def __init__(self, ks: Sequence[int], decay: float = 0.998, prior: float = 16.0) -> None:
         self.ks = sorted(set(ks))
         self.decay = decay
+        # pseudo-observations of zero gain: one lucky match in the first tokens must not
+        # switch the plan to n-gram chains (measured: it did, and cost ~2x at 30K context)
+        self.prior = prior
         self.count = 0.0
         self.gain = {k: 0.0 for k in self.ks}
         self.done = 0  # next position to score
@@ -137,7 +140,7 @@ class NGramGain:
         self.done = max(self.done, last)
 
     def mean(self, k: int) -> float:
-        return self.gain.get(k, 0.0) / self.count if self.count else 0.0
+        return self.gain.get(k, 0.0) / (self.count + self.prior)
 
 
 @dataclass
@@ -168,7 +171,8 @@ class AutoPlanner:
 
     def __init__(self, depth: int, ngram_n: int, max_k: int, use_draft: bool, max_nodes: int | None,
                  prior: Sequence[Sequence[float]] = ((0.6, 0.08, 0.04, 0.02), (0.15, 0.05, 0.03, 0.02)),
-                 explore_every: int = 24, reprobe_growth: float = 1.25, margin: float = 0.05) -> None:
+                 explore_every: int = 24, reprobe_growth: float = 1.25, margin: float = 0.05,
+                 reprobe_min: int = 512) -> None:
         self.depth = depth
         self.n = ngram_n
         self.use_draft = use_draft
@@ -180,6 +184,7 @@ class AutoPlanner:
         self.costs: dict[int, float] = {}  # trie size -> verify seconds at probe_ctx
         self.probe_ctx = 0
         self.reprobe_growth = reprobe_growth
+        self.reprobe_min = reprobe_min
         self.t_draft: float | None = None
         self.t_iter = 0.0  # per-iteration overhead outside draft and verify
         self.t_token = 0.0  # per committed token (the walk's draws)
@@ -194,7 +199,9 @@ class AutoPlanner:
     # -- measurements -------------------------------------------------------------------------
 
     def needs_probe(self, ctx: int) -> bool:
-        return not self.costs or ctx >= self.probe_ctx * self.reprobe_growth
+        # grow by a quarter and by a few hundred tokens: a short prompt would otherwise re-measure
+        # every few tokens, when the verify cost has hardly moved
+        return not self.costs or ctx >= max(self.probe_ctx * self.reprobe_growth, self.probe_ctx + self.reprobe_min)
 
     def probe(self, ctx: int, run: Callable[[int], None], sizes: Sequence[int] = PROBE_SIZES) -> None:
         """Times `run(T)` (one verify-shaped pass of T tokens at this context) for each size."""

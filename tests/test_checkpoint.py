@@ -1,0 +1,197 @@
+"""Resumable runs: checkpoint files, --resume, and runs killed at random moments."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tokenswift.checkpoint import Checkpoint, write_atomic
+
+PROMPT = "Chapter One. The old lighthouse keeper"
+# the paper's sampler with a fixed seed: the text is a sample, so equality means the sampling resumed exactly
+SAMPLING = dict(temperature=1.0, min_p=0.1, min_keep=20, penalty=1.2, penalty_window=1024)
+CLI_SAMPLING = ["--paper-defaults", "--ignore-eos"]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tokenswift", "generate", *args]
+
+
+def _ck(**kw) -> Checkpoint:
+    base = dict(options={"max_new_tokens": 10}, prompt="hi", prompt_ids=[1, 2], tokens=[3, 4, 5])
+    base.update(kw)
+    return Checkpoint(**base)
+
+
+def test_round_trip_and_no_temp_file_left(tmp_path):
+    path = tmp_path / "run.json"
+    _ck().save(path)
+    _ck(tokens=[3, 4, 5, 6], finish_reason="length").save(path)
+    back = Checkpoint.load(path)
+    assert back.tokens == [3, 4, 5, 6] and back.finish_reason == "length" and back.prompt_ids == [1, 2]
+    assert back.done
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+
+
+def test_atomic_write_replaces_whole_files(tmp_path):
+    path = tmp_path / "f"
+    write_atomic(path, b"old")
+    write_atomic(path, b"new contents")
+    assert path.read_bytes() == b"new contents"
+
+
+DAMAGED = [
+    ("not json", b"{\"format\": ", "is damaged (not JSON"),
+    ("not utf-8", b"\xff\xfe\x00", "is damaged (not JSON"),
+    ("other json", json.dumps({"hello": 1}).encode(), "is not a tokenswift checkpoint"),
+    ("future version", json.dumps({"format": "tokenswift-checkpoint", "version": 99}).encode(),
+     "has version 99; this tokenswift reads 1"),
+    ("no options", json.dumps({"format": "tokenswift-checkpoint", "version": 1, "prompt": "x"}).encode(),
+     "is damaged (missing or bad field 'options')"),
+    ("bad ids", json.dumps({"format": "tokenswift-checkpoint", "version": 1, "prompt": "x",
+                            "options": {"max_new_tokens": 5}, "tokens": [1, -2]}).encode(),
+     "token ids must be integers >= 0"),
+    ("too many", json.dumps({"format": "tokenswift-checkpoint", "version": 1, "prompt": "x",
+                             "options": {"max_new_tokens": 1}, "tokens": [1, 2]}).encode(),
+     "2 tokens > max_new_tokens 1"),
+]
+
+
+@pytest.mark.parametrize("name,data,msg", DAMAGED, ids=[d[0] for d in DAMAGED])
+def test_damaged_checkpoints_are_named(tmp_path, name, data, msg):
+    path = tmp_path / "ck.json"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=None) as e:
+        Checkpoint.load(path)
+    assert msg in str(e.value) and str(path) in str(e.value)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
+        Checkpoint.load(tmp_path / "nope.json")
+
+
+def test_resume_from_any_prefix_equals_the_whole_run(smollm, tmp_path):
+    want = smollm.generate(PROMPT, 40, seed=5, ignore_eos=True, **SAMPLING)
+    path = tmp_path / "ck.json"
+    r = subprocess.run(_cli("--prompt", PROMPT, "--max-new-tokens", "40", "--seed", "5", *CLI_SAMPLING,
+                            "--method", "tokenswift", "--checkpoint", str(path), "--json"),
+                       capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    ck = Checkpoint.load(path)
+    assert ck.tokens == want.tokens and ck.finish_reason == "length"
+    assert ck.prompt_ids == smollm.encode(PROMPT)
+    # cut the saved run at 13 tokens, as if killed there, and continue it
+    ck.tokens, ck.finish_reason = ck.tokens[:13], None
+    ck.save(path)
+    r = subprocess.run(_cli("--resume", str(path), "--json"), capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    out = json.loads(r.stdout)
+    assert out["tokens"] == want.tokens and out["text"] == want.text
+    assert out["stats"]["resumed_tokens"] == 13 and out["stats"]["new_tokens"] == 27
+    assert Checkpoint.load(path).tokens == want.tokens
+
+
+def test_resume_refuses_new_options_and_other_models(tmp_path):
+    path = tmp_path / "ck.json"
+    _ck(options={"max_new_tokens": 10, "model": "smollm2-135m", "heads": "none", "device": "cpu",
+                 "dtype": "float32", "rope_scaling": None, "method": "ar", "chat": False, "ignore_eos": True,
+                 "sampling": {"seed": 0}, "spec": {}},
+        model_fingerprint={"vocab_size": 7, "hidden_size": 8, "layers": 1, "context_length": 64}).save(path)
+    r = subprocess.run(_cli("--resume", str(path), "--seed", "4"), capture_output=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.decode().strip() == f"tokenswift: error: --resume continues with the options saved in {path}; drop --seed"
+    r = subprocess.run(_cli("--resume", str(path)), capture_output=True, timeout=120)
+    assert r.returncode == 2
+    err = r.stderr.decode().strip()
+    assert "was written by a model shaped" in err and "'vocab_size': 7" in err and len(err.splitlines()) == 1
+
+
+def _wait_for_tokens(path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        try:
+            if len(Checkpoint.load(path).tokens) >= n:
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"no {n} tokens in {path} after {timeout} s")
+
+
+def test_ctrl_c_leaves_a_valid_checkpoint_and_exit_130(smollm, tmp_path):
+    path = tmp_path / "ck.json"
+    want = smollm.generate(PROMPT, 400, seed=2, ignore_eos=True, **SAMPLING)
+    proc = subprocess.Popen(_cli("--prompt", PROMPT, "--max-new-tokens", "400", "--seed", "2", *CLI_SAMPLING,
+                                 "--checkpoint", str(path), "--checkpoint-every", "7"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_tokens(path, 7, proc)
+    time.sleep(1.0)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert f"tokens saved in {path}: continue with tokenswift generate --resume {path}" in err.decode()
+    assert "Traceback" not in err.decode()
+    ck = Checkpoint.load(path)
+    assert 0 < len(ck.tokens) < 400 and ck.tokens == want.tokens[: len(ck.tokens)]
+    # what was printed is what was saved: the save at exit holds every token written, not only the last
+    # every-7 save
+    assert out.decode() == smollm.decode(ck.tokens)
+    r = subprocess.run(_cli("--resume", str(path), "--json"), capture_output=True, timeout=300)
+    assert r.returncode == 0 and json.loads(r.stdout)["tokens"] == want.tokens
+
+
+def _kill_and_resume(smollm, tmp_path, n: int, kills: int, seed: int, window: float):
+    """Starts a seeded sampling run with --checkpoint and SIGKILLs it `kills` times, resuming it each
+    time: the first kill at a random moment of its first seconds (usually while the model loads),
+    the others at a random moment up to `window` seconds after the run has saved new tokens (while
+    it generates, possibly while it writes). The end must equal an uninterrupted run."""
+    want = smollm.generate(PROMPT, n, seed=seed, ignore_eos=True, **SAMPLING)
+    path = tmp_path / "ck.json"
+    rng = random.Random(seed)
+    cmd = _cli("--prompt", PROMPT, "--max-new-tokens", str(n), "--seed", str(seed), *CLI_SAMPLING,
+               "--method", "tokenswift", "--checkpoint", str(path), "--checkpoint-every", "8", "--json")
+    saved = [0]
+    for k in range(kills):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if k == 0:
+            time.sleep(rng.uniform(0.2, 3.0))
+        else:
+            _wait_for_tokens(path, saved[-1] + 1, proc, timeout=300)
+            time.sleep(rng.uniform(0.0, window))
+        assert proc.poll() is None, f"run {k} ended before its kill: {proc.stderr.read().decode()}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if not path.exists():  # killed before it wrote anything (Python still starting): run it again
+            assert k == 0
+            continue
+        ck = Checkpoint.load(path)  # whole, whatever the moment of the kill
+        assert ck.tokens == want.tokens[: len(ck.tokens)]
+        saved.append(len(ck.tokens))
+        cmd = _cli("--resume", str(path), "--checkpoint-every", "8", "--json")
+    assert saved[-1] < n, saved  # the last kill still left work to resume
+    r = subprocess.run(cmd, capture_output=True, timeout=1800)
+    assert r.returncode == 0, r.stderr.decode()
+    out = json.loads(r.stdout)
+    assert out["tokens"] == want.tokens and out["text"] == want.text
+    assert out["stats"]["resumed_tokens"] == saved[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.json"]
+    return saved
+
+
+def test_sigkill_at_random_moments_then_resume_is_identical(smollm, tmp_path):
+    _kill_and_resume(smollm, tmp_path, n=200, kills=3, seed=7, window=1.5)
+
+
+@pytest.mark.slow
+def test_sigkill_2000_tokens_three_times_then_resume_is_identical(smollm, tmp_path):
+    _kill_and_resume(smollm, tmp_path, n=2000, kills=3, seed=2000, window=30.0)

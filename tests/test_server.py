@@ -1,0 +1,437 @@
+"""`tokenswift serve`: a real server in-process (uvicorn on a free loopback port) driven with the
+official openai client, plus table tests of the stop-string matcher."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from tokenswift.server import StopMatcher, bind, make_server
+
+MODEL = "smollm2-135m"
+PROMPT = "The history of the hacker culture is a long story that begins at MIT in the late 1950s, where"
+# long enough that tokenswift's auto planner re-probes its costs rarely (it does so as the context grows 25 %)
+LONG = ("The history of the hacker culture is a long story that begins at MIT in the late 1950s, where the members "
+        "of the Tech Model Railroad Club started to play with the first computers they could reach. They wrote "
+        "programs at night, shared their code with everyone, and believed that information should be free. Over "
+        "the following decades")
+AR = {"method": "ar"}  # plain decoding: the fastest on a 2-core CPU; the text is the same for every method
+
+
+# -- servers -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def start(smollm):
+    """Factory: starts a server on the shared model (uvicorn in a thread), returns its base URL."""
+    running = []
+
+    def start_server(**opts) -> str:
+        sock = bind("127.0.0.1", 0)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        server = make_server(smollm, **opts)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        running.append((server, thread))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    return url
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+
+    yield start_server
+    for server, _ in running:
+        server.should_exit = True
+    for _, thread in running:
+        thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def url(start):
+    return start()
+
+
+def make_client(url: str, key: str = "unused", timeout: float = 120) -> OpenAI:
+    # no retries: a 429 must reach the test, not be retried away
+    return OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return make_client(url)
+
+
+def health(url: str) -> dict:
+    return httpx.get(url + "/health", timeout=5).json()
+
+
+def stats_of(obj) -> dict:
+    return obj.model_extra["tokenswift"]
+
+
+@pytest.fixture(scope="module")
+def ref(smollm):
+    """The library's own run for PROMPT: what the server must return."""
+    return smollm.generate(PROMPT, 12, method="ar", seed=3, temperature=0.8, top_p=0.95)
+
+
+SAMPLED = dict(max_tokens=12, seed=3, temperature=0.8, top_p=0.95)
+
+
+# -- completions -------------------------------------------------------------------------------
+
+
+def test_completion_streamed_and_not_equal_the_library(client, smollm, ref):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, extra_body=AR, **SAMPLED)
+    chunks = list(client.completions.create(model=MODEL, prompt=[PROMPT], stream=True, extra_body=AR, **SAMPLED))
+    streamed = "".join(c.choices[0].text for c in chunks)
+    assert r.choices[0].text == streamed == ref.text
+    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.model == MODEL
+    assert r.choices[0].finish_reason == "length" == chunks[-1].choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    assert r.usage.completion_tokens == len(ref.tokens) == 12
+    assert r.usage.prompt_tokens == len(smollm.encode(PROMPT))
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 12
+    st = stats_of(r)
+    assert st["method"] == "ar" and st["new_tokens"] == 12 and st["decode_tokens_per_s"] > 0
+    assert stats_of(chunks[-1])["new_tokens"] == 12
+
+
+def test_tokenswift_method_writes_the_ar_text(client):
+    kw = dict(model=MODEL, prompt=LONG, max_tokens=12, seed=1, temperature=0.7)
+    fast = client.completions.create(**kw)  # method tokenswift is the default
+    plain = client.completions.create(**kw, extra_body=AR)
+    assert fast.choices[0].text == plain.choices[0].text
+    assert fast.usage == plain.usage
+    st = stats_of(fast)
+    assert st["method"] == "tokenswift" and isinstance(st["acceptance_rate"], float)
+    assert stats_of(plain)["acceptance_rate"] is None
+
+
+def test_stop_string_cuts_before_it(client, smollm, ref):
+    text = ref.text
+    stop = text[len(text) // 2 :][:4]  # four characters from the middle of the known text
+    cut = text.find(stop)
+    assert cut > 0
+    ids = smollm.encode(PROMPT)  # a prompt of token ids writes the same text
+    kw = dict(model=MODEL, prompt=ids, stop=[stop, "never-written"], extra_body=AR, **SAMPLED)
+    r = client.completions.create(**kw)
+    chunks = list(client.completions.create(**kw, stream=True))
+    assert r.choices[0].text == text[:cut] == "".join(c.choices[0].text for c in chunks)
+    assert r.choices[0].finish_reason == "stop" == chunks[-1].choices[0].finish_reason
+    assert 1 <= r.usage.completion_tokens <= 12
+
+
+def test_eos_finishes_with_stop(client, smollm):
+    messages = [{"role": "user", "content": "Hi"}]
+    ref = smollm.generate("Hi", 32, chat=True, temperature=0, method="ar")
+    assert ref.stats["finish_reason"] == "eos"  # the model's greeting ends well before 32 tokens
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0, extra_body=AR)
+    assert r.choices[0].message.content == ref.text
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == len(ref.tokens)
+
+
+# -- chat --------------------------------------------------------------------------------------
+
+
+def test_chat_streamed_and_not_equal_the_library(client, smollm):
+    messages = [{"role": "system", "content": "You are a poet."},
+                {"role": "user", "content": "Write about the sea."}]
+    ref = smollm.generate(smollm.encode_chat(messages), 10, method="ar", seed=5)
+    kw = dict(model=MODEL, messages=messages, max_tokens=10, seed=5, extra_body=AR)
+    r = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant"
+    assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert r.choices[0].message.content == streamed == ref.text
+    finish = "length" if ref.stats["finish_reason"] == "length" else "stop"
+    assert r.choices[0].finish_reason == finish == chunks[-2].choices[0].finish_reason
+    assert "tokenswift" in chunks[-2].model_extra
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(ref.tokens)
+    assert r.usage.completion_tokens == len(ref.tokens)
+    assert r.usage.prompt_tokens == chunks[-1].usage.prompt_tokens == len(smollm.encode_chat(messages))
+
+
+def test_encode_chat(smollm):
+    assert smollm.encode_chat([{"role": "user", "content": "Hi"}]) == smollm.encode("Hi", chat=True)
+    with pytest.raises(ValueError, match="messages is empty"):
+        smollm.encode_chat([])
+    with pytest.raises(ValueError, match=r"messages\[1\].role must be one of system, user, assistant, got 'tool'"):
+        smollm.encode_chat([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}])
+    with pytest.raises(ValueError, match=r"messages\[0\].content must be a string, got None"):
+        smollm.encode_chat([{"role": "user", "content": None}])
+
+
+# -- stop strings ------------------------------------------------------------------------------
+
+STOP_CASES = [
+    # (stops, pieces pushed, emitted text joined (flush included), hit)
+    (["END"], ["abc", "def"], "abcdef", False),
+    (["END"], ["abc E", "N", "D more"], "abc ", True),  # spans three pieces
+    (["END"], ["abc EN", "Z"], "abc ENZ", False),  # held back, then released when it cannot be a stop
+    (["END"], ["abc EN"], "abc EN", False),  # held back, released by flush at the end
+    (["\n\n", "###"], ["one\n", "\ntwo"], "one", True),
+    (["world", "lo"], ["hello world"], "hel", True),  # the one that starts first wins
+    (["abcd", "bc"], ["a", "b", "c", "d"], "a", True),
+    (["abcd", "c"], ["ab", "cd"], "", True),  # "abcd" starts before "c"
+    (["xyz"], ["", "x", "", "y", "q"], "xyq", False),
+    ([], ["free ", "text"], "free text", False),
+    (["stop"], ["stop", "after"], "", True),
+]
+
+
+@pytest.mark.parametrize("stops,pieces,want,hit", STOP_CASES)
+def test_stop_matcher(stops, pieces, want, hit):
+    m = StopMatcher(stops)
+    out = []
+    got_hit = False
+    for p in pieces:
+        text, got_hit = m.push(p)
+        out.append(text)
+    out.append(m.flush())
+    assert "".join(out) == want
+    assert got_hit == hit
+
+
+def test_stop_matcher_holds_back_only_possible_starts():
+    m = StopMatcher(["</end>"])
+    assert m.push("text </e") == ("text ", False)
+    assert m.held == "</e"
+    assert m.push("x") == ("</ex", False)
+    assert m.push("</end> tail") == ("", True)
+    assert m.push("more") == ("", True) and m.flush() == ""
+
+
+# -- queue -------------------------------------------------------------------------------------
+
+
+def _burst(url: str, n: int, max_tokens: int) -> list:
+    """n concurrent completions; each result is the response or the exception raised."""
+    client = make_client(url)
+    results: list = [None] * n
+    gate = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        gate.wait()
+        try:
+            results[i] = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=max_tokens, seed=i,
+                                                   extra_body={"method": "ar", "ignore_eos": True})
+        except Exception as e:  # noqa: BLE001 - collected and checked by the test
+            results[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return results
+
+
+def test_full_queue_answers_429(start):
+    small = start(queue_size=2)
+    results = _burst(small, 8, 24)
+    ok = [r for r in results if not isinstance(r, Exception)]
+    busy = [r for r in results if isinstance(r, openai.RateLimitError)]
+    assert len(ok) + len(busy) == 8, results
+    assert len(ok) >= 3 and busy
+    assert all(r.usage.completion_tokens == 24 for r in ok)
+    e = busy[0]
+    assert e.status_code == 429 and e.type == "rate_limit_error"
+    assert "server busy: 1 generation running and 2 waiting (--queue-size 2); retry later" in e.message
+    h = health(small)
+    assert h["completed"] == len(ok) and h["running"] == 0 and h["queued"] == 0
+
+
+def test_larger_queue_takes_the_burst(url):
+    results = _burst(url, 8, 6)
+    assert all(not isinstance(r, Exception) and r.usage.completion_tokens == 6 for r in results), results
+
+
+# -- cancellation ------------------------------------------------------------------------------
+
+
+def _wait_health(url: str, **want) -> dict:
+    deadline = time.monotonic() + 10
+    while True:
+        h = health(url)
+        if all(h[k] == v for k, v in want.items()) or time.monotonic() > deadline:
+            return h
+        time.sleep(0.05)
+
+
+def test_disconnect_cancels_running_and_waiting_requests(client, url):
+    long = dict(model=MODEL, prompt=PROMPT, max_tokens=2000, extra_body={"method": "ar", "ignore_eos": True})
+    before = health(url)["cancelled"]
+    stream = client.completions.create(**long, stream=True)
+    it = iter(stream)
+    next(it), next(it)  # generating now
+    # a non-streamed request waits behind it; its client gives up while it is queued
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "method": "ar"}, timeout=1.0)
+    h = _wait_health(url, cancelled=before + 1, queued=0)
+    assert (h["cancelled"], h["queued"], h["running"]) == (before + 1, 0, 1)
+    stream.close()  # the streaming client leaves: the 2000-token run stops at its next iteration
+    t0 = time.monotonic()
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, extra_body=AR)
+    assert time.monotonic() - t0 < 15  # the cancelled run had minutes left
+    assert r.usage.completion_tokens == 4
+    assert _wait_health(url, cancelled=before + 2)["cancelled"] == before + 2
+    # a non-streamed client that leaves while its request runs cancels it too
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(url + "/v1/completions", timeout=1.5,
+                   json={"prompt": PROMPT, "max_tokens": 2000, "method": "ar", "ignore_eos": True})
+    h = _wait_health(url, cancelled=before + 3, running=0)
+    assert (h["cancelled"], h["running"]) == (before + 3, 0)
+
+
+# -- auth and models ---------------------------------------------------------------------------
+
+
+def test_api_key(start):
+    url = start(api_key="s3cret")
+    with pytest.raises(openai.AuthenticationError) as e:
+        make_client(url, key="wrong").models.list()
+    assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+    r = httpx.post(url + "/v1/completions", json={"prompt": "hi"}, timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["message"].startswith("missing API key")
+    assert httpx.get(url + "/health", timeout=10).status_code == 200  # health needs no key
+    good = make_client(url, key="s3cret")
+    assert [m.id for m in good.models.list()] == [MODEL]
+    assert good.completions.create(model=MODEL, prompt="hi", max_tokens=2, extra_body=AR).usage.completion_tokens == 2
+
+
+def test_models_lists_the_model(client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+
+
+# -- bad requests ------------------------------------------------------------------------------
+
+BAD_COMPLETIONS = [
+    (dict(max_tokens=0), "max_tokens", "max_tokens must be an integer >= 1, got 0"),
+    (dict(max_tokens=-1), "max_tokens", "max_tokens must be an integer >= 1, got -1"),
+    (dict(max_tokens="many"), "max_tokens", "max_tokens: Input should be a valid integer"),
+    (dict(temperature=-1), "temperature", "temperature must be >= 0 (0 = greedy), got -1.0"),
+    (dict(top_p=0), "top_p", "top_p must be in (0, 1], got 0.0"),
+    (dict(top_p=1.5), "top_p", "top_p must be in (0, 1], got 1.5"),
+    (dict(extra_body={"min_p": 1.0}), "min_p", "min_p must be in [0, 1), got 1.0"),
+    (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty",
+     "repetition_penalty must be > 0 (1 = off), got 0.0"),
+    (dict(extra_body={"top_k": -2}), "top_k", "top_k must be an integer >= 0 (0 = off), got -2"),
+    (dict(seed=-5), "seed", "seed must be an integer in [0, 2^63), got -5"),
+    (dict(prompt=""), "prompt", "the prompt is empty"),
+    (dict(prompt=[]), "prompt", "the prompt is empty"),
+    (dict(prompt=["one", "two"]), "prompt", "prompt: one prompt per request, got a list of 2"),
+    (dict(prompt=[1, 10**6]), "prompt", "prompt token id 1000000 is outside the vocabulary [0, 49152)"),
+    (dict(prompt="word " * 9000), "prompt", "prompt (9001 tokens) is longer than the model's context of 8192 tokens"),
+    (dict(prompt="word " * 8000, max_tokens=500), "max_tokens",
+     "prompt (8001 tokens) + max_tokens (500) exceeds the model's context of 8192 tokens; lower max_tokens to 191"),
+    (dict(model="gpt-4"), "model", "model 'gpt-4' is not served here; this server serves 'smollm2-135m'"),
+    (dict(n=2), "n", "n must be 1 (one choice per request), got 2"),
+    (dict(extra_body={"method": "magic"}), "method", "unknown method 'magic'; available: ar, tokenswift, ngram"),
+    (dict(stop=["a", "b", "c", "d", "e"]), "stop", "stop takes at most 4 strings, got 5"),
+    (dict(stop=[""]), "stop", "stop strings must not be empty"),
+]
+
+
+@pytest.mark.parametrize("kw,param,message", BAD_COMPLETIONS, ids=[m[:40] for _, _, m in BAD_COMPLETIONS])
+def test_bad_completion_is_400(client, kw, param, message):
+    args = {"model": MODEL, "prompt": "Hello", "max_tokens": 4, **kw}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(**args)
+    assert e.value.status_code == 400
+    assert e.value.type == "invalid_request_error" and e.value.param == param
+    assert message in e.value.message
+
+
+BAD_CHATS = [
+    (dict(messages=[]), "messages", "messages is empty: give at least one message"),
+    (dict(messages=[{"role": "wizard", "content": "hi"}]), "messages",
+     "messages[0].role must be one of system, user, assistant, got 'wizard'"),
+    (dict(messages=[{"content": "hi"}]), "messages", "messages.0.role is required"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), "messages",
+     "messages[0].content: only text parts are supported, got type 'image_url'"),
+    (dict(max_completion_tokens=0), "max_completion_tokens", "max_completion_tokens must be an integer >= 1, got 0"),
+    (dict(max_tokens=0), "max_tokens", "max_tokens must be an integer >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("kw,param,message", BAD_CHATS, ids=[m[:40] for _, _, m in BAD_CHATS])
+def test_bad_chat_is_400(client, kw, param, message):
+    args = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **kw}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**args)
+    assert e.value.status_code == 400 and e.value.param == param
+    assert message in e.value.message
+
+
+def test_raw_bad_bodies_are_400(url):
+    for body, message in ((b'{"prompt": "hi",', "malformed JSON in the request body"),
+                          (b'{"model": "smollm2-135m"}', "prompt is required"),
+                          (b'["prompt"]', "the request body must be a JSON object"),
+                          ('{"prompt": "caf\xe9"}'.encode("latin-1"), "malformed JSON in the request body")):
+        r = httpx.post(url + "/v1/completions", content=body, headers={"Content-Type": "application/json"}, timeout=10)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+        assert message in err["message"]
+
+
+def test_bad_requests_take_no_queue_slot(url, client):
+    before = health(url)
+    for _ in range(3):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=MODEL, prompt="Hello", max_tokens=0)
+    after = health(url)
+    assert {k: after[k] for k in ("completed", "cancelled", "failed", "queued", "running")} == \
+           {k: before[k] for k in ("completed", "cancelled", "failed", "queued", "running")}
+
+
+# -- the command line's checks (before any model loads) ------------------------------------------
+
+
+def _serve_cli(capsys, *args: str) -> tuple[int, str]:
+    from tokenswift.cli import main
+
+    code = main(["serve", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--port", "70000"], "--port must be in [0, 65535], got 70000"),
+    (["--queue-size", "0"], "--queue-size must be >= 1, got 0"),
+    (["--port", "http"], "--port must be an integer, got 'http'"),
+])
+def test_serve_bad_options_are_one_line_exit_2(capsys, args, message):
+    code, err = _serve_cli(capsys, *args)
+    assert code == 2 and err.count("\n") == 1 and message in err
+
+
+def test_serve_port_in_use_is_one_line_exit_2(capsys):
+    holder = bind("127.0.0.1", 0)
+    try:
+        port = holder.getsockname()[1]
+        code, err = _serve_cli(capsys, "--port", str(port))
+    finally:
+        holder.close()
+    assert code == 2 and err.count("\n") == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err
+
+
+def test_serve_without_fastapi_says_what_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi now raises ImportError
+    code, err = _serve_cli(capsys)
+    assert code == 2 and "pip install 'tokenswift[serve]'" in err and err.count("\n") == 1
