@@ -88,6 +88,20 @@ def tiny_hf_model(kind: str, seed: int = 0, scale: float = 0.08, **override):
     return model
 
 
+def write_foreign_gguf(path, arch: str = "gpt2") -> None:
+    """A minimal GGUF file of an architecture the decoder does not implement (one tensor)."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 @pytest.fixture
 def tiny_dir(tmp_path):
     """Factory: saves a tiny random model as a HF directory (safetensors, no tokenizer)."""

@@ -5,20 +5,17 @@ exits 2, with no traceback and nothing on stdout."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 import tokenswift
-from conftest import tiny_hf_model
+from conftest import tiny_hf_model, write_foreign_gguf
 from tokenswift.cli import main
 from tokenswift.heads import model_identity, random_heads, save_heads
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    import gguf
-
     d = tmp_path_factory.mktemp("inputs")
     (d / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     (d / "long.txt").write_text("word " * 9000, encoding="utf-8")
@@ -30,13 +27,7 @@ def files(tmp_path_factory):
     save_heads(random_heads(lm.model, 2), d / "tiny-heads.safetensors", model_identity(lm.model, "tiny"),
                dtype=torch.float32)
     # a GGUF of an architecture the decoder does not implement
-    w = gguf.GGUFWriter(str(d / "gpt2.gguf"), "gpt2")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_foreign_gguf(d / "gpt2.gguf", "gpt2")
     # a model directory holding only pickle weights: never loaded
     (d / "pickled").mkdir()
     (d / "pickled" / "config.json").write_text((d / "tiny" / "config.json").read_text())
@@ -124,3 +115,4 @@ def test_cli_one_line_exit_2(files, capsys, name, args, msg):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("tokenswift"), err
     assert msg.format(d=files) in lines[0]
+

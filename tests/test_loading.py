@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tokenswift
-from conftest import tiny_hf_model
+from conftest import tiny_hf_model, write_foreign_gguf
 from tokenswift.config import ModelConfig, RopeScaling
 from tokenswift.loading import load_model
 
@@ -92,16 +92,8 @@ def test_gguf_file_matches_transformers(tmp_path, kind, arch):
 
 
 def test_gguf_unsupported_architecture_is_named(tmp_path):
-    import gguf
-
     path = tmp_path / "other.gguf"
-    w = gguf.GGUFWriter(str(path), "gpt2")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_foreign_gguf(path, "gpt2")
     with pytest.raises(ValueError, match="unsupported GGUF architecture 'gpt2'"):
         load_model(path)
 
