@@ -116,3 +116,15 @@ def test_cli_one_line_exit_2(files, capsys, name, args, msg):
     assert len(lines) == 1 and lines[0].startswith("tokenswift"), err
     assert msg.format(d=files) in lines[0]
 
+
+@pytest.mark.parametrize("msg,want", [
+    ("top_p must be in (0, 1], got 0.0", "--top-p must be in (0, 1], got 0.0"),
+    ("prompt (1 tokens) + max_new_tokens (9000) exceeds; lower max_new_tokens to 8191",
+     "prompt (1 tokens) + --max-new-tokens (9000) exceeds; lower --max-new-tokens to 8191"),
+    ("repetition penalty must be > 0 (1 = off), got 0.0", "--repetition-penalty must be > 0 (1 = off), got 0.0"),
+    ("use --max-new-tokens or seeded runs", "use --max-new-tokens or seeded runs"),  # whole names only
+])
+def test_library_names_become_cli_flags(msg, want):
+    from tokenswift.cli import _cli_names
+
+    assert _cli_names(msg) == want

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -592,7 +591,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         sys.stderr.write(f"tokenswift: {need} tokens exceed the context of {lm.config.context_length}; "
                          f"using --rope-scaling {rope}\n")
         lm = tokenswift.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype, rope_scaling=rope)
-    ids: list[int] = []
     chars = 8 * args.prefix  # encode only what the prefix needs (whole books take minutes)
     while True:
         ids = lm.encode(text[:chars])
@@ -694,15 +692,18 @@ class _BenchBars:
         self.name = None
 
 
+# Library keyword names -> the flags that set them.
+_CLI_FLAGS = {"top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p", "min_keep": "--min-keep",
+              "max_new_tokens": "--max-new-tokens", "penalty_window": "--penalty-window",
+              "repetition penalty": "--repetition-penalty", "temperature": "--temperature", "eta": "--eta",
+              "seed": "--seed", "gamma": "--gamma", "ngram_topk": "--ngram-topk", "draft_budget": "--draft-budget"}
+
+
 def _cli_names(msg: str) -> str:
     """Library messages name Python keywords; say the CLI flag instead."""
-    for py, flag in (("top_p", "--top-p"), ("top_k", "--top-k"), ("min_p", "--min-p"), ("min_keep", "--min-keep"),
-                     ("max_new_tokens", "--max-new-tokens"), ("penalty_window", "--penalty-window"),
-                     ("repetition penalty", "--repetition-penalty"), ("temperature", "--temperature"),
-                     ("eta", "--eta"), ("seed", "--seed"), ("gamma", "--gamma"), ("ngram_topk", "--ngram-topk"),
-                     ("draft_budget", "--draft-budget")):
-        msg = re.sub(rf"(?<![-\w]){re.escape(py)}\b", flag, msg)
-    return msg
+    from .config import rename_params
+
+    return rename_params(msg, _CLI_FLAGS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

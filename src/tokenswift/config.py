@@ -7,6 +7,7 @@ decoder in `model.py` reads nothing else. Architectures differ only by the flags
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
@@ -317,6 +318,15 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def rename_params(message: str, names: Mapping[str, str]) -> str:
+    """A library message with its keyword names replaced by a surface's own (CLI flags, API
+    fields): whole names only, wherever they stand, so "max_new_tokens" in "lower max_new_tokens
+    to 191" is renamed too and "--max-new-tokens" is left alone."""
+    for py, name in names.items():
+        message = re.sub(rf"(?<![-\w]){re.escape(py)}\b", name, message)
+    return message
 
 
 # The paper's sampling setup (DESIGN.md, "Defaults"): what speed is measured under.

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from .api import LM, TextStream
+from .config import rename_params
 from .engine import Step
 
 log = logging.getLogger("tokenswift.server")
@@ -104,8 +105,8 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalt
 
 def api_error(e: ValueError, prompt_field: str, max_field: str) -> ApiError:
     """A library ValueError as a 400 that names the API's fields (max_tokens, not max_new_tokens)."""
-    msg = (str(e).replace("max_new_tokens", max_field).replace("repetition penalty", "repetition_penalty")
-           .replace("--rope-scaling / rope_scaling=", "tokenswift serve --rope-scaling"))
+    msg = rename_params(str(e), {"max_new_tokens": max_field, "repetition penalty": "repetition_penalty"})
+    msg = msg.replace("--rope-scaling / rope_scaling=", "tokenswift serve --rope-scaling")
     param = next((f for f in (*_SAMPLING_FIELDS, max_field) if msg.startswith(f + " ")), None)
     if param is None:
         if msg.startswith("unknown method"):
