@@ -79,7 +79,7 @@ def test_missing_checkpoint(tmp_path):
 
 
 def test_resume_from_any_prefix_equals_the_whole_run(smollm, tmp_path):
-    want = smollm.generate(PROMPT, 40, seed=5, ignore_eos=True, **SAMPLING)
+    want = smollm.generate(PROMPT, 40, method="ar", seed=5, ignore_eos=True, **SAMPLING)
     path = tmp_path / "ck.json"
     r = subprocess.run(_cli("--prompt", PROMPT, "--max-new-tokens", "40", "--seed", "5", *CLI_SAMPLING,
                             "--method", "tokenswift", "--checkpoint", str(path), "--json"),
@@ -129,7 +129,7 @@ def _wait_for_tokens(path, n: int, proc: subprocess.Popen, timeout: float = 120)
 
 def test_ctrl_c_leaves_a_valid_checkpoint_and_exit_130(smollm, tmp_path):
     path = tmp_path / "ck.json"
-    want = smollm.generate(PROMPT, 400, seed=2, ignore_eos=True, **SAMPLING)
+    want = smollm.generate(PROMPT, 400, method="ar", seed=2, ignore_eos=True, **SAMPLING)
     proc = subprocess.Popen(_cli("--prompt", PROMPT, "--max-new-tokens", "400", "--seed", "2", *CLI_SAMPLING,
                                  "--checkpoint", str(path), "--checkpoint-every", "7"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -155,7 +155,7 @@ def _kill_and_resume(smollm, tmp_path, n: int, kills: int, seed: int, window: fl
     time: the first kill at a random moment of its first seconds (usually while the model loads),
     the others at a random moment up to `window` seconds after the run has saved new tokens (while
     it generates, possibly while it writes). The end must equal an uninterrupted run."""
-    want = smollm.generate(PROMPT, n, seed=seed, ignore_eos=True, **SAMPLING)
+    want = smollm.generate(PROMPT, n, method="ar", seed=seed, ignore_eos=True, **SAMPLING)
     path = tmp_path / "ck.json"
     rng = random.Random(seed)
     cmd = _cli("--prompt", PROMPT, "--max-new-tokens", str(n), "--seed", str(seed), *CLI_SAMPLING,

@@ -65,7 +65,7 @@ def test_json_output_matches_the_api(smollm, files):
             "--ignore-eos", "--json")
     assert r.returncode == 0, r.stderr.decode()
     out = json.loads(r.stdout)
-    want = smollm.generate("The story begins", 12, temperature=0, ignore_eos=True)
+    want = smollm.generate("The story begins", 12, method="ar", temperature=0, ignore_eos=True)
     assert out["tokens"] == want.tokens
     assert out["text"] == want.text
     assert out["stats"]["new_tokens"] == 12
@@ -75,7 +75,7 @@ def test_streams_text_from_stdin_with_sampling_options(smollm):
     args = ["--max-new-tokens", "20", "--seed", "9", "--paper-defaults", "--ignore-eos"]
     r = run("generate", *args, stdin=b"In the beginning")
     assert r.returncode == 0, r.stderr.decode()
-    want = smollm.generate("In the beginning", 20, seed=9, ignore_eos=True,
+    want = smollm.generate("In the beginning", 20, method="ar", seed=9, ignore_eos=True,
                            temperature=1.0, min_p=0.1, min_keep=20, penalty=1.2, penalty_window=1024)
     assert r.stdout.decode() == want.text + "\n"
 

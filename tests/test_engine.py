@@ -32,7 +32,7 @@ def test_stream_joins_to_generate_text_and_stats(smollm, cdne_ids):
     assert s["finish_reason"] == "length"
     assert 0 < s["prefill_seconds"] < s["seconds"]
     assert s["tokens_per_s"] == pytest.approx(80 / s["seconds"])
-    assert s["method"] == "ar"
+    assert s["method"] == "tokenswift"  # the default
 
 
 def test_stream_never_emits_replacement_characters(smollm):

@@ -190,5 +190,5 @@ def test_smollm2_greedy_matches_transformers_generate(smollm, hf_smollm, cdne_id
     with torch.no_grad():
         ref = hf_smollm.generate(torch.tensor([prompt]), max_new_tokens=64, min_new_tokens=64,
                                  do_sample=False, pad_token_id=2)[0, len(prompt):].tolist()
-    ours = smollm.generate(prompt, 64, temperature=0, ignore_eos=True).tokens
+    ours = smollm.generate(prompt, 64, method="ar", temperature=0, ignore_eos=True).tokens
     assert ours == ref

@@ -1,64 +1,43 @@
-"""The auto trie planner's pure parts: best tree, expected acceptance, cost interpolation,
-running statistics and the plan it picks for given costs (no timing here)."""
+"""The auto planner's pure parts: chain trees, the cost line, running statistics and the plan
+it picks for given costs (no timing here)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tokenswift.plan import (STAT_WIDTH, AutoPlanner, NGramGain, RankStats, best_tree, expected_accepted,
-                             interpolate)
+from tokenswift.plan import STAT_WIDTH, AutoPlanner, NGramGain, RankStats, chain_tree, fit_line
 
-Q = [[0.9, 0.05], [0.5, 0.3], [0.4, 0.1]]
-# path probabilities: (0) .9, (0,0) .45, (0,1) .27, (0,0,0) .18, (0,1,0) .108, (1) .05, (0,0,1) .045
+Q = [[0.9, 0.05, 0.02], [0.5, 0.3], [0.4, 0.1]]
+# reach: depth 1 .9, depth 2 .45, depth 3 .18; siblings: (0,1) .27, (1,) .05, (2,) .02, (0,0,1) .045
 
 
-@pytest.mark.parametrize("n, want", [
-    (0, ()),
-    (1, ((0,),)),
-    (2, ((0,), (0, 0))),
-    (3, ((0,), (0, 0), (0, 1))),
-    (4, ((0,), (0, 0), (0, 1), (0, 0, 0))),
-    (5, ((0,), (0, 0), (0, 1), (0, 0, 0), (0, 1, 0))),
-    (6, ((0,), (0, 0), (0, 1), (0, 0, 0), (0, 1, 0), (1,))),
-    (7, ((0,), (0, 0), (0, 1), (0, 0, 0), (0, 1, 0), (1,), (0, 0, 1))),
+@pytest.mark.parametrize("depth, siblings, want_paths, want_e", [
+    (0, 0, (), 0.0),
+    (1, 0, ((0,),), 0.9),
+    (2, 0, ((0,), (0, 0)), 0.9 + 0.45),
+    (3, 0, ((0,), (0, 0), (0, 0, 0)), 0.9 + 0.45 + 0.18),
+    (3, 1, ((0,), (0, 0), (0, 1), (0, 0, 0)), 0.9 + 0.45 + 0.18 + 0.27),
+    (3, 2, ((0,), (1,), (0, 0), (0, 1), (0, 0, 0)), 0.9 + 0.45 + 0.18 + 0.27 + 0.05),
+    (3, 3, ((0,), (1,), (0, 0), (0, 1), (0, 0, 0), (0, 0, 1)), 0.9 + 0.45 + 0.18 + 0.27 + 0.05 + 0.045),
+    (1, 5, ((0,), (1,), (2,)), 0.9 + 0.05 + 0.02),  # only the siblings that exist
+    (5, 0, ((0,), (0, 0), (0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0, 0)), 0.9 + 0.45 + 0.18),  # no data: 0
 ])
-def test_best_tree_takes_the_likeliest_paths(n, want):
-    got = best_tree(Q, n)
-    assert set(got) == set(want)
-    assert got == tuple(sorted(got, key=lambda p: (len(p), p)))  # the order parse_tree gives
+def test_chain_tree_is_the_chain_plus_the_likeliest_siblings(depth, siblings, want_paths, want_e):
+    paths, e = chain_tree(Q, depth, siblings)
+    assert paths == want_paths
+    assert e == pytest.approx(want_e)
 
 
-def test_expected_accepted_sums_path_probabilities():
-    paths = ((0,), (1,), (0, 0), (0, 0, 0))
-    assert expected_accepted(Q, paths) == pytest.approx(0.9 + 0.05 + 0.45 + 0.18)
-    assert expected_accepted(Q, ()) == 0.0
-    assert expected_accepted(Q, ((0, 5),)) == 0.0  # ranks beyond the table never accept
-
-
-def test_best_tree_beats_any_other_tree_of_its_size():
-    import itertools
-
-    all_paths = [p for d in (1, 2) for p in itertools.product(range(2), repeat=d)]
-    for n in range(1, 5):
-        best = expected_accepted(Q, best_tree(Q, n))
-        for combo in itertools.combinations(all_paths, n):
-            if all(p[:-1] == () or p[:-1] in combo for p in combo):
-                assert expected_accepted(Q, combo) <= best + 1e-12
-
-
-@pytest.mark.parametrize("points, T, want", [
-    ({1: 10.0, 4: 16.0}, 2, 12.0),
-    ({1: 10.0, 4: 16.0}, 4, 16.0),
-    ({1: 10.0, 4: 16.0, 8: 24.0}, 16, 40.0),  # extrapolated along the last segment
-    ({2: 10.0}, 4, 20.0),
+@pytest.mark.parametrize("points, want", [
+    ({1: 10.0, 5: 14.0}, (10.0, 1.0)),
+    ({1: 10.0, 3: 12.0, 5: 14.0}, (10.0, 1.0)),
+    ({1: 10.0, 5: 9.0}, (9.5, 0.0)),  # a bigger trie never costs less: slope 0, the mean
+    ({5: 12.0}, (10.0, 0.5)),  # one size: the prior slope (here 0.05 of c1)
+    ({1: 8.0}, (8.0, 0.4)),
 ])
-def test_interpolate(points, T, want):
-    assert interpolate(points, T) == pytest.approx(want)
-
-
-def test_interpolate_needs_points():
-    with pytest.raises(ValueError, match="no measured"):
-        interpolate({}, 3)
+def test_fit_line(points, want):
+    c1, m = fit_line(points, 0.05)
+    assert (c1, m) == pytest.approx(want)
 
 
 def test_rank_stats_converge_to_the_observed_rates():
@@ -83,56 +62,71 @@ def test_ngram_gain_scores_matches_on_committed_text():
     assert gain.count == 4  # nothing scored twice
 
 
-def _planner(costs, draft_s, q0, q1, depth=3):
-    p = AutoPlanner(depth, ngram_n=4, max_k=0, use_draft=True, max_nodes=None)
+def _planner(costs, draft_s, q0, q1=0.01, depth=6, max_k=0):
+    p = AutoPlanner(depth, ngram_n=4, max_k=max_k, max_nodes=None, explore_every=0)
     p.costs = dict(costs)
     p.t_draft = draft_s
-    p.stats = RankStats(depth, [[q0, 0.05], [q1, 0.05]], weight=1000, decay=1.0)
+    p.stats = RankStats(depth, [[q0, q1]], weight=1000, decay=1.0)
     return p
 
 
+def test_planner_starts_with_a_modest_chain_before_measuring_anything():
+    p = AutoPlanner(8, ngram_n=4, max_k=20, max_nodes=None)
+    plan = p.choose(100)
+    assert (plan.depth, plan.ngram_k, plan.trie_size) == (4, 0, 5)
+
+
 def test_planner_picks_ar_when_drafts_cannot_pay_for_themselves():
-    # a 2-core CPU: the draft pass costs an AR step and heads rarely hit
-    p = _planner({1: 0.05, 2: 0.06, 4: 0.07, 8: 0.09, 16: 0.12}, 0.05, q0=0.9, q1=0.03)
+    # a draft token costs as much as a step and rarely matches
+    p = _planner({1: 0.05, 5: 0.06}, 0.05, q0=0.3)
     plan = p.choose(2048)
-    assert (plan.tree_nodes, plan.draft) == (0, False)
+    assert (plan.depth, plan.ngram_k) == (0, 0)
     assert p.choices[-1]["why"]["ar_tokens_per_s"] == pytest.approx(20.0)
 
 
-def test_planner_picks_a_bigger_tree_when_verify_is_flat():
-    # a GPU-like curve: 64 tokens cost what 1 does, the draft is cheap, heads are good
-    p = _planner({1: 0.02, 64: 0.021}, 0.004, q0=0.9, q1=0.6)
-    plan = p.choose(2048)
-    assert plan.draft and plan.tree_nodes >= 12 and plan.expected_tokens > 2.5
-    assert plan.rate > 1 / 0.02
+def test_planner_chains_deeper_the_better_the_draft_couples():
+    # a draft at 30 % of a step, verify +5 % a token
+    shallow = _planner({1: 0.10, 9: 0.14}, 0.03, q0=0.6).choose(4096)
+    deep = _planner({1: 0.10, 9: 0.14}, 0.03, q0=0.97).choose(4096)
+    assert 1 <= shallow.depth < deep.depth
+    assert deep.expected_tokens > 4 and deep.rate > 1.5 * 10
 
 
-def test_planner_explores_drafts_now_and_then_while_planning_ar():
-    p = _planner({1: 0.05, 4: 0.07, 16: 0.12}, 0.05, q0=0.9, q1=0.03)
+def test_planner_adds_siblings_when_they_are_likely_and_verify_is_flat():
+    p = _planner({1: 0.10, 33: 0.1001}, 0.01, q0=0.6, q1=0.3)
+    plan = p.choose(4096)
+    assert plan.depth >= 1 and len(plan.paths) > plan.depth  # sibling leaves in the trie
+    assert plan.width >= 2
+
+
+def test_planner_extends_the_chain_with_ngrams_when_they_match():
+    p = _planner({1: 0.10, 17: 0.102}, 0.02, q0=0.9, max_k=4)
+    p.ngram.count, p.ngram.prior = 100.0, 0.0
+    p.ngram.gain = {k: 100.0 * 2.5 for k in p.ngram.ks}  # chains add 2.5 tokens on average
+    plan = p.choose(4096)
+    assert plan.ngram_k > 0 and plan.trie_size == 1 + len(plan.paths) + plan.ngram_k * 3
+
+
+def test_planner_explores_now_and_then():
+    p = _planner({1: 0.05, 5: 0.06}, 0.05, q0=0.3)
     p.explore_every = 5
     drafts = sum(p.choose(1000 + i).draft for i in range(50))
-    assert drafts == 10 and p.explorations == 10
+    assert p.explorations == 10 and 0 < drafts <= 10
 
 
 def test_planner_needs_a_clear_gain_to_leave_ar():
     # the best drafting plan is worth ~3 % more than AR on paper: within the noise margin, so AR
-    p = _planner({1: 0.10, 2: 0.104, 4: 0.11}, 0.092, q0=1.0, q1=0.0, depth=1)
-    plan = p.choose(4096)
-    assert not plan.draft
+    p = _planner({1: 0.10, 2: 0.104}, 0.092, q0=1.0, depth=1)
+    assert not p.choose(4096).draft
     p.margin = 0.0
     assert p.choose(4096).draft  # without the margin the estimate alone decides
 
 
-@pytest.mark.parametrize("probed_at,ctx,again", [
-    (0, 0, True),  # never measured
-    (4, 5, False), (4, 300, False), (4, 516, True),  # a short prompt: wait for a few hundred tokens
-    (4096, 5000, False), (4096, 5120, True),  # a long one: wait for a quarter more
-])
-def test_planner_re_measures_when_the_context_has_grown_enough(probed_at, ctx, again):
-    p = AutoPlanner(3, ngram_n=4, max_k=0, use_draft=True, max_nodes=None)
-    if probed_at:
-        p.costs, p.probe_ctx = {1: 0.05}, probed_at
-    assert p.needs_probe(ctx) is again
+def test_planner_observes_the_trie_it_verified():
+    p = AutoPlanner(4, ngram_n=4, max_k=8, max_nodes=None)
+    plan = p.choose(10)
+    p.observe(plan, 3, draft_s=0.04, verify_s=0.1, other_s=0.01, tokens=2)
+    assert p.costs == {3: 0.1} and p.t_draft == pytest.approx(0.01)
 
 
 def test_ngram_gain_is_shrunk_toward_zero_until_it_has_evidence():

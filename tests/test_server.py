@@ -16,7 +16,7 @@ from tokenswift.server import StopMatcher, bind, make_server
 
 MODEL = "smollm2-135m"
 PROMPT = "The history of the hacker culture is a long story that begins at MIT in the late 1950s, where"
-# long enough that tokenswift's auto planner re-probes its costs rarely (it does so as the context grows 25 %)
+# a prompt of some length, as the server's users send
 LONG = ("The history of the hacker culture is a long story that begins at MIT in the late 1950s, where the members "
         "of the Tech Model Railroad Club started to play with the first computers they could reach. They wrote "
         "programs at night, shared their code with everyone, and believed that information should be free. Over "

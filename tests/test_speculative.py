@@ -307,7 +307,7 @@ def test_tokenswift_equals_ar_on_tiny_models(tiny_lms, kind, sampler):
     prompt = torch.randint(0, 96, (100,)).tolist()
     kw = dict(ignore_eos=True, **SAMPLERS[sampler])
     lm.heads = None
-    want = lm.generate(prompt, 1000, **kw).tokens
+    want = lm.generate(prompt, 1000, method="ar", **kw).tokens
     accepted = 0
     for use_heads, use_ngrams, partial in COMBOS:
         lm.heads = heads if use_heads else None
@@ -323,46 +323,75 @@ def test_tokenswift_equals_ar_on_tiny_models(tiny_lms, kind, sampler):
     assert accepted > 20  # the walk really descended into drafts, not only rejected them
 
 
-@pytest.mark.parametrize("sampler", list(SAMPLERS))
-def test_auto_trie_equals_ar_whatever_it_plans(tiny_lms, sampler, monkeypatch):
-    """The auto planner switches between AR steps, trees and chains by measured cost; the
-    text must not notice. Timings are forced both ways: a flat verify curve (big tries pay)
-    and a steep one (AR steps pay), so both kinds of iteration run."""
+def _force_costs(monkeypatch, drafts_pay: bool) -> None:
+    """Pins the planner's measured costs: a flat verify curve and free drafts (chains, siblings
+    and n-grams every iteration), or a steep curve and dear drafts (AR steps, a draft now and then)."""
     import tokenswift.plan as plan
 
-    lm, heads = tiny_lms["llama"]
+    def observe(self, *a, **k):
+        if drafts_pay:
+            self.costs, self.t_draft = {1: 0.02, 60: 0.0201}, 0.0
+        else:
+            self.costs, self.t_draft = {1: 0.01, 9: 0.06}, 0.02
+
+    monkeypatch.setattr(plan.AutoPlanner, "observe", observe)
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_auto_plan_equals_ar_whatever_it_plans(tiny_lms, sampler, monkeypatch):
+    """The auto planner switches between AR steps, chains, siblings and n-grams by measured
+    cost; the text must not notice. Costs are forced both ways so that both kinds run."""
+    lm, _ = tiny_lms["llama"]
     torch.manual_seed(5)
     prompt = torch.randint(0, 96, (300,)).tolist()
     kw = dict(ignore_eos=True, **SAMPLERS[sampler])
-    lm.heads = None
-    want = lm.generate(prompt, 600, **kw).tokens
-    lm.heads = heads
-    orig = plan.AutoPlanner.probe
-    try:
-        for slope in (0.0, 5.0):
-            def fake_probe(self, ctx, run, sizes=plan.PROBE_SIZES, slope=slope):
-                orig(self, ctx, run, sizes)  # runs the real passes (and undoes them)
-                if slope == 0.0:  # a single-token pass costs double: drafting always pays
-                    self.costs = {T: 0.02 if T == 1 else 0.01 for T in self.costs}
-                else:
-                    self.costs = {T: 0.01 * (1 + slope * (T - 1)) for T in self.costs}
-                self.t_draft = 0.0 if slope == 0 else 0.02
+    want = lm.generate(prompt, 600, method="ar", **kw).tokens
+    for drafts_pay in (True, False):
+        _force_costs(monkeypatch, drafts_pay)
+        for partial in (True, False):
+            res = lm.generate(prompt, 600, method="tokenswift", draft_budget=64 if partial else 4096, **kw)
+            assert res.tokens == want, f"drafts_pay={drafts_pay} partial={partial}"
+            auto = res.stats["auto"]
+            assert auto["changes"]
+            if drafts_pay:  # big tries (chains with siblings, n-gram chains) every iteration
+                assert res.stats["mean_trie_size"] > 8 and res.stats["accepted_draft_tokens"] > 20
+                assert auto["draft_iterations"] > 0
+            else:  # mostly single-token passes, with a draft now and then to keep statistics
+                assert res.stats["mean_trie_size"] < 2
+                assert 0 < auto["draft_iterations"] < res.stats["iterations"] / 4
 
-            monkeypatch.setattr(plan.AutoPlanner, "probe", fake_probe)
-            monkeypatch.setattr(plan.AutoPlanner, "observe", lambda *a, **k: None)  # keep the forced costs
-            for partial in (True, False):
-                res = lm.generate(prompt, 600, method="tokenswift", draft_budget=64 if partial else 4096, **kw)
-                assert res.tokens == want, f"slope={slope} partial={partial}"
-                auto = res.stats["auto"]
-                assert auto["probes"] >= 1 and auto["changes"]
-                if slope == 0.0:  # big tries (tree and/or chains) every iteration
-                    assert res.stats["mean_trie_size"] > 4 and res.stats["accepted_draft_tokens"] > 20
-                    assert auto["draft_iterations"] > 0
-                else:  # mostly single-token passes, with a draft now and then to keep statistics
-                    assert res.stats["mean_trie_size"] < 2
-                    assert 0 < auto["draft_iterations"] < res.stats["iterations"] / 4
-    finally:
-        lm.heads = None
+
+@pytest.fixture(scope="module")
+def int4_lms(tmp_path_factory):
+    """Tiny models whose every matrix fits torch's int4 kernel (input widths multiples of 32)."""
+    out = {}
+    for kind in ("llama", "qwen2", "qwen3"):
+        hf = tiny_hf_model(kind, seed=1, max_position_embeddings=2048, scale=0.3, intermediate_size=128)
+        d = tmp_path_factory.mktemp(kind)
+        hf.save_pretrained(d)
+        out[kind] = tokenswift.load(str(d), heads="none", draft_weights="int4")
+    return out
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_int4_self_draft_equals_ar_on_tiny_models(int4_lms, kind, sampler, monkeypatch):
+    """The chained int4 self-draft (the default drafter), partial and full draft caches, with
+    chains, siblings and n-grams every iteration: 1,000 tokens identical to AR."""
+    lm = int4_lms[kind]
+    assert lm.int4 is not None and lm.int4.layers[0].w_down.kernel  # the real int4 kernel runs
+    torch.manual_seed(3)
+    prompt = torch.randint(0, 96, (100,)).tolist()
+    kw = dict(ignore_eos=True, **SAMPLERS[sampler])
+    want = lm.generate(prompt, 1000, method="ar", **kw).tokens
+    _force_costs(monkeypatch, drafts_pay=True)
+    for partial in (True, False):
+        res = lm.generate(prompt, 1000, method="tokenswift", draft_budget=64 if partial else 4096, **kw)
+        assert res.tokens == want, f"partial={partial}"
+        st = res.stats
+        assert st["drafter"] == "chain" and st["draft_weights"] == "int4"
+        assert st["accepted_draft_tokens"] > 50  # the walk descends the chains
+        assert (st["draft_refreshes"] > 0) == partial
 
 
 def test_draft_pass_reads_at_most_the_budget(tiny_lms, monkeypatch):
@@ -391,7 +420,7 @@ def test_draft_pass_reads_at_most_the_budget(tiny_lms, monkeypatch):
     assert st["draft_kv_max"] <= B + 1
     recent = B // 4
     assert 1 <= st["draft_refreshes"] <= st["new_tokens"] / (recent - 4) + 1
-    assert len(seen) + st["draft_refreshes"] == st["iterations"]
+    assert len(seen) == st["iterations"]  # one draft pass over the partial cache per iteration
 
 
 def test_spec_config_validates():
@@ -408,12 +437,13 @@ def test_spec_config_validates():
 def test_tokenswift_equals_ar_on_smollm2(smollm, cdne_ids, sampler):
     prompt = cdne_ids[2000:2512]
     kw = dict(ignore_eos=True, **SAMPLERS[sampler])
-    want = smollm.generate(prompt, 1000, **kw).tokens
+    want = smollm.generate(prompt, 1000, method="ar", **kw).tokens
     got = smollm.generate(prompt, 1000, method="tokenswift", tree="1,3,3,3", draft_budget=256, **kw)
     assert got.tokens == want
     assert got.stats["draft_refreshes"] > 0
-    auto = smollm.generate(prompt, 300, method="tokenswift", draft_budget=256, **kw)  # the default trie
-    assert auto.tokens == want[:300]
+    auto = smollm.generate(prompt, 1000, draft_budget=256, **kw)  # the defaults: int4 chains, auto plan
+    assert auto.tokens == want
+    assert auto.stats["draft_weights"] == "int4" and auto.stats["accepted_draft_tokens"] > 300
 
 
 @pytest.mark.slow
@@ -421,7 +451,7 @@ def test_tokenswift_equals_ar_on_smollm2(smollm, cdne_ids, sampler):
 def test_tokenswift_equals_ar_on_smollm2_all_combinations(smollm, cdne_ids, sampler):
     prompt = cdne_ids[3000:3512]
     kw = dict(ignore_eos=True, **SAMPLERS[sampler])
-    want = smollm.generate(prompt, 1000, **kw).tokens
+    want = smollm.generate(prompt, 1000, method="ar", **kw).tokens
     saved = smollm.heads
     heads = random_heads(smollm.model, 3, scale=0.02, seed=5)
     try:

@@ -57,6 +57,7 @@ class LM:
 
     def __init__(self, loaded: Any, heads: DraftHeads | None = None) -> None:
         self.model = loaded.model
+        self.int4 = loaded.int4  # the int4 copy the self-draft runs, or None
         self.heads = heads
         self.tokenizer = loaded.tokenizer
         self.config = loaded.model.cfg
@@ -130,7 +131,7 @@ class LM:
         self,
         prompt: str | Sequence[int],
         max_new_tokens: int = 256,
-        method: str = "ar",
+        method: str = "tokenswift",
         seed: int = 0,
         temperature: float = 1.0,
         top_k: int = 0,
@@ -142,21 +143,25 @@ class LM:
         ignore_eos: bool = False,
         min_keep: int = 1,
         chat: bool = False,
-        gamma: int = 4,
+        gamma: int = 8,
         tree: str | Sequence = "auto",
         ngram_topk: int = 20,
-        draft_budget: int = 4096,
+        draft_budget: int = 1024,
         use_ngrams: bool = True,
         use_heads: bool = True,
         full_kv_draft: bool = False,
         max_nodes: int | None = None,
+        draft_weights: str = "auto",
     ) -> Iterator[Step]:
         """The low-level stream: one `Step` (committed token ids + running stats) per iteration.
 
-        `method`: "ar" (plain decoding), "tokenswift" (draft heads + tree + n-grams over a partial
-        KV cache) or "ngram" (n-gram drafts only). Every method writes the same tokens for the
-        same seed; the speculation options (gamma, tree, ngram_topk, draft_budget, use_ngrams,
-        use_heads, full_kv_draft, max_nodes) change only the speed."""
+        `method`: "tokenswift" (the default: the model's int4 copy drafts chains over a partial KV
+        cache, n-grams extend them, the model verifies), "ar" (plain decoding) or "ngram" (n-gram
+        drafts only). Every method writes the same tokens for the same seed; the speculation
+        options (gamma, tree, ngram_topk, draft_budget, use_ngrams, use_heads, full_kv_draft,
+        max_nodes, draft_weights) change only the speed. `tree` "auto" (default) plans each
+        iteration by measured cost; a static shape such as "1,3,3,3" drafts the paper's way
+        (one draft pass + the draft heads)."""
         sampling = SamplingConfig(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, min_keep=min_keep, eta=eta,
             penalty=penalty, penalty_window=penalty_window, seed=seed,
@@ -180,9 +185,9 @@ class LM:
             return generate_ar(self.model, ids, max_new_tokens, sampling, self.eos_token_ids, ignore_eos)
         spec = SpecConfig(gamma=gamma, tree=tree if isinstance(tree, str) else tuple(tree), ngram_topk=ngram_topk,
                           draft_budget=draft_budget, use_ngrams=use_ngrams, use_heads=use_heads,
-                          full_kv_draft=full_kv_draft, max_nodes=max_nodes)
+                          full_kv_draft=full_kv_draft, max_nodes=max_nodes, draft_weights=draft_weights)
         return generate_speculative(self.model, self.heads, ids, max_new_tokens, sampling, spec,
-                                    self.eos_token_ids, ignore_eos, method=method)
+                                    self.eos_token_ids, ignore_eos, method=method, int4=self.int4)
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 256, **kw: Any) -> GenerationResult:
         """Generates up to `max_new_tokens` tokens; see `steps` for the options."""
@@ -219,11 +224,14 @@ def load(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     rope_scaling: str | dict | RopeScaling | None = None,
+    draft_weights: str = "auto",
 ) -> LM:
     """Loads a model: the embedded default `"smollm2-135m"`, a `.gguf` file, or a Hugging Face
     directory (config.json + safetensors). `rope_scaling` such as `"yarn:4"` extends the context.
 
     `heads`: "auto" (the heads shipped for a known model, else none), "none", or a heads file.
+    `draft_weights`: "auto" builds the int4 copy the self-draft runs where torch's int4 kernel
+    exists, "int4" always, "float" never (the draft then runs the model's own weights).
     """
-    loaded = load_model(model, device=device, dtype=dtype, rope_scaling=rope_scaling)
+    loaded = load_model(model, device=device, dtype=dtype, rope_scaling=rope_scaling, draft_weights=draft_weights)
     return LM(loaded, heads=resolve_heads(heads, loaded.model, loaded.name))

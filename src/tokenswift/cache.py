@@ -81,8 +81,8 @@ class DraftCache(KVCache):
     tokens committed since, within `budget` entries.
 
     Entries differ per layer and head, so `pos` is not meaningful here (`ordered` is False and
-    the decoder skips sliding-window masks: the draft only affects speed). One slot beyond the
-    budget holds the root token while the draft pass runs.
+    the decoder skips sliding-window masks: the draft only affects speed). `extra` slots beyond
+    the budget hold the root and the drafted tokens while a draft runs.
     """
 
     ordered = False
@@ -93,6 +93,7 @@ class DraftCache(KVCache):
         budget: int = 4096,
         sinks: int = 16,
         recent: int | None = None,
+        extra: int = 1,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         rope_len: int | None = None,
@@ -100,7 +101,7 @@ class DraftCache(KVCache):
         recent = budget // 4 if recent is None else recent
         if budget < sinks + recent + 1:
             raise ValueError(f"draft budget {budget} is smaller than sinks ({sinks}) + recent window ({recent}) + 1")
-        super().__init__(cfg, capacity=budget + 1, batch=1, dtype=dtype, device=device, rope_len=rope_len)
+        super().__init__(cfg, capacity=budget + extra, batch=1, dtype=dtype, device=device, rope_len=rope_len)
         self.budget = budget
         self.sinks = sinks
         self.recent = recent

@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--max-new-tokens", type=_int("--max-new-tokens"), default=256,
                    help="tokens to generate (default 256)")
-    g.add_argument("--method", default="ar", choices=METHODS,
-                   help="ar (plain), tokenswift, or ngram (prompt-lookup drafts); all write the same text (default ar)")
+    g.add_argument("--method", default="tokenswift", choices=METHODS,
+                   help="tokenswift (drafts verified by the model), ar (plain), or ngram (prompt-lookup drafts); "
+                        "all write the same text (default tokenswift)")
     s = g.add_argument_group("sampling (temperature 0 = greedy)")
     s.add_argument("--temperature", type=_float("--temperature"), default=1.0, help="default 1.0")
     s.add_argument("--top-k", type=_int("--top-k"), default=0, help="keep the k best tokens (0 = off)")
@@ -90,12 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = g.add_argument_group("speculation (tokenswift / ngram methods; speed only, never the text)")
     sp.add_argument("--heads", default="auto", metavar="PATH|none|auto",
                     help="draft heads file; auto = shipped heads for a known model (default auto)")
-    sp.add_argument("--gamma", type=_int("--gamma"), default=4, help="positions drafted per iteration (default 4)")
+    sp.add_argument("--gamma", type=_int("--gamma"), default=8, help="most positions drafted per iteration: chained draft passes under --tree auto, base + heads under a static tree (default 8)")
     sp.add_argument("--tree", default="auto", help="trie: auto (sized by measured cost, the default) or a static shape, branching per depth or JSON paths (the paper: 1,3,3,3)")
     sp.add_argument("--ngram-topk", type=_int("--ngram-topk"), default=20,
                     help="n-gram continuations per candidate (default 20)")
-    sp.add_argument("--draft-budget", type=_int("--draft-budget"), default=4096,
-                    help="KV entries the draft pass attends to (default 4096)")
+    sp.add_argument("--draft-budget", type=_int("--draft-budget"), default=1024,
+                    help="KV entries the draft pass attends to (default 1024)")
+    sp.add_argument("--draft-weights", default="auto", choices=["auto", "int4", "float"],
+                    help="the self-draft's weights: int4 (a 4-bit copy of the model), float (its own), auto = int4 "
+                         "where torch's int4 kernel exists (default auto)")
     sp.add_argument("--no-ngrams", action="store_true", help="draft without n-gram reuse")
     sp.add_argument("--full-kv-draft", action="store_true", help="draft over the full KV cache")
     g.add_argument("--stats", action="store_true", help="print the run's stats as JSON on stderr at the end")
@@ -274,7 +278,7 @@ class Progress:
 _RUN_OPTIONS = ("prompt", "prompt_file", "model", "heads", "device", "dtype", "rope_scaling", "method", "chat",
                 "max_new_tokens", "ignore_eos", "temperature", "top_k", "top_p", "min_p", "min_keep", "eta",
                 "repetition_penalty", "penalty_window", "seed", "paper_defaults", "gamma", "tree", "ngram_topk",
-                "draft_budget", "no_ngrams", "full_kv_draft")
+                "draft_budget", "no_ngrams", "full_kv_draft", "draft_weights")
 
 
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -291,7 +295,7 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     spec = dict(gamma=args.gamma, tree=args.tree, ngram_topk=args.ngram_topk, draft_budget=args.draft_budget,
-                use_ngrams=not args.no_ngrams, full_kv_draft=args.full_kv_draft)
+                use_ngrams=not args.no_ngrams, full_kv_draft=args.full_kv_draft, draft_weights=args.draft_weights)
     try:
         SamplingConfig(**sampling)
         SpecConfig(**spec)
@@ -345,8 +349,10 @@ def _run_generate(args: argparse.Namespace, ck: Any, ck_path: Path | None) -> in
 
     import tokenswift
 
+    # the int4 copy only where the self-draft will run it (building it takes about a second)
+    dw = o["spec"].get("draft_weights", "auto") if o["method"] == "tokenswift" else "float"
     lm = tokenswift.load(o["model"], heads=o["heads"], device=o["device"], dtype=o["dtype"],
-                         rope_scaling=o["rope_scaling"])
+                         rope_scaling=o["rope_scaling"], draft_weights=dw)
     fp = model_fingerprint(lm.config)
     if ck.model_fingerprint is not None and ck.model_fingerprint != fp:
         raise CliError(f"checkpoint {args.resume} was written by a model shaped {ck.model_fingerprint}, "

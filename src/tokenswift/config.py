@@ -333,11 +333,16 @@ def rename_params(message: str, names: Mapping[str, str]) -> str:
 PAPER_SAMPLING = dict(temperature=1.0, min_p=0.1, min_keep=20, penalty=1.2, penalty_window=1024)
 
 
+DRAFT_WEIGHTS = ("auto", "int4", "float")
+
+
 @dataclass(frozen=True)
 class SpecConfig:
     """Speculation settings (DESIGN.md defaults). Only speed depends on them, never the text."""
 
-    gamma: int = 4  # positions drafted per iteration: the base prediction + (gamma - 1) heads
+    # most positions drafted per iteration: chained draft passes under tree="auto"; under a
+    # static tree the base prediction + (gamma - 1) heads
+    gamma: int = 8
     # "auto": size the trie (and n-gram chains) by measured cost and running acceptance
     # (plan.py); else a static tree shape (see tree.parse_tree), e.g. the paper's "1,3,3,3"
     tree: str | tuple = "auto"
@@ -345,10 +350,15 @@ class SpecConfig:
     ngram_topk: int = 20
     use_ngrams: bool = True
     use_heads: bool = True
-    draft_budget: int = 4096  # partial KV entries the draft pass attends to
+    # partial KV entries the draft pass attends to (the paper's 4,096 costs ~15 ms a drafted
+    # token in attention alone on a 2-core CPU)
+    draft_budget: int = 1024
     sinks: int = 16
     full_kv_draft: bool = False  # ablation: draft over the full cache
     max_nodes: int | None = None  # cap on trie nodes (root included); None = no cap
+    # the self-draft's weights: "int4" (the model's int4 copy), "float" (its own weights, the
+    # paper's), "auto" (int4 where the model has an int4 copy)
+    draft_weights: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.gamma, int) or self.gamma < 1:
@@ -361,6 +371,8 @@ class SpecConfig:
             raise ValueError(f"draft_budget must be an integer >= 64, got {self.draft_budget!r}")
         if self.max_nodes is not None and (not isinstance(self.max_nodes, int) or self.max_nodes < 1):
             raise ValueError(f"max_nodes must be an integer >= 1, got {self.max_nodes!r}")
+        if self.draft_weights not in DRAFT_WEIGHTS:
+            raise ValueError(f"draft_weights must be one of {', '.join(DRAFT_WEIGHTS)}, got {self.draft_weights!r}")
         if self.auto:
             return
         from .tree import parse_tree

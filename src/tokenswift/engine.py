@@ -10,15 +10,15 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .cache import DraftCache, KVCache
+from .cache import KVCache
 from .config import SamplingConfig, SpecConfig
-from .heads import DraftHeads, base_draft_logits
+from .drafters import NGramDrafter, Proposal, SelfDrafter
+from .heads import DraftHeads
 from .model import Decoder
-from .ngram import NGramFeeder, NGramTable
-from .plan import PROBE_SIZES, STAT_WIDTH, TREE_SIZES, AutoPlanner, Plan
-from .sampling import coupled_candidates, sample
-from .tree import SRC_NGRAM, build_trie, tree_width
-from .verify import walk
+from .plan import STAT_WIDTH, AutoPlanner, Plan
+from .sampling import sample
+from .tree import SRC_NGRAM, Trie, build_trie, tree_width
+from .verify import WalkResult, walk
 
 log = logging.getLogger("tokenswift")
 
@@ -104,6 +104,272 @@ def generate_ar(
         logits = model.logits(h[:, -1])  # [1, V]
 
 
+@dataclass
+class RunState:
+    """Where a speculative run stands: committed tokens, the KV cache, the root."""
+
+    history: torch.Tensor  # [capacity] int64 committed tokens (+ the draft's and walk's scratch), CPU
+    tokens: list[int]  # the committed tokens as Python ints (n-gram table)
+    main: KVCache  # the target's cache: every committed token before the root
+    N: int  # the root's position (it is sampled, not yet cached)
+    root: int
+    produced: int = 0  # new tokens committed (the root included)
+
+
+@dataclass
+class Counters:
+    """Running totals for the stats."""
+
+    iterations: int = 0
+    draft_iterations: int = 0
+    accepted: int = 0  # draft tokens accepted by the walk
+    ngram_accepted: int = 0
+    trie_nodes: int = 0
+    drafted: int = 0  # positions drafted (chain passes or heads rows)
+    t_draft: float = 0.0
+    t_verify: float = 0.0
+    t_walk: float = 0.0
+    reached: list[int] = field(default_factory=list)  # per depth: iterations whose walk got there
+    hits: list[int] = field(default_factory=list)  # per depth: ... and drew the first candidate
+
+    def depth_acceptance(self) -> list[float]:
+        return [round(h / r, 4) if r else 0.0 for h, r in zip(self.hits, self.reached)]
+
+
+def resolve_draft_model(model: Decoder, int4: Decoder | None, spec: SpecConfig) -> Decoder:
+    """The weights the self-draft runs: the int4 copy unless asked for the float ones."""
+    if spec.draft_weights == "float":
+        return model
+    if int4 is None:
+        if spec.draft_weights == "int4":
+            raise ValueError("draft_weights 'int4' needs the model's int4 copy: load it with draft_weights='int4' "
+                             "(the default where torch's int4 kernel exists)")
+        return model
+    return int4
+
+
+class SpeculativeRun:
+    """One TokenSwift run. Each iteration is a handful of stages (DESIGN.md):
+
+        plan -> draft -> build trie -> verify -> accept (walk) -> commit
+
+    Drafters only propose; this class alone verifies, walks and commits."""
+
+    def __init__(self, model: Decoder, draft_model: Decoder, heads: DraftHeads | None, prompt: Sequence[int],
+                 max_new_tokens: int, sampling: SamplingConfig, spec: SpecConfig, method: str) -> None:
+        self.model = model
+        self.sampling = sampling
+        self.spec = spec
+        self.method = method
+        self.timer = Timer()
+        self.c = Counters()
+        use_draft = method == "tokenswift"
+        self.auto = use_draft and spec.auto
+        self.use_heads = use_draft and not self.auto and spec.use_heads and heads is not None
+        # static trees are the paper's drafts (one pass + heads); auto chains the draft passes
+        self.chain = self.auto
+        if not use_draft:
+            depth = 0
+        elif self.chain:
+            depth = spec.gamma
+        else:
+            depth = min(spec.gamma, 1 + heads.num_heads) if self.use_heads else 1
+        self.depth = depth
+        self.paths = tuple(p for p in spec.paths() if len(p) <= depth) if use_draft and not self.auto else ()
+        self.widths = [STAT_WIDTH if self.auto else tree_width(self.paths, d) for d in range(1, depth + 1)]
+        # γ of the paper's acceptance rate: positions drafted per iteration
+        self.gamma = depth if use_draft else spec.ngram_n - 1
+        self.ngram_k = spec.ngram_topk if (method == "ngram" or spec.use_ngrams) else 0
+        max_tree = 1 + depth * STAT_WIDTH if self.auto else 1 + len(self.paths)
+        self.max_nodes = spec.max_nodes or (max_tree + max(1, self.widths[0] if self.widths else 1)
+                                            * self.ngram_k * spec.ngram_n)
+        self.planner = AutoPlanner(depth, spec.ngram_n, self.ngram_k, spec.max_nodes) if self.auto else None
+
+        dev = model.device
+        n0 = len(prompt)
+        self.n0 = n0
+        self.max_new = max_new_tokens
+        run_len = n0 + max_new_tokens  # fixes dynamic-NTK RoPE exactly as `generate_ar` does
+        capacity = run_len + self.max_nodes + depth + 2
+        history = torch.empty(capacity, dtype=torch.int64)
+        history[:n0] = torch.as_tensor(list(prompt), dtype=torch.int64)
+        main = KVCache(model.cfg, capacity=capacity, dtype=model.dtype, device=dev, rope_len=run_len)
+        h = model.prefill(history[:n0].to(dev).unsqueeze(0), main)  # [1, D]
+        logits = model.logits(h)  # [1, V]
+        self.timer.prefill = self.timer.elapsed()
+        root = int(sample(logits, penalty_window(history, n0, sampling), [n0], sampling)[0])
+        history[n0] = root
+        self.st = RunState(history, [*prompt, root], main, n0, root, produced=1)
+        W = sampling.penalty_window if sampling.penalty != 1.0 else 0
+        self.ngrams = NGramDrafter(spec.ngram_n, W)
+        self.ngrams.committed(self.st.tokens)
+        if self.planner is not None:
+            self.planner.ngram.done = n0  # score generated text only: the prompt's n-grams would match themselves
+        self.drafter = SelfDrafter(model, draft_model, heads if self.use_heads else None, sampling,
+                                   spec.draft_budget, spec.sinks, spec.full_kv_draft, depth,
+                                   rope_len=run_len) if use_draft else None
+        self.plan: Plan | None = None
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def choose_plan(self) -> Plan | None:
+        if self.planner is None:
+            return None
+        self.plan = self.planner.choose(self.st.N)
+        return self.plan
+
+    def draft(self, plan: Plan | None) -> Proposal | None:
+        depth = plan.depth if plan is not None else self.depth
+        if self.drafter is None or depth == 0:
+            return None
+        st = self.st
+        width = plan.width if plan is not None else max(self.widths, default=1)
+        prop = self.drafter.propose(st.main, st.history, st.N, st.root, depth, width, chain=self.chain)
+        if not self.chain:
+            prop.candidates = [c[: self.widths[d]] for d, c in enumerate(prop.candidates)]
+        self.c.draft_iterations += 1
+        self.c.drafted += depth
+        return prop
+
+    def build(self, prop: Proposal | None, plan: Plan | None) -> Trie:
+        st = self.st
+        k = plan.ngram_k if plan is not None else self.ngram_k
+        paths = plan.paths if plan is not None else self.paths
+        chains: list[list[int]] = []
+        if prop is None:
+            chains = self.ngrams.chains(st.root, k)
+        elif self.chain:  # continuations of the last chained token extend the chain
+            chain = [c[0] for c in prop.candidates]
+            chains = self.ngrams.chains(chain[-1], k, prefix=chain)
+        else:  # the paper's: continuations of each depth-1 candidate
+            for c in prop.candidates[0] if prop.candidates else []:
+                chains.extend(self.ngrams.chains(c, k, prefix=[c]))
+        cands = prop.candidates if prop is not None else []
+        return build_trie(st.root, cands, paths, chains, self.max_nodes)
+
+    def verify(self, trie: Trie) -> torch.Tensor:  # [T, V] target logits per trie node
+        st = self.st
+        dev = self.model.device
+        T = len(trie)
+        x = torch.tensor(trie.tokens, dtype=torch.int64, device=dev).unsqueeze(0)  # [1, T]
+        pos = trie.positions(st.N, dev).unsqueeze(0)  # [1, T]
+        hv = self.model(x, pos, st.main, mask=trie.mask(dev) if T > 1 else None)  # [1, T, D]
+        return self.model.logits(hv[0])
+
+    def accept(self, trie: Trie, logits: torch.Tensor, prop: Proposal | None) -> WalkResult:
+        st = self.st
+        res = walk(trie, logits, st.history, st.N, self.sampling)
+        c = self.c
+        c.accepted += len(res.accepted)
+        c.ngram_accepted += sum(1 for i in res.accepted if trie.sources[i] == SRC_NGRAM)
+        if prop is not None:  # per depth: did the walk draw the first candidate?
+            for d, cands in enumerate(prop.candidates):
+                if d >= len(res.tokens):
+                    break
+                if len(c.reached) <= d:
+                    c.reached.append(0)
+                    c.hits.append(0)
+                c.reached[d] += 1
+                rank = cands.index(res.tokens[d]) if res.tokens[d] in cands else None
+                if self.planner is not None and self.planner.stats is not None:
+                    self.planner.stats.update(d, rank)
+                if rank != 0:
+                    break
+                c.hits[d] += 1
+        return res
+
+    def commit(self, res: WalkResult) -> None:
+        """Keeps the root's and the accepted nodes' KV in path order; feeds the drafters."""
+        st = self.st
+        k = len(res.accepted)
+        st.main.keep(torch.tensor([st.N] + [st.N + i for i in res.accepted], dtype=torch.int64))
+        if self.drafter is not None:
+            self.drafter.committed(st.main, st.N, 1 + k)
+        st.tokens.extend(res.tokens)
+        self.ngrams.committed(st.tokens)
+        if self.planner is not None and self.ngram_k:
+            self.planner.ngram.update(st.tokens, self.ngrams.table.top, self.spec.ngram_n)
+        st.N += 1 + k
+        st.root = res.next_root
+
+    # -- stats ----------------------------------------------------------------------------------
+
+    def stats(self, finish: str | None) -> dict[str, Any]:
+        c, st = self.c, self.st
+        out = _stats(self.method, self.n0, st.produced, self.timer, finish, c.iterations)
+        d = self.drafter
+        out.update({
+            "acceptance_rate": c.accepted / (self.gamma * c.iterations) if c.iterations and self.gamma else 0.0,
+            "tokens_per_iteration": (st.produced - 1) / c.iterations if c.iterations else 0.0,
+            "accepted_draft_tokens": c.accepted,
+            "ngram_share": c.ngram_accepted / c.accepted if c.accepted else 0.0,
+            "gamma": self.gamma,
+            "drafter": ("chain" if self.chain else "heads" if self.use_heads else "base") if d else "none",
+            "draft_weights": ("int4" if d.model is not self.model else "float") if d else None,
+            "depth_acceptance": c.depth_acceptance(),
+            "draft_seconds": c.t_draft,
+            "verify_seconds": c.t_verify,
+            "walk_seconds": c.t_walk,
+            "other_seconds": max(0.0, out["decode_seconds"] - c.t_draft - c.t_verify - c.t_walk),
+            "draft_kv_max": d.max_reads if d else 0,
+            "draft_refresh_kv_total": d.refresh_reads if d else 0,
+            "draft_refreshes": d.refreshes if d else 0,
+            "heads": self.drafter.heads.num_heads if d is not None and d.heads is not None else 0,
+            "tree": "auto" if self.auto else str(self.spec.tree),
+            "mean_trie_size": c.trie_nodes / c.iterations if c.iterations else 0.0,
+        })
+        if self.planner is not None:
+            p = self.planner
+            out["auto"] = {"plan": self.plan.describe() if self.plan is not None else None, "changes": p.choices,
+                           "explorations": p.explorations, "draft_iterations": c.draft_iterations,
+                           # acceptance over the iterations that drafted (AR steps excluded)
+                           "draft_acceptance_rate": c.accepted / c.drafted if c.drafted else 0.0}
+        return out
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def steps(self, eos_ids: Sequence[int], ignore_eos: bool) -> Iterator[Step]:
+        stop = set() if ignore_eos else set(eos_ids)
+        st, c = self.st, self.c
+        finish = "eos" if st.root in stop else ("length" if st.produced >= self.max_new else None)
+        yield Step([st.root], self.stats(finish), finished=finish is not None)
+        if finish is not None:
+            return
+        while True:
+            c.iterations += 1
+            t0 = time.perf_counter()
+            plan = self.choose_plan()
+            t1 = time.perf_counter()
+            prop = self.draft(plan)
+            t2 = time.perf_counter()
+            trie = self.build(prop, plan)
+            c.trie_nodes += len(trie)
+            t3 = time.perf_counter()
+            logits = self.verify(trie)
+            t4 = time.perf_counter()
+            res = self.accept(trie, logits, prop)
+            t5 = time.perf_counter()
+            self.commit(res)
+            t6 = time.perf_counter()
+            c.t_draft += t2 - t1
+            c.t_verify += t4 - t3
+            c.t_walk += t5 - t4
+            if self.planner is not None and plan is not None:
+                self.planner.observe(plan, len(trie), t2 - t1, t4 - t3, (t6 - t0) - (t2 - t1) - (t4 - t3),
+                                     len(res.tokens))
+            new, finish = res.tokens, None
+            for j, t in enumerate(new):
+                if t in stop:
+                    new, finish = new[: j + 1], "eos"
+                    break
+            if st.produced + len(new) >= self.max_new and finish is None:
+                new, finish = new[: self.max_new - st.produced], "length"
+            st.produced += len(new)
+            yield Step(new, self.stats(finish), finished=finish is not None)
+            if finish is not None:
+                return
+
+
 @torch.inference_mode()
 def generate_speculative(
     model: Decoder,
@@ -115,207 +381,10 @@ def generate_speculative(
     eos_ids: Sequence[int] = (),
     ignore_eos: bool = False,
     method: str = "tokenswift",
+    int4: Decoder | None = None,
 ) -> Iterator[Step]:
-    """TokenSwift (method "tokenswift") and prompt-lookup drafting (method "ngram").
-
-    Each iteration turns the root r (sampled, not yet cached, at position N) into 1 + k tokens:
-    draft (model(r) over the partial cache + heads) -> trie (static tree ∪ n-gram chains) ->
-    verify (one pass over the full cache with a tree mask) -> walk (one draw per node) ->
-    commit (keep the accepted path's KV; feed the draft cache and the n-gram table).
-    """
-    cfg = model.cfg
-    dev = model.device
-    n0 = len(prompt)
-    timer = Timer()
-    t_draft = t_verify = 0.0
-    use_draft = method == "tokenswift"
-    use_heads = use_draft and spec.use_heads and heads is not None
-    use_ngrams = method == "ngram" or spec.use_ngrams
-    auto = use_draft and spec.auto
-    depth = min(spec.gamma, 1 + heads.num_heads) if use_heads else 1
-    paths = tuple(p for p in spec.paths() if len(p) <= depth) if use_draft and not auto else ()
-    # candidates per depth: what the static tree uses, or every tracked rank under auto
-    widths = [STAT_WIDTH if auto else tree_width(paths, d) for d in range(1, depth + 1)]
-    # γ of the paper's acceptance rate: positions drafted per iteration
-    gamma = spec.gamma if use_draft else spec.ngram_n - 1
-    ngram_k = spec.ngram_topk if use_ngrams else 0
-    if auto:
-        max_nodes = spec.max_nodes or (1 + max(TREE_SIZES) + ngram_k * (spec.ngram_n - 1))
-    else:
-        max_nodes = spec.max_nodes or (1 + len(paths) + max(1, widths[0] if widths else 1) * ngram_k * spec.ngram_n)
-    planner = AutoPlanner(depth, spec.ngram_n, ngram_k, use_draft, spec.max_nodes) if auto else None
-    if planner is not None:
-        planner.ngram.done = n0  # score generated text only: the prompt's n-grams would match themselves
-
-    run_len = n0 + max_new_tokens  # fixes dynamic-NTK RoPE exactly as `generate_ar` does
-    capacity = run_len + max(max_nodes, max(PROBE_SIZES)) + 1
-    history = torch.empty(capacity, dtype=torch.int64)  # [capacity] committed tokens (+ walk scratch)
-    history[:n0] = torch.as_tensor(list(prompt), dtype=torch.int64)
-    tokens_list = list(prompt)  # the same, as Python ints for the n-gram table
-    main = KVCache(cfg, capacity=capacity, dtype=model.dtype, device=dev, rope_len=run_len)
-    h = model.prefill(history[:n0].to(dev).unsqueeze(0), main)  # [1, D]
-    logits = model.logits(h)  # [1, V]
-    timer.prefill = timer.elapsed()
-
-    table = NGramTable(spec.ngram_n)
-    feeder = NGramFeeder(table, sampling.penalty_window if sampling.penalty != 1.0 else 0)
-    draft: DraftCache | None = None
-    probs_buf: torch.Tensor | None = None
-    if use_draft and not spec.full_kv_draft:
-        draft = DraftCache(cfg, budget=spec.draft_budget, sinks=spec.sinks, dtype=model.dtype, device=dev,
-                           rope_len=run_len)
-        probs_buf = torch.empty(cfg.num_layers, cfg.num_kv_heads, capacity, dtype=torch.float32, device=dev)
-    stop = set() if ignore_eos else set(eos_ids)
-
-    W = sampling.penalty_window if sampling.penalty != 1.0 else 0
-    N = n0
-    root = int(sample(logits, penalty_window(history, N, sampling), [N], sampling)[0])
-    history[N] = root
-    tokens_list.append(root)
-    produced = 1
-    iters = accepted_total = ngram_accepted = 0
-    draft_reads = 0  # most KV entries one ordinary draft pass attended to (refreshes excluded)
-    refresh_reads = 0  # KV entries read by refresh passes, in total
-    trie_nodes = draft_iters = 0
-    plan: Plan | None = None
-
-    def stats(finish: str | None) -> dict[str, Any]:
-        st = _stats(method, n0, produced, timer, finish, iters)
-        st.update({
-            "acceptance_rate": accepted_total / (gamma * iters) if iters else 0.0,
-            "tokens_per_iteration": (produced - 1) / iters if iters else 0.0,
-            "accepted_draft_tokens": accepted_total,
-            "ngram_share": ngram_accepted / accepted_total if accepted_total else 0.0,
-            "gamma": gamma,
-            "draft_seconds": t_draft,
-            "verify_seconds": t_verify,
-            "other_seconds": max(0.0, st["decode_seconds"] - t_draft - t_verify),
-            "draft_kv_max": draft_reads,
-            "draft_refresh_kv_total": refresh_reads,
-            "draft_refreshes": draft.refreshes if draft is not None else 0,
-            "heads": heads.num_heads if use_heads else 0,
-            "tree": "auto" if auto else str(spec.tree),
-            "mean_trie_size": trie_nodes / iters if iters else 0.0,
-        })
-        if planner is not None:
-            st["auto"] = {"plan": plan.describe() if plan is not None else None, "changes": planner.choices,
-                          "probes": planner.probes, "explorations": planner.explorations,
-                          "draft_iterations": draft_iters,
-                          # acceptance over the iterations that drafted (AR steps excluded)
-                          "draft_acceptance_rate": accepted_total / (gamma * draft_iters) if draft_iters else 0.0}
-        return st
-
-    finish = "eos" if root in stop else ("length" if produced >= max_new_tokens else None)
-    yield Step([root], stats(finish), finished=finish is not None)
-    if finish is not None:
-        return
-    feeder.catch_up(tokens_list, len(tokens_list))
-    tok_buf = torch.empty(1, 1, dtype=torch.int64, device=dev)  # [1, 1]
-    pos_buf = torch.empty(1, 1, dtype=torch.int64, device=dev)  # [1, 1]
-
-    def probe_run(T: int) -> None:  # one verify-shaped pass of T tokens at context N, undone
-        x = torch.full((1, T), root, dtype=torch.int64, device=dev)  # [1, T]
-        pos = torch.arange(N, N + T, dtype=torch.int64, device=dev).unsqueeze(0)  # [1, T]
-        model.logits(model(x, pos, main)[0])
-        main.truncate(N)
-
-    while True:
-        iters += 1
-        t_iter0 = time.perf_counter()
-        chain_k = ngram_k
-        drafting = use_draft
-        if planner is not None:
-            if planner.needs_probe(N):
-                planner.probe(N, probe_run)
-                t_iter0 = time.perf_counter()
-            plan = planner.choose(N)
-            paths, chain_k, drafting = plan.paths, plan.ngram_k, plan.draft
-        # -- DRAFT: candidates per position r+1 .. r+depth
-        t0 = time.perf_counter()
-        candidates: list[list[int]] = []
-        if drafting:
-            draft_iters += 1
-            tok_buf.fill_(root)
-            pos_buf.fill_(N)
-            if draft is not None and N > spec.draft_budget:
-                if not draft.valid:  # re-select with this query over the full cache
-                    h0 = model(tok_buf, pos_buf, main, attn_probs=probs_buf)[0, -1]
-                    main.truncate(N)
-                    draft.refresh(main, probs_buf)
-                    refresh_reads += N + 1
-                else:
-                    h0 = model(tok_buf, pos_buf, draft)[0, -1]
-                    draft_reads = max(draft_reads, draft.length)
-                    draft.truncate(draft.length - 1)  # the exact KV of r comes from verify
-            else:
-                h0 = model(tok_buf, pos_buf, main)[0, -1]
-                draft_reads = max(draft_reads, N + 1)
-                main.truncate(N)
-            rows = heads.draft_logits(model, h0) if use_heads else base_draft_logits(model, h0)  # [1+K, V]
-            rows = rows[:depth]
-            # rank drafts as the sampler will see them (penalized by the committed window) and
-            # put first the token the target's own noise would pick from the draft distribution
-            win = history[max(0, N + 1 - W) : N + 1].to(dev).unsqueeze(0).expand(rows.shape[0], -1) if W else None
-            candidates = coupled_candidates(rows, win, [N + 1 + d for d in range(rows.shape[0])], sampling,
-                                            max(widths, default=0))
-            candidates = [c[: widths[d]] for d, c in enumerate(candidates)]
-        dt_draft = time.perf_counter() - t0
-        t_draft += dt_draft
-
-        # -- PROPOSE: static tree ∪ n-gram chains
-        chains: list[list[int]] = []
-        if chain_k > 0:
-            if drafting:  # auto hangs chains off the likeliest depth-1 candidate only
-                for c in (candidates[0][:1] if auto else candidates[0]) if candidates else []:
-                    chains.extend([c, *cont] for cont in table.top(c, chain_k))
-            else:
-                chains = [list(cont) for cont in table.top(root, chain_k)]
-        trie = build_trie(root, candidates, paths, chains, max_nodes)
-        trie_nodes += len(trie)
-
-        # -- VERIFY: one pass over the full cache, tree-masked
-        t0 = time.perf_counter()
-        T = len(trie)
-        x = torch.tensor(trie.tokens, dtype=torch.int64, device=dev).unsqueeze(0)  # [1, T]
-        pos = trie.positions(N, dev).unsqueeze(0)  # [1, T]
-        hv = model(x, pos, main, mask=trie.mask(dev) if T > 1 else None)  # [1, T, D]
-        vlogits = model.logits(hv[0])  # [T, V]
-        dt_verify = time.perf_counter() - t0
-        t_verify += dt_verify
-
-        # -- ACCEPT
-        res = walk(trie, vlogits, history, N, sampling)
-        k = len(res.accepted)
-        accepted_total += k
-        ngram_accepted += sum(1 for i in res.accepted if trie.sources[i] == SRC_NGRAM)
-
-        # -- COMMIT: keep the root's and the accepted nodes' KV, in path order
-        main.keep(torch.tensor([N] + [N + i for i in res.accepted], dtype=torch.int64))
-        if planner is not None:
-            if drafting and planner.stats is not None:
-                for d in range(min(depth, len(res.tokens))):
-                    tok = res.tokens[d]
-                    planner.stats.update(d, candidates[d].index(tok) if tok in candidates[d] else None)
-            other = time.perf_counter() - t_iter0 - dt_draft - dt_verify
-            planner.observe(plan, dt_draft, dt_verify, other, len(res.tokens))
-        new = res.tokens  # accepted tokens, then the next root
-        finish = None
-        for j, t in enumerate(new):
-            if t in stop:
-                new, finish = new[: j + 1], "eos"
-                break
-        if produced + len(new) >= max_new_tokens and finish is None:
-            new, finish = new[: max_new_tokens - produced], "length"
-        produced += len(new)
-        yield Step(new, stats(finish), finished=finish is not None)
-        if finish is not None:
-            return
-        if draft is not None:
-            draft.append(main, N, 1 + k)
-        tokens_list.extend(res.tokens)
-        feeder.catch_up(tokens_list, len(tokens_list))
-        if planner is not None and ngram_k:
-            planner.ngram.update(tokens_list, table.top, spec.ngram_n)
-        N += 1 + k
-        root = res.next_root
-
+    """TokenSwift (method "tokenswift") and prompt-lookup drafting (method "ngram"); `int4` is
+    the model's int4 copy for the self-draft (`Decoder.int4_copy`)."""
+    run = SpeculativeRun(model, resolve_draft_model(model, int4, spec), heads, prompt, max_new_tokens, sampling,
+                         spec, method)
+    yield from run.steps(eos_ids, ignore_eos)

@@ -1,14 +1,18 @@
-"""The `auto` trie: pick the draft plan with the best expected tokens per second.
+"""The `auto` plan: per iteration, the draft with the best expected tokens per second.
 
-A plan is (tree nodes n, n-gram chains k, draft pass or not). Its worth is
+A plan is (chain depth g, sibling leaves, n-gram chains k): g chained draft passes propose
+positions r+1 … r+g, the next-best draft tokens at chosen depths are added as leaves, and k
+n-gram continuations of the last chained token extend the trie past depth g (of the root when
+g = 0). Its worth is
 
     expected tokens per iteration / expected seconds per iteration
 
-where tokens come from running acceptance statistics (per depth and candidate rank, and the
-n-gram gain measured on the text already committed) and seconds from the verify pass timed on
-this machine at the current context for a few trie sizes (re-timed as the context grows),
-plus the measured draft pass and per-iteration overhead. The plan "no draft, no n-grams" is a
-plain AR step through the same loop, so auto never plans slower than the AR it measures.
+with tokens from running acceptance statistics (per depth and candidate rank; the n-gram gain
+measured on the committed text) and seconds from what the loop itself measures: the verify
+pass per trie size, the draft pass per drafted token, the overhead per committed token. Nothing
+is timed before the run starts, so short runs pay nothing for planning; until a cost is seen,
+priors stand in (a flat-ish verify pass, a draft a third of a step). "g = 0, k = 0" is a plain
+AR step through the same loop, and a drafting plan must beat it by `margin`.
 
 The pure parts (best tree for a rank-probability table, its expected accepted length, cost
 interpolation) are functions with table-driven tests; `AutoPlanner` holds the running state.
@@ -16,67 +20,16 @@ interpolation) are functions with table-driven tests; `AutoPlanner` holds the ru
 
 from __future__ import annotations
 
-import heapq
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 STAT_WIDTH = 8  # candidate ranks tracked per depth
-TREE_SIZES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48)  # tree nodes (root excluded) considered
-PROBE_SIZES = (1, 2, 4, 8, 16, 32, 64)  # trie sizes (root included) timed at a context
-
-
-def best_tree(q: Sequence[Sequence[float]], n: int) -> tuple[tuple[int, ...], ...]:
-    """The n rank paths with the highest acceptance probability, prefix-closed.
-
-    q[d][j] = P(the draw at depth d+1 is the rank-j candidate | the walk reached depth d).
-    A path's probability is the product along it, which never grows with depth, so taking
-    the best frontier node n times is optimal."""
-    out: list[tuple[int, ...]] = []
-    if n <= 0 or not q:
-        return ()
-    heap: list[tuple[float, tuple[int, ...]]] = [(-q[0][j], (j,)) for j in range(len(q[0])) if q[0][j] > 0]
-    heapq.heapify(heap)
-    while heap and len(out) < n:
-        negp, path = heapq.heappop(heap)
-        out.append(path)
-        d = len(path)
-        if d < len(q):
-            for j in range(len(q[d])):
-                if q[d][j] > 0:
-                    heapq.heappush(heap, (negp * q[d][j], path + (j,)))
-    return tuple(sorted(out, key=lambda p: (len(p), p)))
-
-
-def expected_accepted(q: Sequence[Sequence[float]], paths: Sequence[tuple[int, ...]]) -> float:
-    """Mean accepted draft tokens of a tree: the sum of its paths' acceptance probabilities."""
-    total = 0.0
-    for p in paths:
-        prob = 1.0
-        for d, j in enumerate(p):
-            prob *= q[d][j] if d < len(q) and j < len(q[d]) else 0.0
-        total += prob
-    return total
-
-
-def interpolate(points: dict[int, float], T: int) -> float:
-    """Cost at trie size T from measured sizes: linear between them, linear beyond the ends."""
-    if not points:
-        raise ValueError("no measured trie sizes to interpolate from")
-    xs = sorted(points)
-    if T in points:
-        return points[T]
-    if len(xs) == 1:
-        return points[xs[0]] * T / xs[0]
-    if T < xs[0]:
-        lo, hi = xs[0], xs[1]
-    elif T > xs[-1]:
-        lo, hi = xs[-2], xs[-1]
-    else:
-        hi = next(x for x in xs if x > T)
-        lo = max(x for x in xs if x < T)
-    slope = (points[hi] - points[lo]) / (hi - lo)
-    return max(points[lo] + slope * (T - lo), 1e-6)
+SIBLINGS = (0, 1, 2, 4, 8)  # sibling leaves considered per plan
+# Priors until measured: extra cost of each verified token as a share of a one-token pass, and
+# a drafted token's cost as a share of a one-token pass (int4 copy + partial cache, CPU).
+SLOPE_PRIOR = 0.05
+DRAFT_PRIOR = 0.35
 
 
 class RankStats:
@@ -143,15 +96,54 @@ class NGramGain:
         return self.gain.get(k, 0.0) / (self.count + self.prior)
 
 
+def fit_line(points: dict[int, float], slope_prior: float) -> tuple[float, float]:
+    """(c1, m) of the cost line c(T) = c1 + m·(T - 1) through measured (T, seconds) points:
+    least squares with m >= 0 (a bigger trie never costs less); one point (or one size) gives
+    the prior slope, m = slope_prior·c1."""
+    xs = [T - 1 for T in points]
+    ys = list(points.values())
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    if var == 0:
+        c1 = my / (1 + slope_prior * mx)
+        return c1, slope_prior * c1
+    m = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var)
+    return max(my - m * mx, 1e-6), m
+
+
+def chain_tree(q: Sequence[Sequence[float]], depth: int, siblings: int) -> tuple[tuple[tuple[int, ...], ...], float]:
+    """The chain (0,), (0, 0) … of `depth` nodes plus the `siblings` likeliest sibling leaves
+    (a next-best candidate at some depth of the chain) -> (rank paths, expected accepted tokens).
+
+    q[d][j] = P(the draw at depth d+1 is the rank-j candidate | the walk reached depth d)."""
+    reach = [1.0]  # reach[d] = P(the walk is on the chain at depth d)
+    for d in range(depth):
+        reach.append(reach[-1] * (q[d][0] if d < len(q) else 0.0))
+    paths = [(0,) * d for d in range(1, depth + 1)]
+    leaves = sorted(((reach[d] * q[d][j], (0,) * d + (j,)) for d in range(min(depth, len(q)))
+                     for j in range(1, len(q[d])) if q[d][j] > 0), reverse=True)[:siblings]
+    paths += [p for _, p in leaves]
+    return tuple(sorted(paths, key=lambda p: (len(p), p))), sum(reach[1:]) + sum(w for w, _ in leaves)
+
+
 @dataclass
 class Plan:
-    tree_nodes: int
-    paths: tuple[tuple[int, ...], ...]
+    depth: int  # chained draft passes (0: no draft)
+    paths: tuple[tuple[int, ...], ...]  # rank paths over the draft's candidates
     ngram_k: int
-    draft: bool
     expected_tokens: float  # per iteration
     expected_seconds: float  # per iteration
     trie_size: int  # root included
+
+    @property
+    def draft(self) -> bool:
+        return self.depth > 0
+
+    @property
+    def width(self) -> int:
+        """Candidates needed per drafted position."""
+        return 1 + max((p[-1] for p in self.paths), default=0)
 
     @property
     def rate(self) -> float:
@@ -159,7 +151,7 @@ class Plan:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "tree_nodes": self.tree_nodes, "ngram_k": self.ngram_k, "draft_pass": self.draft,
+            "depth": self.depth, "siblings": len(self.paths) - self.depth, "ngram_k": self.ngram_k,
             "trie_size": self.trie_size, "expected_tokens_per_iteration": round(self.expected_tokens, 3),
             "expected_ms_per_iteration": round(1000 * self.expected_seconds, 2),
             "expected_tokens_per_s": round(self.rate, 2),
@@ -169,121 +161,105 @@ class Plan:
 class AutoPlanner:
     """Chooses a plan per iteration from measured costs and running acceptance statistics."""
 
-    def __init__(self, depth: int, ngram_n: int, max_k: int, use_draft: bool, max_nodes: int | None,
-                 prior: Sequence[Sequence[float]] = ((0.6, 0.08, 0.04, 0.02), (0.15, 0.05, 0.03, 0.02)),
-                 explore_every: int = 24, reprobe_growth: float = 1.25, margin: float = 0.05,
-                 reprobe_min: int = 512) -> None:
-        self.depth = depth
+    def __init__(self, max_depth: int, ngram_n: int, max_k: int, max_nodes: int | None,
+                 prior: Sequence[Sequence[float]] = ((0.9, 0.03, 0.01, 0.005),),
+                 explore_every: int = 32, margin: float = 0.05) -> None:
+        self.max_depth = max_depth
         self.n = ngram_n
-        self.use_draft = use_draft
         self.max_nodes = max_nodes
-        ks = [0] + [k for k in (1, 2, 4, 8, 16, 32) if k < max_k] + ([max_k] if max_k > 0 else [])
+        ks = [0] + [k for k in (1, 2, 4, 8, 16) if k < max_k] + ([max_k] if max_k > 0 else [])
         self.ks = sorted(set(ks))
-        self.stats = RankStats(depth, prior) if use_draft and depth > 0 else None
+        self.stats = RankStats(max_depth, prior) if max_depth > 0 else None
         self.ngram = NGramGain([k for k in self.ks if k > 0])
-        self.costs: dict[int, float] = {}  # trie size -> verify seconds at probe_ctx
-        self.probe_ctx = 0
-        self.reprobe_growth = reprobe_growth
-        self.reprobe_min = reprobe_min
-        self.t_draft: float | None = None
-        self.t_iter = 0.0  # per-iteration overhead outside draft and verify
-        self.t_token = 0.0  # per committed token (the walk's draws)
+        self.costs: dict[int, float] = {}  # trie size -> verify seconds (running, measured)
+        self.t_draft: float | None = None  # seconds per drafted token (running, measured)
+        self.t_token = 0.0  # per committed token: the walk's draws and the bookkeeping
         self.explore_every = explore_every
         self.margin = margin
-        self.since_draft = 0
-        self.probes = 0
+        self.iterations = 0
         self.explorations = 0
         self.choices: list[dict[str, Any]] = []  # plan changes: position + plan + why
-        self._last_key: tuple[int, int, bool] | None = None
+        self._last_key: tuple[int, int, int] | None = None
 
     # -- measurements -------------------------------------------------------------------------
 
-    def needs_probe(self, ctx: int) -> bool:
-        # grow by a quarter and by a few hundred tokens: a short prompt would otherwise re-measure
-        # every few tokens, when the verify cost has hardly moved
-        return not self.costs or ctx >= max(self.probe_ctx * self.reprobe_growth, self.probe_ctx + self.reprobe_min)
-
-    def probe(self, ctx: int, run: Callable[[int], None], sizes: Sequence[int] = PROBE_SIZES) -> None:
-        """Times `run(T)` (one verify-shaped pass of T tokens at this context) for each size."""
-        cap = self.max_nodes or max(sizes)
-        costs = {}
-        for T in sizes:
-            if T > cap and T != 1:
-                continue
-            best = float("inf")
-            for _ in range(2):  # the minimum of two: the machine is shared
-                t0 = time.perf_counter()
-                run(T)
-                best = min(best, time.perf_counter() - t0)
-            costs[T] = best
-        self.costs = costs
-        self.probe_ctx = ctx
-        self.probes += 1
-
-    def observe(self, plan: Plan, draft_s: float, verify_s: float, other_s: float, tokens: int) -> None:
+    def observe(self, plan: Plan, trie_size: int, draft_s: float, verify_s: float, other_s: float,
+                tokens: int) -> None:
+        """One iteration's measurements. `trie_size` is the trie actually verified: n-gram
+        chains may be fewer than the plan allowed."""
         a = 0.2
-        if plan.draft:
-            self.t_draft = draft_s if self.t_draft is None else (1 - a) * self.t_draft + a * draft_s
-        T = plan.trie_size
-        if T in self.costs:  # follow drift between probes
-            self.costs[T] = (1 - a) * self.costs[T] + a * verify_s
+        if plan.depth:
+            per = draft_s / plan.depth
+            self.t_draft = per if self.t_draft is None else (1 - a) * self.t_draft + a * per
+        T = trie_size
+        self.costs[T] = verify_s if T not in self.costs else (1 - a) * self.costs[T] + a * verify_s
         per_tok = other_s / max(tokens, 1)
         self.t_token = (1 - a) * self.t_token + a * per_tok if self.t_token else per_tok
 
+    def verify_cost(self, T: int) -> float | None:
+        """Seconds for a verify pass of T tokens, None before any was measured: the line
+        c(T) = c1 + m·(T - 1) fitted to the measured sizes (`fit_line`), never decreasing."""
+        if not self.costs:
+            return None
+        c1, m = fit_line(self.costs, SLOPE_PRIOR)
+        return c1 + m * (T - 1)
+
     # -- the choice ---------------------------------------------------------------------------
 
-    def _cost(self, T: int, draft: bool) -> float:
-        c = interpolate(self.costs, T)
-        if draft:
-            c += self.t_draft if self.t_draft is not None else interpolate(self.costs, 1)
-        return c
+    def plans(self) -> list[Plan]:
+        """Every plan considered, with its expected tokens and seconds."""
+        q = self.stats.q() if self.stats is not None else []
+        c1, m = fit_line(self.costs, SLOPE_PRIOR)
+        draft = self.t_draft if self.t_draft is not None else DRAFT_PRIOR * c1
+        out: list[Plan] = []
+        for g in range(0, self.max_depth + 1):
+            reach_g = 1.0
+            for d in range(g):
+                reach_g *= q[d][0]
+            for n in (SIBLINGS if g else (0,)):
+                paths, e_tree = chain_tree(q, g, n)
+                if len(paths) - g < n:
+                    break  # no more siblings worth adding
+                for k in self.ks:
+                    size = 1 + len(paths) + k * (self.n - 1)
+                    if self.max_nodes is not None and size > self.max_nodes:
+                        continue
+                    tokens = 1.0 + e_tree + (reach_g * self.ngram.mean(k) if k else 0.0)
+                    secs = g * draft + c1 + m * (size - 1) + self.t_token * tokens
+                    out.append(Plan(g, paths, k, tokens, secs, size))
+        return out
 
     def choose(self, ctx: int) -> Plan:
-        q = self.stats.q() if self.stats is not None else []
-        q1 = sum(q[0][:1]) if q else 0.0
-        plans: list[Plan] = []
-        n_sizes = [s for s in TREE_SIZES if s == 0 or (self.stats is not None)]
-        for n in n_sizes:
-            paths = best_tree(q, n) if n else ()
-            e_tree = expected_accepted(q, paths) if n else 0.0
-            # depth-2 mass the tree already covers: chains only add where the tree misses
-            cover2 = sum(q[1][p[1]] for p in paths if len(p) == 2 and p[0] == 0) if len(q) > 1 else 0.0
-            for k in self.ks:
-                chain_nodes = k * (self.n - 1)
-                size = 1 + n + chain_nodes
-                if self.max_nodes is not None and size > self.max_nodes:
-                    continue
-                g = self.ngram.mean(k) if k else 0.0
-                if n:  # chains hang off the best depth-1 candidate
-                    e = e_tree + (q1 * g * max(0.0, 1.0 - cover2) if k else 0.0)
-                else:  # chains from the root itself (prompt lookup)
-                    e = g
-                tokens = 1.0 + e
-                secs = self._cost(size, draft=n > 0) + self.t_token * tokens
-                plans.append(Plan(n, paths, k, n > 0, tokens, secs, size))
+        self.iterations += 1
+        if not self.costs:  # nothing measured yet: a modest chain, to start measuring
+            g = min(4, self.max_depth)
+            return Plan(g, tuple((0,) * d for d in range(1, g + 1)), 0, 1.0 + g, 1.0, 1 + g)
+        plans = self.plans()
         best = max(plans, key=lambda p: p.rate)
-        ar_plan = next(p for p in plans if p.tree_nodes == 0 and p.ngram_k == 0)
-        if best is not ar_plan and best.rate < ar_plan.rate * (1 + self.margin):
-            best = ar_plan  # estimates are noisy: speculate only for a clear expected gain
-        # keep the acceptance statistics alive while planning without a draft pass: every so
-        # often run the best drafting plan anyway (not logged as a change of plan)
-        if self.stats is not None and not best.draft:
-            self.since_draft += 1
-            if self.since_draft >= self.explore_every:
-                self.since_draft = 0
-                self.explorations += 1
-                return max((p for p in plans if p.draft), key=lambda p: p.rate)
-        else:
-            self.since_draft = 0
-        key = (best.tree_nodes, best.ngram_k, best.draft)
+        ar = next(p for p in plans if p.depth == 0 and p.ngram_k == 0)
+        if best is not ar and best.rate < ar.rate * (1 + self.margin):
+            best = ar  # estimates are noisy: speculate only for a clear expected gain
+        if self.explore_every and self.iterations % self.explore_every == 0:
+            # measure a neighbour now and then: the cost curve and the acceptance statistics
+            # only learn from plans that run
+            self.explorations += 1
+            turn = (self.iterations // self.explore_every) % 3
+            if turn == 0 or not best.draft:
+                others = [p for p in plans if p.draft and p.ngram_k == 0] if not best.draft else [ar]
+            else:
+                d = best.depth + (2 if turn == 1 else -2)
+                others = [p for p in plans if p.depth == max(0, min(self.max_depth, d)) and p.ngram_k == 0]
+            if others:
+                return max(others, key=lambda p: p.rate)
+        key = (best.depth, len(best.paths), best.ngram_k)
         if key != self._last_key:
-            ar = next(p for p in plans if p.tree_nodes == 0 and p.ngram_k == 0)
+            q = self.stats.q() if self.stats is not None else []
             self.choices.append({
                 "context": ctx, **best.describe(),
                 "why": {"ar_tokens_per_s": round(ar.rate, 2),
                         "verify_ms": {str(T): round(1000 * c, 2) for T, c in sorted(self.costs.items())},
-                        "draft_ms": round(1000 * self.t_draft, 2) if self.t_draft is not None else None,
-                        "rank_acceptance": [[round(x, 3) for x in row[:4]] for row in q],
+                        "draft_ms_per_token": round(1000 * self.t_draft, 2) if self.t_draft is not None else None,
+                        "rank_acceptance": [[round(x, 3) for x in row[:3]] for row in q],
                         "ngram_gain": {str(k): round(self.ngram.mean(k), 3) for k in self.ks if k}},
             })
             self._last_key = key

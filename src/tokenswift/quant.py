@@ -1,0 +1,97 @@
+"""Int4 weight-only copies of weight matrices, for the `self` draft pass.
+
+Weights are quantized group-wise along the input dimension (32 values a group, asymmetric:
+w ≈ (q - 8)·scale + zero with q in 0..15), the layout of torch's int4 weight-only CPU kernel
+(`_weight_int4pack_mm_for_cpu`), which reads a quarter of float32's bytes and multiplies with
+bfloat16 activations. Q4_1 GGUF blocks are exactly this form (scale = d, zero = m + 8·d), so a
+Q4_1 model's int4 copy holds its own 4-bit codes again (min/max of a block are codes 0 and 15).
+
+Only the draft uses these weights: the float32 target verifies, so they change speed, never
+the text. Where the kernel is missing or a shape does not fit it (input width not a multiple
+of 32), the dequantized weights run through a plain float matmul: the same numbers, slower.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("tokenswift")
+
+GROUP = 32  # values per quantization group (a GGUF Q4 block)
+
+
+def int4_kernel_available() -> bool:
+    ops = torch.ops.aten
+    return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+
+
+def quantize_int4(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (codes [N, K] int32 in 0..15, scale [N, K/g], zero [N, K/g]) in
+    bfloat16, with w ≈ (codes - 8)·scale + zero per group. Codes are computed against the
+    bfloat16-rounded scale and zero, so the rounding of those costs nothing extra."""
+    N, K = w.shape
+    if K % group:
+        raise ValueError(f"input width {K} is not a multiple of the group size {group}")
+    wg = w.detach().float().reshape(N, K // group, group)  # [N, G, g]
+    lo, hi = wg.amin(-1), wg.amax(-1)  # [N, G]
+    scale = ((hi - lo) / 15).clamp_min(1e-10).to(torch.bfloat16)
+    zero = (lo + 8 * scale.float()).to(torch.bfloat16)
+    s32, z32 = scale.float().unsqueeze(-1), zero.float().unsqueeze(-1)
+    codes = torch.round((wg - z32) / s32 + 8).clamp_(0, 15).to(torch.int32).reshape(N, K)
+    return codes, scale, zero
+
+
+def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The float32 weights [N, K] that (codes, scale, zero) stand for."""
+    N, K = codes.shape
+    G = scale.shape[1]
+    q = codes.reshape(N, G, K // G).float()
+    return ((q - 8) * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).reshape(N, K)
+
+
+class Int4Weight:
+    """A weight matrix [out, in] kept as int4 codes; `matmul(x)` = x @ w^T in x's dtype."""
+
+    def __init__(self, w: torch.Tensor, group: int = GROUP) -> None:
+        self.out_features, self.in_features = w.shape
+        self.group = group
+        self.packed: torch.Tensor | None = None
+        self.scale_zero: torch.Tensor | None = None  # [K/g, N, 2] bfloat16, the kernel's layout
+        self.dense: torch.Tensor | None = None  # fallback: dequantized [N, K] in w's dtype
+        fits = self.in_features % group == 0
+        if fits:
+            codes, scale, zero = quantize_int4(w, group)
+        else:  # too narrow for the kernel: round to bfloat16 instead (the draft is approximate)
+            codes = scale = zero = None
+        if fits and w.device.type == "cpu" and int4_kernel_available():
+            try:
+                self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+                self.scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+                return
+            except RuntimeError as e:  # an unusual build: keep the numbers, lose the speed
+                log.warning("int4 packing failed, using dequantized weights: %s", e)
+        if codes is not None:
+            self.dense = dequantize_int4(codes, scale, zero).to(w.dtype)
+        else:
+            self.dense = w.detach().to(torch.bfloat16).to(w.dtype)
+
+    @property
+    def kernel(self) -> bool:
+        return self.packed is not None
+
+    def nbytes(self) -> int:
+        if self.packed is not None:
+            return self.packed.numel() * self.packed.element_size() + self.scale_zero.numel() * 2
+        return self.dense.numel() * self.dense.element_size()
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # [..., in] -> [..., out]
+        if self.packed is None:
+            return F.linear(x, self.dense, bias)
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [M, K]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_zero)  # [M, N]
+        y = y.to(x.dtype).view(*shape[:-1], self.out_features)
+        return y if bias is None else y + bias
