@@ -1,5 +1,7 @@
 """Decoding loops. Each method is a generator of `Step`s: the tokens committed by one iteration
-and the running stats. The library never prints; callers (API, CLI, server) consume steps."""
+and the running stats. The library never prints; callers (API, CLI, server) consume steps.
+
+`generate_ar` is plain decoding; `SpeculativeRun` is TokenSwift's loop as named stages."""
 
 from __future__ import annotations
 
