@@ -137,7 +137,7 @@ def _sampler_processor(sampling: dict[str, Any]):
     from .sampling import final_logprobs
 
     s = SamplingConfig(**sampling)
-    W = s.penalty_window if s.penalty != 1.0 else 0
+    W = s.penalty_width
 
     class OurSampler(LogitsProcessor):
         def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

@@ -319,6 +319,11 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalty_width(self) -> int:
+        """Tokens the repetition penalty looks back over (0 when it is off)."""
+        return self.penalty_window if self.penalty != 1.0 else 0
+
 
 def rename_params(message: str, names: Mapping[str, str]) -> str:
     """A library message with its keyword names replaced by a surface's own (CLI flags, API

@@ -24,7 +24,7 @@ from .config import SamplingConfig
 from .heads import DraftHeads, base_draft_logits
 from .model import Decoder
 from .ngram import NGramFeeder, NGramTable
-from .sampling import coupled_candidates
+from .sampling import coupled_candidates, penalty_window
 
 
 @dataclass
@@ -34,7 +34,6 @@ class Proposal:
     previous ones), the rest are siblings."""
 
     candidates: list[list[int]]
-    chained: bool
 
 
 class SelfDrafter:
@@ -56,8 +55,6 @@ class SelfDrafter:
         self.heads = heads
         self.sampling = sampling
         self.budget = budget
-        self.max_depth = max_depth
-        self.window = sampling.penalty_window if sampling.penalty != 1.0 else 0
         self.cache: DraftCache | None = None
         self.probs: torch.Tensor | None = None
         if not full_kv:
@@ -69,13 +66,12 @@ class SelfDrafter:
         # stats
         self.max_reads = 0  # most KV entries one ordinary draft pass attended to
         self.refresh_reads = 0  # KV entries read by re-selection passes, in total
-        self.passes = 0
 
     @property
     def refreshes(self) -> int:
         return self.cache.refreshes if self.cache is not None else 0
 
-    def _cache_for(self, main: KVCache, N: int) -> tuple[KVCache, int]:
+    def _cache_for(self, main: KVCache, N: int, root: int) -> tuple[KVCache, int]:
         """The cache the draft attends to at root position N, and its length to restore."""
         c = self.cache
         if c is None or N <= self.budget:
@@ -85,6 +81,8 @@ class SelfDrafter:
                 cfg = self.target.cfg
                 self.probs = torch.empty(cfg.num_layers, cfg.num_kv_heads, main.capacity, dtype=torch.float32,
                                          device=main.k.device)
+            self.tok.fill_(root)
+            self.pos.fill_(N)
             self.model(self.tok, self.pos, main, attn_probs=self.probs)
             main.truncate(N)
             c.refresh(main, self.probs)
@@ -95,7 +93,6 @@ class SelfDrafter:
         self.tok.fill_(token)
         self.pos.fill_(position)
         self.max_reads = max(self.max_reads, cache.length + 1)
-        self.passes += 1
         return self.model(self.tok, self.pos, cache)[0, -1]
 
     def propose(self, main: KVCache, history: torch.Tensor, N: int, root: int, depth: int, width: int,
@@ -104,10 +101,8 @@ class SelfDrafter:
 
         history [capacity]: committed tokens, root at N; entries after N are scratch (the chain
         writes its draws there for its own penalty windows; the walk rewrites them)."""
-        self.tok.fill_(root)
-        self.pos.fill_(N)
-        cache, restore = self._cache_for(main, N)
-        s, W = self.sampling, self.window
+        cache, restore = self._cache_for(main, N, root)
+        s = self.sampling
         dev = self.target.device
         if not chain:
             h0 = self._step(cache, root, N)
@@ -116,23 +111,25 @@ class SelfDrafter:
             else:
                 rows = base_draft_logits(self.model, h0)
             rows = rows[:depth]  # [depth, V]
-            win = history[max(0, N + 1 - W): N + 1].to(dev).unsqueeze(0).expand(rows.shape[0], -1) if W else None
+            win = penalty_window(history, N + 1, s)  # [1, W]: the heads' rows share the committed window
+            win = win.to(dev).expand(rows.shape[0], -1) if win is not None else None
             cands = coupled_candidates(rows, win, [N + 1 + d for d in range(rows.shape[0])], s, width)
             cache.truncate(restore)
-            return Proposal(cands, chained=False)
+            return Proposal(cands)
         cands: list[list[int]] = []
         tok = root
         for d in range(depth):
             p = N + 1 + d  # the position this pass predicts
             h = self._step(cache, tok, p - 1)
             logits = self.model.logits(h.unsqueeze(0))  # [1, V]
-            win = history[max(0, p - W): p].to(dev).unsqueeze(0) if W else None
+            win = penalty_window(history, p, s)
+            win = win.to(dev) if win is not None else None
             row = coupled_candidates(logits, win, [p], s, max(1, width))[0]
             cands.append(row)
             tok = row[0]
             history[p] = tok  # the next pass's penalty window sees the chain
         cache.truncate(restore)
-        return Proposal(cands, chained=True)
+        return Proposal(cands)
 
     def committed(self, main: KVCache, start: int, n: int) -> None:
         """main entries [start, start+n) were just committed (exact target K/V)."""

@@ -18,7 +18,7 @@ from .drafters import NGramDrafter, Proposal, SelfDrafter
 from .heads import DraftHeads
 from .model import Decoder
 from .plan import STAT_WIDTH, AutoPlanner, Plan
-from .sampling import sample
+from .sampling import penalty_window, sample
 from .tree import SRC_NGRAM, Trie, build_trie, tree_width
 from .verify import WalkResult, walk
 
@@ -60,13 +60,6 @@ def _stats(method: str, prompt_len: int, new: int, timer: Timer, finish: str | N
         "decode_tokens_per_s": new / decode,
         "finish_reason": finish,
     }
-
-
-def penalty_window(history: torch.Tensor, n: int, s: SamplingConfig) -> torch.Tensor | None:
-    """The last `penalty_window` committed tokens before index n, as a [1, W] row."""
-    if s.penalty == 1.0 or s.penalty_window == 0 or n == 0:
-        return None
-    return history[max(0, n - s.penalty_window) : n].unsqueeze(0)
 
 
 @torch.inference_mode()
@@ -202,8 +195,7 @@ class SpeculativeRun:
         root = int(sample(logits, penalty_window(history, n0, sampling), [n0], sampling)[0])
         history[n0] = root
         self.st = RunState(history, [*prompt, root], main, n0, root, produced=1)
-        W = sampling.penalty_window if sampling.penalty != 1.0 else 0
-        self.ngrams = NGramDrafter(spec.ngram_n, W)
+        self.ngrams = NGramDrafter(spec.ngram_n, sampling.penalty_width)
         self.ngrams.committed(self.st.tokens)
         if self.planner is not None:
             self.planner.ngram.done = n0  # score generated text only: the prompt's n-grams would match themselves
@@ -316,7 +308,7 @@ class SpeculativeRun:
             "draft_kv_max": d.max_reads if d else 0,
             "draft_refresh_kv_total": d.refresh_reads if d else 0,
             "draft_refreshes": d.refreshes if d else 0,
-            "heads": self.drafter.heads.num_heads if d is not None and d.heads is not None else 0,
+            "heads": d.heads.num_heads if d is not None and d.heads is not None else 0,
             "tree": "auto" if self.auto else str(self.spec.tree),
             "mean_trie_size": c.trie_nodes / c.iterations if c.iterations else 0.0,
         })

@@ -196,14 +196,6 @@ class AutoPlanner:
         per_tok = other_s / max(tokens, 1)
         self.t_token = (1 - a) * self.t_token + a * per_tok if self.t_token else per_tok
 
-    def verify_cost(self, T: int) -> float | None:
-        """Seconds for a verify pass of T tokens, None before any was measured: the line
-        c(T) = c1 + m·(T - 1) fitted to the measured sizes (`fit_line`), never decreasing."""
-        if not self.costs:
-            return None
-        c1, m = fit_line(self.costs, SLOPE_PRIOR)
-        return c1 + m * (T - 1)
-
     # -- the choice ---------------------------------------------------------------------------
 
     def plans(self) -> list[Plan]:

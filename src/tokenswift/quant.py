@@ -82,11 +82,6 @@ class Int4Weight:
     def kernel(self) -> bool:
         return self.packed is not None
 
-    def nbytes(self) -> int:
-        if self.packed is not None:
-            return self.packed.numel() * self.packed.element_size() + self.scale_zero.numel() * 2
-        return self.dense.numel() * self.dense.element_size()
-
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # [..., in] -> [..., out]
         if self.packed is None:
             return F.linear(x, self.dense, bias)

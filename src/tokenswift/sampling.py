@@ -39,6 +39,15 @@ def apply_penalty(
     return logits.clone().scatter_(-1, window, sel)
 
 
+def penalty_window(history: torch.Tensor, n: int, s: SamplingConfig) -> torch.Tensor | None:
+    """The last `penalty_width` tokens of `history` before index n, as a [1, W] row (None when
+    the penalty is off or there is no history)."""
+    W = s.penalty_width
+    if W == 0 or n == 0:
+        return None
+    return history[max(0, n - W) : n].unsqueeze(0)
+
+
 def history_windows(histories: Sequence[Sequence[int]] | Sequence[torch.Tensor], width: int,
                     device: torch.device | str = "cpu") -> torch.Tensor | None:
     """The last `width` tokens of each history as one [N, W] tensor (W = longest window).

@@ -227,7 +227,7 @@ def generate_batch(
         hidden_out[:, :p] = h.float().cpu().numpy().astype(np.float16)
     last = h[:, -1]  # [b, D]
     pos = torch.empty(b, 1, dtype=torch.int64, device=dev)  # [b, 1]
-    W = sampling[0].penalty_window if sampling[0].penalty != 1.0 else 0
+    W = sampling[0].penalty_width
     for t in range(p, total):
         logits = model.logits(last)  # [b, V]
         window = toks[:, max(0, t - W) : t].to(dev) if W else None  # [b, W]

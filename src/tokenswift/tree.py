@@ -53,10 +53,6 @@ def parse_tree(spec: str | Sequence[int] | Sequence[Sequence[int]]) -> tuple[tup
     return tuple(sorted(paths, key=lambda p: (len(p), p)))
 
 
-def tree_depth(paths: Sequence[tuple[int, ...]]) -> int:
-    return max((len(p) for p in paths), default=0)
-
-
 def tree_width(paths: Sequence[tuple[int, ...]], depth: int) -> int:
     """Candidates needed at a depth (1-based): the largest rank used there, plus one."""
     return max((p[depth - 1] + 1 for p in paths if len(p) >= depth), default=0)
@@ -112,9 +108,6 @@ class Trie:
 
     def positions(self, root_pos: int, device: torch.device | str = "cpu") -> torch.Tensor:  # [T]
         return torch.tensor(self.depths, dtype=torch.int64, device=device) + root_pos
-
-    def max_depth(self) -> int:
-        return max(self.depths)
 
 
 def build_trie(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import SamplingConfig
-from .sampling import sample
+from .sampling import penalty_window, sample
 from .tree import Trie
 
 
@@ -37,10 +37,10 @@ def walk(
     cur = 0
     accepted: list[int] = []
     tokens: list[int] = []
-    W = s.penalty_window if s.penalty != 1.0 else 0
     while True:
         p = root_pos + trie.depths[cur] + 1  # position of the token drawn after `cur`
-        window = history[max(0, p - W) : p].to(logits.device).unsqueeze(0) if W else None
+        window = penalty_window(history, p, s)
+        window = window.to(logits.device) if window is not None else None
         tok = int(sample(logits[cur : cur + 1], window, [p], s)[0])
         history[p] = tok
         tokens.append(tok)
