@@ -373,24 +373,25 @@ def int4_lms(tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("n", [300, pytest.param(1000, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
-def test_int4_self_draft_equals_ar_on_tiny_models(int4_lms, kind, sampler, monkeypatch):
+def test_int4_self_draft_equals_ar_on_tiny_models(int4_lms, kind, sampler, n, monkeypatch):
     """The chained int4 self-draft (the default drafter), partial and full draft caches, with
-    chains, siblings and n-grams every iteration: 1,000 tokens identical to AR."""
+    chains, siblings and n-grams every iteration: n tokens identical to AR (1,000 in the slow run)."""
     lm = int4_lms[kind]
     assert lm.int4 is not None and lm.int4.layers[0].w_down.kernel  # the real int4 kernel runs
     torch.manual_seed(3)
     prompt = torch.randint(0, 96, (100,)).tolist()
     kw = dict(ignore_eos=True, **SAMPLERS[sampler])
-    want = lm.generate(prompt, 1000, method="ar", **kw).tokens
+    want = lm.generate(prompt, n, method="ar", **kw).tokens
     _force_costs(monkeypatch, drafts_pay=True)
     for partial in (True, False):
-        res = lm.generate(prompt, 1000, method="tokenswift", draft_budget=64 if partial else 4096, **kw)
+        res = lm.generate(prompt, n, method="tokenswift", draft_budget=64 if partial else 4096, **kw)
         assert res.tokens == want, f"partial={partial}"
         st = res.stats
         assert st["drafter"] == "chain" and st["draft_weights"] == "int4"
-        assert st["accepted_draft_tokens"] > 50  # the walk descends the chains
+        assert st["accepted_draft_tokens"] > n // 20  # the walk descends the chains
         assert (st["draft_refreshes"] > 0) == partial
 
 
