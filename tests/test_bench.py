@@ -50,14 +50,16 @@ def test_bench_records_every_checkpoint_of_one_run(tiny, tmp_path):
         assert r["distinct_2_vs_ar"] == pytest.approx(0.0)  # same tokens, same Distinct-n
         assert r["peak_memory_mib"] > 0
         if r["method"] == "ar":
-            assert r["speedup"] == pytest.approx(1.0)
+            assert r["speedup"] == pytest.approx(1.0) and r["depth_acceptance"] is None
+        elif r["method"] == "tokenswift":  # the chain's per-depth acceptance, each a share
+            assert r["depth_acceptance"] and all(0.0 <= a <= 1.0 for a in r["depth_acceptance"])
     by = {(r["method"], r["length"]): r for r in recs}
     assert by[("ar", 10)]["wall_seconds"] < by[("ar", 80)]["wall_seconds"]  # checkpoints of one run
     assert "auto" in res["runs"]["tokenswift"] and res["runs"]["tokenswift"]["auto"]["changes"]
 
     write_csv(res, tmp_path / "b.csv")
     rows = list(csv.DictReader(open(tmp_path / "b.csv")))
-    assert len(rows) == 12 and {"speedup", "distinct_4", "acceptance_rate"} <= set(rows[0])
+    assert len(rows) == 12 and {"speedup", "distinct_4", "acceptance_rate", "depth_acceptance"} <= set(rows[0])
     md = table(res)
     assert md.count("\n") == 1 + 12 and "| tokenswift-paper | 80 |" in md
     write_png(res, tmp_path / "b.png")

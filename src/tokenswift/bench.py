@@ -101,7 +101,8 @@ class Checkpoints:
             "method": self.method, "length": L, "wall_seconds": wall, "prefill_seconds": prefill,
             "decode_seconds": decode, "tokens_per_s": L / wall, "decode_tokens_per_s": L / decode,
             "acceptance_rate": stats.get("acceptance_rate"), "tokens_per_iteration": stats.get("tokens_per_iteration"),
-            "ngram_share": stats.get("ngram_share"), "peak_memory_mib": peak_memory_mib(self.device),
+            "ngram_share": stats.get("ngram_share"), "depth_acceptance": stats.get("depth_acceptance"),
+            "peak_memory_mib": peak_memory_mib(self.device),
         }
         for n in (1, 2, 3, 4):
             rec[f"distinct_{n}"] = distinct_n(gen, n)
@@ -280,7 +281,7 @@ def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Seque
 
 CSV_FIELDS = ("method", "length", "wall_seconds", "prefill_seconds", "decode_seconds", "tokens_per_s",
               "decode_tokens_per_s", "speedup", "decode_speedup", "acceptance_rate", "tokens_per_iteration",
-              "ngram_share", "distinct_1", "distinct_2", "distinct_3", "distinct_4", "peak_memory_mib", "same_as_ar")
+              "ngram_share", "depth_acceptance", "distinct_1", "distinct_2", "distinct_3", "distinct_4", "peak_memory_mib", "same_as_ar")
 
 
 def write_csv(result: dict[str, Any], path: str | Path) -> None:
@@ -288,7 +289,8 @@ def write_csv(result: dict[str, Any], path: str | Path) -> None:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in result["records"]:
-            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+            w.writerow({k: (round(v, 4) if isinstance(v, float) else
+                            " ".join(f"{a:.3f}" for a in v) if isinstance(v, list) else v) for k, v in r.items()})
 
 
 def write_png(result: dict[str, Any], path: str | Path, title: str = "") -> None:
@@ -323,9 +325,9 @@ def write_png(result: dict[str, Any], path: str | Path, title: str = "") -> None
 
 def table(result: dict[str, Any]) -> str:
     """A Markdown table of the records."""
-    head = ("| method | new tokens | wall s | tok/s | speedup | acceptance | tok/iter | n-gram share "
-            "| Distinct-1/2/3/4 | peak MiB | = ar |")
-    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+    head = ("| method | new tokens | wall s | tok/s | speedup | acceptance | tok/iter | acceptance by depth "
+            "| n-gram share | Distinct-1/2/3/4 | peak MiB | = ar |")
+    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
 
     def f(v: Any, d: int = 2) -> str:
         return "—" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
@@ -333,7 +335,9 @@ def table(result: dict[str, Any]) -> str:
     for r in sorted(result["records"], key=lambda r: (r["length"], result["methods"].index(r["method"]))):
         dn = "/".join(f"{r[f'distinct_{n}']:.3f}" for n in (1, 2, 3, 4))
         same = {True: "yes", False: "NO", None: "—"}[r["same_as_ar"]]
+        # the first four depths: how often the walk drew the drafted token once it got there
+        depth = " ".join(f"{a:.2f}" for a in r["depth_acceptance"][:4]) if r.get("depth_acceptance") else "—"
         lines.append(f"| {r['method']} | {r['length']} | {r['wall_seconds']:.1f} | {r['tokens_per_s']:.2f} | "
                      f"{f(r['speedup'])}x | {f(r['acceptance_rate'], 3)} | {f(r['tokens_per_iteration'])} | "
-                     f"{f(r['ngram_share'], 3)} | {dn} | {r['peak_memory_mib']:.0f} | {same} |")
+                     f"{depth} | {f(r['ngram_share'], 3)} | {dn} | {r['peak_memory_mib']:.0f} | {same} |")
     return "\n".join(lines)
