@@ -298,27 +298,29 @@ def tiny_lms(tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("n", [400, pytest.param(1000, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_tokenswift_equals_ar_on_tiny_models(tiny_lms, kind, sampler):
-    """Static tree (the paper's): every drafting path is taken every iteration."""
+def test_tokenswift_equals_ar_on_tiny_models(tiny_lms, kind, sampler, n):
+    """Static tree (the paper's): every drafting path is taken every iteration; n tokens (1,000
+    in the slow run)."""
     lm, heads = tiny_lms[kind]
     torch.manual_seed(3)
     prompt = torch.randint(0, 96, (100,)).tolist()
     kw = dict(ignore_eos=True, **SAMPLERS[sampler])
     lm.heads = None
-    want = lm.generate(prompt, 1000, method="ar", **kw).tokens
+    want = lm.generate(prompt, n, method="ar", **kw).tokens
     accepted = 0
     for use_heads, use_ngrams, partial in COMBOS:
         lm.heads = heads if use_heads else None
-        res = lm.generate(prompt, 1000, method="tokenswift", use_ngrams=use_ngrams, tree="1,3,3,3",
+        res = lm.generate(prompt, n, method="tokenswift", use_ngrams=use_ngrams, tree="1,3,3,3",
                           draft_budget=64 if partial else 4096, full_kv_draft=not partial, **kw)
         assert res.tokens == want, f"heads={use_heads} ngrams={use_ngrams} partial={partial}"
         accepted += res.stats["accepted_draft_tokens"]
         if partial:
             assert res.stats["draft_refreshes"] > 0  # B=64 < context: the partial cache was used
     lm.heads = None
-    ngram = lm.generate(prompt, 1000, method="ngram", **kw)
+    ngram = lm.generate(prompt, n, method="ngram", **kw)
     assert ngram.tokens == want
     assert accepted > 20  # the walk really descended into drafts, not only rejected them
 
@@ -434,17 +436,21 @@ def test_spec_config_validates():
 # --- the embedded model --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("n", [300, pytest.param(1000, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
-def test_tokenswift_equals_ar_on_smollm2(smollm, cdne_ids, sampler):
+def test_tokenswift_equals_ar_on_smollm2(smollm, cdne_ids, sampler, n):
+    """The paper's static tree and the defaults (int4 chains, auto plan) over a partial cache:
+    n tokens identical to AR (1,000 in the slow run)."""
     prompt = cdne_ids[2000:2512]
     kw = dict(ignore_eos=True, **SAMPLERS[sampler])
-    want = smollm.generate(prompt, 1000, method="ar", **kw).tokens
-    got = smollm.generate(prompt, 1000, method="tokenswift", tree="1,3,3,3", draft_budget=256, **kw)
+    want = smollm.generate(prompt, n, method="ar", **kw).tokens
+    got = smollm.generate(prompt, n, method="tokenswift", tree="1,3,3,3", draft_budget=256, **kw)
     assert got.tokens == want
     assert got.stats["draft_refreshes"] > 0
-    auto = smollm.generate(prompt, 1000, draft_budget=256, **kw)  # the defaults: int4 chains, auto plan
+    auto = smollm.generate(prompt, n, draft_budget=256, **kw)
     assert auto.tokens == want
-    assert auto.stats["draft_weights"] == "int4" and auto.stats["accepted_draft_tokens"] > 300
+    # how often drafts pay depends on this machine's measured costs: ask only that some were taken
+    assert auto.stats["draft_weights"] == "int4" and auto.stats["accepted_draft_tokens"] > n // 10
 
 
 @pytest.mark.slow
