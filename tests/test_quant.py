@@ -52,7 +52,7 @@ def test_kernel_matches_its_dequantized_weights_and_odd_widths_fall_back():
         quantize_int4(torch.randn(8, 48))
 
 
-def test_int4_copy_shares_the_small_tensors_and_needs_unpacked_weights():
+def test_int4_copy_shares_the_small_tensors_and_reads_packed_weights_back():
     from conftest import tiny_hf_model
     from tokenswift.loading import load_model
 
@@ -71,9 +71,12 @@ def test_int4_copy_shares_the_small_tensors_and_needs_unpacked_weights():
         a, b = m.logits(m(x, pos)), q.logits(q(x, pos))
     # random Gaussian weights lose ~10 % a matrix at 4 bits (real ones far less: see below)
     assert float((a - b).norm() / a.norm()) < 0.4
-    assert m.pack()
-    with pytest.raises(ValueError, match="before pack"):
-        m.int4_copy()
+    assert m.pack()  # oneDNN-packed weights are read back exactly: the same int4 copy
+    p = m.int4_copy()
+    for name in ("wqkv", "wo", "w_gate_up", "w_down"):
+        a, b = getattr(q.layers[1], name), getattr(p.layers[1], name)
+        assert torch.equal(a.packed, b.packed) and torch.equal(a.scale_zero, b.scale_zero)
+    assert torch.equal(q.lm_head.packed, p.lm_head.packed)
 
 
 def test_int4_copy_of_smollm2_samples_close_to_the_model(smollm, cdne_ids):

@@ -397,6 +397,32 @@ def test_int4_self_draft_equals_ar_on_tiny_models(int4_lms, kind, sampler, n, mo
         assert (st["draft_refreshes"] > 0) == partial
 
 
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_short_runs_draft_with_ngrams_only_and_build_no_int4_copy(tmp_path, sampler):
+    """Below SELF_DRAFT_MIN_TOKENS the auto plan does not self-draft, so the int4 copy is not
+    built (a second of work a short run cannot pay back); the first longer run builds it."""
+    from tokenswift.engine import SELF_DRAFT_MIN_TOKENS
+    from tokenswift.quant import int4_kernel_available
+
+    hf = tiny_hf_model("llama", seed=1, max_position_embeddings=2048, scale=0.3, intermediate_size=128)
+    hf.save_pretrained(tmp_path)
+    lm = tokenswift.load(str(tmp_path), heads="none")
+    torch.manual_seed(6)
+    prompt = torch.randint(0, 96, (50,)).tolist() * 2  # repeated: n-grams have something to match
+    kw = dict(ignore_eos=True, **SAMPLERS[sampler])
+    n = SELF_DRAFT_MIN_TOKENS
+    want = lm.generate(prompt, n, method="ar", **kw).tokens
+    short = lm.generate(prompt, n - 1, **kw)
+    assert short.tokens == want[: n - 1]
+    assert short.stats["drafter"] == "none" and lm._int4 is None
+    full = lm.generate(prompt, n, **kw)
+    assert full.tokens == want and full.stats["drafter"] == "chain"
+    if int4_kernel_available():
+        assert full.stats["draft_weights"] == "int4" and lm._int4 is not None
+    # a static tree is the paper's draft, asked for: it drafts whatever the length
+    assert lm.generate(prompt, 20, tree="1,2", **kw).stats["drafter"] != "none"
+
+
 def test_draft_pass_reads_at_most_the_budget(tiny_lms, monkeypatch):
     """At a context 18x the budget, every ordinary draft pass attends to <= B+1 entries per layer;
     full-context refreshes happen only once per recent window."""

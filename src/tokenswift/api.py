@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
 from .config import RopeScaling, SamplingConfig, SpecConfig
-from .engine import METHODS, Step, generate_ar, generate_speculative
+from .engine import METHODS, Step, generate_ar, generate_speculative, self_drafts
 from .heads import DraftHeads, resolve_heads
 from .loading import DEFAULT_MODEL, load_model
+from .model import Decoder
+
+log = logging.getLogger("tokenswift")
 
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -57,7 +62,9 @@ class LM:
 
     def __init__(self, loaded: Any, heads: DraftHeads | None = None) -> None:
         self.model = loaded.model
-        self.int4 = loaded.int4  # the int4 copy the self-draft runs, or None
+        self._int4: Decoder | None = None
+        self._int4_wanted = loaded.int4
+        self._int4_lock = threading.Lock()
         self.heads = heads
         self.tokenizer = loaded.tokenizer
         self.config = loaded.model.cfg
@@ -67,6 +74,17 @@ class LM:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(int(self.tokenizer.eos_token_id))
         self.eos_token_ids = tuple(sorted(eos))
+
+    @property
+    def int4(self) -> Decoder | None:
+        """The int4 copy of the model that the self-draft runs, built on first use (about a
+        second for 135M parameters); None when the model was loaded with draft_weights "float",
+        or "auto" where torch's int4 kernel does not exist."""
+        with self._int4_lock:  # server threads: build it once
+            if self._int4 is None and self._int4_wanted:
+                self._int4 = self.model.int4_copy()
+                log.info("built the int4 copy the self-draft runs")
+            return self._int4
 
     # -- text <-> ids -------------------------------------------------------------------------
 
@@ -186,8 +204,10 @@ class LM:
         spec = SpecConfig(gamma=gamma, tree=tree if isinstance(tree, str) else tuple(tree), ngram_topk=ngram_topk,
                           draft_budget=draft_budget, use_ngrams=use_ngrams, use_heads=use_heads,
                           full_kv_draft=full_kv_draft, max_nodes=max_nodes, draft_weights=draft_weights)
+        # the int4 copy is built only for a run that drafts with it
+        int4 = self.int4 if spec.draft_weights != "float" and self_drafts(method, spec, max_new_tokens) else None
         return generate_speculative(self.model, self.heads, ids, max_new_tokens, sampling, spec,
-                                    self.eos_token_ids, ignore_eos, method=method, int4=self.int4)
+                                    self.eos_token_ids, ignore_eos, method=method, int4=int4)
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 256, **kw: Any) -> GenerationResult:
         """Generates up to `max_new_tokens` tokens; see `steps` for the options."""
@@ -230,8 +250,9 @@ def load(
     directory (config.json + safetensors). `rope_scaling` such as `"yarn:4"` extends the context.
 
     `heads`: "auto" (the heads shipped for a known model, else none), "none", or a heads file.
-    `draft_weights`: "auto" builds the int4 copy the self-draft runs where torch's int4 kernel
-    exists, "int4" always, "float" never (the draft then runs the model's own weights).
+    `draft_weights`: "auto" lets the self-draft run an int4 copy of the model where torch's int4
+    kernel exists (built by the first run that drafts: `LM.int4`), "int4" always, "float" never
+    (the draft then runs the model's own weights).
     """
     loaded = load_model(model, device=device, dtype=dtype, rope_scaling=rope_scaling, draft_weights=draft_weights)
     return LM(loaded, heads=resolve_heads(heads, loaded.model, loaded.name))

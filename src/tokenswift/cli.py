@@ -349,10 +349,9 @@ def _run_generate(args: argparse.Namespace, ck: Any, ck_path: Path | None) -> in
 
     import tokenswift
 
-    # the int4 copy only where the self-draft will run it (building it takes about a second)
-    dw = o["spec"].get("draft_weights", "auto") if o["method"] == "tokenswift" else "float"
+    # the int4 copy is built only if the run drafts with it (`LM.int4`)
     lm = tokenswift.load(o["model"], heads=o["heads"], device=o["device"], dtype=o["dtype"],
-                         rope_scaling=o["rope_scaling"], draft_weights=dw)
+                         rope_scaling=o["rope_scaling"], draft_weights=o["spec"].get("draft_weights", "auto"))
     fp = model_fingerprint(lm.config)
     if ck.model_fingerprint is not None and ck.model_fingerprint != fp:
         raise CliError(f"checkpoint {args.resume} was written by a model shaped {ck.model_fingerprint}, "

@@ -131,6 +131,18 @@ class Counters:
         return [round(h / r, 4) if r else 0.0 for h, r in zip(self.hits, self.reached)]
 
 
+# Below this many new tokens the auto plan drafts with n-grams only (plain steps where none
+# match): the int4 copy takes about a second to build for 135M parameters, and the planner needs
+# a few iterations to learn what a draft costs, so a self-draft cannot pay back in a short run.
+SELF_DRAFT_MIN_TOKENS = 128
+
+
+def self_drafts(method: str, spec: SpecConfig, max_new_tokens: int) -> bool:
+    """Whether a run drafts with the model itself (and so needs the draft weights). Static
+    trees (the paper's drafts) always do: they were asked for."""
+    return method == "tokenswift" and (not spec.auto or max_new_tokens >= SELF_DRAFT_MIN_TOKENS)
+
+
 def resolve_draft_model(model: Decoder, int4: Decoder | None, spec: SpecConfig) -> Decoder:
     """The weights the self-draft runs: the int4 copy unless asked for the float ones."""
     if spec.draft_weights == "float":
@@ -138,7 +150,7 @@ def resolve_draft_model(model: Decoder, int4: Decoder | None, spec: SpecConfig) 
     if int4 is None:
         if spec.draft_weights == "int4":
             raise ValueError("draft_weights 'int4' needs the model's int4 copy: load it with draft_weights='int4' "
-                             "(the default where torch's int4 kernel exists)")
+                             "or 'auto' (torch's int4 kernel must exist)")
         return model
     return int4
 
@@ -150,16 +162,19 @@ class SpeculativeRun:
 
     Drafters only propose; this class alone verifies, walks and commits."""
 
-    def __init__(self, model: Decoder, draft_model: Decoder, heads: DraftHeads | None, prompt: Sequence[int],
+    def __init__(self, model: Decoder, draft_model: Decoder | None, heads: DraftHeads | None, prompt: Sequence[int],
                  max_new_tokens: int, sampling: SamplingConfig, spec: SpecConfig, method: str) -> None:
+        """`draft_model` (the model or its int4 copy) is needed when `self_drafts(...)`."""
         self.model = model
         self.sampling = sampling
         self.spec = spec
         self.method = method
         self.timer = Timer()
         self.c = Counters()
-        use_draft = method == "tokenswift"
-        self.auto = use_draft and spec.auto
+        use_draft = self_drafts(method, spec, max_new_tokens)
+        if use_draft and draft_model is None:
+            raise ValueError("this run drafts with the model itself: give draft_model")
+        self.auto = method == "tokenswift" and spec.auto
         self.use_heads = use_draft and not self.auto and spec.use_heads and heads is not None
         # static trees are the paper's drafts (one pass + heads); auto chains the draft passes
         self.chain = self.auto
@@ -378,7 +393,8 @@ def generate_speculative(
     int4: Decoder | None = None,
 ) -> Iterator[Step]:
     """TokenSwift (method "tokenswift") and prompt-lookup drafting (method "ngram"); `int4` is
-    the model's int4 copy for the self-draft (`Decoder.int4_copy`)."""
-    run = SpeculativeRun(model, resolve_draft_model(model, int4, spec), heads, prompt, max_new_tokens, sampling,
-                         spec, method)
+    the model's int4 copy for the self-draft (`Decoder.int4_copy`), needed only when
+    `self_drafts(...)`."""
+    draft = resolve_draft_model(model, int4, spec) if self_drafts(method, spec, max_new_tokens) else None
+    run = SpeculativeRun(model, draft, heads, prompt, max_new_tokens, sampling, spec, method)
     yield from run.steps(eos_ids, ignore_eos)

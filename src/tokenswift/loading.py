@@ -36,7 +36,9 @@ class Loaded:
     tokenizer: Any | None  # a transformers tokenizer, or None for a directory without one
     name: str
     source: Path
-    int4: Decoder | None = None  # the int4 copy the self-draft runs (`Decoder.int4_copy`)
+    # whether the self-draft runs an int4 copy of the model (`Decoder.int4_copy`): built on
+    # first use, since only runs that self-draft need it (`LM.int4`)
+    int4: bool = False
 
 
 def default_device() -> torch.device:
@@ -102,9 +104,10 @@ def load_model(
     draft_weights: str = "auto",
 ) -> Loaded:
     """`pack=False` keeps plain weight tensors (autograd through the LM head, as head training
-    needs); packing only changes the speed of CPU inference. `draft_weights` "int4" builds the
-    int4 copy the self-draft runs (its weights a quarter of float32's bytes, about a second
-    for 135M parameters), "float" does not, "auto" builds it where torch's int4 kernel exists."""
+    needs); packing only changes the speed of CPU inference. `draft_weights` "int4" means that
+    the self-draft runs an int4 copy of the model (its weights a quarter of float32's bytes,
+    about a second to build for 135M parameters, built when a run first needs it: `LM.int4`),
+    "float" that it runs the model's own weights, "auto" int4 where torch's int4 kernel exists."""
     if draft_weights not in ("auto", "int4", "float"):
         raise ValueError(f"draft_weights must be one of auto, int4, float, got {draft_weights!r}")
     dev = torch.device(device) if device is not None else default_device()
@@ -122,9 +125,7 @@ def load_model(
     dec.load_tensors(tensors)
     dec.eval()
     del tensors
-    int4 = None
-    if draft_weights == "int4" or (draft_weights == "auto" and dev.type == "cpu" and int4_kernel_available()):
-        int4 = dec.int4_copy()
+    int4 = draft_weights == "int4" or (draft_weights == "auto" and dev.type == "cpu" and int4_kernel_available())
     if pack and dev.type == "cpu" and dec.pack():
         log.info("weights packed for oneDNN")
     tok = None
