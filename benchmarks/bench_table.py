@@ -1,9 +1,10 @@
 """The README's benchmark tables, made by `tokenswift bench` (this script only fixes the options).
 
     python benchmarks/bench_table.py cpu       # 2,048-token cdne prefix, 4,096 new tokens,
-                                               # ar / tokenswift / ngram / transformers (+ lookup)
+                                               # ar / tokenswift / llama.cpp on the same GGUF
+    python benchmarks/bench_table.py transformers  # the same against transformers (+ its lookup)
     python benchmarks/bench_table.py ablations # short run: auto vs the paper's static trie, no heads
-    python benchmarks/bench_table.py long      # one 16,384-token run read at 2K/4K/8K/16K
+    python benchmarks/bench_table.py long      # one 16,384-token run read at 1K/2K/4K/8K/16K
     python benchmarks/bench_table.py yarn32k   # past SmolLM2's 8K context: YaRN x4, 32K in all
 
 Extra arguments go to `tokenswift bench` (e.g. --out DIR, --device cuda --dtype bfloat16).
@@ -16,10 +17,12 @@ import sys
 from tokenswift.cli import main
 
 PRESETS = {
-    "cpu": ["--prefix", "2048", "--lengths", "512,1024,2048,4096", "--methods", "ar,tokenswift,ngram,hf,hf-lookup"],
+    "cpu": ["--prefix", "2048", "--lengths", "1024,2048,4096", "--methods", "ar,tokenswift,llamacpp"],
+    "transformers": ["--prefix", "2048", "--lengths", "512,1024,2048,4096",
+                     "--methods", "ar,tokenswift,ngram,hf,hf-lookup"],
     "ablations": ["--prefix", "2048", "--lengths", "256,512",
                   "--methods", "ar,tokenswift,tokenswift-paper,tokenswift-noheads,tokenswift-nongrams"],
-    "long": ["--prefix", "2048", "--lengths", "2048,4096,8192,16384", "--methods", "ar,tokenswift,ngram"],
+    "long": ["--prefix", "2048", "--lengths", "1024,2048,4096,8192,16384", "--methods", "ar,tokenswift,llamacpp"],
     "yarn32k": ["--prefix", "16384", "--lengths", "4096,8192,16384", "--methods", "ar,tokenswift",
                 "--rope-scaling", "yarn:4"],
 }
