@@ -78,6 +78,24 @@ def test_bench_skips_missing_extras_and_names_bad_methods(tiny, monkeypatch):
         run_bench(tiny, [1, 2, 3], [0], ["ar"])
 
 
+def test_a_failing_external_method_keeps_the_other_runs(tiny, monkeypatch):
+    """Another project's API changing under us (it did: llama-cpp-python moved the seed) must
+    not lose the runs made before it; our own methods' errors still raise."""
+    import tokenswift.bench as bench
+
+    def broken(*a, **k):
+        raise TypeError("generate() got an unexpected keyword argument 'seed'")
+
+    monkeypatch.setattr(bench, "available", lambda name: None)
+    monkeypatch.setattr(bench, "run_llamacpp", broken)
+    res = run_bench(tiny, [1, 2, 3], [4], ["ar", "llamacpp", "tokenswift"])
+    assert res["runs"]["llamacpp"] == {"skipped": "TypeError: generate() got an unexpected keyword argument 'seed'"}
+    assert {r["method"] for r in res["records"]} == {"ar", "tokenswift"}
+    monkeypatch.setattr(bench, "run_ours", broken)
+    with pytest.raises(TypeError):
+        run_bench(tiny, [1, 2, 3], [4], ["ar"])
+
+
 def test_transformers_runs_our_sampler(tiny):
     """The hf methods get one logits processor = our penalty + filters, so transformers samples
     the same distribution; and the hf run itself yields checkpoint records."""
