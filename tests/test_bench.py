@@ -36,12 +36,13 @@ def tiny(tmp_path_factory):
 def test_bench_records_every_checkpoint_of_one_run(tiny, tmp_path):
     torch.manual_seed(0)
     prompt = torch.randint(0, 96, (64,)).tolist()
-    res = run_bench(tiny, prompt, [40, 10, 80], ["tokenswift", "ar", "ngram", "tokenswift-paper"],
+    # 130 tokens: runs this long self-draft (SELF_DRAFT_MIN_TOKENS)
+    res = run_bench(tiny, prompt, [40, 10, 130], ["tokenswift", "ar", "ngram", "tokenswift-paper"],
                     dict(PAPER_SAMPLING, seed=3))
-    assert res["methods"][0] == "ar" and res["lengths"] == [10, 40, 80]
+    assert res["methods"][0] == "ar" and res["lengths"] == [10, 40, 130]
     recs = res["records"]
     assert len(recs) == 4 * 3
-    want = tiny.generate(prompt, 80, method="ar", ignore_eos=True, **PAPER_SAMPLING, seed=3).tokens
+    want = tiny.generate(prompt, 130, method="ar", ignore_eos=True, **PAPER_SAMPLING, seed=3).tokens
     for r in recs:
         assert r["same_as_ar"] is True
         assert r["wall_seconds"] > r["decode_seconds"] > 0
@@ -54,14 +55,14 @@ def test_bench_records_every_checkpoint_of_one_run(tiny, tmp_path):
         elif r["method"] == "tokenswift":  # the chain's per-depth acceptance, each a share
             assert r["depth_acceptance"] and all(0.0 <= a <= 1.0 for a in r["depth_acceptance"])
     by = {(r["method"], r["length"]): r for r in recs}
-    assert by[("ar", 10)]["wall_seconds"] < by[("ar", 80)]["wall_seconds"]  # checkpoints of one run
+    assert by[("ar", 10)]["wall_seconds"] < by[("ar", 130)]["wall_seconds"]  # checkpoints of one run
     assert "auto" in res["runs"]["tokenswift"] and res["runs"]["tokenswift"]["auto"]["changes"]
 
     write_csv(res, tmp_path / "b.csv")
     rows = list(csv.DictReader(open(tmp_path / "b.csv")))
     assert len(rows) == 12 and {"speedup", "distinct_4", "acceptance_rate", "depth_acceptance"} <= set(rows[0])
     md = table(res)
-    assert md.count("\n") == 1 + 12 and "| tokenswift-paper | 80 |" in md
+    assert md.count("\n") == 1 + 12 and "| tokenswift-paper | 130 |" in md
     write_png(res, tmp_path / "b.png")
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
