@@ -164,16 +164,15 @@ class SpeculativeRun:
 
     def __init__(self, model: Decoder, draft_model: Decoder | None, heads: DraftHeads | None, prompt: Sequence[int],
                  max_new_tokens: int, sampling: SamplingConfig, spec: SpecConfig, method: str) -> None:
-        """`draft_model` (the model or its int4 copy) is needed when `self_drafts(...)`."""
+        """`draft_model` (the model or its int4 copy) when the run self-drafts, None when it does
+        not (`self_drafts` decides: `generate_speculative`)."""
         self.model = model
         self.sampling = sampling
         self.spec = spec
         self.method = method
         self.timer = Timer()
         self.c = Counters()
-        use_draft = self_drafts(method, spec, max_new_tokens)
-        if use_draft and draft_model is None:
-            raise ValueError("this run drafts with the model itself: give draft_model")
+        use_draft = draft_model is not None
         self.auto = method == "tokenswift" and spec.auto
         self.use_heads = use_draft and not self.auto and spec.use_heads and heads is not None
         # static trees are the paper's drafts (one pass + heads); auto chains the draft passes
