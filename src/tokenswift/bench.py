@@ -289,7 +289,8 @@ def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Seque
 
 CSV_FIELDS = ("method", "length", "wall_seconds", "prefill_seconds", "decode_seconds", "tokens_per_s",
               "decode_tokens_per_s", "speedup", "decode_speedup", "acceptance_rate", "tokens_per_iteration",
-              "ngram_share", "depth_acceptance", "distinct_1", "distinct_2", "distinct_3", "distinct_4", "peak_memory_mib", "same_as_ar")
+              "ngram_share", "depth_acceptance", "distinct_1", "distinct_2", "distinct_3", "distinct_4",
+              "peak_memory_mib", "same_as_ar")
 
 
 def write_csv(result: dict[str, Any], path: str | Path) -> None:
