@@ -91,3 +91,39 @@ def test_int4_copy_of_smollm2_samples_close_to_the_model(smollm, cdne_ids):
         q = final_logprobs(smollm.int4.logits(smollm.int4(ids, pos)[0]), None, s).exp()
     tv = 0.5 * (p - q).abs().sum(-1)  # [256]
     assert float(tv.mean()) < 0.03, float(tv.mean())
+
+
+def test_int4_head_redoes_every_logit_near_the_best(monkeypatch):
+    """The sampler may keep hundreds of tokens where a distribution is flat (min-p): an int4
+    copy recomputes from float rows every logit within HEAD_MARGIN of its row's best, however
+    many, and leaves the rest as the int4 head gave them."""
+    import torch.nn.functional as F
+
+    from conftest import tiny_hf_model
+    from tokenswift import model as model_mod
+    from tokenswift.loading import load_model
+    import tempfile
+
+    hf = tiny_hf_model("llama", intermediate_size=128)
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        m = load_model(d, device="cpu", pack=False, draft_weights="float").model
+    q = m.int4_copy()
+    monkeypatch.setattr(model_mod, "HEAD_SHORTLIST", 2)
+    h = torch.randn(3, m.cfg.hidden_size)
+    with torch.no_grad():
+        hn = F.rms_norm(h, (h.shape[-1],), q.norm, m.cfg.rms_norm_eps)
+        approx = model_mod.linear(hn, q.lm_head, None).float()  # [3, V] the int4 head alone
+        exact = (hn.to(q.head_rows.dtype) @ q.head_rows.T).float()
+        gap = approx.amax(-1, keepdim=True) - approx
+        margin = float(gap.kthvalue(12, dim=-1).values.min())  # ~12 tokens per row lie within it
+        monkeypatch.setattr(model_mod, "HEAD_MARGIN", margin)
+        got = q.logits(h)
+    near = gap <= margin
+    assert int(near.sum(-1).min()) > 2  # more than the shortlist: the margin decides
+    torch.testing.assert_close(got[near], exact[near])
+    k = int(near.sum(-1).max())
+    far = torch.ones_like(near)
+    far.scatter_(-1, approx.topk(k, dim=-1).indices, False)
+    assert torch.equal(got[far], approx[far])
+    assert not torch.allclose(approx[near], exact[near])  # the int4 head alone would be off there
