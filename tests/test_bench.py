@@ -97,6 +97,30 @@ def test_a_failing_external_method_keeps_the_other_runs(tiny, monkeypatch):
         run_bench(tiny, [1, 2, 3], [4], ["ar"])
 
 
+def test_each_finished_method_is_handed_over_before_the_next_runs(tiny, monkeypatch):
+    """A 16K bench runs for hours: what it finished must survive a stop (Ctrl-C, a crash)."""
+    import tokenswift.bench as bench
+
+    seen = []
+    res = run_bench(tiny, [1, 2, 3], [4, 6], ["tokenswift", "ar", "ngram"], on_method=seen.append)
+    assert [sorted({r["method"] for r in p["records"]}) for p in seen] == [["ar"], ["ar", "tokenswift"]]
+    assert all(p["partial"] for p in seen) and "partial" not in res
+    assert [r["speedup"] for r in seen[1]["records"] if r["method"] == "ar"] == [1.0, 1.0]
+
+    real = bench.run_ours
+
+    def stopped(lm, prompt, lengths, name, *a):
+        if name == "tokenswift":
+            raise KeyboardInterrupt
+        return real(lm, prompt, lengths, name, *a)
+
+    monkeypatch.setattr(bench, "run_ours", stopped)
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(tiny, [1, 2, 3], [4], ["ar", "tokenswift"], on_method=seen.append)
+    assert len(seen) == 1 and {r["method"] for r in seen[0]["records"]} == {"ar"}
+
+
 def test_transformers_runs_our_sampler(tiny):
     """The hf methods get one logits processor = our penalty + filters, so transformers samples
     the same distribution; and the hf run itself yields checkpoint records."""

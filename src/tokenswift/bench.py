@@ -235,8 +235,11 @@ def available(name: str) -> str | None:
 
 def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Sequence[str],
               sampling: dict[str, Any] | None = None,
-              progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Runs every method on `prompt` for max(lengths) new tokens; returns a JSON-ready result."""
+              progress: Callable[[str, int, int], None] | None = None,
+              on_method: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Runs every method on `prompt` for max(lengths) new tokens; returns a JSON-ready result.
+    `on_method` gets the result so far after each method (`"partial": True` until the last), so
+    a long bench that is stopped keeps the methods it finished."""
     lengths = sorted({int(L) for L in lengths})
     if not lengths or lengths[0] < 1:
         raise ValueError(f"lengths must be positive integers, got {list(lengths)}")
@@ -275,6 +278,14 @@ def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Seque
             if "auto" in stats:
                 run["auto"] = stats["auto"]
         runs[name] = run
+        if on_method is not None and name != order[-1]:
+            on_method(_result(records, runs, lengths, order, prompt, sampling, partial=True))
+    return _result(records, runs, lengths, order, prompt, sampling, partial=False)
+
+
+def _result(records: list[dict[str, Any]], runs: dict[str, Any], lengths: list[int], order: Sequence[str],
+            prompt: list[int], sampling: dict[str, Any], partial: bool) -> dict[str, Any]:
+    """The JSON-ready result of the runs so far, each record compared with `ar`'s."""
     ar = {r["length"]: r for r in records if r["method"] == "ar"}
     for r in records:
         base = ar.get(r["length"])
@@ -283,8 +294,11 @@ def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Seque
         if base:
             for n in (1, 2, 3, 4):
                 r[f"distinct_{n}_vs_ar"] = r[f"distinct_{n}"] - base[f"distinct_{n}"]
-    return {"records": records, "runs": runs, "lengths": lengths, "methods": list(order),
-            "prompt_tokens": len(prompt), "sampling": sampling}
+    out = {"records": list(records), "runs": dict(runs), "lengths": lengths, "methods": list(order),
+           "prompt_tokens": len(prompt), "sampling": sampling}
+    if partial:
+        out["partial"] = True
+    return out
 
 
 CSV_FIELDS = ("method", "length", "wall_seconds", "prefill_seconds", "decode_seconds", "tokens_per_s",

@@ -607,23 +607,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     prompt = ids[: args.prefix]
     sampling = dict(temperature=0.0, seed=args.seed) if args.greedy else dict(PAPER_SAMPLING, seed=args.seed)
 
-    bars = _BenchBars()
-    t0 = time.perf_counter()
-    try:
-        result = run_bench(lm, prompt, lengths, methods, sampling, progress=bars)
-    finally:
-        bars.close()
-    result.update({
-        "model": lm.name, "heads": args.heads, "prompt_file": str(text_path), "rope_scaling": rope,
-        "device": str(lm.model.device), "dtype": str(lm.model.dtype).replace("torch.", ""),
-        "threads": torch_threads(), "bench_seconds": time.perf_counter() - t0,
-        "command": "tokenswift " + " ".join(sys.argv[1:]) if sys.argv and "tokenswift" in sys.argv[0] else None,
-    })
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"bench-{args.prefix}-{lengths[-1]}"
     paths = {ext: args.out / f"{stem}.{ext}" for ext in ("json", "csv", "png")}
-    paths["json"].write_text(json.dumps(result, indent=1, default=str))
-    write_csv(result, paths["csv"])
+    t0 = time.perf_counter()
+
+    def save(result: dict[str, Any]) -> None:  # after each method too: a stopped bench keeps them
+        result.update({
+            "model": lm.name, "heads": args.heads, "prompt_file": str(text_path), "rope_scaling": rope,
+            "device": str(lm.model.device), "dtype": str(lm.model.dtype).replace("torch.", ""),
+            "threads": torch_threads(), "bench_seconds": time.perf_counter() - t0,
+            "command": "tokenswift " + " ".join(sys.argv[1:]) if sys.argv and "tokenswift" in sys.argv[0] else None,
+        })
+        args.out.mkdir(parents=True, exist_ok=True)
+        paths["json"].write_text(json.dumps(result, indent=1, default=str))
+        write_csv(result, paths["csv"])
+
+    bars = _BenchBars()
+    try:
+        result = run_bench(lm, prompt, lengths, methods, sampling, progress=bars, on_method=save)
+    finally:
+        bars.close()
+    save(result)
     try:
         write_png(result, paths["png"], title=f"{lm.name}, {args.prefix}-token prefix, "
                                                f"{'greedy' if args.greedy else 'paper sampler'}, {result['device']}")
