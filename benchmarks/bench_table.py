@@ -1,6 +1,6 @@
 """The README's benchmark tables, made by `tokenswift bench` (this script only fixes the options).
 
-    python benchmarks/bench_table.py cpu       # 2,048-token cdne prefix, 4,096 new tokens,
+    python benchmarks/bench_table.py cpu       # 2,048-token cdne prefix, 8,192 new tokens,
                                                # ar / tokenswift / llama.cpp on the same GGUF
     python benchmarks/bench_table.py transformers  # the same against transformers (+ its lookup)
     python benchmarks/bench_table.py ablations # short run: auto vs the paper's static trie, no heads
@@ -17,7 +17,7 @@ import sys
 from tokenswift.cli import main
 
 PRESETS = {
-    "cpu": ["--prefix", "2048", "--lengths", "1024,2048,4096", "--methods", "ar,tokenswift,llamacpp"],
+    "cpu": ["--prefix", "2048", "--lengths", "1024,2048,4096,8192", "--methods", "ar,tokenswift,llamacpp"],
     "transformers": ["--prefix", "2048", "--lengths", "512,1024,2048,4096",
                      "--methods", "ar,tokenswift,ngram,hf,hf-lookup"],
     "ablations": ["--prefix", "2048", "--lengths", "256,512",

@@ -121,6 +121,27 @@ def test_each_finished_method_is_handed_over_before_the_next_runs(tiny, monkeypa
     assert len(seen) == 1 and {r["method"] for r in seen[0]["records"]} == {"ar"}
 
 
+def test_same_as_ar_is_judged_per_length_and_the_first_difference_is_kept(tiny, monkeypatch):
+    import tokenswift.bench as bench
+
+    real = bench.run_ours
+
+    def one_token_off(lm, prompt, lengths, name, *a):
+        recs, tokens, stats = real(lm, prompt, lengths, name, *a)
+        if name == "ngram":
+            tokens = list(tokens)
+            tokens[6] = (tokens[6] + 1) % 96
+        return recs, tokens, stats
+
+    monkeypatch.setattr(bench, "run_ours", one_token_off)
+    res = run_bench(tiny, [1, 2, 3], [4, 6, 10], ["ar", "ngram", "tokenswift"])
+    same = {(r["method"], r["length"]): r["same_as_ar"] for r in res["records"]}
+    assert [same[("ngram", L)] for L in (4, 6, 10)] == [True, True, False]
+    assert all(same[("tokenswift", L)] for L in (4, 6, 10))
+    assert res["runs"]["ngram"]["first_difference"] == 6 and res["runs"]["ngram"]["same_as_ar"] is False
+    assert res["runs"]["tokenswift"]["first_difference"] is None
+
+
 def test_transformers_runs_our_sampler(tiny):
     """The hf methods get one logits processor = our penalty + filters, so transformers samples
     the same distribution; and the hf run itself yields checkpoint records."""

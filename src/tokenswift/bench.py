@@ -54,6 +54,11 @@ def distinct_n(tokens: Sequence[int], n: int) -> float:
     return len({tuple(tokens[i : i + n]) for i in range(total)}) / total
 
 
+def first_difference(tokens: Sequence[int], ref: Sequence[int]) -> int | None:
+    """Index of the first token that differs from `ref` (over the shorter length), None if none."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), None)
+
+
 def _reset_peak() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -268,11 +273,12 @@ def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Seque
             continue
         if name == "ar":
             ref = tokens
-        same = (tokens == ref[: len(tokens)]) if (ref is not None and name in OURS) else None
-        for r in recs:
-            r["same_as_ar"] = same
+        first = first_difference(tokens, ref) if (ref is not None and name in OURS) else None
+        for r in recs:  # per length: a late difference leaves the shorter lengths equal
+            r["same_as_ar"] = None if ref is None or name not in OURS else (first is None or first >= r["length"])
         records.extend(recs)
-        run = {"new_tokens": len(tokens), "same_as_ar": same}
+        run = {"new_tokens": len(tokens), "same_as_ar": None if ref is None or name not in OURS else first is None,
+               "first_difference": first}
         if stats:
             run["stats"] = {k: v for k, v in stats.items() if k != "auto"}
             if "auto" in stats:
