@@ -52,16 +52,21 @@ def test_kernel_matches_its_dequantized_weights_and_odd_widths_fall_back():
         quantize_int4(torch.randn(8, 48))
 
 
-def test_int4_copy_shares_the_small_tensors_and_reads_packed_weights_back():
+def _tiny_llama() -> Decoder:
+    """A tiny random Llama loaded as the library loads any model, weights not packed."""
+    import tempfile
+
     from conftest import tiny_hf_model
     from tokenswift.loading import load_model
 
     hf = tiny_hf_model("llama", intermediate_size=128)
-    import tempfile
-
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        m = load_model(d, device="cpu", pack=False, draft_weights="float").model
+        return load_model(d, device="cpu", pack=False, draft_weights="float").model
+
+
+def test_int4_copy_shares_the_small_tensors_and_reads_packed_weights_back():
+    m = _tiny_llama()
     q = m.int4_copy()
     assert q.embed is m.embed and q.layers[1].attn_norm is m.layers[1].attn_norm
     assert isinstance(q.layers[0].wqkv, Int4Weight) and isinstance(q.lm_head, Int4Weight)
@@ -99,15 +104,9 @@ def test_int4_head_redoes_every_logit_near_the_best(monkeypatch):
     many, and leaves the rest as the int4 head gave them."""
     import torch.nn.functional as F
 
-    from conftest import tiny_hf_model
     from tokenswift import model as model_mod
-    from tokenswift.loading import load_model
-    import tempfile
 
-    hf = tiny_hf_model("llama", intermediate_size=128)
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        m = load_model(d, device="cpu", pack=False, draft_weights="float").model
+    m = _tiny_llama()
     q = m.int4_copy()
     monkeypatch.setattr(model_mod, "HEAD_SHORTLIST", 2)
     h = torch.randn(3, m.cfg.hidden_size)

@@ -273,11 +273,12 @@ def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Seque
             continue
         if name == "ar":
             ref = tokens
-        first = first_difference(tokens, ref) if (ref is not None and name in OURS) else None
+        compared = ref is not None and name in OURS  # other engines draw their own random numbers
+        first = first_difference(tokens, ref) if compared else None
         for r in recs:  # per length: a late difference leaves the shorter lengths equal
-            r["same_as_ar"] = None if ref is None or name not in OURS else (first is None or first >= r["length"])
+            r["same_as_ar"] = (first is None or first >= r["length"]) if compared else None
         records.extend(recs)
-        run = {"new_tokens": len(tokens), "same_as_ar": None if ref is None or name not in OURS else first is None,
+        run = {"new_tokens": len(tokens), "same_as_ar": (first is None) if compared else None,
                "first_difference": first}
         if stats:
             run["stats"] = {k: v for k, v in stats.items() if k != "auto"}
