@@ -20,7 +20,6 @@ interpolation) are functions with table-driven tests; `AutoPlanner` holds the ru
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
