@@ -164,7 +164,7 @@ def test_transformers_runs_our_sampler(tiny):
     (["bench", "--methods", "ar,fast"], "--methods: unknown method 'fast'"),
     (["bench", "--lengths", "2k"], "--lengths must be comma-separated integers, got '2k'"),
     (["bench", "--lengths", "0,5"], "--lengths must be positive"),
-    (["bench", "--prompt-file", "/nonexistent/x.txt"], "--prompt-file /nonexistent/x.txt: No such file"),
+    (["bench", "--prompt-file", "/nonexistent/x.txt"], "prompt file /nonexistent/x.txt: No such file"),
 ])
 def test_bench_cli_errors_are_one_line(argv, msg, capsys):
     assert main(argv) == 2

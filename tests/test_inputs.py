@@ -1,9 +1,15 @@
 """One input contract for the Python API and the CLI (the server's column is in test_server.py):
-every bad input below gets a message that names the offending value. The API raises ValueError /
-FileNotFoundError; the CLI prints that message as one line (flags instead of keyword names) and
-exits 2, with no traceback and nothing on stdout."""
+every bad input below — hostile ones included: values that overflow or underflow, shapes that
+would size gigabytes of work, text that is not Unicode, hand-edited config.json files and
+checkpoints, paths that cannot be written — gets a message that names the offending value. The
+API raises ValueError / FileNotFoundError; the CLI prints that message as one line (flags
+instead of keyword names) and exits 2, with no traceback, nothing on stdout, nothing left
+behind."""
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import pytest
 import torch
@@ -32,18 +38,33 @@ def files(tmp_path_factory):
     (d / "pickled").mkdir()
     (d / "pickled" / "config.json").write_text((d / "tiny" / "config.json").read_text())
     (d / "pickled" / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    # the tiny model's weights under a hand-edited config.json
+    for name, field, value in [("heads0", "num_attention_heads", 0), ("hidden-64", "hidden_size", -64),
+                               ("hidden1e7", "hidden_size", 10_000_000), ("hiddenabc", "hidden_size", "abc"),
+                               ("hidden128", "hidden_size", 128)]:
+        shutil.copytree(d / "tiny", d / name)
+        cfg = json.loads((d / name / "config.json").read_text())
+        cfg[field] = value
+        (d / name / "config.json").write_text(json.dumps(cfg))
     return d
 
 
 # name, API call (lm, dir) -> anything, API message, CLI arguments of `generate`, CLI message
 CONTRACT = [
     ("max tokens 0", lambda lm, d: lm.generate("hi", 0), "max_new_tokens must be an integer >= 1, got 0",
-     ["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+     ["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1, got 0"),
     ("max tokens negative", lambda lm, d: lm.generate("hi", -3), "max_new_tokens must be an integer >= 1, got -3",
-     ["--prompt", "hi", "--max-new-tokens", "-3"], "--max-new-tokens must be >= 1, got -3"),
+     ["--prompt", "hi", "--max-new-tokens", "-3"], "--max-new-tokens must be an integer >= 1, got -3"),
     ("temperature < 0", lambda lm, d: lm.generate("hi", 4, temperature=-0.5),
-     "temperature must be >= 0 (0 = greedy), got -0.5",
-     ["--prompt", "hi", "--temperature", "-0.5"], "--temperature must be >= 0 (0 = greedy), got -0.5"),
+     "temperature must be 0 (greedy) or in [0.0001, 100], got -0.5",
+     ["--prompt", "hi", "--temperature", "-0.5"], "--temperature must be 0 (greedy) or in [0.0001, 100], got -0.5"),
+    ("temperature that underflows the sampler", lambda lm, d: lm.generate("hi", 4, temperature=1e-300),
+     "temperature must be 0 (greedy) or in [0.0001, 100], got 1e-300",
+     ["--prompt", "hi", "--temperature", "1e-300"], "--temperature must be 0 (greedy) or in [0.0001, 100], got 1e-300"),
+    ("penalty that underflows the sampler", lambda lm, d: lm.generate("hi", 4, penalty=1e-300),
+     "penalty must be in [0.0001, 10000] (1 = off), got 1e-300",
+     ["--prompt", "hi", "--repetition-penalty", "1e-300"],
+     "--repetition-penalty must be in [0.0001, 10000] (1 = off), got 1e-300"),
     ("top_p 0", lambda lm, d: lm.generate("hi", 4, top_p=0.0), "top_p must be in (0, 1], got 0.0",
      ["--prompt", "hi", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
     ("top_p > 1", lambda lm, d: lm.generate("hi", 4, top_p=1.5), "top_p must be in (0, 1], got 1.5",
@@ -52,11 +73,63 @@ CONTRACT = [
      ["--prompt", "hi", "--min-p", "1"], "--min-p must be in [0, 1), got 1.0"),
     ("min_p < 0", lambda lm, d: lm.generate("hi", 4, min_p=-0.1), "min_p must be in [0, 1), got -0.1",
      ["--prompt", "hi", "--min-p", "-0.1"], "--min-p must be in [0, 1), got -0.1"),
-    ("penalty 0", lambda lm, d: lm.generate("hi", 4, penalty=0.0), "repetition penalty must be > 0 (1 = off), got 0.0",
-     ["--prompt", "hi", "--repetition-penalty", "0"], "--repetition-penalty must be > 0 (1 = off), got 0.0"),
+    ("penalty 0", lambda lm, d: lm.generate("hi", 4, penalty=0.0), "penalty must be in [0.0001, 10000] (1 = off), got 0.0",
+     ["--prompt", "hi", "--repetition-penalty", "0"], "--repetition-penalty must be in [0.0001, 10000] (1 = off), got 0.0"),
     ("penalty < 0", lambda lm, d: lm.generate("hi", 4, penalty=-1.2),
-     "repetition penalty must be > 0 (1 = off), got -1.2",
-     ["--prompt", "hi", "--repetition-penalty", "-1.2"], "--repetition-penalty must be > 0 (1 = off), got -1.2"),
+     "penalty must be in [0.0001, 10000] (1 = off), got -1.2",
+     ["--prompt", "hi", "--repetition-penalty", "-1.2"],
+     "--repetition-penalty must be in [0.0001, 10000] (1 = off), got -1.2"),
+    ("draft budget past any memory", lambda lm, d: lm.generate("hi", 4, draft_budget=10**20),
+     "draft_budget must be an integer in [64, 16777216], got 100000000000000000000",
+     ["--prompt", "hi", "--draft-budget", "100000000000000000000"],
+     "--draft-budget must be an integer in [64, 16777216], got 100000000000000000000"),
+    ("n-gram top-k past any vocabulary", lambda lm, d: lm.generate("hi", 4, ngram_topk=10**20),
+     "ngram_topk must be an integer in [0, 100000], got 100000000000000000000",
+     ["--prompt", "hi", "--ngram-topk", "100000000000000000000"],
+     "--ngram-topk must be an integer in [0, 100000], got 100000000000000000000"),
+    ("tree of 10^8 paths", lambda lm, d: lm.generate("hi", 4, tree="100,100,100,100"),
+     "bad tree '100,100,100,100': more than 4096 nodes",
+     ["--prompt", "hi", "--tree", "100,100,100,100"], "bad --tree '100,100,100,100': more than 4096 nodes"),
+    ("tree rank 1e400", lambda lm, d: lm.generate("hi", 4, tree="[[1e400]]"),
+     "bad tree '[[1e400]]': path [inf]: ranks must be integers in [0, 1024)",
+     ["--prompt", "hi", "--tree", "[[1e400]]"], "bad --tree '[[1e400]]': path [inf]: ranks must be integers"),
+    ("tree rank 10^8", lambda lm, d: lm.generate("hi", 4, tree="[[100000000]]"),
+     "ranks must be integers in [0, 1024)",
+     ["--prompt", "hi", "--tree", "[[100000000]]"], "bad --tree '[[100000000]]': path [100000000]: ranks must be"),
+    ("tree rank NaN", lambda lm, d: lm.generate("hi", 4, tree="[[NaN]]"), "bad tree '[[NaN]]': path [nan]",
+     ["--prompt", "hi", "--tree", "[[NaN]]"], "bad --tree '[[NaN]]': path [nan]: ranks must be integers"),
+    ("lone surrogate in the prompt", lambda lm, d: lm.generate("a\ud800b", 2),
+     "the prompt is not valid Unicode text: lone surrogate '\\ud800' at character 1",
+     # what Python makes of the byte 0xff in argv
+     ["--prompt", "abc\udcff"], "the prompt is not valid Unicode text: lone surrogate '\\udcff' at character 3"),
+    ("RoPE factor inf", lambda lm, d: tokenswift.load(rope_scaling="yarn:inf"),
+     "bad RoPE scaling 'yarn:inf': the factor must be in (1, 1024]",
+     ["--prompt", "hi", "--rope-scaling", "yarn:inf"], "bad RoPE scaling 'yarn:inf': the factor must be in (1, 1024]"),
+    ("a KV cache larger than memory", lambda lm, d: tokenswift.load(rope_scaling="yarn:1024").generate("hi", 8_000_000),
+     "max_new_tokens (8000000) needs a KV cache of 343.3 GiB, more than the",
+     ["--prompt", "hi", "--rope-scaling", "yarn:1024", "--max-new-tokens", "8000000"],
+     "--max-new-tokens (8000000) needs a KV cache of 343.3 GiB, more than the"),
+    ("unknown device", lambda lm, d: tokenswift.load(device="foo"),
+     "device 'foo' is not a device name; use cpu, cuda or cuda:N",
+     ["--prompt", "hi", "--device", "foo"], "device 'foo' is not a device name; use cpu, cuda or cuda:N"),
+    ("meta device", lambda lm, d: tokenswift.load(device="meta"), "device 'meta' is not supported",
+     ["--prompt", "hi", "--device", "meta"], "device 'meta' is not supported"),
+    ("config.json with 0 attention heads", lambda lm, d: tokenswift.load(str(d / "heads0")),
+     "config.json field num_attention_heads must be an integer in [1, 1024], got 0",
+     ["--prompt", "hi", "--model", "{d}/heads0"],
+     "config.json field num_attention_heads must be an integer in [1, 1024], got 0"),
+    ("config.json with a negative width", lambda lm, d: tokenswift.load(str(d / "hidden-64")),
+     "config.json field hidden_size must be an integer in [1, 65536], got -64",
+     ["--prompt", "hi", "--model", "{d}/hidden-64"], "config.json field hidden_size must be an integer in [1, 65536]"),
+    ("config.json with a width of 10^7", lambda lm, d: tokenswift.load(str(d / "hidden1e7")),
+     "config.json field hidden_size must be an integer in [1, 65536], got 10000000",
+     ["--prompt", "hi", "--model", "{d}/hidden1e7"], "config.json field hidden_size must be an integer in [1, 65536]"),
+    ("config.json with a width that is text", lambda lm, d: tokenswift.load(str(d / "hiddenabc")),
+     "config.json field hidden_size must be an integer in [1, 65536], got 'abc'",
+     ["--prompt", "hi", "--model", "{d}/hiddenabc"], "config.json field hidden_size must be an integer"),
+    ("config.json that disagrees with its weights", lambda lm, d: tokenswift.load(str(d / "hidden128")),
+     "has shape (96, 64), expected (96, 128)",
+     ["--prompt", "hi", "--model", "{d}/hidden128"], "has shape (96, 64), expected (96, 128)"),
     ("prompt longer than the context", lambda lm, d: lm.generate((d / "long.txt").read_text(), 4),
      "prompt (9001 tokens) is longer than the model's context of 8192 tokens",
      ["--prompt-file", "{d}/long.txt", "--max-new-tokens", "4"],
@@ -117,14 +190,71 @@ def test_cli_one_line_exit_2(files, capsys, name, args, msg):
     assert msg.format(d=files) in lines[0]
 
 
-@pytest.mark.parametrize("msg,want", [
-    ("top_p must be in (0, 1], got 0.0", "--top-p must be in (0, 1], got 0.0"),
-    ("prompt (1 tokens) + max_new_tokens (9000) exceeds; lower max_new_tokens to 8191",
-     "prompt (1 tokens) + --max-new-tokens (9000) exceeds; lower --max-new-tokens to 8191"),
-    ("repetition penalty must be > 0 (1 = off), got 0.0", "--repetition-penalty must be > 0 (1 = off), got 0.0"),
-    ("use --max-new-tokens or seeded runs", "use --max-new-tokens or seeded runs"),  # whole names only
-])
-def test_library_names_become_cli_flags(msg, want):
-    from tokenswift.cli import _cli_names
+# -- resumable runs: the checkpoint file is input too -------------------------------------------
 
-    assert _cli_names(msg) == want
+def _checkpoint(**edits):
+    from tokenswift.cli import _run_options, build_parser
+
+    options = _run_options(build_parser().parse_args(["generate", "--prompt", "hi", "--max-new-tokens", "2",
+                                                      "--method", "ar"]))  # what the CLI saves
+    data = {"format": "tokenswift-checkpoint", "version": 1, "prompt": "hi", "prompt_ids": None, "tokens": [],
+            "finish_reason": None, "model_fingerprint": None, "options": options}
+    for key, value in edits.items():
+        *path, last = key.split(".")
+        d = data
+        for p in path:
+            d = d[p]
+        d[last] = value
+    return data
+
+
+# edits to a valid checkpoint, and the line `--resume` answers (it names the checkpoint's key)
+CHECKPOINTS = [
+    ({"options.sampling.top_p": "0.5"}, "checkpoint {p}: options.sampling.top_p must be in (0, 1], got '0.5'"),
+    ({"options.spec.gamma": 0}, "checkpoint {p}: options.spec.gamma must be an integer in [1, 64], got 0"),
+    ({"options.max_new_tokens": 10**6, "options.method": "tokenswift"},
+     "checkpoint {p}: prompt (1 tokens) + options.max_new_tokens (1000000) exceeds the model's context"),
+    ({"options.sampling": []}, "checkpoint {p} is damaged: options.sampling must be an object, got []"),
+    ({"options.sampling.bogus": 1}, "checkpoint {p}: sampling: "),
+    ({"prompt_ids": "xyz"}, "checkpoint {p} is damaged: prompt_ids must be a list of token ids"),
+    ({"tokens": [True, False]}, "checkpoint {p} is damaged: tokens must be a list of token ids (integers >= 0), "
+                                "got [True, False]"),
+    ({"finish_reason": 5}, "checkpoint {p} is damaged: finish_reason must be one of None, eos, length, got 5"),
+    ({"tokens": [10**9, 5], "finish_reason": "length"},
+     "checkpoint {p} is damaged: tokens[0] = 1000000000 is outside the model's vocabulary [0, 49152)"),
+]
+
+
+@pytest.mark.parametrize("edits,msg", CHECKPOINTS, ids=[next(iter(e)) + str(i) for i, (e, _) in enumerate(CHECKPOINTS)])
+def test_hand_edited_checkpoint_is_named_by_its_keys(tmp_path, capsys, edits, msg):
+    p = tmp_path / "run.json"
+    p.write_text(json.dumps(_checkpoint(**edits)))
+    code = main(["generate", "--resume", str(p)])
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert msg.format(p=p) in lines[0]
+
+
+@pytest.mark.parametrize("where,msg", [
+    ("{d}", "cannot write the checkpoint {d}: is a directory"),
+    ("/proc/run.json", "cannot write the checkpoint /proc/run.json: "),  # a filesystem nobody may write
+])
+def test_checkpoint_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, capsys, where, msg):
+    target = where.format(d=tmp_path)
+    before = sorted(p.name for p in tmp_path.parent.iterdir())
+    code = main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--checkpoint", target])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "Traceback" not in err, err
+    assert msg.format(d=tmp_path) in err.strip() and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.parent.iterdir()) == before  # no .tmp left beside it
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_without_a_gpu_is_one_line(capsys):
+    with pytest.raises(ValueError, match="torch sees no CUDA GPU on this machine; use cpu"):
+        tokenswift.load(device="cuda")
+    assert main(["generate", "--prompt", "hi", "--device", "cuda:1"]) == 2
+    assert "device 'cuda:1': torch sees no CUDA GPU on this machine; use cpu" in capsys.readouterr().err

@@ -85,17 +85,21 @@ def test_greedy_is_argmax_after_penalty():
 @pytest.mark.parametrize(
     "kw,fragment",
     [
-        ({"temperature": -0.1}, "temperature must be >= 0"),
-        ({"temperature": float("nan")}, "temperature must be >= 0"),
+        ({"temperature": -0.1}, "temperature must be 0 (greedy) or in [0.0001, 100], got -0.1"),
+        ({"temperature": float("nan")}, "temperature must be 0 (greedy) or in [0.0001, 100], got nan"),
         ({"top_p": 0.0}, "top_p must be in (0, 1], got 0.0"),
         ({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
         ({"min_p": 1.0}, "min_p must be in [0, 1), got 1.0"),
         ({"min_p": -0.1}, "min_p must be in [0, 1), got -0.1"),
-        ({"top_k": -1}, "top_k must be an integer >= 0"),
-        ({"penalty": 0.0}, "repetition penalty must be > 0 (1 = off), got 0.0"),
-        ({"penalty_window": -5}, "penalty_window must be an integer >= 0, got -5"),
+        ({"top_k": -1}, "top_k must be an integer in [0, 100000] (0 = off), got -1"),
+        ({"penalty": 0.0}, "penalty must be in [0.0001, 10000] (1 = off), got 0.0"),
+        # values that would overflow float32 logits and leave the sampler nothing to draw from
+        ({"temperature": 1e-300}, "temperature must be 0 (greedy) or in [0.0001, 100], got 1e-300"),
+        ({"penalty": 1e-300}, "penalty must be in [0.0001, 10000] (1 = off), got 1e-300"),
+        ({"top_k": True}, "top_k must be an integer in [0, 100000] (0 = off), got True"),
+        ({"penalty_window": -5}, "penalty_window must be an integer in [0, 16777216], got -5"),
         ({"eta": 1.0}, "eta must be in [0, 1), got 1.0"),
-        ({"min_keep": 0}, "min_keep must be an integer >= 1, got 0"),
+        ({"min_keep": 0}, "min_keep must be an integer in [1, 100000], got 0"),
         ({"seed": -1}, "seed must be an integer in [0, 2^63), got -1"),
     ],
 )

@@ -12,7 +12,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tokenswift.server import StopMatcher, bind, make_server
+from tokenswift.protocol import StopMatcher
+from tokenswift.server import bind, make_server
 
 MODEL = "smollm2-135m"
 PROMPT = "The history of the hacker culture is a long story that begins at MIT in the late 1950s, where"
@@ -324,14 +325,16 @@ BAD_COMPLETIONS = [
     (dict(max_tokens=0), "max_tokens", "max_tokens must be an integer >= 1, got 0"),
     (dict(max_tokens=-1), "max_tokens", "max_tokens must be an integer >= 1, got -1"),
     (dict(max_tokens="many"), "max_tokens", "max_tokens: Input should be a valid integer"),
-    (dict(temperature=-1), "temperature", "temperature must be >= 0 (0 = greedy), got -1.0"),
+    (dict(temperature=-1), "temperature", "temperature must be 0 (greedy) or in [0.0001, 100], got -1.0"),
     (dict(top_p=0), "top_p", "top_p must be in (0, 1], got 0.0"),
     (dict(top_p=1.5), "top_p", "top_p must be in (0, 1], got 1.5"),
     (dict(extra_body={"min_p": 1.0}), "min_p", "min_p must be in [0, 1), got 1.0"),
     (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty",
-     "repetition_penalty must be > 0 (1 = off), got 0.0"),
-    (dict(extra_body={"top_k": -2}), "top_k", "top_k must be an integer >= 0 (0 = off), got -2"),
+     "repetition_penalty must be in [0.0001, 10000] (1 = off), got 0.0"),
+    (dict(extra_body={"top_k": -2}), "top_k", "top_k must be an integer in [0, 100000] (0 = off), got -2"),
     (dict(seed=-5), "seed", "seed must be an integer in [0, 2^63), got -5"),
+    (dict(temperature=1e-300), "temperature", "temperature must be 0 (greedy) or in [0.0001, 100], got 1e-300"),
+    (dict(extra_body={"min_keep": 0}), "min_keep", "min_keep must be an integer in [1, 100000], got 0"),
     (dict(prompt=""), "prompt", "the prompt is empty"),
     (dict(prompt=[]), "prompt", "the prompt is empty"),
     (dict(prompt=["one", "two"]), "prompt", "prompt: one prompt per request, got a list of 2"),
@@ -341,7 +344,7 @@ BAD_COMPLETIONS = [
      "prompt (8001 tokens) + max_tokens (500) exceeds the model's context of 8192 tokens; lower max_tokens to 191"),
     (dict(model="gpt-4"), "model", "model 'gpt-4' is not served here; this server serves 'smollm2-135m'"),
     (dict(n=2), "n", "n must be 1 (one choice per request), got 2"),
-    (dict(extra_body={"method": "magic"}), "method", "unknown method 'magic'; available: ar, tokenswift, ngram"),
+    (dict(extra_body={"method": "magic"}), "method", "method must be one of tokenswift, ar, ngram, got 'magic'"),
     (dict(stop=["a", "b", "c", "d", "e"]), "stop", "stop takes at most 4 strings, got 5"),
     (dict(stop=[""]), "stop", "stop strings must not be empty"),
 ]
@@ -390,6 +393,74 @@ def test_raw_bad_bodies_are_400(url):
         assert message in err["message"]
 
 
+def test_lone_surrogate_is_400_and_the_connection_lives_on(url):
+    with httpx.Client(timeout=30) as http:
+        r = http.post(url + "/v1/completions", content=b'{"prompt": "abc \\ud800", "max_tokens": 2}',
+                      headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        assert "lone surrogate '\\ud800' at character 4" in r.json()["error"]["message"]
+        r = http.post(url + "/v1/completions", json={"prompt": "abc", "max_tokens": 2, **AR})  # same connection
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_huge_body_is_413_at_once_and_health_answers_throughout(start, chunked):
+    url = start(max_body_bytes=1 << 20)
+    body = b'{"prompt": "' + b"x" * (50 << 20) + b'", "max_tokens": 2}'
+    rss_before = _rss()
+    result: dict = {}
+
+    def send() -> None:
+        t = time.monotonic()
+        content = (body[i : i + (1 << 16)] for i in range(0, len(body), 1 << 16)) if chunked else body
+        try:
+            r = httpx.post(url + "/v1/completions", content=content, headers={"Content-Type": "application/json"},
+                           timeout=30)
+            result["status"], result["error"] = r.status_code, r.json()["error"]
+        except httpx.TransportError as e:  # the server may close the connection on an unread body
+            result["transport"] = repr(e)
+        result["seconds"] = time.monotonic() - t
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    slowest = 0.0
+    while thread.is_alive():
+        t = time.monotonic()
+        assert httpx.get(url + "/health", timeout=5).status_code == 200
+        slowest = max(slowest, time.monotonic() - t)
+        time.sleep(0.05)
+    thread.join()
+    del body
+    assert result.get("status") == 413, result
+    assert result["error"]["code"] == "request_too_large" and "larger than 1048576 bytes" in result["error"]["message"]
+    assert result["seconds"] < 2 and slowest < 1, (result, slowest)
+    assert _rss() <= rss_before + (200 << 20)
+
+
+def test_empty_or_spaced_api_key_is_refused(smollm, capsys):
+    from tokenswift.server import create_app
+
+    for key, message in (("", "api_key is empty"), ("a b", "api_key must not contain spaces")):
+        with pytest.raises(ValueError, match=message):
+            create_app(smollm, api_key=key)
+    code, err = _serve_cli(capsys, "--api-key", "")
+    assert code == 2 and err.count("\n") == 1 and "--api-key is empty" in err
+
+
+def test_api_key_guards_docs_and_takes_utf8(start):
+    url = start(api_key="kéy")
+    for path in ("/docs", "/openapi.json", "/v1/models"):
+        assert httpx.get(url + path, timeout=10).status_code == 401, path
+    good = {"Authorization": "Bearer kéy".encode("utf-8")}
+    assert httpx.get(url + "/v1/models", headers=good, timeout=10).status_code == 200
+    assert httpx.get(url + "/openapi.json", headers=good, timeout=10).status_code == 200
+
+
 def test_bad_requests_take_no_queue_slot(url, client):
     before = health(url)
     for _ in range(3):
@@ -414,6 +485,8 @@ def _serve_cli(capsys, *args: str) -> tuple[int, str]:
     (["--port", "70000"], "--port must be in [0, 65535], got 70000"),
     (["--queue-size", "0"], "--queue-size must be >= 1, got 0"),
     (["--port", "http"], "--port must be an integer, got 'http'"),
+    (["--max-body-bytes", "0"], "--max-body-bytes must be >= 1, got 0"),
+    (["--api-key", "two words"], "--api-key must not contain spaces or control characters, got ' ' in it"),
 ])
 def test_serve_bad_options_are_one_line_exit_2(capsys, args, message):
     code, err = _serve_cli(capsys, *args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -90,11 +91,23 @@ def test_parse_tree(spec, count, first, last):
     assert all(p[:-1] in paths for p in paths if len(p) > 1)
 
 
-@pytest.mark.parametrize("bad,msg", [("1,x", "bad tree '1,x'"), ("0,3", "branching factor must be >= 1"),
-                                     ("[[-1]]", "ranks must be >= 0"), ("", "empty")])
+@pytest.mark.parametrize("bad,msg", [("1,x", "bad tree '1,x'"),
+                                     ("0,3", "branching factor must be an integer in [1, 1024]"),
+                                     ("[[-1]]", "ranks must be integers in [0, 1024)"), ("", "empty"),
+                                     # limits are checked before any path is enumerated
+                                     ("100,100,100,100", "more than 4096 nodes"),
+                                     ("[[1e400]]", "ranks must be integers"), ("[[NaN]]", "ranks must be integers"),
+                                     ("[[100000000]]", "ranks must be integers in [0, 1024)"),
+                                     ("[1.5]", "is not a non-empty list of ranks")])
 def test_bad_trees_are_named(bad, msg):
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(ValueError, match=re.escape(msg)) as e:
         parse_tree(bad)
+    assert e.value.param == "tree"  # a ParamError: each surface names its own option
+
+
+def test_deeply_nested_tree_is_refused_not_a_recursion_error():
+    with pytest.raises(ValueError, match="expected e.g."):
+        parse_tree("[" * 100000 + "]" * 100000)
 
 
 def test_trie_merges_tree_paths_and_chains_without_repeating_siblings():

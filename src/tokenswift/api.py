@@ -11,10 +11,12 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from .config import RopeScaling, SamplingConfig, SpecConfig
-from .engine import METHODS, Step, generate_ar, generate_speculative, self_drafts
+from .engine import Step, generate_ar, generate_speculative, self_drafts
 from .heads import DraftHeads, resolve_heads
 from .loading import DEFAULT_MODEL, load_model
 from .model import Decoder
+from .params import PARAMS as P
+from .params import ParamError
 
 log = logging.getLogger("tokenswift")
 
@@ -57,6 +59,30 @@ class TextStream:
         return after[len(before) :]
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can take on `device` (None where this cannot be read)."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        pass
+    return None
+
+
+def _check_text(text: str, what: str) -> None:
+    """Refuses a string that is not Unicode text (a lone surrogate, as from bytes decoded with
+    surrogateescape or an escaped JSON string), which no tokenizer can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode text: lone surrogate {text[e.start]!r} at character "
+                         f"{e.start}") from None
+
+
 class LM:
     """A loaded model with its tokenizer. Create it with `tokenswift.load`."""
 
@@ -86,6 +112,12 @@ class LM:
                 log.info("built the int4 copy the self-draft runs")
             return self._int4
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token of context takes (keys and values, every layer)."""
+        c = self.config
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.model.dtype.itemsize
+
     # -- text <-> ids -------------------------------------------------------------------------
 
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
@@ -98,6 +130,7 @@ class LM:
                 raise ValueError(f"model {self.name!r} has no tokenizer files: give the prompt as a list of token ids")
             if not prompt:
                 raise ValueError("the prompt is empty")
+            _check_text(prompt, "the prompt")
             if chat:
                 if not getattr(self.tokenizer, "chat_template", None):
                     raise ValueError(f"model {self.name!r} has no chat template; drop --chat / chat=True")
@@ -130,6 +163,7 @@ class LM:
                 raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.get('role')!r}")
             if not isinstance(m.get("content"), str):
                 raise ValueError(f"messages[{i}].content must be a string, got {m.get('content')!r}")
+            _check_text(m["content"], f"messages[{i}].content")
         return self._template_ids([{"role": m["role"], "content": m["content"]} for m in messages])
 
     def _template_ids(self, messages: list[dict[str, str]]) -> list[int]:
@@ -148,62 +182,69 @@ class LM:
     def steps(
         self,
         prompt: str | Sequence[int],
-        max_new_tokens: int = 256,
-        method: str = "tokenswift",
-        seed: int = 0,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        eta: float = 0.0,
-        penalty: float = 1.0,
-        penalty_window: int = 1024,
-        ignore_eos: bool = False,
-        min_keep: int = 1,
+        max_new_tokens: int = P["max_new_tokens"].default,
+        method: str = P["method"].default,
+        seed: int = P["seed"].default,
+        temperature: float = P["temperature"].default,
+        top_k: int = P["top_k"].default,
+        top_p: float = P["top_p"].default,
+        min_p: float = P["min_p"].default,
+        eta: float = P["eta"].default,
+        penalty: float = P["penalty"].default,
+        penalty_window: int = P["penalty_window"].default,
+        ignore_eos: bool = P["ignore_eos"].default,
+        min_keep: int = P["min_keep"].default,
         chat: bool = False,
-        gamma: int = 8,
-        tree: str | Sequence = "auto",
-        ngram_topk: int = 20,
-        draft_budget: int = 1024,
-        use_ngrams: bool = True,
-        use_heads: bool = True,
-        full_kv_draft: bool = False,
-        max_nodes: int | None = None,
-        draft_weights: str = "auto",
+        gamma: int = P["gamma"].default,
+        tree: str | Sequence = P["tree"].default,
+        ngram_topk: int = P["ngram_topk"].default,
+        ngram_n: int = P["ngram_n"].default,
+        draft_budget: int = P["draft_budget"].default,
+        sinks: int = P["sinks"].default,
+        use_ngrams: bool = P["use_ngrams"].default,
+        use_heads: bool = P["use_heads"].default,
+        full_kv_draft: bool = P["full_kv_draft"].default,
+        max_nodes: int | None = P["max_nodes"].default,
+        draft_weights: str = P["draft_weights"].default,
     ) -> Iterator[Step]:
         """The low-level stream: one `Step` (committed token ids + running stats) per iteration.
 
         `method`: "tokenswift" (the default: the model's int4 copy drafts chains over a partial KV
         cache, n-grams extend them, the model verifies), "ar" (plain decoding) or "ngram" (n-gram
         drafts only). Every method writes the same tokens for the same seed; the speculation
-        options (gamma, tree, ngram_topk, draft_budget, use_ngrams, use_heads, full_kv_draft,
-        max_nodes, draft_weights) change only the speed. `tree` "auto" (default) plans each
+        options (gamma, tree, ngram_topk, ngram_n, draft_budget, sinks, use_ngrams, use_heads,
+        full_kv_draft, max_nodes, draft_weights; ranges in params.py) change only the speed. `tree` "auto" (default) plans each
         iteration by measured cost; a static shape such as "1,3,3,3" drafts the paper's way
         (one draft pass + the draft heads)."""
         sampling = SamplingConfig(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, min_keep=min_keep, eta=eta,
             penalty=penalty, penalty_window=penalty_window, seed=seed,
         )
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+        P["max_new_tokens"].check(max_new_tokens)
+        P["method"].check(method)
+        P["ignore_eos"].check(ignore_eos)
         ids = self.encode(prompt, chat=chat)
         ctx = self.config.context_length
-        hint = "extend the context with RoPE scaling, e.g. yarn:4 (--rope-scaling / rope_scaling=)"
+        hint = "extend the context with RoPE scaling, e.g. yarn:4"
         if len(ids) >= ctx:
             raise ValueError(f"prompt ({len(ids)} tokens) is longer than the model's context of {ctx} tokens; "
                              f"shorten it or {hint}")
         if len(ids) + max_new_tokens > ctx:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
-                f"{ctx} tokens; lower max_new_tokens to {ctx - len(ids)} or {hint}"
-            )
+            raise ParamError("max_new_tokens", f"prompt ({len(ids)} tokens) + ",
+                             f" ({max_new_tokens}) exceeds the model's context of {ctx} tokens; lower ",
+                             f" to {ctx - len(ids)} or {hint}")
+        need = (len(ids) + max_new_tokens) * self.kv_bytes_per_token
+        have = available_memory(self.model.device)
+        if have is not None and need > have:
+            raise ParamError("max_new_tokens", f"prompt ({len(ids)} tokens) + ",
+                             f" ({max_new_tokens}) needs a KV cache of {need / 2**30:.1f} GiB, more than the "
+                             f"{have / 2**30:.1f} GiB of memory available; lower ")
         if method == "ar":
             return generate_ar(self.model, ids, max_new_tokens, sampling, self.eos_token_ids, ignore_eos)
         spec = SpecConfig(gamma=gamma, tree=tree if isinstance(tree, str) else tuple(tree), ngram_topk=ngram_topk,
-                          draft_budget=draft_budget, use_ngrams=use_ngrams, use_heads=use_heads,
-                          full_kv_draft=full_kv_draft, max_nodes=max_nodes, draft_weights=draft_weights)
+                          ngram_n=ngram_n, draft_budget=draft_budget, sinks=sinks, use_ngrams=use_ngrams,
+                          use_heads=use_heads, full_kv_draft=full_kv_draft, max_nodes=max_nodes,
+                          draft_weights=draft_weights)
         # the int4 copy is built only for a run that drafts with it
         int4 = self.int4 if spec.draft_weights != "float" and self_drafts(method, spec, max_new_tokens) else None
         return generate_speculative(self.model, self.heads, ids, max_new_tokens, sampling, spec,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import logging
 import os
 import time
@@ -371,3 +372,97 @@ def table(result: dict[str, Any]) -> str:
                      f"{f(r['speedup'])}x | {f(r['acceptance_rate'], 3)} | {f(r['tokens_per_iteration'])} | "
                      f"{depth} | {f(r['ngram_share'], 3)} | {dn} | {r['peak_memory_mib']:.0f} | {same} |")
     return "\n".join(lines)
+
+
+# -- the bench command's setup -------------------------------------------------------------------
+
+
+def parse_lengths(spec: str) -> list[int]:
+    """"1024,2048" -> [1024, 2048] (sorted, distinct, positive); ValueError naming `lengths`."""
+    try:
+        lengths = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"lengths must be comma-separated integers, got {spec!r}") from None
+    if not lengths or lengths[0] < 1:
+        raise ValueError(f"lengths must be positive, got {spec!r}")
+    return lengths
+
+
+def parse_methods(spec: str) -> list[str]:
+    methods = [m.strip() for m in spec.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"methods: unknown method {bad[0] if bad else ''!r}; available: {', '.join(METHODS)}")
+    return methods
+
+
+def default_text() -> Path | None:
+    """../shared/data/cdne.txt seen from the working directory or from this package's checkout."""
+    for base in (Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parents[2]):
+        for cand in (base / "shared" / "data" / "cdne.txt", base.parent / "shared" / "data" / "cdne.txt"):
+            if cand.is_file():
+                return cand
+    return None
+
+
+@dataclass
+class BenchSetup:
+    """What a bench runs on: the model (with YaRN when the runs pass its context), the prompt
+    cut from a text file, the sampler, and the metadata every result file records."""
+
+    lm: Any
+    prompt: list[int]
+    sampling: dict[str, Any]
+    rope_scaling: str | None
+    auto_rope: bool
+    prompt_file: Path
+    heads: str
+    started: float
+
+    @classmethod
+    def load(cls, model: str, heads: str, device: str | None, dtype: str | None, rope_scaling: str | None,
+             prompt_file: Path | None, prefix: int, lengths: Sequence[int], greedy: bool, seed: int) -> "BenchSetup":
+        import tokenswift
+
+        started = time.perf_counter()
+        text_path = prompt_file or default_text()
+        if text_path is None:
+            raise ValueError("no prompt text: give --prompt-file (../shared/data/cdne.txt was not found)")
+        try:
+            text = Path(text_path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"prompt file {text_path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise ValueError(f"prompt file {text_path}: {e.strerror}") from None
+        lm = tokenswift.load(model, heads=heads, device=device, dtype=dtype, rope_scaling=rope_scaling)
+        need = prefix + max(lengths)
+        auto = rope_scaling is None and need > lm.config.context_length
+        if auto:  # the smallest power-of-two YaRN factor that holds the runs
+            factor = 2
+            while lm.config.context_length * factor < need:
+                factor *= 2
+            rope_scaling = f"yarn:{factor}"
+            lm = tokenswift.load(model, heads=heads, device=device, dtype=dtype, rope_scaling=rope_scaling)
+        chars = 8 * prefix  # encode only what the prefix needs (whole books take minutes)
+        while True:
+            ids = lm.encode(text[:chars])
+            if len(ids) > prefix or chars >= len(text):
+                break
+            chars *= 2
+        if len(ids) < prefix:
+            raise ValueError(f"prefix {prefix} is longer than {text_path} ({len(ids)} tokens)")
+        sampling = dict(temperature=0.0, seed=seed) if greedy else dict(PAPER_SAMPLING, seed=seed)
+        return cls(lm=lm, prompt=ids[:prefix], sampling=sampling, rope_scaling=rope_scaling, auto_rope=auto,
+                   prompt_file=Path(text_path), heads=heads, started=started)
+
+    def save(self, result: dict[str, Any], json_path: Path, csv_path: Path, command: str | None = None) -> None:
+        """Writes the result (partial ones too) as JSON and CSV, with the run's metadata."""
+        result.update({
+            "model": self.lm.name, "heads": self.heads, "prompt_file": str(self.prompt_file),
+            "rope_scaling": self.rope_scaling, "device": str(self.lm.model.device),
+            "dtype": str(self.lm.model.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+            "bench_seconds": time.perf_counter() - self.started, "command": command,
+        })
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1, default=str))
+        write_csv(result, csv_path)

@@ -15,7 +15,11 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from .api import LM
+    from .engine import Step
 
 FORMAT = "tokenswift-checkpoint"
 VERSION = 1
@@ -59,20 +63,123 @@ class Checkpoint:
             raise ValueError(f"{path} is not a tokenswift checkpoint")
         if data.get("version") != VERSION:
             raise ValueError(f"checkpoint {path} has version {data.get('version')!r}; this tokenswift reads {VERSION}")
-        try:
-            ck = cls(options=dict(data["options"]), prompt=str(data["prompt"]), prompt_ids=data.get("prompt_ids"),
-                     tokens=list(data.get("tokens", [])), finish_reason=data.get("finish_reason"),
-                     model_fingerprint=data.get("model_fingerprint"))
-            int(ck.options["max_new_tokens"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"checkpoint {path} is damaged (missing or bad field {e})") from None
-        ids = (ck.prompt_ids or []) + ck.tokens
-        if not all(isinstance(t, int) and t >= 0 for t in ids):
-            raise ValueError(f"checkpoint {path} is damaged (token ids must be integers >= 0)")
+        def damaged(why: str) -> ValueError:
+            return ValueError(f"checkpoint {path} is damaged: {why}")
+
+        options = data.get("options")
+        if not isinstance(options, dict):
+            raise damaged(f"options must be an object, got {_short(options)}")
+        for key in ("sampling", "spec"):
+            if key in options and not isinstance(options[key], dict):
+                raise damaged(f"options.{key} must be an object, got {_short(options.get(key))}")
+        mnt = options.get("max_new_tokens")
+        if not _is_int(mnt) or mnt < 1:
+            raise damaged(f"options.max_new_tokens must be an integer >= 1, got {_short(mnt)}")
+        if not isinstance(data.get("prompt"), str):
+            raise damaged(f"prompt must be a string, got {_short(data.get('prompt'))}")
+        for key in ("prompt_ids", "tokens"):
+            v = data.get(key)
+            if v is None and key == "prompt_ids":
+                continue
+            if not isinstance(v, list) or not all(_is_int(t) and t >= 0 for t in v):
+                raise damaged(f"{key} must be a list of token ids (integers >= 0), got {_short(v)}")
+        if data.get("finish_reason") not in FINISH_REASONS:
+            raise damaged(f"finish_reason must be one of {', '.join(map(str, FINISH_REASONS))}, "
+                          f"got {_short(data.get('finish_reason'))}")
+        fp = data.get("model_fingerprint")
+        if fp is not None and not isinstance(fp, dict):
+            raise damaged(f"model_fingerprint must be an object, got {_short(fp)}")
+        ck = cls(options=options, prompt=data["prompt"], prompt_ids=data.get("prompt_ids"), tokens=data["tokens"],
+                 finish_reason=data.get("finish_reason"), model_fingerprint=fp)
         if len(ck.tokens) > ck.max_new_tokens:
-            raise ValueError(f"checkpoint {path} is damaged ({len(ck.tokens)} tokens > max_new_tokens "
-                             f"{ck.max_new_tokens})")
+            raise damaged(f"{len(ck.tokens)} tokens > max_new_tokens {ck.max_new_tokens}")
         return ck
+
+    def check_vocabulary(self, path: str | os.PathLike[str], vocab_size: int) -> None:
+        """Every saved token id must be one of the loaded model's."""
+        for key, ids in (("prompt_ids", self.prompt_ids or []), ("tokens", self.tokens)):
+            for i, t in enumerate(ids):
+                if t >= vocab_size:
+                    raise ValueError(f"checkpoint {path} is damaged: {key}[{i}] = {t} is outside the model's "
+                                     f"vocabulary [0, {vocab_size})")
+
+
+FINISH_REASONS = (None, "eos", "length")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def load_model_for(ck: Checkpoint, path: str | os.PathLike[str] | None = None) -> "LM":
+    """Loads the model a checkpoint's run uses, with its options, and checks that the run fits it
+    (vocabulary, shape). Pins what "default" resolved to (device, dtype): another device or dtype
+    would change the numerics, so the text. Tokenizes the prompt when the checkpoint has not yet."""
+    import tokenswift
+
+    o = ck.options
+    # the int4 copy is built only if the run drafts with it (`LM.int4`)
+    lm = tokenswift.load(o["model"], heads=o["heads"], device=o["device"], dtype=o["dtype"],
+                         rope_scaling=o["rope_scaling"], draft_weights=o["spec"].get("draft_weights", "auto"))
+    ck.check_vocabulary(path, lm.config.vocab_size)
+    fp = model_fingerprint(lm.config)
+    if ck.model_fingerprint is not None and ck.model_fingerprint != fp:
+        raise ValueError(f"checkpoint {path} was written by a model shaped {ck.model_fingerprint}, "
+                         f"but {o['model']!r} loads as {fp}")
+    ck.model_fingerprint = fp
+    o["device"], o["dtype"] = str(lm.model.device), str(lm.model.dtype).removeprefix("torch.")
+    if ck.prompt_ids is None:
+        ck.prompt_ids = lm.encode(ck.prompt, chat=o["chat"])
+    if ck.tokens and not o["ignore_eos"] and ck.tokens[-1] in lm.eos_token_ids:
+        ck.finish_reason = ck.finish_reason or "eos"  # killed between committing EOS and saving the end
+    return lm
+
+
+def continue_run(ck: Checkpoint, lm: "LM", path: str | os.PathLike[str] | None = None,
+                 every: int = 256) -> Iterator["Step"]:
+    """The steps that continue the checkpoint's run on `lm` (from `load_model_for`): each step's
+    tokens are appended to `ck.tokens`, and `ck` is saved to `path` every `every` new tokens and
+    when the iteration ends, however it ends (close the iterator on an early exit). Options are
+    checked now: a bad one raises here, before the first step."""
+    o = ck.options
+    steps = iter(()) if ck.done else lm.steps(
+        ck.prompt_ids + ck.tokens, ck.max_new_tokens - len(ck.tokens), method=o["method"],
+        ignore_eos=o["ignore_eos"], **o["sampling"], **o["spec"])
+    return _saving(ck, steps, path, every)
+
+
+def _saving(ck: Checkpoint, steps: Iterator["Step"], path: str | os.PathLike[str] | None,
+            every: int) -> Iterator["Step"]:
+    saved = len(ck.tokens)
+    try:
+        for step in steps:
+            ck.tokens.extend(step.tokens)
+            if step.finished:
+                ck.finish_reason = step.stats.get("finish_reason")
+            if path is not None and len(ck.tokens) - saved >= every:
+                save_to(ck, path)
+                saved = len(ck.tokens)
+            yield step
+    finally:
+        if path is not None:
+            save_to(ck, path)
+        close = getattr(steps, "close", None)
+        if close is not None:
+            close()
+
+
+def save_to(ck: Checkpoint, path: str | os.PathLike[str]) -> None:
+    """`ck.save(path)`, with a filesystem's refusal (a directory, read-only, full) said in one
+    line as a ValueError naming the path."""
+    try:
+        ck.save(path)
+    except OSError as e:
+        raise ValueError(f"cannot write the checkpoint {path}: {e.strerror or e}") from None
 
 
 def model_fingerprint(cfg: Any) -> dict[str, Any]:
@@ -84,15 +191,24 @@ def model_fingerprint(cfg: Any) -> dict[str, Any]:
 def write_atomic(path: Path, data: bytes) -> None:
     """Replaces `path` with `data` so that readers (and a crash) see the old or the new file whole."""
     tmp = path.with_name(f".{path.name}.tmp")  # one fixed name: a killed writer leaves no litter behind
+    if path.is_dir():
+        raise IsADirectoryError(21, "is a directory", str(path))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a rename refused, Ctrl-C: leave nothing behind
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
     except OSError:

@@ -53,9 +53,22 @@ def _float(name: str):
     return conv
 
 
+def _param_args(group: Any, *names: str) -> None:
+    """The flags of these options, from their one definition (params.py)."""
+    from .params import PARAMS
+
+    for name in names:
+        p = PARAMS[name]
+        if p.kind is bool:
+            group.add_argument(p.flag, dest=name, action="store_true", help=p.help)
+            continue
+        conv = _int(p.flag) if p.kind is int else _float(p.flag) if p.kind is float else str
+        group.add_argument(p.flag, dest=name, type=conv, default=p.default, choices=p.choices or None, help=p.help)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .engine import METHODS
     from .loading import DEFAULT_MODEL
+    from .params import PARAMS, SAMPLING, SPEC
 
     p = _Parser(prog="tokenswift", description="Fast, lossless long-text generation (TokenSwift).")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
@@ -68,42 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="prompt text (default: read stdin when it is not a terminal)")
     src.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--max-new-tokens", type=_int("--max-new-tokens"), default=256,
-                   help="tokens to generate (default 256)")
-    g.add_argument("--method", default="tokenswift", choices=METHODS,
-                   help="tokenswift (drafts verified by the model), ar (plain), or ngram (prompt-lookup drafts); "
-                        "all write the same text (default tokenswift)")
+    _param_args(g, "max_new_tokens", "method")
     s = g.add_argument_group("sampling (temperature 0 = greedy)")
-    s.add_argument("--temperature", type=_float("--temperature"), default=1.0, help="default 1.0")
-    s.add_argument("--top-k", type=_int("--top-k"), default=0, help="keep the k best tokens (0 = off)")
-    s.add_argument("--top-p", type=_float("--top-p"), default=1.0, help="nucleus mass in (0, 1] (default 1 = off)")
-    s.add_argument("--min-p", type=_float("--min-p"), default=0.0, help="drop tokens below min_p x the best (0 = off)")
-    s.add_argument("--min-keep", type=_int("--min-keep"), default=1,
-                   help="tokens every filter keeps at least (default 1)")
-    s.add_argument("--eta", type=_float("--eta"), default=0.0, help="eta sampling epsilon (0 = off)")
-    s.add_argument("--repetition-penalty", type=_float("--repetition-penalty"), default=1.0,
-                   help="divide positive / multiply negative logits of recent tokens (default 1 = off)")
-    s.add_argument("--penalty-window", type=_int("--penalty-window"), default=1024,
-                   help="how many recent tokens the penalty looks at (default 1024)")
-    s.add_argument("--seed", type=_int("--seed"), default=0, help="sampling seed (default 0)")
+    _param_args(s, *SAMPLING)
     s.add_argument("--paper-defaults", action="store_true",
                    help="the paper's sampler: temperature 1, min-p 0.1 keeping 20, penalty 1.2 over 1024")
     sp = g.add_argument_group("speculation (tokenswift / ngram methods; speed only, never the text)")
     sp.add_argument("--heads", default="auto", metavar="PATH|none|auto",
                     help="draft heads file; auto = shipped heads for a known model (default auto)")
-    sp.add_argument("--gamma", type=_int("--gamma"), default=8, help="most positions drafted per iteration: chained draft passes under --tree auto, base + heads under a static tree (default 8)")
-    sp.add_argument("--tree", default="auto", help="trie: auto (sized by measured cost, the default) or a static shape, branching per depth or JSON paths (the paper: 1,3,3,3)")
-    sp.add_argument("--ngram-topk", type=_int("--ngram-topk"), default=20,
-                    help="n-gram continuations per candidate (default 20)")
-    sp.add_argument("--draft-budget", type=_int("--draft-budget"), default=1024,
-                    help="KV entries the draft pass attends to (default 1024)")
-    sp.add_argument("--draft-weights", default="auto", choices=["auto", "int4", "float"],
-                    help="the self-draft's weights: int4 (a 4-bit copy of the model), float (its own), auto = int4 "
-                         "where torch's int4 kernel exists (default auto)")
+    _param_args(sp, *(n for n in SPEC if PARAMS[n].flag and n != "full_kv_draft"))
     sp.add_argument("--no-ngrams", action="store_true", help="draft without n-gram reuse")
-    sp.add_argument("--full-kv-draft", action="store_true", help="draft over the full KV cache")
+    _param_args(sp, "full_kv_draft")
     g.add_argument("--stats", action="store_true", help="print the run's stats as JSON on stderr at the end")
-    g.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
+    _param_args(g, "ignore_eos")
     g.add_argument("--json", action="store_true", help="print one JSON object {tokens, text, stats} at the end")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -195,9 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
     v.add_argument("--port", type=_int("--port"), default=8000, help="TCP port (default 8000; 0 = any free port)")
     v.add_argument("--api-key", default=None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
+                   help="require 'Authorization: Bearer KEY' on every path but /health, /docs included "
+                        "(default: no key)")
     v.add_argument("--queue-size", type=_int("--queue-size"), default=16, metavar="N",
                    help="requests that may wait while one generates; more get 429 (default 16)")
+    v.add_argument("--max-body-bytes", type=_int("--max-body-bytes"), default=None, metavar="N",
+                   help="largest request body; larger ones get 413 before they are read (default 4194304)")
     v.add_argument("--heads", default="auto", metavar="PATH|none|auto", help="draft heads (default auto)")
     v.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     v.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
@@ -247,88 +240,90 @@ def _read_prompt(args: argparse.Namespace) -> str:
     return text
 
 
-class Progress:
-    """A live `tokens | tok/s | ETA` line on stderr, redrawn at most 5 times a second."""
-
-    def __init__(self, total: int, stream: Any) -> None:
-        self.total = total
-        self.out = stream
-        self.last = 0.0
-        self.shown = False
-
-    def update(self, done: int, stats: dict[str, Any], force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last < 0.2:
-            return
-        self.last = now
-        rate = stats.get("decode_tokens_per_s") or 0.0
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
-        eta_s = f"{eta:5.0f}s" if math.isfinite(eta) else "    ?"
-        self.out.write(f"\r\033[K{done}/{self.total} tokens | {rate:6.1f} tok/s | ETA {eta_s}")
-        self.out.flush()
-        self.shown = True
-
-    def close(self) -> None:
-        if self.shown:
-            self.out.write("\n")
-            self.out.flush()
-
-
-# The generate options the text depends on: a checkpoint records them and --resume reuses them.
+# The generate options the text depends on (besides the sampling and speculation options):
+# a checkpoint records them and --resume reuses them.
 _RUN_OPTIONS = ("prompt", "prompt_file", "model", "heads", "device", "dtype", "rope_scaling", "method", "chat",
-                "max_new_tokens", "ignore_eos", "temperature", "top_k", "top_p", "min_p", "min_keep", "eta",
-                "repetition_penalty", "penalty_window", "seed", "paper_defaults", "gamma", "tree", "ngram_topk",
-                "draft_budget", "no_ngrams", "full_kv_draft", "draft_weights")
+                "max_new_tokens", "ignore_eos", "paper_defaults", "no_ngrams")
 
 
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
     """The run's options from the command line, validated before any model loads."""
-    from .config import PAPER_SAMPLING, SamplingConfig, SpecConfig
+    from .config import PAPER_SAMPLING
+    from .params import SAMPLING, SPEC
 
-    sampling = dict(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        min_keep=args.min_keep, eta=args.eta, penalty=args.repetition_penalty,
-        penalty_window=args.penalty_window, seed=args.seed,
-    )
+    sampling = {name: getattr(args, name) for name in SAMPLING}
     if args.paper_defaults:
         sampling.update(PAPER_SAMPLING)
-    if args.max_new_tokens < 1:
-        raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    spec = dict(gamma=args.gamma, tree=args.tree, ngram_topk=args.ngram_topk, draft_budget=args.draft_budget,
-                use_ngrams=not args.no_ngrams, full_kv_draft=args.full_kv_draft, draft_weights=args.draft_weights)
+    spec = {name: getattr(args, name) for name in SPEC if hasattr(args, name)}
+    spec["use_ngrams"] = not args.no_ngrams
+    options = {"model": args.model, "heads": args.heads, "device": args.device, "dtype": args.dtype,
+               "rope_scaling": args.rope_scaling, "method": args.method, "chat": args.chat,
+               "max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos,
+               "sampling": sampling, "spec": spec}
+    _check_options(options, _flag_name)
+    return options
+
+
+def _checkpoint_key(section: str, name: str) -> str:
+    return f"options.{section}.{name}" if section else f"options.{name}"
+
+
+def _flag_name(section: str, name: str) -> str:
+    from .params import PARAMS
+
+    return PARAMS[name].flag or name
+
+
+def _check_options(o: dict[str, Any], name_of: Any, prefix: str = "") -> None:
+    """Validates a run's options; a bad one is a CliError naming it as `name_of(section, name)`
+    does (a flag for the command line, a key for a checkpoint)."""
+    from .config import SamplingConfig, SpecConfig
+    from .params import PARAMS, ParamError
+
+    section = ""
     try:
-        SamplingConfig(**sampling)
-        SpecConfig(**spec)
-    except ValueError as e:
-        raise CliError(_cli_names(str(e))) from None
-    return {"model": args.model, "heads": args.heads, "device": args.device, "dtype": args.dtype,
-            "rope_scaling": args.rope_scaling, "method": args.method, "chat": args.chat,
-            "max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos,
-            "sampling": sampling, "spec": spec}
+        for key in ("max_new_tokens", "method", "ignore_eos"):
+            PARAMS[key].check(o[key])
+        section = "sampling"
+        SamplingConfig(**o["sampling"])
+        section = "spec"
+        SpecConfig(**o["spec"])
+    except ParamError as e:
+        raise CliError(prefix + e.named(name_of(section, e.param))) from None
+    except TypeError as e:  # a checkpoint's section holding an unknown key
+        raise CliError(f"{prefix}{section}: {e}") from None
+    except KeyError as e:
+        raise CliError(f"{prefix}lacks the option {e.args[0]!r}") from None
 
 
 def _refuse_options_with_resume(args: argparse.Namespace) -> None:
+    from .params import PARAMS, SAMPLING, SPEC
+
     defaults = build_parser().parse_args(["generate"])
-    given = [name for name in _RUN_OPTIONS if getattr(args, name) != getattr(defaults, name)]
+    names = (*_RUN_OPTIONS, *SAMPLING, *(n for n in SPEC if hasattr(defaults, n)))
+    given = [name for name in names if getattr(args, name) != getattr(defaults, name)]
     if given:
-        flag = "--" + given[0].replace("_", "-")
+        p = PARAMS.get(given[0])
+        flag = p.flag if p is not None and p.flag else "--" + given[0].replace("_", "-")
         raise CliError(f"--resume continues with the options saved in {args.resume}; drop {flag}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .checkpoint import Checkpoint
+    from .checkpoint import Checkpoint, save_to
 
     if args.checkpoint_every < 1:
         raise CliError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     if args.resume is not None:
         _refuse_options_with_resume(args)
         ck = Checkpoint.load(args.resume)
+        path = args.resume
+        _check_options(ck.options, _checkpoint_key, prefix=f"checkpoint {path}: ")
         ck_path: Path | None = args.checkpoint or args.resume
     else:
         ck = Checkpoint(options=_run_options(args), prompt=_read_prompt(args))
         ck_path = args.checkpoint
-        if ck_path is not None:  # from the first moment, so that a run killed while loading resumes too
-            ck.save(ck_path)
+    if ck_path is not None:  # from the first moment, so that a run killed while loading resumes too
+        save_to(ck, ck_path)
     old_term = _sigterm_as_interrupt()
     try:
         return _run_generate(args, ck, ck_path)
@@ -343,41 +338,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _run_generate(args: argparse.Namespace, ck: Any, ck_path: Path | None) -> int:
-    from .checkpoint import model_fingerprint
-
-    o = ck.options
-
-    import tokenswift
-
-    # the int4 copy is built only if the run drafts with it (`LM.int4`)
-    lm = tokenswift.load(o["model"], heads=o["heads"], device=o["device"], dtype=o["dtype"],
-                         rope_scaling=o["rope_scaling"], draft_weights=o["spec"].get("draft_weights", "auto"))
-    fp = model_fingerprint(lm.config)
-    if ck.model_fingerprint is not None and ck.model_fingerprint != fp:
-        raise CliError(f"checkpoint {args.resume} was written by a model shaped {ck.model_fingerprint}, "
-                       f"but {o['model']!r} loads as {fp}")
-    ck.model_fingerprint = fp
-    # pin what "default" resolved to: another device or dtype would change the numerics, so the text
-    o["device"], o["dtype"] = str(lm.model.device), str(lm.model.dtype).removeprefix("torch.")
-    if ck.prompt_ids is None:
-        ck.prompt_ids = lm.encode(ck.prompt, chat=o["chat"])
-    if ck.tokens and not o["ignore_eos"] and ck.tokens[-1] in lm.eos_token_ids:
-        ck.finish_reason = ck.finish_reason or "eos"  # killed between committing EOS and saving the end
-    resumed = len(ck.tokens)
-    steps = iter(()) if ck.done else lm.steps(
-        ck.prompt_ids + ck.tokens, ck.max_new_tokens - resumed, method=o["method"], ignore_eos=o["ignore_eos"],
-        **o["sampling"], **o["spec"])
-
-    def save() -> None:
-        if ck_path is not None:
-            ck.save(ck_path)
-
-    save()
+    from contextlib import closing
 
     from .api import TextStream
+    from .checkpoint import continue_run, load_model_for, save_to
+    from .params import ParamError
 
+    lm = load_model_for(ck, args.resume)
+    resumed = len(ck.tokens)
+    try:
+        steps = continue_run(ck, lm, ck_path, args.checkpoint_every)
+    except ParamError as e:
+        if args.resume is None:
+            raise
+        raise CliError(f"checkpoint {args.resume}: " + e.named(_checkpoint_key("", e.param))) from None
+    if ck_path is not None:
+        save_to(ck, ck_path)
     out = sys.stdout
-    progress = Progress(ck.max_new_tokens, sys.stderr) if (sys.stderr.isatty() and not out.isatty()) else None
+    bars = Bars() if (sys.stderr.isatty() and not out.isatty()) else None
     text_stream = TextStream(lm.tokenizer)
     pieces: list[str] = []
     stats: dict[str, Any] = {}
@@ -390,24 +368,17 @@ def _run_generate(args: argparse.Namespace, ck: Any, ck_path: Path | None) -> in
             out.flush()
 
     emit(text_stream.push(ck.tokens))  # the text a resumed run had already written: stdout gets it whole
-    saved = resumed
     try:
-        for step in steps:
-            ck.tokens.extend(step.tokens)
-            stats = step.stats
-            if step.finished:
-                ck.finish_reason = stats.get("finish_reason")
-            emit(text_stream.push(step.tokens))
-            if ck_path is not None and len(ck.tokens) - saved >= args.checkpoint_every:
-                save()
-                saved = len(ck.tokens)
-            if progress:
-                progress.update(len(ck.tokens), stats)
+        with closing(steps):  # saves at exit, whatever the exit (Ctrl-C and SIGTERM included)
+            for step in steps:
+                stats = step.stats
+                emit(text_stream.push(step.tokens))
+                if bars:
+                    bars("tokens", len(ck.tokens), ck.max_new_tokens,
+                         {"tokens_per_s": stats.get("decode_tokens_per_s", 0)})
     finally:
-        save()  # at exit, whatever the exit (Ctrl-C and SIGTERM included)
-        if progress:
-            progress.update(len(ck.tokens), stats, force=True)
-            progress.close()
+        if bars:
+            bars.close()
     tail = text_stream.flush()
     if resumed:
         stats = dict(stats, resumed_tokens=resumed)
@@ -449,33 +420,39 @@ def _restore_sigterm(old: Any) -> None:
         signal.signal(signal.SIGTERM, old)
 
 
-class _Bars:
-    """tqdm bars on stderr for the phases of a long job (hidden states, generation, training)."""
+class Bars:
+    """tqdm bars on stderr, one per phase of a long job, each closed when the next begins: a
+    generation's tokens, a bench's methods, training's hidden states / self-distillation /
+    optimizer steps. `bars(phase, done, total, info)`; info may hold tokens_per_s, loss, acc."""
+
+    LABELS = {"hidden": ("hidden states", "seq"), "generate": ("self-distill", "seq"), "train": ("training", "step")}
 
     def __init__(self) -> None:
-        self.bars: dict[str, Any] = {}
+        self.phase: str | None = None
+        self.bar: Any = None
 
-    def __call__(self, phase: str, done: int, total: int, info: dict[str, Any]) -> None:
+    def __call__(self, phase: str, done: int, total: int, info: dict[str, Any] | None = None) -> None:
         from tqdm import tqdm
 
-        labels = {"hidden": "hidden states", "generate": "self-distill", "train": "training"}
-        bar = self.bars.get(phase)
-        if bar is None:
-            bar = self.bars[phase] = tqdm(total=total, initial=done - 1 if phase == "train" else 0,
-                                          desc=labels.get(phase, phase), unit="step" if phase == "train" else "seq",
-                                          file=sys.stderr, dynamic_ncols=True)
-        bar.update(done - bar.n)
-        post = {"tok/s": f"{info.get('tokens_per_s', 0):.0f}"}
-        if "loss" in info:
-            post["loss"] = f"{info['loss']:.3f}"
-            post["acc"] = "/".join(f"{a:.2f}" for a in info.get("acc", []))
-        bar.set_postfix(post, refresh=False)
-        if done >= total:
-            bar.close()
+        if phase != self.phase:
+            self.close()
+            label, unit = self.LABELS.get(phase, (phase, "tok"))
+            # a resumed job starts where it stands, so the rate counts only this run's work
+            self.bar = tqdm(total=total, initial=max(0, min(done, total) - 1), desc=label, unit=unit,
+                            file=sys.stderr, dynamic_ncols=True)
+            self.phase = phase
+        self.bar.update(min(done, total) - self.bar.n)  # tqdm throttles the redraws
+        if info:
+            post = {"tok/s": f"{info.get('tokens_per_s', 0):.0f}"}
+            if "loss" in info:
+                post["loss"] = f"{info['loss']:.3f}"
+                post["acc"] = "/".join(f"{a:.2f}" for a in info.get("acc", []))
+            self.bar.set_postfix(post, refresh=False)
 
     def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = self.phase = None
 
 
 def _default_cache_dir() -> Path:
@@ -497,7 +474,7 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.model, device=args.device, pack=False)
     t0 = time.perf_counter()
-    bars = _Bars()
+    bars = Bars()
     try:
         store = build_store(loaded.model, loaded.tokenizer, args.data, cfg, args.cache_dir or _default_cache_dir(), bars)
         t1 = time.perf_counter()
@@ -546,90 +523,37 @@ def cmd_eval_heads(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_bench_text() -> Path | None:
-    for base in (Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parents[2]):
-        cand = base / "shared" / "data" / "cdne.txt"
-        if cand.is_file():
-            return cand
-        cand = base.parent / "shared" / "data" / "cdne.txt"
-        if cand.is_file():
-            return cand
-    return None
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import METHODS, run_bench, table, write_csv, write_png
-    from .config import PAPER_SAMPLING
+    from .bench import BenchSetup, parse_lengths, parse_methods, run_bench, table, write_png
 
     try:
-        lengths = sorted({int(x) for x in args.lengths.split(",") if x.strip()})
-    except ValueError:
-        raise CliError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
-    if not lengths or lengths[0] < 1:
-        raise CliError(f"--lengths must be positive, got {args.lengths!r}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise CliError(f"--methods: unknown method {bad[0] if bad else ''!r}; available: {', '.join(METHODS)}")
+        lengths = parse_lengths(args.lengths)
+        methods = parse_methods(args.methods)
+    except ValueError as e:
+        raise CliError(f"--{e}") from None
     if args.prefix < 1:
         raise CliError(f"--prefix must be >= 1, got {args.prefix}")
-    text_path = args.prompt_file or _default_bench_text()
-    if text_path is None:
-        raise CliError("no prompt text: give --prompt-file (../shared/data/cdne.txt was not found)")
-    try:
-        text = Path(text_path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise CliError(f"--prompt-file {text_path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise CliError(f"--prompt-file {text_path}: {e.strerror}") from None
-
-    import tokenswift
-
-    rope = args.rope_scaling
-    lm = tokenswift.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype, rope_scaling=rope)
-    need = args.prefix + lengths[-1]
-    if rope is None and need > lm.config.context_length:
-        factor = 2
-        while lm.config.context_length * factor < need:
-            factor *= 2
-        rope = f"yarn:{factor}"
-        sys.stderr.write(f"tokenswift: {need} tokens exceed the context of {lm.config.context_length}; "
-                         f"using --rope-scaling {rope}\n")
-        lm = tokenswift.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype, rope_scaling=rope)
-    chars = 8 * args.prefix  # encode only what the prefix needs (whole books take minutes)
-    while True:
-        ids = lm.encode(text[:chars])
-        if len(ids) > args.prefix or chars >= len(text):
-            break
-        chars *= 2
-    if len(ids) < args.prefix:
-        raise CliError(f"--prefix {args.prefix} is longer than {text_path} ({len(ids)} tokens)")
-    prompt = ids[: args.prefix]
-    sampling = dict(temperature=0.0, seed=args.seed) if args.greedy else dict(PAPER_SAMPLING, seed=args.seed)
-
+    setup = BenchSetup.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype,
+                            rope_scaling=args.rope_scaling, prompt_file=args.prompt_file, prefix=args.prefix,
+                            lengths=lengths, greedy=args.greedy, seed=args.seed)
+    if setup.auto_rope:
+        sys.stderr.write(f"tokenswift: {args.prefix + lengths[-1]} tokens exceed the model's context; "
+                         f"using --rope-scaling {setup.rope_scaling}\n")
     stem = args.name or f"bench-{args.prefix}-{lengths[-1]}"
     paths = {ext: args.out / f"{stem}.{ext}" for ext in ("json", "csv", "png")}
-    t0 = time.perf_counter()
+    command = "tokenswift " + " ".join(sys.argv[1:]) if sys.argv and "tokenswift" in sys.argv[0] else None
 
     def save(result: dict[str, Any]) -> None:  # after each method too: a stopped bench keeps them
-        result.update({
-            "model": lm.name, "heads": args.heads, "prompt_file": str(text_path), "rope_scaling": rope,
-            "device": str(lm.model.device), "dtype": str(lm.model.dtype).replace("torch.", ""),
-            "threads": torch_threads(), "bench_seconds": time.perf_counter() - t0,
-            "command": "tokenswift " + " ".join(sys.argv[1:]) if sys.argv and "tokenswift" in sys.argv[0] else None,
-        })
-        args.out.mkdir(parents=True, exist_ok=True)
-        paths["json"].write_text(json.dumps(result, indent=1, default=str))
-        write_csv(result, paths["csv"])
+        setup.save(result, paths["json"], paths["csv"], command)
 
-    bars = _BenchBars()
+    bars = Bars()
     try:
-        result = run_bench(lm, prompt, lengths, methods, sampling, progress=bars, on_method=save)
+        result = run_bench(setup.lm, setup.prompt, lengths, methods, setup.sampling, progress=bars, on_method=save)
     finally:
         bars.close()
     save(result)
     try:
-        write_png(result, paths["png"], title=f"{lm.name}, {args.prefix}-token prefix, "
+        write_png(result, paths["png"], title=f"{setup.lm.name}, {args.prefix}-token prefix, "
                                                f"{'greedy' if args.greedy else 'paper sampler'}, {result['device']}")
     except ImportError:
         paths.pop("png")
@@ -647,12 +571,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(f"--port must be in [0, 65535], got {args.port}")
     if args.queue_size < 1:
         raise CliError(f"--queue-size must be >= 1, got {args.queue_size}")
+    if args.max_body_bytes is not None and args.max_body_bytes < 1:
+        raise CliError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
         raise CliError("tokenswift serve needs fastapi and uvicorn: pip install 'tokenswift[serve]'") from None
-    from .server import bind, make_server
+    from .server import MAX_BODY_BYTES, bind, check_api_key, make_server
+
+    if args.api_key is not None:
+        try:
+            check_api_key(args.api_key, "--api-key")
+        except ValueError as e:
+            raise CliError(str(e)) from None
 
     try:  # before the model loads, so that a taken port fails at once
         sock = bind(args.host, args.port)
@@ -662,7 +594,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     lm = tokenswift.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype,
                          rope_scaling=args.rope_scaling)
-    server = make_server(lm, names=[args.model], api_key=args.api_key, queue_size=args.queue_size)
+    server = make_server(lm, names=[args.model], api_key=args.api_key, queue_size=args.queue_size,
+                         max_body_bytes=args.max_body_bytes or MAX_BODY_BYTES)
     logging.getLogger("tokenswift.server").setLevel(logging.INFO)  # one line per request, with or without -v
     host, port = sock.getsockname()[:2]
     sys.stderr.write(f"tokenswift: serving {lm.name} at http://{host}:{port}/v1 (queue {args.queue_size}"
@@ -672,50 +605,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-class _BenchBars:
-    """One tqdm bar per method (stderr)."""
-
-    def __init__(self) -> None:
-        self.bar: Any = None
-        self.name = None
-
-    def __call__(self, name: str, done: int, total: int) -> None:
-        from tqdm import tqdm
-
-        if name != self.name:
-            self.close()
-            self.name = name
-            self.bar = tqdm(total=total, desc=name, unit="tok", file=sys.stderr, leave=True, dynamic_ncols=True)
-        self.bar.update(min(done, total) - self.bar.n)  # tqdm throttles the redraws
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        self.name = None
-
-
-# Library keyword names -> the flags that set them.
-_CLI_FLAGS = {"top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p", "min_keep": "--min-keep",
-              "max_new_tokens": "--max-new-tokens", "penalty_window": "--penalty-window",
-              "repetition penalty": "--repetition-penalty", "temperature": "--temperature", "eta": "--eta",
-              "seed": "--seed", "gamma": "--gamma", "ngram_topk": "--ngram-topk", "draft_budget": "--draft-budget"}
-
-
-def _cli_names(msg: str) -> str:
-    """Library messages name Python keywords; say the CLI flag instead."""
-    from .config import rename_params
-
-    return rename_params(msg, _CLI_FLAGS)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    from .params import PARAMS, ParamError
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     try:
@@ -741,8 +633,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as e:
         _fail(str(e))
         return EXIT_USAGE
+    except ParamError as e:  # an option's value, as the library saw it: name its flag
+        p = PARAMS.get(e.param)
+        _fail(e.named(p.flag if p is not None and p.flag else e.param))
+        return EXIT_USAGE
     except (ValueError, FileNotFoundError) as e:
-        _fail(_cli_names(str(e)))
+        _fail(str(e))
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")

@@ -7,12 +7,14 @@ decoder in `model.py` reads nothing else. Architectures differ only by the flags
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
+from .params import PARAMS, SAMPLING, SPEC, check_all
+
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_KINDS = ("default", "linear", "dynamic", "yarn", "llama3")
+MAX_ROPE_FACTOR = 1024  # beyond it no released model extends, and the context is not addressable
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,8 @@ class RopeScaling:
     def __post_init__(self) -> None:
         if self.kind not in ROPE_KINDS:
             raise ValueError(f"unsupported RoPE scaling type {self.kind!r}; supported: {', '.join(ROPE_KINDS)}")
-        if self.kind != "default" and not (self.factor > 0):
-            raise ValueError(f"RoPE scaling factor must be > 0, got {self.factor!r}")
+        if self.kind != "default" and not (0 < self.factor <= MAX_ROPE_FACTOR):
+            raise ValueError(f"RoPE scaling factor must be in (0, {MAX_ROPE_FACTOR}], got {self.factor!r}")
 
     @staticmethod
     def parse(spec: str | Mapping[str, Any] | "RopeScaling" | None) -> "RopeScaling | None":
@@ -59,8 +61,9 @@ class RopeScaling:
                 f = float(factor)
             except ValueError:
                 raise ValueError(f"bad RoPE scaling {spec!r}: factor {factor!r} is not a number") from None
-            if not f > 1.0:
-                raise ValueError(f"bad RoPE scaling {spec!r}: the factor must be > 1 to extend the context")
+            if not 1.0 < f <= MAX_ROPE_FACTOR:
+                raise ValueError(f"bad RoPE scaling {spec!r}: the factor must be in (1, {MAX_ROPE_FACTOR}] "
+                                 "to extend the context")
             return RopeScaling(kind=kind, factor=f)
         return _rope_from_hf(dict(spec))
 
@@ -83,6 +86,26 @@ def _rope_from_hf(d: dict[str, Any]) -> RopeScaling | None:
     if d.get("truncate") is not None:
         kw["truncate"] = bool(d["truncate"])
     return RopeScaling(**kw)
+
+
+# Bounds on a model's shape, checked before anything is sized from it (a config.json typo must
+# not allocate terabytes). Far above any released model of the supported families.
+_SHAPE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 19, "num_layers": 1024,
+                 "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 1024}
+
+
+def _json_int(d: Mapping[str, Any], key: str, hi: int, default: Any = None) -> int:
+    """An integer field of config.json in [1, hi] (an integral float such as 576.0 is accepted)."""
+    v = d.get(key)
+    if v is None:
+        if default is None:
+            raise ValueError(f"config.json lacks required field {key!r}")
+        v = default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:
+        raise ValueError(f"config.json field {key} must be an integer in [1, {hi}], got {v!r}")
+    return v
 
 
 @dataclass(frozen=True)
@@ -112,6 +135,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.arch not in SUPPORTED_ARCHS:
             raise ValueError(f"unsupported architecture {self.arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+        for name, hi in _SHAPE_LIMITS.items():
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi):
+                raise ValueError(f"model config: {name} must be an integer in [1, {hi}], got {v!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:
@@ -120,10 +147,6 @@ class ModelConfig:
             object.__setattr__(self, "layer_windows", (None,) * self.num_layers)
         if len(self.layer_windows) != self.num_layers:
             raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers")
-
-    @property
-    def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
 
     @property
     def context_length(self) -> int:
@@ -150,16 +173,14 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported model_type {arch!r} in config.json; supported: {', '.join(SUPPORTED_ARCHS)}"
             )
-        try:
-            hidden = int(d["hidden_size"])
-            heads = int(d["num_attention_heads"])
-            layers = int(d["num_hidden_layers"])
-            vocab = int(d["vocab_size"])
-            inter = int(d["intermediate_size"])
-        except KeyError as e:
-            raise ValueError(f"config.json lacks required field {e.args[0]!r}") from None
-        kv_heads = int(d.get("num_key_value_heads") or heads)
-        head_dim = int(d.get("head_dim") or hidden // heads)
+        lim = _SHAPE_LIMITS
+        hidden = _json_int(d, "hidden_size", lim["hidden_size"])
+        heads = _json_int(d, "num_attention_heads", lim["num_heads"])
+        layers = _json_int(d, "num_hidden_layers", lim["num_layers"])
+        vocab = _json_int(d, "vocab_size", lim["vocab_size"])
+        inter = _json_int(d, "intermediate_size", lim["intermediate_size"])
+        kv_heads = _json_int(d, "num_key_value_heads", lim["num_kv_heads"], heads)
+        head_dim = _json_int(d, "head_dim", lim["head_dim"], hidden // heads)
 
         rope_params = d.get("rope_parameters") or {}
         theta = float(rope_params.get("rope_theta", d.get("rope_theta", 10000.0)))
@@ -282,38 +303,19 @@ class ModelConfig:
 class SamplingConfig:
     """The sampler. temperature 0 means greedy. Every field is validated on construction."""
 
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    min_keep: int = 1
-    eta: float = 0.0
-    penalty: float = 1.0
-    penalty_window: int = 1024
-    seed: int = 0
+    # defaults, ranges and help: params.py
+    temperature: float = PARAMS["temperature"].default
+    top_k: int = PARAMS["top_k"].default
+    top_p: float = PARAMS["top_p"].default
+    min_p: float = PARAMS["min_p"].default
+    min_keep: int = PARAMS["min_keep"].default
+    eta: float = PARAMS["eta"].default
+    penalty: float = PARAMS["penalty"].default
+    penalty_window: int = PARAMS["penalty_window"].default
+    seed: int = PARAMS["seed"].default
 
     def __post_init__(self) -> None:
-        def bad(name: str, value: Any, want: str) -> ValueError:
-            return ValueError(f"{name} must be {want}, got {value!r}")
-
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise bad("temperature", self.temperature, ">= 0 (0 = greedy)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", self.top_k, "an integer >= 0 (0 = off)")
-        if not (0.0 < self.top_p <= 1.0):
-            raise bad("top_p", self.top_p, "in (0, 1]")
-        if not (0.0 <= self.min_p < 1.0):
-            raise bad("min_p", self.min_p, "in [0, 1)")
-        if not isinstance(self.min_keep, int) or self.min_keep < 1:
-            raise bad("min_keep", self.min_keep, "an integer >= 1")
-        if not (0.0 <= self.eta < 1.0):
-            raise bad("eta", self.eta, "in [0, 1)")
-        if not (self.penalty > 0) or not math.isfinite(self.penalty):
-            raise bad("repetition penalty", self.penalty, "> 0 (1 = off)")
-        if not isinstance(self.penalty_window, int) or self.penalty_window < 0:
-            raise bad("penalty_window", self.penalty_window, "an integer >= 0")
-        if not isinstance(self.seed, int) or not (0 <= self.seed < 2**63):
-            raise bad("seed", self.seed, "an integer in [0, 2^63)")
+        check_all(self.__dict__, SAMPLING)
 
     @property
     def greedy(self) -> bool:
@@ -325,59 +327,43 @@ class SamplingConfig:
         return self.penalty_window if self.penalty != 1.0 else 0
 
 
-def rename_params(message: str, names: Mapping[str, str]) -> str:
-    """A library message with its keyword names replaced by a surface's own (CLI flags, API
-    fields): whole names only, wherever they stand, so "max_new_tokens" in "lower max_new_tokens
-    to 191" is renamed too and "--max-new-tokens" is left alone."""
-    for py, name in names.items():
-        message = re.sub(rf"(?<![-\w]){re.escape(py)}\b", name, message)
-    return message
-
-
 # The paper's sampling setup (DESIGN.md, "Defaults"): what speed is measured under.
 PAPER_SAMPLING = dict(temperature=1.0, min_p=0.1, min_keep=20, penalty=1.2, penalty_window=1024)
 
 
-DRAFT_WEIGHTS = ("auto", "int4", "float")
+DRAFT_WEIGHTS = PARAMS["draft_weights"].choices
 
 
 @dataclass(frozen=True)
 class SpecConfig:
     """Speculation settings (DESIGN.md defaults). Only speed depends on them, never the text."""
 
+    # defaults, ranges and help: params.py
     # most positions drafted per iteration: chained draft passes under tree="auto"; under a
     # static tree the base prediction + (gamma - 1) heads
-    gamma: int = 8
+    gamma: int = PARAMS["gamma"].default
     # "auto": size the trie (and n-gram chains) by measured cost and running acceptance
     # (plan.py); else a static tree shape (see tree.parse_tree), e.g. the paper's "1,3,3,3"
-    tree: str | tuple = "auto"
-    ngram_n: int = 4
-    ngram_topk: int = 20
-    use_ngrams: bool = True
-    use_heads: bool = True
+    tree: str | tuple = PARAMS["tree"].default
+    ngram_n: int = PARAMS["ngram_n"].default
+    ngram_topk: int = PARAMS["ngram_topk"].default
+    use_ngrams: bool = PARAMS["use_ngrams"].default
+    use_heads: bool = PARAMS["use_heads"].default
     # partial KV entries the draft pass attends to (the paper's 4,096 costs ~15 ms a drafted
     # token in attention alone on a 2-core CPU)
-    draft_budget: int = 1024
-    sinks: int = 16
-    full_kv_draft: bool = False  # ablation: draft over the full cache
-    max_nodes: int | None = None  # cap on trie nodes (root included); None = no cap
+    draft_budget: int = PARAMS["draft_budget"].default
+    sinks: int = PARAMS["sinks"].default
+    full_kv_draft: bool = PARAMS["full_kv_draft"].default  # ablation: draft over the full cache
+    max_nodes: int | None = PARAMS["max_nodes"].default  # cap on trie nodes (root included); None = no cap
     # the self-draft's weights: "int4" (the model's int4 copy), "float" (its own weights, the
     # paper's), "auto" (int4 where the model has an int4 copy)
-    draft_weights: str = "auto"
+    draft_weights: str = PARAMS["draft_weights"].default
 
     def __post_init__(self) -> None:
-        if not isinstance(self.gamma, int) or self.gamma < 1:
-            raise ValueError(f"gamma must be an integer >= 1, got {self.gamma!r}")
-        if not isinstance(self.ngram_topk, int) or self.ngram_topk < 0:
-            raise ValueError(f"ngram_topk must be an integer >= 0, got {self.ngram_topk!r}")
-        if not isinstance(self.ngram_n, int) or self.ngram_n < 2:
-            raise ValueError(f"ngram_n must be an integer >= 2, got {self.ngram_n!r}")
-        if not isinstance(self.draft_budget, int) or self.draft_budget < 64:
-            raise ValueError(f"draft_budget must be an integer >= 64, got {self.draft_budget!r}")
-        if self.max_nodes is not None and (not isinstance(self.max_nodes, int) or self.max_nodes < 1):
-            raise ValueError(f"max_nodes must be an integer >= 1, got {self.max_nodes!r}")
-        if self.draft_weights not in DRAFT_WEIGHTS:
-            raise ValueError(f"draft_weights must be one of {', '.join(DRAFT_WEIGHTS)}, got {self.draft_weights!r}")
+        if isinstance(self.tree, str):
+            check_all(self.__dict__, SPEC)
+        else:  # a shape given as a list: its own checks below
+            check_all(self.__dict__, [n for n in SPEC if n != "tree"])
         if self.auto:
             return
         from .tree import parse_tree

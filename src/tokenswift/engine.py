@@ -17,6 +17,7 @@ from .config import SamplingConfig, SpecConfig
 from .drafters import NGramDrafter, Proposal, SelfDrafter
 from .heads import DraftHeads
 from .model import Decoder
+from .params import PARAMS
 from .plan import STAT_WIDTH, AutoPlanner, Plan
 from .sampling import penalty_window, sample
 from .tree import SRC_NGRAM, Trie, build_trie, tree_width
@@ -24,7 +25,7 @@ from .verify import WalkResult, walk
 
 log = logging.getLogger("tokenswift")
 
-METHODS = ("ar", "tokenswift", "ngram")
+METHODS = PARAMS["method"].choices
 
 
 @dataclass

@@ -45,6 +45,26 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to load on: `cpu`, `cuda` or `cuda:N` where torch sees that GPU (default: cuda
+    when available). Anything else is a ValueError naming it, before any weight is read."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch sees no CUDA GPU on this machine; use cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """float32 on CPU and bfloat16 on CUDA unless asked otherwise."""
     if dtype is None:
@@ -110,7 +130,7 @@ def load_model(
     "float" that it runs the model's own weights, "auto" int4 where torch's int4 kernel exists."""
     if draft_weights not in ("auto", "int4", "float"):
         raise ValueError(f"draft_weights must be one of auto, int4, float, got {draft_weights!r}")
-    dev = torch.device(device) if device is not None else default_device()
+    dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     override = RopeScaling.parse(rope_scaling)
     kind, path = resolve_source(model)
@@ -121,6 +141,9 @@ def load_model(
         cfg, tensors = read_hf_dir(path)
     if override is not None:
         cfg = cfg.with_rope_scaling(override)
+    # names and shapes checked on a decoder without storage first: a config that disagrees with
+    # its weights is an error, never an allocation of the size the config claims
+    Decoder(cfg, dtype=dt, device="meta").load_tensors(tensors)
     dec = Decoder(cfg, dtype=dt, device=dev)
     dec.load_tensors(tensors)
     dec.eval()

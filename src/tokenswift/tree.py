@@ -15,42 +15,71 @@ from typing import Sequence
 
 import torch
 
+from .params import ParamError
+
 SRC_TREE = 1  # node proposed by the static tree (draft logits / heads)
 SRC_NGRAM = 2  # node proposed by an n-gram chain
+
+
+# Limits a tree shape is checked against before any path is enumerated: a verify pass of more
+# nodes than this costs more than the tokens it could gain anywhere.
+MAX_TREE_NODES = 4096
+MAX_RANK = 1024  # candidates per depth
 
 
 def parse_tree(spec: str | Sequence[int] | Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...]:
     """Tree shape -> sorted, prefix-closed rank paths.
 
     Accepts "1,3,3,3" (branching per depth), a JSON list of paths "[[0],[0,0],[0,1]]", a list of
-    ints (branching) or a list of paths. Missing prefixes of explicit paths are added."""
+    ints (branching) or a list of paths. Missing prefixes of explicit paths are added. Errors are
+    `ParamError`s of the option `tree`."""
+    shown = repr(spec) if len(repr(spec)) <= 80 else repr(spec)[:77] + "..."
+
+    def bad(why: str) -> ParamError:
+        return ParamError("tree", "bad ", f" {shown}: {why}")
+
     if isinstance(spec, str):
         s = spec.strip()
         try:
             spec = json.loads(s) if s.startswith("[") else [int(x) for x in s.split(",") if x.strip()]
-        except (ValueError, json.JSONDecodeError):
-            raise ValueError(f"bad tree {spec!r}: expected e.g. '1,3,3,3' or '[[0],[0,0],[0,1]]'") from None
+        except (ValueError, RecursionError):
+            raise bad("expected e.g. '1,3,3,3' or '[[0],[0,0],[0,1]]'") from None
+    if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence):
+        raise bad("expected e.g. '1,3,3,3' or '[[0],[0,0],[0,1]]'")
     items = list(spec)
     if not items:
-        raise ValueError("the tree shape is empty")
-    if all(isinstance(x, int) for x in items):
-        if any(b < 1 for b in items):
-            raise ValueError(f"bad tree {list(items)!r}: every branching factor must be >= 1")
+        raise bad("the tree shape is empty")
+    if all(_is_int(x) for x in items):
+        if any(not 1 <= b <= MAX_RANK for b in items):
+            raise bad(f"every branching factor must be an integer in [1, {MAX_RANK}]")
+        nodes, level = 0, 1
+        for b in items:  # nodes counted before they are enumerated
+            level *= b
+            nodes += level
+            if nodes > MAX_TREE_NODES:
+                raise bad(f"more than {MAX_TREE_NODES} nodes")
         paths = set()
         for d in range(1, len(items) + 1):
             paths.update(itertools.product(*(range(b) for b in items[:d])))
     else:
         paths = set()
         for p in items:
-            try:
-                p = tuple(int(x) for x in p)
-            except TypeError:
-                raise ValueError(f"bad tree path {p!r}: expected a list of ranks") from None
-            if not p or any(r < 0 for r in p):
-                raise ValueError(f"bad tree path {list(p)!r}: ranks must be >= 0 and the path non-empty")
+            if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or not p:
+                raise bad(f"path {p!r} is not a non-empty list of ranks")
+            if len(p) > MAX_TREE_NODES:
+                raise bad(f"more than {MAX_TREE_NODES} nodes")
+            if not all(_is_int(r) and 0 <= r < MAX_RANK for r in p):
+                raise bad(f"path {list(p)!r}: ranks must be integers in [0, {MAX_RANK})")
+            p = tuple(p)
             for d in range(1, len(p) + 1):
                 paths.add(p[:d])
+            if len(paths) > MAX_TREE_NODES:
+                raise bad(f"more than {MAX_TREE_NODES} nodes")
     return tuple(sorted(paths, key=lambda p: (len(p), p)))
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def tree_width(paths: Sequence[tuple[int, ...]], depth: int) -> int:
