@@ -71,9 +71,9 @@ def test_chat_template_wraps_prompt(smollm):
     [
         ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1, got 0"),
         ({"max_new_tokens": 8000}, "exceeds the model's context of 8192 tokens"),
-        ({"method": "beam"}, "unknown method 'beam'"),
+        ({"method": "beam"}, "method must be one of tokenswift, ar, ngram, got 'beam'"),
         ({"top_p": 0.0}, "top_p must be in (0, 1], got 0.0"),
-        ({"temperature": -1.0}, "temperature must be >= 0"),
+        ({"temperature": -1.0}, "temperature must be 0 (greedy) or in [0.0001, 100], got -1.0"),
     ],
 )
 def test_bad_generate_arguments(smollm, cdne_ids, kw, fragment):

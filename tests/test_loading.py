@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 
 import numpy as np
 import pytest
@@ -184,8 +185,10 @@ def test_rope_scaling_override_extends_context(tiny_dir):
     assert lm.config.rope_scaling.original_max_position_embeddings == 256
     assert lm.config.context_length == 1024
     for bad, msg in [("yarn", "'yarn': expected TYPE:FACTOR"), ("yarn:x", "factor 'x' is not a number"),
-                     ("cubic:2", "'cubic:2': expected TYPE:FACTOR"), ("yarn:0.5", "must be > 1")]:
-        with pytest.raises(ValueError, match=msg):
+                     ("cubic:2", "'cubic:2': expected TYPE:FACTOR"), ("yarn:0.5", "must be in (1, 1024]"),
+                     ("yarn:inf", "must be in (1, 1024]"), ("yarn:nan", "must be in (1, 1024]"),
+                     ("yarn:2000", "must be in (1, 1024]")]:
+        with pytest.raises(ValueError, match=re.escape(msg)):
             RopeScaling.parse(bad)
 
 

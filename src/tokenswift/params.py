@@ -104,7 +104,8 @@ _LIST: list[Param] = [
     Param("ignore_eos", bool, False, "true or false", "keep going past end-of-sequence tokens",
           flag="--ignore-eos", field="ignore_eos"),
     *_sampling(
-        Param("temperature", float, 1.0, f"0 (greedy) or in [{MIN_TEMPERATURE:g}, 100]", "default 1.0",
+        Param("temperature", float, 1.0, f"0 (greedy) or in [{MIN_TEMPERATURE:g}, 100]",
+              f"0 = greedy, else in [{MIN_TEMPERATURE:g}, 100] (default 1.0)",
               ok=lambda v: v == 0 or MIN_TEMPERATURE <= v <= 100, flag="--temperature", field="temperature"),
         Param("top_k", int, 0, f"an integer in [0, {MAX_TOP}] (0 = off)", "keep the k best tokens (0 = off)",
               ok=lambda v: 0 <= v <= MAX_TOP, flag="--top-k", field="top_k"),
@@ -117,7 +118,8 @@ _LIST: list[Param] = [
         Param("eta", float, 0.0, "in [0, 1)", "eta sampling epsilon (0 = off)", ok=lambda v: 0 <= v < 1,
               flag="--eta", field="eta"),
         Param("penalty", float, 1.0, f"in [{1 / PENALTY_MAX:g}, {PENALTY_MAX:g}] (1 = off)",
-              "divide positive / multiply negative logits of recent tokens (default 1 = off)",
+              f"divide positive / multiply negative logits of recent tokens, in [{1 / PENALTY_MAX:g}, "
+              f"{PENALTY_MAX:g}] (default 1 = off)",
               ok=lambda v: 1 / PENALTY_MAX <= v <= PENALTY_MAX, flag="--repetition-penalty",
               field="repetition_penalty"),
         Param("penalty_window", int, 1024, f"an integer in [0, {MAX_BUDGET}]",
