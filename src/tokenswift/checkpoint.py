@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from .params import PARAMS, ParamError, is_int, short_repr
+
 if TYPE_CHECKING:
     from .api import LM
     from .engine import Step
@@ -68,27 +70,28 @@ class Checkpoint:
 
         options = data.get("options")
         if not isinstance(options, dict):
-            raise damaged(f"options must be an object, got {_short(options)}")
+            raise damaged(f"options must be an object, got {short_repr(options, 60)}")
         for key in ("sampling", "spec"):
             if key in options and not isinstance(options[key], dict):
-                raise damaged(f"options.{key} must be an object, got {_short(options.get(key))}")
-        mnt = options.get("max_new_tokens")
-        if not _is_int(mnt) or mnt < 1:
-            raise damaged(f"options.max_new_tokens must be an integer >= 1, got {_short(mnt)}")
+                raise damaged(f"options.{key} must be an object, got {short_repr(options.get(key), 60)}")
+        try:
+            PARAMS["max_new_tokens"].check(options.get("max_new_tokens"))
+        except ParamError as e:
+            raise damaged(e.named("options.max_new_tokens")) from None
         if not isinstance(data.get("prompt"), str):
-            raise damaged(f"prompt must be a string, got {_short(data.get('prompt'))}")
+            raise damaged(f"prompt must be a string, got {short_repr(data.get('prompt'), 60)}")
         for key in ("prompt_ids", "tokens"):
             v = data.get(key)
             if v is None and key == "prompt_ids":
                 continue
-            if not isinstance(v, list) or not all(_is_int(t) and t >= 0 for t in v):
-                raise damaged(f"{key} must be a list of token ids (integers >= 0), got {_short(v)}")
+            if not isinstance(v, list) or not all(is_int(t) and t >= 0 for t in v):
+                raise damaged(f"{key} must be a list of token ids (integers >= 0), got {short_repr(v, 60)}")
         if data.get("finish_reason") not in FINISH_REASONS:
             raise damaged(f"finish_reason must be one of {', '.join(map(str, FINISH_REASONS))}, "
-                          f"got {_short(data.get('finish_reason'))}")
+                          f"got {short_repr(data.get('finish_reason'), 60)}")
         fp = data.get("model_fingerprint")
         if fp is not None and not isinstance(fp, dict):
-            raise damaged(f"model_fingerprint must be an object, got {_short(fp)}")
+            raise damaged(f"model_fingerprint must be an object, got {short_repr(fp, 60)}")
         ck = cls(options=options, prompt=data["prompt"], prompt_ids=data.get("prompt_ids"), tokens=data["tokens"],
                  finish_reason=data.get("finish_reason"), model_fingerprint=fp)
         if len(ck.tokens) > ck.max_new_tokens:
@@ -105,15 +108,6 @@ class Checkpoint:
 
 
 FINISH_REASONS = (None, "eos", "length")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _short(v: Any) -> str:
-    r = repr(v)
-    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def load_model_for(ck: Checkpoint, path: str | os.PathLike[str] | None = None) -> "LM":

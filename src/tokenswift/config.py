@@ -331,9 +331,6 @@ class SamplingConfig:
 PAPER_SAMPLING = dict(temperature=1.0, min_p=0.1, min_keep=20, penalty=1.2, penalty_window=1024)
 
 
-DRAFT_WEIGHTS = PARAMS["draft_weights"].choices
-
-
 @dataclass(frozen=True)
 class SpecConfig:
     """Speculation settings (DESIGN.md defaults). Only speed depends on them, never the text."""

@@ -20,6 +20,7 @@ import torch
 
 from .config import ModelConfig, RopeScaling
 from .model import Decoder
+from .params import PARAMS
 from .quant import int4_kernel_available
 
 log = logging.getLogger("tokenswift")
@@ -128,8 +129,7 @@ def load_model(
     the self-draft runs an int4 copy of the model (its weights a quarter of float32's bytes,
     about a second to build for 135M parameters, built when a run first needs it: `LM.int4`),
     "float" that it runs the model's own weights, "auto" int4 where torch's int4 kernel exists."""
-    if draft_weights not in ("auto", "int4", "float"):
-        raise ValueError(f"draft_weights must be one of auto, int4, float, got {draft_weights!r}")
+    PARAMS["draft_weights"].check(draft_weights)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     override = RopeScaling.parse(rope_scaling)

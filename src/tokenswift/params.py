@@ -28,15 +28,19 @@ class ParamError(ValueError):
         return name.join(self.pieces)
 
 
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters: an error message quotes a hostile value, not all of it."""
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
 def bad_value(param: str, want: str, value: Any) -> ParamError:
     """The usual error: "<name> must be <want>, got <value>"."""
-    shown = repr(value)
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
-    return ParamError(param, "", f" must be {want}, got {shown}")
+    return ParamError(param, "", f" must be {want}, got {short_repr(value)}")
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """An int that is not a bool (JSON's true / false are not token ids or sizes)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -63,7 +67,7 @@ class Param:
         if value is None and self.nullable:
             return value
         if self.kind is int:
-            good = _is_int(value)
+            good = is_int(value)
         elif self.kind is float:
             good = _is_number(value)
         elif self.kind is bool:

@@ -12,7 +12,7 @@ import uuid
 from typing import Any, Sequence
 
 from .api import LM
-from .params import BY_FIELD, PARAMS, ParamError
+from .params import BY_FIELD, PARAMS, ParamError, short_repr
 from .scheduler import Job
 
 MAX_STOPS = 4  # OpenAI's limit on stop strings
@@ -104,9 +104,7 @@ def validation_error(err: dict[str, Any]) -> ApiError:
     param = path.split(".")[0]
     if err.get("type") == "missing":
         return ApiError(400, f"{path} is required", param)
-    value = repr(err.get("input"))
-    value = value if len(value) <= 80 else value[:77] + "..."
-    return ApiError(400, f"{path}: {err.get('msg')}, got {value}", param)
+    return ApiError(400, f"{path}: {err.get('msg')}, got {short_repr(err.get('input'))}", param)
 
 
 # -- requests -> jobs --------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .params import ParamError
+from .params import ParamError, is_int, short_repr
 
 SRC_TREE = 1  # node proposed by the static tree (draft logits / heads)
 SRC_NGRAM = 2  # node proposed by an n-gram chain
@@ -33,7 +33,7 @@ def parse_tree(spec: str | Sequence[int] | Sequence[Sequence[int]]) -> tuple[tup
     Accepts "1,3,3,3" (branching per depth), a JSON list of paths "[[0],[0,0],[0,1]]", a list of
     ints (branching) or a list of paths. Missing prefixes of explicit paths are added. Errors are
     `ParamError`s of the option `tree`."""
-    shown = repr(spec) if len(repr(spec)) <= 80 else repr(spec)[:77] + "..."
+    shown = short_repr(spec)
 
     def bad(why: str) -> ParamError:
         return ParamError("tree", "bad ", f" {shown}: {why}")
@@ -49,7 +49,7 @@ def parse_tree(spec: str | Sequence[int] | Sequence[Sequence[int]]) -> tuple[tup
     items = list(spec)
     if not items:
         raise bad("the tree shape is empty")
-    if all(_is_int(x) for x in items):
+    if all(is_int(x) for x in items):
         if any(not 1 <= b <= MAX_RANK for b in items):
             raise bad(f"every branching factor must be an integer in [1, {MAX_RANK}]")
         nodes, level = 0, 1
@@ -68,7 +68,7 @@ def parse_tree(spec: str | Sequence[int] | Sequence[Sequence[int]]) -> tuple[tup
                 raise bad(f"path {p!r} is not a non-empty list of ranks")
             if len(p) > MAX_TREE_NODES:
                 raise bad(f"more than {MAX_TREE_NODES} nodes")
-            if not all(_is_int(r) and 0 <= r < MAX_RANK for r in p):
+            if not all(is_int(r) and 0 <= r < MAX_RANK for r in p):
                 raise bad(f"path {list(p)!r}: ranks must be integers in [0, {MAX_RANK})")
             p = tuple(p)
             for d in range(1, len(p) + 1):
@@ -76,10 +76,6 @@ def parse_tree(spec: str | Sequence[int] | Sequence[Sequence[int]]) -> tuple[tup
             if len(paths) > MAX_TREE_NODES:
                 raise bad(f"more than {MAX_TREE_NODES} nodes")
     return tuple(sorted(paths, key=lambda p: (len(p), p)))
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def tree_width(paths: Sequence[tuple[int, ...]], depth: int) -> int:
