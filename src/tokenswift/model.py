@@ -109,6 +109,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h], x[..., h:]
+    if x.requires_grad and torch.is_grad_enabled():  # training (the seq drafter): out= has no gradient
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     out = torch.empty_like(x)
     lo, hi = out[..., :h], out[..., h:]
     torch.mul(x1, cos, out=lo)
@@ -225,6 +227,36 @@ class Layer(nn.Module):
         self.b_gate_up = e(2 * I) if cfg.mlp_bias else None
         self.w_down = e(D, I)
         self.b_down = e(D) if cfg.mlp_bias else None
+
+
+def layer_qkv(L: Layer, cfg: ModelConfig, x: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A block's first half: norm, fused q/k/v, q/k norms, RoPE. x [B, T, D]; cos, sin
+    [B, T, 1, Dh/2] -> q [B, T, H, Dh] (unscaled), k, v [B, T, KVH, Dh]."""
+    B, T, _ = x.shape
+    H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    eps = cfg.rms_norm_eps
+    h = F.rms_norm(x, (x.shape[-1],), L.attn_norm, eps)
+    qkv = linear(h, L.wqkv, L.bqkv).view(B, T, H + 2 * K, Dh)
+    q, k, v = qkv[:, :, :H], qkv[:, :, H : H + K], qkv[:, :, H + K :]
+    if L.q_norm is not None:
+        q = F.rms_norm(q, (Dh,), L.q_norm, eps)
+        k = F.rms_norm(k, (Dh,), L.k_norm, eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    else:
+        qk = apply_rope(qkv[:, :, : H + K], cos, sin)  # one pass for q and k
+        q, k = qk[:, :, :H], qk[:, :, H:]
+    return q, k, v
+
+
+def layer_out(L: Layer, cfg: ModelConfig, x: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+    """A block's second half: output projection, residual, MLP. x [B, T, D], att [B, T, H*Dh]
+    -> [B, T, D]."""
+    I = cfg.intermediate_size
+    x = x + linear(att, L.wo, L.bo)
+    h = F.rms_norm(x, (x.shape[-1],), L.mlp_norm, cfg.rms_norm_eps)
+    gu = linear(h, L.w_gate_up, L.b_gate_up)  # [B, T, 2I]
+    return x + linear(F.silu(gu[..., :I]) * gu[..., I:], L.w_down, L.b_down)
 
 
 class Decoder(nn.Module):
@@ -397,6 +429,7 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,  # bool; [T, T] / [B, T, T] new block, or [.., T, S] full
         attn_probs: torch.Tensor | None = None,  # [L, KVH, >= S] float32 out: T=1, B=1 only
+        taps: tuple[tuple[int, ...], torch.Tensor] | None = None,  # (layers, out [B, T, len(layers), D])
     ) -> torch.Tensor:  # [B, T, D] residual stream before the final norm
         """Runs the decoder on T new tokens.
 
@@ -405,6 +438,8 @@ class Decoder(nn.Module):
         causal by index). `mask` may also span cached + new entries (`[.., T, cache.length+T]`).
         With `attn_probs`, a single query's attention weights (summed over the query heads of
         each KV head) on every key are written there, per layer — the draft cache's selection.
+        With `taps = (layers, out)`, the residual stream after each listed layer is written to
+        `out[:, :, i]` (the `seq` drafter's features: no extra pass to get them).
         """
         cfg = self.cfg
         B, T = tokens.shape
@@ -439,22 +474,10 @@ class Decoder(nn.Module):
             raise ValueError(f"attn_probs needs one token and batch 1, got tokens shape {tuple(tokens.shape)}")
 
         cos, sin = self._cos_sin(positions, scale_len)
-        H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        I = cfg.intermediate_size
-        eps = cfg.rms_norm_eps
-        scale = Dh**-0.5
+        scale = cfg.head_dim**-0.5
         x = F.embedding(tokens, self.embed)  # [B, T, D]
         for li, L in enumerate(self.layers):
-            h = F.rms_norm(x, (x.shape[-1],), L.attn_norm, eps)
-            qkv = linear(h, L.wqkv, L.bqkv).view(B, T, H + 2 * K, Dh)
-            q, k, v = qkv[:, :, :H], qkv[:, :, H : H + K], qkv[:, :, H + K :]
-            if L.q_norm is not None:
-                q = F.rms_norm(q, (Dh,), L.q_norm, eps)
-                k = F.rms_norm(k, (Dh,), L.k_norm, eps)
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            else:
-                qk = apply_rope(qkv[:, :, : H + K], cos, sin)  # one pass for q and k
-                q, k = qk[:, :, :H], qk[:, :, H:]
+            q, k, v = layer_qkv(L, cfg, x, cos, sin)
             if cache is not None:
                 cache.k[li, :, :, n:S] = k.transpose(1, 2)
                 cache.v[li, :, :, n:S] = v.transpose(1, 2)
@@ -467,10 +490,11 @@ class Decoder(nn.Module):
                 att = _attention_plain(q * scale, keys, vals, None, None, 0, None, probs_out=attn_probs[li])
             else:
                 att = _attention(q * scale, keys, vals, block, bias, full, lo, wmask)  # [B, T, H*Dh]
-            x = x + linear(att, L.wo, L.bo)
-            h = F.rms_norm(x, (x.shape[-1],), L.mlp_norm, eps)
-            gu = linear(h, L.w_gate_up, L.b_gate_up)  # [B, T, 2I]
-            x = x + linear(F.silu(gu[..., :I]) * gu[..., I:], L.w_down, L.b_down)
+            x = layer_out(L, cfg, x, att)
+            if taps is not None:
+                for j, tl in enumerate(taps[0]):
+                    if tl == li:
+                        taps[1][:, :, j] = x
         if cache is not None:
             cache.length = S
         return x
@@ -496,8 +520,10 @@ class Decoder(nn.Module):
         cache: KVCache,
         chunk: int | None = None,
         return_all: bool = False,
+        taps: tuple[tuple[int, ...], torch.Tensor] | None = None,  # (layers, out [B, n, len(layers), D])
     ) -> torch.Tensor:  # [B, D] last hidden, or [B, T, D] with return_all
-        """Feeds a long prompt in chunks, so no score matrix is larger than a chunk × context."""
+        """Feeds a long prompt in chunks, so no score matrix is larger than a chunk × context.
+        With `taps`, the features of the prompt's last n positions are written to their `out`."""
         B, T = tokens.shape
         start = cache.length
         if start + T > cache.capacity:
@@ -513,7 +539,17 @@ class Decoder(nn.Module):
                 c = chunk
             j = min(T, i + c)
             pos = torch.arange(start + i, start + j, device=self.device).expand(B, -1)
-            h = self.forward(tokens[:, i:j], pos, cache)
+            tap = None
+            if taps is not None:
+                n_out = taps[1].shape[1]
+                lo = max(i, T - n_out)  # the first position of this chunk that goes out
+                if lo < j:
+                    buf = torch.empty(B, j - i, len(taps[0]), self.cfg.hidden_size, dtype=self.dtype,
+                                      device=self.device)  # [B, c, L3, D]
+                    tap = (taps[0], buf)
+            h = self.forward(tokens[:, i:j], pos, cache, taps=tap)
+            if tap is not None:
+                taps[1][:, lo - (T - n_out) : j - (T - n_out)] = tap[1][:, lo - i :]
             if out is not None:
                 out[:, i:j] = h
             last = h[:, -1]
