@@ -65,8 +65,8 @@ def test_ngram_gain_scores_matches_on_committed_text():
 def _planner(costs, draft_s, q0, q1=0.01, depth=6, max_k=0):
     p = AutoPlanner(depth, ngram_n=4, max_k=max_k, max_nodes=None, explore_every=0)
     p.costs = dict(costs)
-    p.t_draft = draft_s
-    p.stats = RankStats(depth, [[q0, q1]], weight=1000, decay=1.0)
+    p.t_draft = {"self": draft_s}
+    p.stats = {"self": RankStats(depth, [[q0, q1]], weight=1000, decay=1.0)}
     return p
 
 
@@ -126,7 +126,7 @@ def test_planner_observes_the_trie_it_verified():
     p = AutoPlanner(4, ngram_n=4, max_k=8, max_nodes=None)
     plan = p.choose(10)
     p.observe(plan, 3, draft_s=0.04, verify_s=0.1, other_s=0.01, tokens=2)
-    assert p.costs == {3: 0.1} and p.t_draft == pytest.approx(0.01)
+    assert p.costs == {3: 0.1} and p.t_draft == {"self": pytest.approx(0.01)}
 
 
 def test_ngram_gain_is_shrunk_toward_zero_until_it_has_evidence():
@@ -137,3 +137,26 @@ def test_ngram_gain_is_shrunk_toward_zero_until_it_has_evidence():
     assert gain.mean(1) == pytest.approx(2 / 17)
     gain.update([5, 6, 7] * 40, top, n=3)
     assert gain.mean(1) > 0.5  # plenty of evidence: the measured gain shows through
+
+
+def test_planner_chooses_between_drafters_by_measured_rate():
+    """Two drafters: the one with more expected tokens per second wins, whichever is listed first."""
+    p = AutoPlanner(6, ngram_n=4, max_k=0, max_nodes=None, explore_every=0, drafters=("seq", "self"))
+    p.costs = {1: 0.10, 9: 0.14}
+    p.stats = {"seq": RankStats(6, [[0.7, 0.05]], weight=1000, decay=1.0),
+               "self": RankStats(6, [[0.9, 0.02]], weight=1000, decay=1.0)}
+    p.t_draft = {"seq": 0.004, "self": 0.03}  # cheap and good vs dear and better
+    assert p.choose(4096).drafter == "seq"
+    p.t_draft = {"seq": 0.004, "self": 0.001}
+    assert p.choose(4096).drafter == "self"
+    p.stats["self"] = RankStats(6, [[0.1, 0.0]], weight=1000, decay=1.0)  # a cheap draft that never couples
+    assert p.choose(4096).drafter == "seq"
+
+
+def test_planner_explores_the_other_drafter():
+    p = AutoPlanner(4, ngram_n=4, max_k=0, max_nodes=None, explore_every=2, drafters=("seq", "self"))
+    p.costs = {1: 0.10, 5: 0.12}
+    p.stats = {w: RankStats(4, [[0.8, 0.05]], weight=1000, decay=1.0) for w in ("seq", "self")}
+    p.t_draft = {"seq": 0.003, "self": 0.05}
+    used = {p.choose(4096 + i).drafter for i in range(40)}
+    assert {"seq", "self"} <= used  # mostly seq, with the self-draft re-measured now and then

@@ -345,9 +345,9 @@ def _force_costs(monkeypatch, drafts_pay: bool) -> None:
 
     def observe(self, *a, **k):
         if drafts_pay:
-            self.costs, self.t_draft = {1: 0.02, 60: 0.0201}, 0.0
+            self.costs, self.t_draft = {1: 0.02, 60: 0.0201}, {w: 0.0 for w in self.drafters}
         else:
-            self.costs, self.t_draft = {1: 0.01, 9: 0.06}, 0.02
+            self.costs, self.t_draft = {1: 0.01, 9: 0.06}, {w: 0.02 for w in self.drafters}
 
     monkeypatch.setattr(plan.AutoPlanner, "observe", observe)
 

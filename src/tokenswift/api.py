@@ -13,6 +13,7 @@ import torch
 from .config import RopeScaling, SamplingConfig, SpecConfig
 from .engine import Step, generate_ar, generate_speculative, self_drafts
 from .heads import DraftHeads, resolve_heads
+from .seqdraft import SeqDraftModel, resolve_seq_drafter
 from .loading import DEFAULT_MODEL, load_model
 from .model import Decoder
 from .params import PARAMS as P
@@ -86,8 +87,9 @@ def _check_text(text: str, what: str) -> None:
 class LM:
     """A loaded model with its tokenizer. Create it with `tokenswift.load`."""
 
-    def __init__(self, loaded: Any, heads: DraftHeads | None = None) -> None:
+    def __init__(self, loaded: Any, heads: DraftHeads | None = None, seq: SeqDraftModel | None = None) -> None:
         self.model = loaded.model
+        self.seq = seq  # the seq drafter (`seqdraft.py`), None when the model has none
         self._int4: Decoder | None = None
         self._int4_wanted = loaded.int4
         self._int4_lock = threading.Lock()
@@ -206,6 +208,7 @@ class LM:
         full_kv_draft: bool = P["full_kv_draft"].default,
         max_nodes: int | None = P["max_nodes"].default,
         draft_weights: str = P["draft_weights"].default,
+        drafter: str = P["drafter"].default,
     ) -> Iterator[Step]:
         """The low-level stream: one `Step` (committed token ids + running stats) per iteration.
 
@@ -213,7 +216,7 @@ class LM:
         cache, n-grams extend them, the model verifies), "ar" (plain decoding) or "ngram" (n-gram
         drafts only). Every method writes the same tokens for the same seed; the speculation
         options (gamma, tree, ngram_topk, ngram_n, draft_budget, sinks, use_ngrams, use_heads,
-        full_kv_draft, max_nodes, draft_weights; ranges in params.py) change only the speed. `tree` "auto" (default) plans each
+        full_kv_draft, max_nodes, draft_weights, drafter; ranges in params.py) change only the speed. `tree` "auto" (default) plans each
         iteration by measured cost; a static shape such as "1,3,3,3" drafts the paper's way
         (one draft pass + the draft heads)."""
         sampling = SamplingConfig(
@@ -244,11 +247,11 @@ class LM:
         spec = SpecConfig(gamma=gamma, tree=tree if isinstance(tree, str) else tuple(tree), ngram_topk=ngram_topk,
                           ngram_n=ngram_n, draft_budget=draft_budget, sinks=sinks, use_ngrams=use_ngrams,
                           use_heads=use_heads, full_kv_draft=full_kv_draft, max_nodes=max_nodes,
-                          draft_weights=draft_weights)
+                          draft_weights=draft_weights, drafter=drafter)
         # the int4 copy is built only for a run that drafts with it
         int4 = self.int4 if spec.draft_weights != "float" and self_drafts(method, spec, max_new_tokens) else None
         return generate_speculative(self.model, self.heads, ids, max_new_tokens, sampling, spec,
-                                    self.eos_token_ids, ignore_eos, method=method, int4=int4)
+                                    self.eos_token_ids, ignore_eos, method=method, int4=int4, seq=self.seq)
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 256, **kw: Any) -> GenerationResult:
         """Generates up to `max_new_tokens` tokens; see `steps` for the options."""
@@ -286,6 +289,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     rope_scaling: str | dict | RopeScaling | None = None,
     draft_weights: str = "auto",
+    drafter: str = "auto",
 ) -> LM:
     """Loads a model: the embedded default `"smollm2-135m"`, a `.gguf` file, or a Hugging Face
     directory (config.json + safetensors). `rope_scaling` such as `"yarn:4"` extends the context.
@@ -294,6 +298,9 @@ def load(
     `draft_weights`: "auto" lets the self-draft run an int4 copy of the model where torch's int4
     kernel exists (built by the first run that drafts: `LM.int4`), "int4" always, "float" never
     (the draft then runs the model's own weights).
+    `drafter`: the seq drafter: "auto" (the one shipped for a known model, else none), "none", or a
+    drafter file (`tokenswift train-drafter`).
     """
     loaded = load_model(model, device=device, dtype=dtype, rope_scaling=rope_scaling, draft_weights=draft_weights)
-    return LM(loaded, heads=resolve_heads(heads, loaded.model, loaded.name))
+    return LM(loaded, heads=resolve_heads(heads, loaded.model, loaded.name),
+              seq=resolve_seq_drafter(drafter, loaded.model, loaded.name))

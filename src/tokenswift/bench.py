@@ -8,7 +8,8 @@ tokens, peak memory, and whether the tokens equal `ar`'s. The library returns re
 
 Methods: `ar`; `tokenswift` (auto trie) and its ablations `tokenswift-paper` (static tree
 1,3,3,3 with n-gram top-20, the paper's setting), `tokenswift-noheads`, `tokenswift-nongrams`,
-`tokenswift-fullkv`; `ngram` (prompt lookup); when installed, `hf` (transformers generate)
+`tokenswift-fullkv`, `tokenswift-self` (the int4 self-draft alone), `tokenswift-seq` (the seq
+drafter alone); `ngram` (prompt lookup); when installed, `hf` (transformers generate)
 and `hf-lookup` (its prompt_lookup_num_tokens=10), both given one logits processor that is
 our whole sampler (windowed penalty included), so they sample the same distribution with
 their own random numbers; and `llamacpp` (llama-cpp-python on the same GGUF, its own sampler
@@ -40,6 +41,8 @@ OURS = {
     "tokenswift-noheads": dict(method="tokenswift", use_heads=False),
     "tokenswift-nongrams": dict(method="tokenswift", use_ngrams=False),
     "tokenswift-fullkv": dict(method="tokenswift", full_kv_draft=True),
+    "tokenswift-self": dict(method="tokenswift", drafter="self"),  # the int4 self-draft alone
+    "tokenswift-seq": dict(method="tokenswift", drafter="seq"),  # the seq drafter alone
     "ngram": dict(method="ngram"),
 }
 EXTERNAL = ("hf", "hf-lookup", "llamacpp")

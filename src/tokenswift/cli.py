@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = g.add_argument_group("speculation (tokenswift / ngram methods; speed only, never the text)")
     sp.add_argument("--heads", default="auto", metavar="PATH|none|auto",
                     help="draft heads file; auto = shipped heads for a known model (default auto)")
-    _param_args(sp, *(n for n in SPEC if PARAMS[n].flag and n != "full_kv_draft"))
+    _param_args(sp, *(n for n in SPEC if PARAMS[n].flag and n not in ("full_kv_draft", "drafter")))
+    sp.add_argument("--drafter", default="auto", metavar="auto|self|seq|none|PATH",
+                    help=PARAMS["drafter"].help + "; or a seq drafter file (from train-drafter) to draft with")
     sp.add_argument("--no-ngrams", action="store_true", help="draft without n-gram reuse")
     _param_args(sp, "full_kv_draft")
     g.add_argument("--stats", action="store_true", help="print the run's stats as JSON on stderr at the end")
@@ -153,6 +155,52 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=_int("--seed"), default=0, help="which windows are drawn (default 0)")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
     e.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+
+    td = sub.add_parser("train-drafter", help="train the seq drafter by self-distillation",
+                        description="The model continues prompts from the data with the paper's sampler; its features "
+                                    "at three layers and its sampling distributions are cached on disk; a one-block "
+                                    "drafter learns them, unrolled on its own outputs (training-time test).")
+    td.add_argument("--model", default=DEFAULT_MODEL, help=f"model to train a drafter for (default {DEFAULT_MODEL})")
+    td.add_argument("--data", nargs="+", required=True, type=Path, metavar="FILE", help="UTF-8 text files (prompts)")
+    td.add_argument("--out", required=True, type=Path, help="drafter file to write (.safetensors)")
+    td.add_argument("--steps", type=_int("--steps"), default=400, help="optimizer steps (default 400)")
+    td.add_argument("--sequences", type=_int("--sequences"), default=512,
+                    help="continuations the model writes for the pool (default 512)")
+    td.add_argument("--seq-len", type=_int("--seq-len"), default=256, help="tokens per sequence (default 256)")
+    td.add_argument("--prompt-len", type=_int("--prompt-len"), default=64,
+                    help="prompt tokens taken from the data per sequence (default 64)")
+    td.add_argument("--vocab", type=_int("--vocab"), default=8192,
+                    help="draft vocabulary: the tokens the model writes most (default 8192)")
+    td.add_argument("--unroll", type=_int("--unroll"), default=4, help="training-time test depth (default 4)")
+    td.add_argument("--lr", type=_float("--lr"), default=1e-3, help="peak learning rate, cosine decay (default 1e-3)")
+    td.add_argument("--batch-size", type=_int("--batch-size"), default=4, help="sequences per step (default 4)")
+    td.add_argument("--seed", type=_int("--seed"), default=0, help="prompts, sampling and data order (default 0)")
+    td.add_argument("--resume", action="store_true", help="continue from <out>.ckpt when it exists")
+    td.add_argument("--cache-dir", type=Path, default=None,
+                    help="where the pool is cached (default ~/.cache/tokenswift/hidden, or $TOKENSWIFT_CACHE/hidden)")
+    td.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+
+    ed = sub.add_parser("eval-drafter", help="measure a seq drafter on held-out text",
+                        description="The model continues held-out prompts with the paper's sampler; per depth, the "
+                                    "drafter's coupled acceptance (its draw with the target position's own noise "
+                                    "equals the target's) and total variation, and the expected tokens per "
+                                    "iteration; optionally a real run's per-depth acceptance beside them.")
+    ed.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    ed.add_argument("--drafter", default="auto", help="drafter file, or auto for the shipped one (default auto)")
+    ed.add_argument("--data", nargs="+", required=True, type=Path, metavar="FILE", help="held-out UTF-8 text files")
+    ed.add_argument("--sequences", type=_int("--sequences"), default=64, help="continuations (default 64)")
+    ed.add_argument("--seq-len", type=_int("--seq-len"), default=256, help="tokens per sequence (default 256)")
+    ed.add_argument("--prompt-len", type=_int("--prompt-len"), default=64, help="prompt tokens (default 64)")
+    ed.add_argument("--depth", type=_int("--depth"), default=4, help="chain depth γ (default 4)")
+    ed.add_argument("--run-tokens", type=_int("--run-tokens"), default=512,
+                    help="tokens of a real tokenswift run with this drafter alone (no n-grams), on a held-out "
+                         "prompt, whose acceptance per depth is reported beside (default 512; 0 = skip)")
+    ed.add_argument("--run-prefix", type=_int("--run-prefix"), default=1024,
+                    help="prompt tokens of that run (default 1024)")
+    ed.add_argument("--seed", type=_int("--seed"), default=0, help="prompts and sampling seeds (default 0)")
+    ed.add_argument("--cache-dir", type=Path, default=None, help="where the held-out pool is cached")
+    ed.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    ed.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
 
     b = sub.add_parser("bench", help="benchmark decoding methods side by side",
                        description="Runs methods one after another on the same prompt and seed, reads each long "
@@ -249,14 +297,23 @@ _RUN_OPTIONS = ("prompt", "prompt_file", "model", "heads", "device", "dtype", "r
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
     """The run's options from the command line, validated before any model loads."""
     from .config import PAPER_SAMPLING
-    from .params import SAMPLING, SPEC
+    from .params import PARAMS, SAMPLING, SPEC
 
     sampling = {name: getattr(args, name) for name in SAMPLING}
     if args.paper_defaults:
         sampling.update(PAPER_SAMPLING)
     spec = {name: getattr(args, name) for name in SPEC if hasattr(args, name)}
     spec["use_ngrams"] = not args.no_ngrams
-    options = {"model": args.model, "heads": args.heads, "device": args.device, "dtype": args.dtype,
+    seq_drafter = "auto"  # the seq drafter's weights: shipped for the model, or a file
+    if args.drafter not in PARAMS["drafter"].choices:
+        seq_drafter, spec["drafter"] = args.drafter, "seq"
+        if not Path(args.drafter).is_file():
+            raise CliError(f"--drafter must be one of {', '.join(PARAMS['drafter'].choices)} or a seq drafter file, "
+                           f"got {args.drafter!r} (no such file)")
+    elif args.drafter in ("self", "none"):
+        seq_drafter = "none"
+    options = {"model": args.model, "heads": args.heads, "seq_drafter": seq_drafter, "device": args.device,
+               "dtype": args.dtype,
                "rope_scaling": args.rope_scaling, "method": args.method, "chat": args.chat,
                "max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos,
                "sampling": sampling, "spec": spec}
@@ -523,6 +580,90 @@ def cmd_eval_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_drafter(args: argparse.Namespace) -> int:
+    from .seqdraft import default_taps
+    from .train import DrafterConfig, build_distill_store, read_texts, train_drafter
+
+    cfg = DrafterConfig(steps=args.steps, sequences=args.sequences, seq_len=args.seq_len, prompt_len=args.prompt_len,
+                        vocab=args.vocab, unroll=args.unroll, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    read_texts(args.data)  # missing or non-UTF-8 files fail before the model loads
+    if args.out.suffix != ".safetensors":
+        raise CliError(f"--out must end in .safetensors, got {args.out}")
+    from .loading import load_model
+
+    loaded = load_model(args.model, device=args.device, pack=False)
+    taps = default_taps(loaded.model.cfg.num_layers)
+    t0 = time.perf_counter()
+    bars = Bars()
+    try:
+        store = build_distill_store(loaded.model, loaded.tokenizer, args.data, cfg, taps,
+                                    args.cache_dir or _default_cache_dir(), bars)
+        t1 = time.perf_counter()
+        info = {"data": [p.name for p in args.data], "command": "tokenswift train-drafter " + " ".join(sys.argv[2:])}
+        summary = train_drafter(loaded.model, store, cfg, taps, args.out, resume=args.resume, progress=bars,
+                                model_name=loaded.name, info=info)
+    finally:
+        bars.close()
+    t2 = time.perf_counter()
+    summary.update(pool_seconds=round(t1 - t0, 1), total_seconds=round(t2 - t0, 1), out=str(args.out))
+    sys.stderr.write(json.dumps(summary) + "\n")
+    return 0
+
+
+def cmd_eval_drafter(args: argparse.Namespace) -> int:
+    from .config import PAPER_SAMPLING
+    from .train import DrafterConfig, build_distill_store, eval_drafter, read_texts, tokenize
+
+    texts = read_texts(args.data)
+    if args.depth < 1 or args.depth > 16:
+        raise CliError(f"--depth must be in [1, 16], got {args.depth}")
+    cfg = DrafterConfig(sequences=args.sequences, seq_len=args.seq_len, prompt_len=args.prompt_len, seed=args.seed)
+    import tokenswift
+
+    lm = tokenswift.load(args.model, heads="none", device=args.device, drafter=args.drafter)
+    if lm.seq is None:
+        raise CliError(f"no seq drafter to evaluate for {args.model!r} (--drafter {args.drafter})")
+    from .loading import load_model
+
+    plain = load_model(args.model, device=args.device, pack=False)  # batched generation: unpacked weights
+    bars = Bars()
+    try:
+        store = build_distill_store(plain.model, plain.tokenizer, args.data, cfg, lm.seq.taps,
+                                    args.cache_dir or _default_cache_dir(), bars, seed_base=10**9)
+    finally:
+        bars.close()
+    del plain
+    res = eval_drafter(lm.seq, store, cfg.prompt_len, depth=args.depth)
+    res["drafter"] = getattr(lm.seq, "meta", {}).get("path")
+    if args.run_tokens > 0:
+        docs = tokenize(lm.tokenizer, texts)
+        ids = [int(t) for d in docs for t in d][: args.run_prefix]
+        run = lm.generate(ids, args.run_tokens, method="tokenswift", drafter="seq", use_ngrams=False,
+                          gamma=args.depth, ignore_eos=True, **PAPER_SAMPLING)
+        st = run.stats
+        res["run"] = {"prefix": len(ids), "new_tokens": st["new_tokens"], "depth_acceptance": st["depth_acceptance"],
+                      "tokens_per_iteration": round(st["tokens_per_iteration"], 3),
+                      "seq_ms_per_drafted_token": st["drafters"].get("seq", {}).get("ms_per_token"),
+                      "decode_tokens_per_s": round(st["decode_tokens_per_s"], 2)}
+    if args.json:
+        sys.stdout.write(json.dumps(res) + "\n")
+    else:
+        sys.stdout.write(f"held-out positions: {res['positions']} (target mass inside the draft vocabulary "
+                         f"{res['target_mass_in_draft_vocab']:.3f})\n")
+        for d, (a, tv) in enumerate(zip(res["coupled_acceptance"], res["total_variation"]), 1):
+            line = f"depth {d}: coupled acceptance {a:.3f}  total variation {tv:.3f}"
+            if "run" in res and d <= len(res["run"]["depth_acceptance"]):
+                line += f"  (real run: {res['run']['depth_acceptance'][d - 1]:.3f})"
+            sys.stdout.write(line + "\n")
+        sys.stdout.write(f"expected tokens per iteration at depth {res['depth']}: {res['expected_tokens_per_iteration']:.2f}\n")
+        if "run" in res:
+            r = res["run"]
+            sys.stdout.write(f"real run ({r['new_tokens']} tokens after {r['prefix']}, drafter seq alone): "
+                             f"{r['tokens_per_iteration']:.2f} tokens/iteration, {r['seq_ms_per_drafted_token']} ms "
+                             f"per drafted token, {r['decode_tokens_per_s']:.1f} tok/s\n")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchSetup, parse_lengths, parse_methods, run_bench, table, write_png
 
@@ -625,6 +766,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train_heads(args)
         if args.command == "eval-heads":
             return cmd_eval_heads(args)
+        if args.command == "train-drafter":
+            return cmd_train_drafter(args)
+        if args.command == "eval-drafter":
+            return cmd_eval_drafter(args)
         if args.command == "bench":
             return cmd_bench(args)
         if args.command == "serve":

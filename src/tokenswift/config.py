@@ -355,6 +355,8 @@ class SpecConfig:
     # the self-draft's weights: "int4" (the model's int4 copy), "float" (its own weights, the
     # paper's), "auto" (int4 where the model has an int4 copy)
     draft_weights: str = PARAMS["draft_weights"].default
+    # which drafters the auto plan may use: "self", "seq", "none", or "auto" (all that are loaded)
+    drafter: str = PARAMS["drafter"].default
 
     def __post_init__(self) -> None:
         if isinstance(self.tree, str):

@@ -7,6 +7,9 @@ trie, verifies, walks and commits (DESIGN.md, "The method in one picture").
   penalty history, then the position's own Gumbel noise), so a draft close to the target is
   accepted at every depth. In `heads` mode (the paper's) it runs one pass and the draft heads
   predict the following positions from its hidden state.
+- `SeqDrafter` — a one-block network (`seqdraft.SeqDraftModel`) on the target's features from
+  the last verify pass and the embeddings of the drawn tokens, chained on its own draws: no
+  target pass at all. Each drafted token is a coupled draw, as the self-draft's.
 - `NGramDrafter` — continuations of a token seen so far in prompt + output.
 
 Everything here changes speed only: the float32 target verifies every proposed token.
@@ -22,9 +25,10 @@ import torch
 from .cache import DraftCache, KVCache
 from .config import SamplingConfig
 from .heads import DraftHeads, base_draft_logits
-from .model import Decoder
+from .model import Decoder, _attention_plain
 from .ngram import NGramFeeder, NGramTable
 from .sampling import coupled_candidates, penalty_window
+from .seqdraft import SeqDraftModel
 
 
 @dataclass
@@ -135,6 +139,124 @@ class SelfDrafter:
         """main entries [start, start+n) were just committed (exact target K/V)."""
         if self.cache is not None:
             self.cache.append(main, start, n)
+
+
+class SeqDrafter:
+    """Drafts with a `SeqDraftModel` over its own window of recent entries.
+
+    Entry p pairs the target's features at p-1 with token p. The engine hands over the features
+    of every committed position (`committed`); the entries they make are computed at the next
+    `propose`, all in one block pass, whose last row (the root's entry) predicts root + 1. The
+    chain then feeds the drafter's own outputs and draws back, one row a drafted token, and is
+    dropped afterwards: only true entries stay."""
+
+    def __init__(self, net: SeqDraftModel, sampling: SamplingConfig, max_depth: int) -> None:
+        self.net = net
+        self.sampling = sampling
+        cfg = net.cfg
+        W = net.window
+        dev, dt = net.fuse.device, net.fuse.dtype
+        self.W = W
+        self.max_depth = max_depth
+        # committed entries fill [0, length); when a pass would overflow, the last W move to the front
+        self.extra = W + 1 + max_depth + 64  # pending entries held before they are computed
+        C = 2 * W + self.extra + max_depth
+        self.k = torch.zeros(1, cfg.num_kv_heads, C, cfg.head_dim, dtype=dt, device=dev)  # [1, KVH, C, Dh]
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+        D = cfg.hidden_size
+        self.pend_feats = torch.empty(self.extra, len(net.taps), D, dtype=dt, device=dev)  # [E, 3, D]
+        self.pend_tokens: list[int] = []
+        self.pend_pos: list[int] = []
+        self.full = torch.empty(1, cfg.vocab_size, dtype=torch.float32, device=dev)  # [1, V] scratch
+        self.rows = 0  # entries computed (stats)
+        self.compactions = 0
+
+    @property
+    def taps(self) -> tuple[int, ...]:
+        return self.net.taps
+
+    def committed(self, feats: torch.Tensor, tokens: Sequence[int], first_pos: int) -> None:
+        """feats [n, 3, D]: the target's features at positions first_pos-1 … first_pos+n-2;
+        tokens: the committed tokens at first_pos … first_pos+n-1 (entry p = (F[p-1], x[p]))."""
+        n = len(tokens)
+        if n > self.extra:  # only the last W entries could ever be attended to
+            feats, tokens, first_pos = feats[n - self.W :], tokens[n - self.W :], first_pos + n - self.W
+            n = self.W
+        if len(self.pend_tokens) + n > self.extra:  # iterations without this drafter: enter them now
+            self._flush()
+        have = len(self.pend_tokens)
+        self.pend_feats[have : have + n] = feats
+        self.pend_tokens.extend(int(t) for t in tokens)
+        self.pend_pos.extend(range(first_pos, first_pos + n))
+
+    def _flush(self) -> torch.Tensor:  # [D] the last pending entry's output
+        """Computes the pending entries in one block pass and keeps their K/V."""
+        net = self.net
+        n = len(self.pend_tokens)
+        if self.length + n + self.max_depth > self.k.shape[2]:  # keep the last W entries, at the front
+            W = min(self.W, self.length)
+            self.k[:, :, :W] = self.k[:, :, self.length - W : self.length].clone()
+            self.v[:, :, :W] = self.v[:, :, self.length - W : self.length].clone()
+            self.length = W
+            self.compactions += 1
+        toks = torch.tensor(self.pend_tokens, dtype=torch.int64, device=self.k.device)  # [n]
+        u = net.inputs(net.fused(self.pend_feats[:n]), toks).unsqueeze(0)  # [1, n, D]
+        h = self._pass(u, self.pend_pos, self.length + n - self.W)
+        self.pend_tokens, self.pend_pos = [], []
+        return h
+
+    def _pass(self, u: torch.Tensor, positions: list[int], lo: int) -> torch.Tensor:  # -> [D]
+        """u [1, T, D] inputs at `positions`: their K/V go in at `length`; returns the last row's
+        output, attending to the entries from index `lo` on. Only the last row's output is ever
+        used (a pass's earlier rows are committed entries, whose K/V need no attention)."""
+        net = self.net
+        T = u.shape[1]
+        pos = torch.tensor([positions], dtype=torch.int64, device=u.device)  # [1, T]
+        q, k, v = net.qkv(u, pos)
+        n = self.length
+        self.k[0, :, n : n + T] = k[0].transpose(0, 1)
+        self.v[0, :, n : n + T] = v[0].transpose(0, 1)
+        lo = max(0, lo)
+        att = _attention_plain(q[:, -1:], self.k[:, :, lo : n + T], self.v[:, :, lo : n + T], None, None, 0, None)
+        self.length = n + T
+        self.rows += T
+        return net.out(u[:, -1:], att)[0, 0]
+
+    def _candidates(self, h: torch.Tensor, history: torch.Tensor, p: int, width: int) -> list[int]:
+        """h [D] -> ranked candidates for position p: a coupled draw, then the next best."""
+        s = self.sampling
+        lg = self.net.logits(h)  # [N]
+        full = self.full
+        full.fill_(float("-inf"))
+        full[0, self.net.vocab] = lg
+        win = penalty_window(history, p, s)
+        win = win.to(full.device) if win is not None else None
+        return coupled_candidates(full, win, [p], s, max(1, width))[0]
+
+    def propose(self, history: torch.Tensor, N: int, root: int, depth: int, width: int) -> Proposal:
+        """Candidates for positions N+1 .. N+depth (chain token first), root at N.
+
+        history [capacity]: committed tokens, root at N; the chain writes its draws after N."""
+        net = self.net
+        if not self.pend_tokens or self.pend_pos[-1] != N or self.pend_tokens[-1] != root:
+            raise RuntimeError(f"seq drafter out of step: pending entries end at {self.pend_pos[-1:]} "
+                               f"{self.pend_tokens[-1:]}, root {root} at {N}")
+        h = self._flush()  # [D]: the root's entry
+        dev = self.k.device
+        restore = self.length
+        lo = restore - self.W  # the chain sees the root's window of true entries, and itself
+        cands: list[list[int]] = []
+        for d in range(depth):
+            p = N + 1 + d
+            row = self._candidates(h, history, p, width)
+            cands.append(row)
+            history[p] = row[0]  # the next draw's penalty window sees the chain
+            if d + 1 < depth:
+                tok = torch.tensor([row[0]], dtype=torch.int64, device=dev)
+                h = self._pass(net.inputs(h.unsqueeze(0), tok).unsqueeze(0), [p], lo)
+        self.length = restore
+        return Proposal(cands)
 
 
 class NGramDrafter:

@@ -14,12 +14,13 @@ import torch
 
 from .cache import KVCache
 from .config import SamplingConfig, SpecConfig
-from .drafters import NGramDrafter, Proposal, SelfDrafter
+from .drafters import NGramDrafter, Proposal, SelfDrafter, SeqDrafter
 from .heads import DraftHeads
 from .model import Decoder
-from .params import PARAMS
+from .params import PARAMS, ParamError
 from .plan import STAT_WIDTH, AutoPlanner, Plan
 from .sampling import penalty_window, sample
+from .seqdraft import SeqDraftModel
 from .tree import SRC_NGRAM, Trie, build_trie, tree_width
 from .verify import WalkResult, walk
 
@@ -122,6 +123,8 @@ class Counters:
     ngram_accepted: int = 0
     trie_nodes: int = 0
     drafted: int = 0  # positions drafted (chain passes or heads rows)
+    # per drafter: [iterations, drafted positions, seconds]
+    by_drafter: dict[str, list[float]] = field(default_factory=dict)
     t_draft: float = 0.0
     t_verify: float = 0.0
     t_walk: float = 0.0
@@ -141,7 +144,23 @@ SELF_DRAFT_MIN_TOKENS = 128
 def self_drafts(method: str, spec: SpecConfig, max_new_tokens: int) -> bool:
     """Whether a run drafts with the model itself (and so needs the draft weights). Static
     trees (the paper's drafts) always do: they were asked for."""
-    return method == "tokenswift" and (not spec.auto or max_new_tokens >= SELF_DRAFT_MIN_TOKENS)
+    if method != "tokenswift":
+        return False
+    if not spec.auto:
+        return True
+    return spec.drafter in ("auto", "self") and max_new_tokens >= SELF_DRAFT_MIN_TOKENS
+
+
+def seq_drafts(method: str, spec: SpecConfig, seq: SeqDraftModel | None) -> bool:
+    """Whether a run drafts with the seq drafter: auto plans only, when one is loaded."""
+    if method != "tokenswift" or not spec.auto or spec.drafter not in ("auto", "seq"):
+        return False
+    if seq is None:
+        if spec.drafter == "seq":
+            raise ParamError("drafter", "", " 'seq' needs a seq drafter: load one (load(drafter=PATH), "
+                             "--drafter PATH) or use the one shipped for the model")
+        return False
+    return True
 
 
 def resolve_draft_model(model: Decoder, int4: Decoder | None, spec: SpecConfig) -> Decoder:
@@ -164,17 +183,19 @@ class SpeculativeRun:
     Drafters only propose; this class alone verifies, walks and commits."""
 
     def __init__(self, model: Decoder, draft_model: Decoder | None, heads: DraftHeads | None, prompt: Sequence[int],
-                 max_new_tokens: int, sampling: SamplingConfig, spec: SpecConfig, method: str) -> None:
+                 max_new_tokens: int, sampling: SamplingConfig, spec: SpecConfig, method: str,
+                 seq: SeqDraftModel | None = None) -> None:
         """`draft_model` (the model or its int4 copy) when the run self-drafts, None when it does
-        not (`self_drafts` decides: `generate_speculative`)."""
+        not (`self_drafts` decides: `generate_speculative`); `seq` when it drafts with the seq
+        drafter (`seq_drafts`)."""
         self.model = model
         self.sampling = sampling
         self.spec = spec
         self.method = method
         self.timer = Timer()
         self.c = Counters()
-        use_draft = draft_model is not None
         self.auto = method == "tokenswift" and spec.auto
+        use_draft = draft_model is not None or (seq is not None and self.auto)
         self.use_heads = use_draft and not self.auto and spec.use_heads and heads is not None
         # static trees are the paper's drafts (one pass + heads); auto chains the draft passes
         self.chain = self.auto
@@ -193,7 +214,9 @@ class SpeculativeRun:
         max_tree = 1 + depth * STAT_WIDTH if self.auto else 1 + len(self.paths)
         self.max_nodes = spec.max_nodes or (max_tree + max(1, self.widths[0] if self.widths else 1)
                                             * self.ngram_k * spec.ngram_n)
-        self.planner = AutoPlanner(depth, spec.ngram_n, self.ngram_k, spec.max_nodes) if self.auto else None
+        names = (("seq",) if seq is not None else ()) + (("self",) if draft_model is not None else ())
+        self.planner = AutoPlanner(depth, spec.ngram_n, self.ngram_k, spec.max_nodes,
+                                   drafters=names) if self.auto else None
 
         dev = model.device
         n0 = len(prompt)
@@ -204,19 +227,28 @@ class SpeculativeRun:
         history = torch.empty(capacity, dtype=torch.int64)
         history[:n0] = torch.as_tensor(list(prompt), dtype=torch.int64)
         main = KVCache(model.cfg, capacity=capacity, dtype=model.dtype, device=dev, rope_len=run_len)
-        h = model.prefill(history[:n0].to(dev).unsqueeze(0), main)  # [1, D]
+        self.seq = SeqDrafter(seq, sampling, depth) if seq is not None else None
+        taps = None
+        if self.seq is not None:  # features of the prompt's last positions: the drafter's first entries
+            m = min(n0, self.seq.W + 1)
+            taps = (self.seq.taps, torch.empty(1, m, len(self.seq.taps), model.cfg.hidden_size, dtype=model.dtype,
+                                               device=dev))  # [1, m, 3, D]
+        h = model.prefill(history[:n0].to(dev).unsqueeze(0), main, taps=taps)  # [1, D]
         logits = model.logits(h)  # [1, V]
         self.timer.prefill = self.timer.elapsed()
         root = int(sample(logits, penalty_window(history, n0, sampling), [n0], sampling)[0])
         history[n0] = root
         self.st = RunState(history, [*prompt, root], main, n0, root, produced=1)
+        if self.seq is not None:  # entries (F[p-1], x[p]) for the last m positions, the root's included
+            self.seq.committed(taps[1][0, :m], history[n0 - m + 1 : n0 + 1].tolist(), n0 - m + 1)
+        self.taps_out: torch.Tensor | None = None  # [1, T, 3, D] the last verify pass's features
         self.ngrams = NGramDrafter(spec.ngram_n, sampling.penalty_width)
         self.ngrams.committed(self.st.tokens)
         if self.planner is not None:
             self.planner.ngram.done = n0  # score generated text only: the prompt's n-grams would match themselves
         self.drafter = SelfDrafter(model, draft_model, heads if self.use_heads else None, sampling,
                                    spec.draft_budget, spec.sinks, spec.full_kv_draft, depth,
-                                   rope_len=run_len) if use_draft else None
+                                   rope_len=run_len) if draft_model is not None else None
         self.plan: Plan | None = None
 
     # -- stages ---------------------------------------------------------------------------------
@@ -229,11 +261,15 @@ class SpeculativeRun:
 
     def draft(self, plan: Plan | None) -> Proposal | None:
         depth = plan.depth if plan is not None else self.depth
-        if self.drafter is None or depth == 0:
+        who = plan.drafter if plan is not None else "self"
+        if depth == 0 or (who == "self" and self.drafter is None):
             return None
         st = self.st
         width = plan.width if plan is not None else max(self.widths, default=1)
-        prop = self.drafter.propose(st.main, st.history, st.N, st.root, depth, width, chain=self.chain)
+        if who == "seq":
+            prop = self.seq.propose(st.history, st.N, st.root, depth, width)
+        else:
+            prop = self.drafter.propose(st.main, st.history, st.N, st.root, depth, width, chain=self.chain)
         if not self.chain:
             prop.candidates = [c[: self.widths[d]] for d, c in enumerate(prop.candidates)]
         self.c.draft_iterations += 1
@@ -262,7 +298,12 @@ class SpeculativeRun:
         T = len(trie)
         x = torch.tensor(trie.tokens, dtype=torch.int64, device=dev).unsqueeze(0)  # [1, T]
         pos = trie.positions(st.N, dev).unsqueeze(0)  # [1, T]
-        hv = self.model(x, pos, st.main, mask=trie.mask(dev) if T > 1 else None)  # [1, T, D]
+        taps = None
+        if self.seq is not None:
+            self.taps_out = torch.empty(1, T, len(self.seq.taps), self.model.cfg.hidden_size, dtype=self.model.dtype,
+                                        device=dev)  # [1, T, 3, D]
+            taps = (self.seq.taps, self.taps_out)
+        hv = self.model(x, pos, st.main, mask=trie.mask(dev) if T > 1 else None, taps=taps)  # [1, T, D]
         return self.model.logits(hv[0])
 
     def accept(self, trie: Trie, logits: torch.Tensor, prop: Proposal | None) -> WalkResult:
@@ -280,8 +321,8 @@ class SpeculativeRun:
                     c.hits.append(0)
                 c.reached[d] += 1
                 rank = cands.index(res.tokens[d]) if res.tokens[d] in cands else None
-                if self.planner is not None and self.planner.stats is not None:
-                    self.planner.stats.update(d, rank)
+                if self.planner is not None and self.plan is not None and self.plan.drafter is not None:
+                    self.planner.stats[self.plan.drafter].update(d, rank)
                 if rank != 0:
                     break
                 c.hits[d] += 1
@@ -294,6 +335,9 @@ class SpeculativeRun:
         st.main.keep(torch.tensor([st.N] + [st.N + i for i in res.accepted], dtype=torch.int64))
         if self.drafter is not None:
             self.drafter.committed(st.main, st.N, 1 + k)
+        if self.seq is not None:  # features at the root and the accepted nodes pair with the next tokens
+            idx = torch.tensor([0] + list(res.accepted), dtype=torch.int64, device=self.taps_out.device)
+            self.seq.committed(self.taps_out[0].index_select(0, idx), res.tokens, st.N + 1)
         st.tokens.extend(res.tokens)
         self.ngrams.committed(st.tokens)
         if self.planner is not None and self.ngram_k:
@@ -313,8 +357,14 @@ class SpeculativeRun:
             "accepted_draft_tokens": c.accepted,
             "ngram_share": c.ngram_accepted / c.accepted if c.accepted else 0.0,
             "gamma": self.gamma,
-            "drafter": ("chain" if self.chain else "heads" if self.use_heads else "base") if d else "none",
+            "drafter": ("chain" if self.chain else "heads" if self.use_heads else "base")
+                       if (d or self.seq is not None) else "none",
             "draft_weights": ("int4" if d.model is not self.model else "float") if d else None,
+            "seq_drafter": self.seq is not None,
+            # per drafter: iterations that drafted with it, positions drafted, seconds, ms per drafted token
+            "drafters": {w: {"iterations": int(v[0]), "drafted": int(v[1]), "seconds": round(v[2], 3),
+                             "ms_per_token": round(1000 * v[2] / v[1], 3) if v[1] else None}
+                         for w, v in c.by_drafter.items()},
             "depth_acceptance": c.depth_acceptance(),
             "draft_seconds": c.t_draft,
             "verify_seconds": c.t_verify,
@@ -361,6 +411,12 @@ class SpeculativeRun:
             self.commit(res)
             t6 = time.perf_counter()
             c.t_draft += t2 - t1
+            if prop is not None:
+                who = plan.drafter if plan is not None else "self"
+                row = c.by_drafter.setdefault(who, [0, 0, 0.0])
+                row[0] += 1
+                row[1] += len(prop.candidates)
+                row[2] += t2 - t1
             c.t_verify += t4 - t3
             c.t_walk += t5 - t4
             if self.planner is not None and plan is not None:
@@ -391,10 +447,12 @@ def generate_speculative(
     ignore_eos: bool = False,
     method: str = "tokenswift",
     int4: Decoder | None = None,
+    seq: SeqDraftModel | None = None,
 ) -> Iterator[Step]:
     """TokenSwift (method "tokenswift") and prompt-lookup drafting (method "ngram"); `int4` is
     the model's int4 copy for the self-draft (`Decoder.int4_copy`), needed only when
-    `self_drafts(...)`."""
+    `self_drafts(...)`; `seq` the seq drafter, used when `seq_drafts(...)`."""
     draft = resolve_draft_model(model, int4, spec) if self_drafts(method, spec, max_new_tokens) else None
-    run = SpeculativeRun(model, draft, heads, prompt, max_new_tokens, sampling, spec, method)
+    seq = seq if seq_drafts(method, spec, seq) else None
+    run = SpeculativeRun(model, draft, heads, prompt, max_new_tokens, sampling, spec, method, seq=seq)
     yield from run.steps(eos_ids, ignore_eos)

@@ -105,12 +105,14 @@ def _correlation(a: list[float], b: list[float]) -> float:
     return float((ta * tb).sum()) / den if den > 0 else 0.0
 
 
-def check_identity(heads_ident: dict[str, Any], model_ident: dict[str, Any], path: str) -> None:
+def check_identity(heads_ident: dict[str, Any], model_ident: dict[str, Any], path: str,
+                   subject: str | None = None) -> None:
+    """Refuses weights trained for another model; `subject` opens the message ("draft heads PATH were")."""
     same_shape = all(int(heads_ident.get(k, -1)) == model_ident[k] for k in ("hidden_size", "vocab_size", "num_layers"))
     corr = _correlation(list(heads_ident.get("fingerprint", [])), model_ident["fingerprint"])
     if not same_shape or corr < _FP_MIN_CORR:
         raise ValueError(
-            f"draft heads {path} were trained for model {_describe(heads_ident)}, "
+            f"{subject or f'draft heads {path} were'} trained for model {_describe(heads_ident)}, "
             f"not for the loaded model {_describe(model_ident)}"
             + ("" if not same_shape else f" (embedding fingerprints differ: correlation {corr:.2f})")
         )

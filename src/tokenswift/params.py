@@ -155,6 +155,10 @@ _LIST: list[Param] = [
         Param("draft_weights", str, "auto", "one of auto, int4, float",
               "the self-draft's weights: int4 (a 4-bit copy of the model), float (its own), auto = int4 where "
               "torch's int4 kernel exists (default auto)", flag="--draft-weights", choices=("auto", "int4", "float")),
+        Param("drafter", str, "auto", "one of auto, self, seq, none",
+              "which drafters the auto plan may use: self (the model's int4 copy), seq (the one-block drafter "
+              "loaded with the model), none (n-grams and plain steps), auto = whichever pays (default auto)",
+              flag="--drafter", choices=("auto", "self", "seq", "none")),
     ),
 ]
 

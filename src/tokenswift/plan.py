@@ -1,6 +1,7 @@
 """The `auto` plan: per iteration, the draft with the best expected tokens per second.
 
-A plan is (chain depth g, sibling leaves, n-gram chains k): g chained draft passes propose
+A plan is (drafter, chain depth g, sibling leaves, n-gram chains k): g chained draws of one
+drafter (`self`: the model's int4 copy; `seq`: the one-block drafter) propose
 positions r+1 … r+g, the next-best draft tokens at chosen depths are added as leaves, and k
 n-gram continuations of the last chained token extend the trie past depth g (of the root when
 g = 0). Its worth is
@@ -26,9 +27,10 @@ from typing import Any, Callable, Sequence
 STAT_WIDTH = 8  # candidate ranks tracked per depth
 SIBLINGS = (0, 1, 2, 4, 8)  # sibling leaves considered per plan
 # Priors until measured: extra cost of each verified token as a share of a one-token pass, and
-# a drafted token's cost as a share of a one-token pass (int4 copy + partial cache, CPU).
+# a drafted token's cost as a share of a one-token pass, per drafter (CPU: the int4 copy over
+# the partial cache; the seq drafter's one block and reduced head).
 SLOPE_PRIOR = 0.05
-DRAFT_PRIOR = 0.35
+DRAFT_PRIOR = {"self": 0.35, "seq": 0.06}
 
 
 class RankStats:
@@ -134,6 +136,7 @@ class Plan:
     expected_tokens: float  # per iteration
     expected_seconds: float  # per iteration
     trie_size: int  # root included
+    drafter: str | None = None  # which drafter proposes the chain (None when depth is 0)
 
     @property
     def draft(self) -> bool:
@@ -150,7 +153,7 @@ class Plan:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "depth": self.depth, "siblings": len(self.paths) - self.depth, "ngram_k": self.ngram_k,
+            "drafter": self.drafter, "depth": self.depth, "siblings": len(self.paths) - self.depth, "ngram_k": self.ngram_k,
             "trie_size": self.trie_size, "expected_tokens_per_iteration": round(self.expected_tokens, 3),
             "expected_ms_per_iteration": round(1000 * self.expected_seconds, 2),
             "expected_tokens_per_s": round(self.rate, 2),
@@ -162,23 +165,25 @@ class AutoPlanner:
 
     def __init__(self, max_depth: int, ngram_n: int, max_k: int, max_nodes: int | None,
                  prior: Sequence[Sequence[float]] = ((0.9, 0.03, 0.01, 0.005),),
-                 explore_every: int = 32, margin: float = 0.05) -> None:
+                 explore_every: int = 32, margin: float = 0.05, drafters: Sequence[str] = ("self",)) -> None:
+        self.drafters = tuple(drafters) if max_depth > 0 else ()
         self.max_depth = max_depth
         self.n = ngram_n
         self.max_nodes = max_nodes
         ks = [0] + [k for k in (1, 2, 4, 8, 16) if k < max_k] + ([max_k] if max_k > 0 else [])
         self.ks = sorted(set(ks))
-        self.stats = RankStats(max_depth, prior) if max_depth > 0 else None
+        # per drafter: acceptance by (depth, rank) and seconds per drafted token (running, measured)
+        self.stats: dict[str, RankStats] = {d: RankStats(max_depth, prior) for d in self.drafters}
+        self.t_draft: dict[str, float | None] = {d: None for d in self.drafters}
         self.ngram = NGramGain([k for k in self.ks if k > 0])
         self.costs: dict[int, float] = {}  # trie size -> verify seconds (running, measured)
-        self.t_draft: float | None = None  # seconds per drafted token (running, measured)
         self.t_token = 0.0  # per committed token: the walk's draws and the bookkeeping
         self.explore_every = explore_every
         self.margin = margin
         self.iterations = 0
         self.explorations = 0
         self.choices: list[dict[str, Any]] = []  # plan changes: position + plan + why
-        self._last_key: tuple[int, int, int] | None = None
+        self._last_key: tuple | None = None
 
     # -- measurements -------------------------------------------------------------------------
 
@@ -189,7 +194,8 @@ class AutoPlanner:
         a = 0.2
         if plan.depth:
             per = draft_s / plan.depth
-            self.t_draft = per if self.t_draft is None else (1 - a) * self.t_draft + a * per
+            old = self.t_draft[plan.drafter]
+            self.t_draft[plan.drafter] = per if old is None else (1 - a) * old + a * per
         T = trie_size
         self.costs[T] = verify_s if T not in self.costs else (1 - a) * self.costs[T] + a * verify_s
         per_tok = other_s / max(tokens, 1)
@@ -199,32 +205,35 @@ class AutoPlanner:
 
     def plans(self) -> list[Plan]:
         """Every plan considered, with its expected tokens and seconds."""
-        q = self.stats.q() if self.stats is not None else []
         c1, m = fit_line(self.costs, SLOPE_PRIOR)
-        draft = self.t_draft if self.t_draft is not None else DRAFT_PRIOR * c1
         out: list[Plan] = []
-        for g in range(0, self.max_depth + 1):
-            reach_g = 1.0
-            for d in range(g):
-                reach_g *= q[d][0]
-            for n in (SIBLINGS if g else (0,)):
-                paths, e_tree = chain_tree(q, g, n)
-                if len(paths) - g < n:
-                    break  # no more siblings worth adding
-                for k in self.ks:
-                    size = 1 + len(paths) + k * (self.n - 1)
-                    if self.max_nodes is not None and size > self.max_nodes:
-                        continue
-                    tokens = 1.0 + e_tree + (reach_g * self.ngram.mean(k) if k else 0.0)
-                    secs = g * draft + c1 + m * (size - 1) + self.t_token * tokens
-                    out.append(Plan(g, paths, k, tokens, secs, size))
+        for who in (None, *self.drafters):
+            q = self.stats[who].q() if who is not None else []
+            t = self.t_draft[who] if who is not None else None
+            draft = t if t is not None else DRAFT_PRIOR.get(who, DRAFT_PRIOR["self"]) * c1
+            for g in (range(1, self.max_depth + 1) if who is not None else (0,)):
+                reach_g = 1.0
+                for d in range(g):
+                    reach_g *= q[d][0]
+                for n in (SIBLINGS if g else (0,)):
+                    paths, e_tree = chain_tree(q, g, n)
+                    if len(paths) - g < n:
+                        break  # no more siblings worth adding
+                    for k in self.ks:
+                        size = 1 + len(paths) + k * (self.n - 1)
+                        if self.max_nodes is not None and size > self.max_nodes:
+                            continue
+                        tokens = 1.0 + e_tree + (reach_g * self.ngram.mean(k) if k else 0.0)
+                        secs = g * draft + c1 + m * (size - 1) + self.t_token * tokens
+                        out.append(Plan(g, paths, k, tokens, secs, size, who))
         return out
 
     def choose(self, ctx: int) -> Plan:
         self.iterations += 1
         if not self.costs:  # nothing measured yet: a modest chain, to start measuring
             g = min(4, self.max_depth)
-            return Plan(g, tuple((0,) * d for d in range(1, g + 1)), 0, 1.0 + g, 1.0, 1 + g)
+            who = self.drafters[0] if self.drafters else None
+            return Plan(g, tuple((0,) * d for d in range(1, g + 1)), 0, 1.0 + g, 1.0, 1 + g, who)
         plans = self.plans()
         best = max(plans, key=lambda p: p.rate)
         ar = next(p for p in plans if p.depth == 0 and p.ngram_k == 0)
@@ -234,23 +243,27 @@ class AutoPlanner:
             # measure a neighbour now and then: the cost curve and the acceptance statistics
             # only learn from plans that run
             self.explorations += 1
-            turn = (self.iterations // self.explore_every) % 3
-            if turn == 0 or not best.draft:
+            turn = (self.iterations // self.explore_every) % (3 + (len(self.drafters) > 1))
+            if turn == 3:  # another drafter's best chain
+                others = [p for p in plans if p.draft and p.drafter != best.drafter and p.ngram_k == 0]
+            elif turn == 0 or not best.draft:
                 others = [p for p in plans if p.draft and p.ngram_k == 0] if not best.draft else [ar]
             else:
                 d = best.depth + (2 if turn == 1 else -2)
-                others = [p for p in plans if p.depth == max(0, min(self.max_depth, d)) and p.ngram_k == 0]
+                others = [p for p in plans if p.drafter == best.drafter and p.ngram_k == 0
+                          and p.depth == max(1, min(self.max_depth, d))]
             if others:
                 return max(others, key=lambda p: p.rate)
-        key = (best.depth, len(best.paths), best.ngram_k)
+        key = (best.drafter, best.depth, len(best.paths), best.ngram_k)
         if key != self._last_key:
-            q = self.stats.q() if self.stats is not None else []
             self.choices.append({
                 "context": ctx, **best.describe(),
                 "why": {"ar_tokens_per_s": round(ar.rate, 2),
                         "verify_ms": {str(T): round(1000 * c, 2) for T, c in sorted(self.costs.items())},
-                        "draft_ms_per_token": round(1000 * self.t_draft, 2) if self.t_draft is not None else None,
-                        "rank_acceptance": [[round(x, 3) for x in row[:3]] for row in q],
+                        "draft_ms_per_token": {w: round(1000 * t, 2) if t is not None else None
+                                               for w, t in self.t_draft.items()},
+                        "rank_acceptance": {w: [[round(x, 3) for x in row[:3]] for row in st.q()]
+                                            for w, st in self.stats.items()},
                         "ngram_gain": {str(k): round(self.ngram.mean(k), 3) for k in self.ks if k}},
             })
             self._last_key = key
