@@ -445,10 +445,10 @@ def test_draft_pass_reads_at_most_the_budget(tiny_lms, monkeypatch):
     model = lm.model
     orig = type(model).forward
 
-    def spy(self, tokens, positions, cache=None, mask=None, attn_probs=None):
+    def spy(self, tokens, positions, cache=None, mask=None, attn_probs=None, **kw):
         if isinstance(cache, DraftCache):
             seen.append(cache.length + tokens.shape[1])  # entries the new token attends to
-        return orig(self, tokens, positions, cache, mask, attn_probs)
+        return orig(self, tokens, positions, cache, mask, attn_probs, **kw)
 
     monkeypatch.setattr(type(model), "forward", spy)
     torch.manual_seed(4)

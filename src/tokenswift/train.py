@@ -322,7 +322,7 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: "TrainConfig | DrafterConfig") -> float:
     warm = max(1, int(cfg.steps * cfg.warmup))
     if step < warm:
         return cfg.lr * (step + 1) / warm
@@ -411,12 +411,14 @@ def _ckpt_path(out: Path) -> Path:
     return out.with_name(out.name + ".ckpt")
 
 
-def _save_checkpoint(path: Path, heads: DraftHeads, opt: torch.optim.Optimizer, step: int, meta: dict[str, Any]) -> None:
+def _save_checkpoint(path: Path, named: Sequence[tuple[str, torch.Tensor]], opt: torch.optim.Optimizer, step: int,
+                     meta: dict[str, Any], prefix: str = "heads.") -> None:
+    """The trained tensors (`named`, saved as prefix + name) and Adam's state, written atomically."""
     from safetensors.torch import save_file
 
-    tensors = {f"heads.{n}": p.detach().contiguous() for n, p in heads.named_parameters()}
+    tensors = {f"{prefix}{n}": p.detach().contiguous() for n, p in named}
     adam_steps = {}
-    for n, p in heads.named_parameters():
+    for n, p in named:
         st = opt.state.get(p, {})
         if st:
             tensors[f"adam.{n}.exp_avg"] = st["exp_avg"].contiguous()
@@ -427,7 +429,9 @@ def _save_checkpoint(path: Path, heads: DraftHeads, opt: torch.optim.Optimizer, 
     tmp.replace(path)
 
 
-def _load_checkpoint(path: Path, heads: DraftHeads, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> int:
+def _load_checkpoint(path: Path, named: Sequence[tuple[str, torch.Tensor]], opt: torch.optim.Optimizer,
+                     meta: dict[str, Any], prefix: str = "heads.") -> int:
+    """Restores what `_save_checkpoint` wrote, after checking it was made with the same options."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -440,8 +444,8 @@ def _load_checkpoint(path: Path, heads: DraftHeads, opt: torch.optim.Optimizer, 
                              f"delete it or train without --resume")
         adam_steps = json.loads(md.get("adam_steps", "{}"))
         with torch.no_grad():
-            for n, p in heads.named_parameters():
-                p.copy_(f.get_tensor(f"heads.{n}"))
+            for n, p in named:
+                p.copy_(f.get_tensor(f"{prefix}{n}"))
                 if n in adam_steps:
                     opt.state[p] = {
                         "step": torch.tensor(adam_steps[n]),
@@ -467,7 +471,7 @@ def train_heads(model: Decoder, store: HiddenStore, cfg: TrainConfig, out: str |
     ckpt = _ckpt_path(out)
     step = 0
     if resume and ckpt.is_file():
-        step = _load_checkpoint(ckpt, heads, opt, meta)
+        step = _load_checkpoint(ckpt, list(heads.named_parameters()), opt, meta)
         log.info("resuming from %s at step %d", ckpt, step)
     n = store.size
     t0 = time.perf_counter()
@@ -495,7 +499,7 @@ def train_heads(model: Decoder, store: HiddenStore, cfg: TrainConfig, out: str |
             progress("train", step, cfg.steps, {"loss": float(loss.detach()), "acc": accs,
                                                  "tokens_per_s": seen / max(1e-9, time.perf_counter() - t0)})
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _save_checkpoint(ckpt, heads, opt, step, meta)
+            _save_checkpoint(ckpt, list(heads.named_parameters()), opt, step, meta)
     seconds = time.perf_counter() - t0
     summary = {
         "steps": cfg.steps, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
@@ -864,56 +868,6 @@ def drafter_losses(net: Any, feats: torch.Tensor, tokens: torch.Tensor, ids: tor
     return losses, accs
 
 
-def _save_drafter_ckpt(path: Path, net: Any, opt: torch.optim.Optimizer, step: int, meta: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    params = dict(_drafter_params(net))
-    tensors = {f"net.{n}": p.detach().contiguous() for n, p in params.items()}
-    tensors["vocab"] = net.vocab.contiguous()
-    adam_steps = {}
-    for n, p in params.items():
-        st = opt.state.get(p, {})
-        if st:
-            tensors[f"adam.{n}.exp_avg"] = st["exp_avg"].contiguous()
-            tensors[f"adam.{n}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
-            adam_steps[n] = float(st["step"])
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step), "meta": json.dumps(meta), "adam_steps": json.dumps(adam_steps)})
-    tmp.replace(path)
-
-
-def _drafter_params(net: Any) -> list[tuple[str, torch.nn.Parameter]]:
-    return net.named_tensors()
-
-
-def _load_drafter_ckpt(path: Path, net: Any, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        md = f.metadata() or {}
-        if json.loads(md.get("meta", "{}")) != meta:
-            raise ValueError(f"checkpoint {path} was made with other options or data; delete it or train without --resume")
-        if not torch.equal(f.get_tensor("vocab"), net.vocab.cpu()):
-            raise ValueError(f"checkpoint {path} has another draft vocabulary; delete it or train without --resume")
-        adam_steps = json.loads(md.get("adam_steps", "{}"))
-        with torch.no_grad():
-            for n, p in _drafter_params(net):
-                p.copy_(f.get_tensor(f"net.{n}"))
-                if n in adam_steps:
-                    opt.state[p] = {"step": torch.tensor(adam_steps[n]),
-                                    "exp_avg": f.get_tensor(f"adam.{n}.exp_avg"),
-                                    "exp_avg_sq": f.get_tensor(f"adam.{n}.exp_avg_sq")}
-        return int(md["step"])
-
-
-def _drafter_lr(step: int, cfg: DrafterConfig) -> float:
-    warm = max(1, int(cfg.steps * cfg.warmup))
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    t = (step - warm) / max(1, cfg.steps - warm)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 def train_drafter(model: Decoder, store: DistillStore, cfg: DrafterConfig, taps: tuple[int, ...],
                   out: str | os.PathLike[str], resume: bool = False, progress: Progress | None = None,
                   model_name: str = "", info: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -937,7 +891,7 @@ def train_drafter(model: Decoder, store: DistillStore, cfg: DrafterConfig, taps:
     ckpt = _ckpt_path(out)
     step = 0
     if resume and ckpt.is_file():
-        step = _load_drafter_ckpt(ckpt, net, opt, meta)
+        step = _load_checkpoint(ckpt, net.named_tensors(), opt, meta, prefix="net.")
         log.info("resuming from %s at step %d", ckpt, step)
     penalty = float(DISTILL_SAMPLING["penalty"])
     dev = model.device
@@ -952,7 +906,7 @@ def train_drafter(model: Decoder, store: DistillStore, cfg: DrafterConfig, taps:
         ids = torch.from_numpy(store.ids[idx].astype(np.int64)).to(dev)  # [b, S, K]
         lps = torch.from_numpy(store.logprobs[idx].astype(np.float32)).to(dev)  # [b, S, K]
         for g in opt.param_groups:
-            g["lr"] = _drafter_lr(step, cfg)
+            g["lr"] = lr_at(step, cfg)
         losses, accs = drafter_losses(net, feats, tokens, ids, lps, cfg.prompt_len, cfg.unroll, penalty)
         loss = torch.stack(losses).mean()
         opt.zero_grad(set_to_none=True)
@@ -967,7 +921,7 @@ def train_drafter(model: Decoder, store: DistillStore, cfg: DrafterConfig, taps:
             progress("train", step, cfg.steps, {"loss": float(loss.detach()), "acc": accs,
                                                  "tokens_per_s": seen / max(1e-9, time.perf_counter() - t0)})
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _save_drafter_ckpt(ckpt, net, opt, step, meta)
+            _save_checkpoint(ckpt, net.named_tensors(), opt, step, meta, prefix="net.")
     seconds = time.perf_counter() - t0
     summary = {"steps": cfg.steps, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "lr": cfg.lr,
                "seed": cfg.seed, "unroll": cfg.unroll, "vocab": int(vocab.numel()), "pool_sequences": store.size,
