@@ -18,6 +18,7 @@ from .loading import DEFAULT_MODEL, load_model
 from .model import Decoder
 from .params import PARAMS as P
 from .params import ParamError
+from .parallel import mirrored
 
 log = logging.getLogger("tokenswift")
 
@@ -95,7 +96,10 @@ class LM:
         self._int4_lock = threading.Lock()
         self.heads = heads
         self.tokenizer = loaded.tokenizer
-        self.config = loaded.model.cfg
+        self.config = loaded.model.full_cfg  # the whole model's, also on one rank of tensor parallelism
+        # Under tensor parallelism (parallel.py): whether this rank leads the others through
+        # every step generator (the CLI), rather than each rank calling generate alike (SPMD).
+        self.lead = False
         self.name = loaded.name
         self.source = loaded.source
         eos = set(self.config.eos_token_ids)
@@ -116,8 +120,9 @@ class LM:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """Bytes of KV cache one token of context takes (keys and values, every layer)."""
-        c = self.config
+        """Bytes of KV cache one token of context takes here (keys and values, every layer; this
+        rank's KV heads under tensor parallelism)."""
+        c = self.model.cfg
         return 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.model.dtype.itemsize
 
     # -- text <-> ids -------------------------------------------------------------------------
@@ -219,6 +224,17 @@ class LM:
         full_kv_draft, max_nodes, draft_weights, drafter; ranges in params.py) change only the speed. `tree` "auto" (default) plans each
         iteration by measured cost; a static shape such as "1,3,3,3" drafts the paper's way
         (one draft pass + the draft heads)."""
+        call = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        tp = self.model.tp
+        if tp is not None and self.lead and tp.rank == 0:
+            return mirrored(tp, call, self._steps(**call))
+        return self._steps(**call)
+
+    def _steps(self, prompt: str | Sequence[int], max_new_tokens: int, method: str, seed: int, temperature: float,
+               top_k: int, top_p: float, min_p: float, eta: float, penalty: float, penalty_window: int,
+               ignore_eos: bool, min_keep: int, chat: bool, gamma: int, tree: str | Sequence, ngram_topk: int,
+               ngram_n: int, draft_budget: int, sinks: int, use_ngrams: bool, use_heads: bool,
+               full_kv_draft: bool, max_nodes: int | None, draft_weights: str, drafter: str) -> Iterator[Step]:
         sampling = SamplingConfig(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, min_keep=min_keep, eta=eta,
             penalty=penalty, penalty_window=penalty_window, seed=seed,
@@ -290,6 +306,7 @@ def load(
     rope_scaling: str | dict | RopeScaling | None = None,
     draft_weights: str = "auto",
     drafter: str = "auto",
+    compile: bool = False,
 ) -> LM:
     """Loads a model: the embedded default `"smollm2-135m"`, a `.gguf` file, or a Hugging Face
     directory (config.json + safetensors). `rope_scaling` such as `"yarn:4"` extends the context.
@@ -300,7 +317,11 @@ def load(
     (the draft then runs the model's own weights).
     `drafter`: the seq drafter: "auto" (the one shipped for a known model, else none), "none", or a
     drafter file (`tokenswift train-drafter`).
+    `compile`: torch.compile the decode, draft and verify passes at static shapes (CUDA graphs on
+    GPUs); each pass size compiles on first use, the tokens are the same.
+    Under `torchrun --nproc-per-node N` the model is split across the N processes (parallel.py).
     """
-    loaded = load_model(model, device=device, dtype=dtype, rope_scaling=rope_scaling, draft_weights=draft_weights)
+    loaded = load_model(model, device=device, dtype=dtype, rope_scaling=rope_scaling, draft_weights=draft_weights,
+                        compile=compile)
     return LM(loaded, heads=resolve_heads(heads, loaded.model, loaded.name),
               seq=resolve_seq_drafter(drafter, loaded.model, loaded.name))

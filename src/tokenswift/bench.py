@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .config import PAPER_SAMPLING
+from .loading import synchronize
 
 log = logging.getLogger("tokenswift")
 
@@ -125,10 +126,13 @@ def run_ours(lm: Any, prompt: list[int], lengths: list[int], name: str, sampling
     _reset_peak()
     tokens: list[int] = []
     stats: dict[str, Any] = {}
+    dev = lm.model.device
+    synchronize(dev)
     start = time.perf_counter()
     for step in lm.steps(prompt, total, ignore_eos=True, **sampling, **OURS[name]):
         tokens.extend(step.tokens)
         stats = step.stats
+        synchronize(dev)  # the clock times finished work (CUDA runs asynchronously)
         wall = time.perf_counter() - start
         for L in cp.due(len(tokens)):
             cp.add(L, tokens, wall, stats["prefill_seconds"], stats)

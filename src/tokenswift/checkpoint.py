@@ -120,7 +120,7 @@ def load_model_for(ck: Checkpoint, path: str | os.PathLike[str] | None = None) -
     # the int4 copy is built only if the run drafts with it (`LM.int4`)
     lm = tokenswift.load(o["model"], heads=o["heads"], device=o["device"], dtype=o["dtype"],
                          rope_scaling=o["rope_scaling"], draft_weights=o["spec"].get("draft_weights", "auto"),
-                         drafter=o.get("seq_drafter", "auto"))
+                         drafter=o.get("seq_drafter", "auto"), compile=bool(o.get("compile", False)))
     ck.check_vocabulary(path, lm.config.vocab_size)
     fp = model_fingerprint(lm.config)
     if ck.model_fingerprint is not None and ck.model_fingerprint != fp:

@@ -66,6 +66,10 @@ def _param_args(group: Any, *names: str) -> None:
         group.add_argument(p.flag, dest=name, type=conv, default=p.default, choices=p.choices or None, help=p.help)
 
 
+COMPILE_HELP = ("torch.compile the decode, draft and verify passes (CUDA graphs on GPUs): the first pass of "
+                "each size compiles (minutes on a CPU); the same text")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .loading import DEFAULT_MODEL
     from .params import PARAMS, SAMPLING, SPEC
@@ -102,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights dtype (default float32 on CPU, bfloat16 on CUDA)")
     g.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR",
                    help="extend the context, e.g. yarn:4 (types: linear, dynamic, yarn, llama3)")
+    g.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     ck = g.add_argument_group("resumable runs")
     ck.add_argument("--checkpoint", type=Path, metavar="FILE",
                     help="keep FILE up to date with the options, seed and committed tokens (atomic writes), "
@@ -244,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
     v.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR",
                    help="extend the context, e.g. yarn:4 (types: linear, dynamic, yarn, llama3)")
+    v.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     return p
 
 
@@ -316,7 +322,7 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
                "dtype": args.dtype,
                "rope_scaling": args.rope_scaling, "method": args.method, "chat": args.chat,
                "max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos,
-               "sampling": sampling, "spec": spec}
+               "sampling": sampling, "spec": spec, "compile": args.compile}
     _check_options(options, _flag_name)
     return options
 
@@ -379,6 +385,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         ck = Checkpoint(options=_run_options(args), prompt=_read_prompt(args))
         ck_path = args.checkpoint
+    if _rank() > 0:  # tensor parallel: rank 0 alone writes the checkpoint
+        ck_path = None
     if ck_path is not None:  # from the first moment, so that a run killed while loading resumes too
         save_to(ck, ck_path)
     old_term = _sigterm_as_interrupt()
@@ -402,6 +410,8 @@ def _run_generate(args: argparse.Namespace, ck: Any, ck_path: Path | None) -> in
     from .params import ParamError
 
     lm = load_model_for(ck, args.resume)
+    if _lead_or_follow(lm):
+        return 0
     resumed = len(ck.tokens)
     try:
         steps = continue_run(ck, lm, ck_path, args.checkpoint_every)
@@ -727,14 +737,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise CliError(str(e)) from None
 
+    import tokenswift
+
+    if _rank() > 0:  # tensor parallel: rank 0 serves, the others run its generations beside it
+        lm = tokenswift.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype,
+                             rope_scaling=args.rope_scaling, compile=args.compile)
+        _lead_or_follow(lm)
+        return 0
     try:  # before the model loads, so that a taken port fails at once
         sock = bind(args.host, args.port)
     except OSError as e:
         raise CliError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    import tokenswift
 
     lm = tokenswift.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype,
-                         rope_scaling=args.rope_scaling)
+                         rope_scaling=args.rope_scaling, compile=args.compile)
+    _lead_or_follow(lm)
     server = make_server(lm, names=[args.model], api_key=args.api_key, queue_size=args.queue_size,
                          max_body_bytes=args.max_body_bytes or MAX_BODY_BYTES)
     logging.getLogger("tokenswift.server").setLevel(logging.INFO)  # one line per request, with or without -v
@@ -746,7 +763,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# The tensor-parallel group this process leads (rank 0 under torchrun), told to stop at exit.
+_LEADING: list[Any] = []
+
+
+def _rank() -> int:
+    from .parallel import world_size
+
+    return int(os.environ.get("RANK", "0")) if world_size() > 1 else 0
+
+
+def _lead_or_follow(lm: Any) -> bool:
+    """Under torchrun: rank 0 leads (its step generators are mirrored on the other ranks) and
+    returns False; any other rank runs rank 0's generations until it stops, then returns True."""
+    from .parallel import follow
+
+    tp = lm.model.tp
+    if tp is None:
+        return False
+    if tp.rank == 0:
+        lm.lead = True
+        _LEADING.append(tp)
+        return False
+    follow(tp, lambda call: lm.steps(**call))
+    return True
+
+
+TENSOR_PARALLEL_COMMANDS = ("generate", "serve")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        from .parallel import stop_followers
+
+        while _LEADING:
+            stop_followers(_LEADING.pop())
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     from .params import PARAMS, ParamError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -760,6 +816,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
+        from .parallel import world_size
+
+        if world_size() > 1 and args.command not in TENSOR_PARALLEL_COMMANDS:
+            raise CliError(f"{args.command} runs in one process; under torchrun (WORLD_SIZE {world_size()}) "
+                           f"tokenswift runs {' and '.join(TENSOR_PARALLEL_COMMANDS)}")
         if args.command == "generate":
             return cmd_generate(args)
         if args.command == "train-heads":

@@ -16,6 +16,7 @@ from .cache import KVCache
 from .config import SamplingConfig, SpecConfig
 from .drafters import NGramDrafter, Proposal, SelfDrafter, SeqDrafter
 from .heads import DraftHeads
+from .loading import synchronize
 from .model import Decoder
 from .params import PARAMS, ParamError
 from .plan import STAT_WIDTH, AutoPlanner, Plan
@@ -37,14 +38,25 @@ class Step:
 
 
 class Timer:
-    """Wall-clock buckets for the stats (no device sync: CPU work is synchronous)."""
+    """Wall-clock buckets for the stats. Each reading waits for the device first: CUDA runs
+    kernels asynchronously, and a clock read before they finish times only their launch."""
 
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.start = self.now()
         self.prefill = 0.0
 
+    def now(self) -> float:
+        synchronize(self.device)
+        return time.perf_counter()
+
     def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+        return self.now() - self.start
+
+
+def _agree(model: Decoder, value: Any) -> Any:
+    """Rank 0's value on every rank under tensor parallelism (parallel.py); else the value."""
+    return value if model.tp is None else model.tp.agree(value)
 
 
 def _stats(method: str, prompt_len: int, new: int, timer: Timer, finish: str | None, iterations: int) -> dict[str, Any]:
@@ -77,7 +89,7 @@ def generate_ar(
     dev = model.device
     n0 = len(prompt)
     total = n0 + max_new_tokens
-    timer = Timer()
+    timer = Timer(dev)
     history = torch.empty(total, dtype=torch.int64)  # [total] committed tokens, CPU
     history[:n0] = torch.as_tensor(list(prompt), dtype=torch.int64)
     cache = KVCache(model.cfg, capacity=total, dtype=model.dtype, device=dev)
@@ -89,7 +101,7 @@ def generate_ar(
     pos_buf = torch.empty(1, 1, dtype=torch.int64, device=dev)  # [1, 1]
     for i in range(max_new_tokens):
         p = n0 + i
-        tok = int(sample(logits, penalty_window(history, p, sampling), [p], sampling)[0])
+        tok = _agree(model, int(sample(logits, penalty_window(history, p, sampling), [p], sampling)[0]))
         history[p] = tok
         finish = "eos" if tok in stop else ("length" if i == max_new_tokens - 1 else None)
         yield Step([tok], _stats("ar", n0, i + 1, timer, finish, i + 1), finished=finish is not None)
@@ -192,7 +204,7 @@ class SpeculativeRun:
         self.sampling = sampling
         self.spec = spec
         self.method = method
-        self.timer = Timer()
+        self.timer = Timer(model.device)
         self.c = Counters()
         self.auto = method == "tokenswift" and spec.auto
         use_draft = draft_model is not None or (seq is not None and self.auto)
@@ -223,7 +235,7 @@ class SpeculativeRun:
         self.n0 = n0
         self.max_new = max_new_tokens
         run_len = n0 + max_new_tokens  # fixes dynamic-NTK RoPE exactly as `generate_ar` does
-        capacity = run_len + self.max_nodes + depth + 2
+        capacity = run_len + model.pass_size(self.max_nodes) + depth + 2  # a compiled pass pads its trie
         history = torch.empty(capacity, dtype=torch.int64)
         history[:n0] = torch.as_tensor(list(prompt), dtype=torch.int64)
         main = KVCache(model.cfg, capacity=capacity, dtype=model.dtype, device=dev, rope_len=run_len)
@@ -236,7 +248,7 @@ class SpeculativeRun:
         h = model.prefill(history[:n0].to(dev).unsqueeze(0), main, taps=taps)  # [1, D]
         logits = model.logits(h)  # [1, V]
         self.timer.prefill = self.timer.elapsed()
-        root = int(sample(logits, penalty_window(history, n0, sampling), [n0], sampling)[0])
+        root = _agree(model, int(sample(logits, penalty_window(history, n0, sampling), [n0], sampling)[0]))
         history[n0] = root
         self.st = RunState(history, [*prompt, root], main, n0, root, produced=1)
         if self.seq is not None:  # entries (F[p-1], x[p]) for the last m positions, the root's included
@@ -256,7 +268,8 @@ class SpeculativeRun:
     def choose_plan(self) -> Plan | None:
         if self.planner is None:
             return None
-        self.plan = self.planner.choose(self.st.N)
+        # chosen from timings, which differ per rank: rank 0's plan for all
+        self.plan = _agree(self.model, self.planner.choose(self.st.N))
         return self.plan
 
     def draft(self, plan: Plan | None) -> Proposal | None:
@@ -274,7 +287,7 @@ class SpeculativeRun:
             prop.candidates = [c[: self.widths[d]] for d, c in enumerate(prop.candidates)]
         self.c.draft_iterations += 1
         self.c.drafted += depth
-        return prop
+        return _agree(self.model, prop)
 
     def build(self, prop: Proposal | None, plan: Plan | None) -> Trie:
         st = self.st
@@ -296,19 +309,28 @@ class SpeculativeRun:
         st = self.st
         dev = self.model.device
         T = len(trie)
+        P = self.model.pass_size(T)  # > T when compiled: padded to a compiled size
         x = torch.tensor(trie.tokens, dtype=torch.int64, device=dev).unsqueeze(0)  # [1, T]
         pos = trie.positions(st.N, dev).unsqueeze(0)  # [1, T]
+        mask = trie.mask(dev) if T > 1 else None  # [T, T]
+        if P > T:  # padding rows see only themselves and no node sees them; commit drops their KV
+            x = torch.nn.functional.pad(x, (0, P - T))  # [1, P]
+            pos = torch.nn.functional.pad(pos, (0, P - T), value=st.N)  # [1, P]
+            pad = torch.eye(P, dtype=torch.bool, device=dev)  # [P, P]
+            if mask is not None:
+                pad[:T, :T] = mask
+            mask = pad
         taps = None
         if self.seq is not None:
-            self.taps_out = torch.empty(1, T, len(self.seq.taps), self.model.cfg.hidden_size, dtype=self.model.dtype,
-                                        device=dev)  # [1, T, 3, D]
+            self.taps_out = torch.empty(1, P, len(self.seq.taps), self.model.cfg.hidden_size, dtype=self.model.dtype,
+                                        device=dev)  # [1, P, 3, D]
             taps = (self.seq.taps, self.taps_out)
-        hv = self.model(x, pos, st.main, mask=trie.mask(dev) if T > 1 else None, taps=taps)  # [1, T, D]
-        return self.model.logits(hv[0])
+        hv = self.model(x, pos, st.main, mask=mask, taps=taps)  # [1, P, D]
+        return self.model.logits(hv[0, :T])
 
     def accept(self, trie: Trie, logits: torch.Tensor, prop: Proposal | None) -> WalkResult:
         st = self.st
-        res = walk(trie, logits, st.history, st.N, self.sampling)
+        res = _agree(self.model, walk(trie, logits, st.history, st.N, self.sampling))  # rank 0 samples
         c = self.c
         c.accepted += len(res.accepted)
         c.ngram_accepted += sum(1 for i in res.accepted if trie.sources[i] == SRC_NGRAM)
@@ -394,22 +416,23 @@ class SpeculativeRun:
         yield Step([st.root], self.stats(finish), finished=finish is not None)
         if finish is not None:
             return
+        clock = self.timer.now
         while True:
             c.iterations += 1
-            t0 = time.perf_counter()
+            t0 = clock()
             plan = self.choose_plan()
-            t1 = time.perf_counter()
+            t1 = clock()
             prop = self.draft(plan)
-            t2 = time.perf_counter()
+            t2 = clock()
             trie = self.build(prop, plan)
             c.trie_nodes += len(trie)
-            t3 = time.perf_counter()
+            t3 = clock()
             logits = self.verify(trie)
-            t4 = time.perf_counter()
+            t4 = clock()
             res = self.accept(trie, logits, prop)
-            t5 = time.perf_counter()
+            t5 = clock()
             self.commit(res)
-            t6 = time.perf_counter()
+            t6 = clock()
             c.t_draft += t2 - t1
             if prop is not None:
                 who = plan.drafter if plan is not None else "self"

@@ -20,6 +20,7 @@ import torch
 
 from .config import ModelConfig, RopeScaling
 from .model import Decoder
+from .parallel import init_from_env, shard_config, shard_tensors
 from .params import PARAMS
 from .quant import int4_kernel_available
 
@@ -64,6 +65,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return dev
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for the work queued on an asynchronous device (CUDA), so a clock read after it
+    times that work; nothing to wait for on CPUs."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -123,12 +131,15 @@ def load_model(
     tokenizer: bool = True,
     pack: bool = True,
     draft_weights: str = "auto",
+    compile: bool = False,
 ) -> Loaded:
     """`pack=False` keeps plain weight tensors (autograd through the LM head, as head training
     needs); packing only changes the speed of CPU inference. `draft_weights` "int4" means that
     the self-draft runs an int4 copy of the model (its weights a quarter of float32's bytes,
     about a second to build for 135M parameters, built when a run first needs it: `LM.int4`),
-    "float" that it runs the model's own weights, "auto" int4 where torch's int4 kernel exists."""
+    "float" that it runs the model's own weights, "auto" int4 where torch's int4 kernel exists.
+    `compile` compiles the decoder's passes (`Decoder.compile`; CUDA graphs on GPUs): slow to
+    start (the first pass of each size compiles), the same tokens."""
     PARAMS["draft_weights"].check(draft_weights)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -144,12 +155,22 @@ def load_model(
     # names and shapes checked on a decoder without storage first: a config that disagrees with
     # its weights is an error, never an allocation of the size the config claims
     Decoder(cfg, dtype=dt, device="meta").load_tensors(tensors)
-    dec = Decoder(cfg, dtype=dt, device=dev)
+    tp = init_from_env(dev)  # under torchrun: this rank's share of the weights
+    if tp is not None:
+        dev = tp.device
+        local = shard_config(cfg, tp.world)
+        tensors = shard_tensors(tensors, cfg, tp.rank, tp.world)
+    else:
+        local = cfg
+    dec = Decoder(local, dtype=dt, device=dev)
     dec.load_tensors(tensors)
+    dec.tp, dec.full_cfg = tp, cfg
     dec.eval()
     del tensors
-    int4 = draft_weights == "int4" or (draft_weights == "auto" and dev.type == "cpu" and int4_kernel_available())
-    if pack and dev.type == "cpu" and dec.pack():
+    int4 = draft_weights == "int4" or (draft_weights == "auto" and int4_kernel_available(dev))
+    if compile:  # compiled graphs take plain weights, not oneDNN-packed ones
+        dec.compile(mode="reduce-overhead" if dev.type == "cuda" else None)
+    elif pack and dev.type == "cpu" and dec.pack():
         log.info("weights packed for oneDNN")
     tok = None
     if tokenizer and has_tokenizer:

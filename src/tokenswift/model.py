@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +162,12 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 _MATRICES = ("wqkv", "wo", "w_gate_up", "w_down")
 
 
+def portable_attention() -> bool:
+    """Whether attention must take torch's portable fused kernel (`F.scaled_dot_product_attention`)
+    even where the CPU-tuned one exists: TOKENSWIFT_PORTABLE_ATTENTION=1 (for tests on CPU)."""
+    return os.environ.get("TOKENSWIFT_PORTABLE_ATTENTION", "0") == "1"
+
+
 def onednn_available() -> bool:
     """Whether torch's oneDNN prepacked linear can run here (x86 CPU builds)."""
     if os.environ.get("TOKENSWIFT_ONEDNN", "1") == "0":
@@ -177,6 +183,8 @@ def onednn_available() -> bool:
 # 1-row one here; packed for 4 rows, 1.1-1.4x, for about the same 1-row cost (measured on
 # SmolLM2's 30 layers at 0/4K/16K context): the verify pass runs 2-16 rows.
 PACK_ROWS = 4
+# Pass sizes a compiled decoder runs at static shapes (`Decoder.compile`).
+COMPILE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 # Logits an int4 copy recomputes exactly: every token whose int4 logit lies within HEAD_MARGIN
 # nats of the row's best, at least HEAD_SHORTLIST and at most HEAD_MAX_ROWS of them. Where the
 # distribution is flat the sampler keeps hundreds of tokens (min-p), and a draw among int4 logits
@@ -229,19 +237,24 @@ class Layer(nn.Module):
         self.b_down = e(D) if cfg.mlp_bias else None
 
 
-def layer_qkv(L: Layer, cfg: ModelConfig, x: torch.Tensor, cos: torch.Tensor,
-              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def layer_qkv(L: Layer, cfg: ModelConfig, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              fn: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A block's first half: norm, fused q/k/v, q/k norms, RoPE. x [B, T, D]; cos, sin
-    [B, T, 1, Dh/2] -> q [B, T, H, Dh] (unscaled), k, v [B, T, KVH, Dh]."""
+    [B, T, 1, Dh/2] -> q [B, T, H, Dh] (unscaled), k, v [B, T, KVH, Dh]. `fn`: a compiled `_qkv`."""
+    fn = fn or _qkv
+    return fn(x, cos, sin, L.attn_norm, L.wqkv, L.bqkv, L.q_norm, L.k_norm, cfg.num_heads, cfg.num_kv_heads,
+              cfg.head_dim, cfg.rms_norm_eps)
+
+
+def _qkv(x, cos, sin, attn_norm, wqkv, bqkv, q_norm, k_norm, H: int, K: int, Dh: int,
+         eps: float):  # shapes as in layer_qkv; tensors, not the Layer, so one compiled graph serves every layer
     B, T, _ = x.shape
-    H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    eps = cfg.rms_norm_eps
-    h = F.rms_norm(x, (x.shape[-1],), L.attn_norm, eps)
-    qkv = linear(h, L.wqkv, L.bqkv).view(B, T, H + 2 * K, Dh)
+    h = F.rms_norm(x, (x.shape[-1],), attn_norm, eps)
+    qkv = linear(h, wqkv, bqkv).view(B, T, H + 2 * K, Dh)
     q, k, v = qkv[:, :, :H], qkv[:, :, H : H + K], qkv[:, :, H + K :]
-    if L.q_norm is not None:
-        q = F.rms_norm(q, (Dh,), L.q_norm, eps)
-        k = F.rms_norm(k, (Dh,), L.k_norm, eps)
+    if q_norm is not None:
+        q = F.rms_norm(q, (Dh,), q_norm, eps)
+        k = F.rms_norm(k, (Dh,), k_norm, eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     else:
         qk = apply_rope(qkv[:, :, : H + K], cos, sin)  # one pass for q and k
@@ -249,14 +262,31 @@ def layer_qkv(L: Layer, cfg: ModelConfig, x: torch.Tensor, cos: torch.Tensor,
     return q, k, v
 
 
-def layer_out(L: Layer, cfg: ModelConfig, x: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+def layer_out(L: Layer, cfg: ModelConfig, x: torch.Tensor, att: torch.Tensor,
+              reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, fn: Callable | None = None) -> torch.Tensor:
     """A block's second half: output projection, residual, MLP. x [B, T, D], att [B, T, H*Dh]
-    -> [B, T, D]."""
-    I = cfg.intermediate_size
-    x = x + linear(att, L.wo, L.bo)
-    h = F.rms_norm(x, (x.shape[-1],), L.mlp_norm, cfg.rms_norm_eps)
-    gu = linear(h, L.w_gate_up, L.b_gate_up)  # [B, T, 2I]
-    return x + linear(F.silu(gu[..., :I]) * gu[..., I:], L.w_down, L.b_down)
+    -> [B, T, D]. Under tensor parallelism `reduce` sums a tensor over the ranks in place.
+    `fn`: a compiled `_out`."""
+    return (fn or _out)(x, att, L.wo, L.bo, L.mlp_norm, L.w_gate_up, L.b_gate_up, L.w_down, L.b_down,
+                cfg.intermediate_size, cfg.rms_norm_eps, reduce)
+
+
+def _out(x, att, wo, bo, mlp_norm, w_gate_up, b_gate_up, w_down, b_down, I: int, eps: float,
+         reduce=None):  # shapes as in layer_out
+    x = x + _row_parallel(att, wo, bo, reduce)
+    h = F.rms_norm(x, (x.shape[-1],), mlp_norm, eps)
+    gu = linear(h, w_gate_up, b_gate_up)  # [B, T, 2I]
+    return x + _row_parallel(F.silu(gu[..., :I]) * gu[..., I:], w_down, b_down, reduce)
+
+
+def _row_parallel(x: torch.Tensor, w: torch.Tensor | Int4Weight, b: torch.Tensor | None,
+                  reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """x @ w^T + b where, under tensor parallelism, w holds this rank's input columns: the partial
+    products are summed over the ranks, then the (whole) bias is added once."""
+    if reduce is None:
+        return linear(x, w, b)
+    y = reduce(linear(x, w, None))
+    return y if b is None else y + b
 
 
 class Decoder(nn.Module):
@@ -271,6 +301,12 @@ class Decoder(nn.Module):
         # Derived, not run state: cos/sin tables keyed by the dynamic-NTK length (0 = fixed).
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.packed = False
+        # Tensor parallelism (parallel.py): this rank's group, and the whole model's config
+        # (`cfg` is this rank's share then: 1/N of the heads and MLP width).
+        self.tp = None
+        self.full_cfg = cfg
+        # `compile()`: the blocks' dense halves compiled for the pass sizes in COMPILE_SIZES
+        self.compiled: tuple[Callable, Callable] | None = None
         # int4 copies only: float rows of the LM head, to recompute the best logits exactly
         self.head_rows: torch.Tensor | None = None  # [V, D]
 
@@ -396,7 +432,35 @@ class Decoder(nn.Module):
         # on SmolLM2, against 0.013 for the int4 layers): the best logits are redone in float.
         q.head_rows = self.embed.data if self.cfg.tie_word_embeddings else head.to(torch.bfloat16)
         q._rope = self._rope  # derived tables of the same config: share them
+        q.tp, q.full_cfg = self.tp, self.full_cfg
         return q
+
+    # -- compiled passes -------------------------------------------------------------------
+
+    def compile(self, mode: str | None = None) -> None:
+        """torch.compile of every block's two dense halves (norms, projections, RoPE, MLP) at
+        static shapes: one query row (decode, draft) and the verify pass's sizes, which pads its
+        trie up to the next of COMPILE_SIZES (`pass_size`). One graph per size serves all layers
+        (weights are its inputs). Attention and the cache writes stay eager: their length grows.
+        `mode` "reduce-overhead" replays CUDA graphs on GPUs. The tokens are the eager ones."""
+        if self.tp is not None:
+            raise ValueError("compile=True with tensor parallelism is not supported yet; drop --compile under torchrun")
+        if self.packed:
+            raise ValueError("compile needs plain weights: load the model with pack=False")
+        import torch._dynamo
+
+        # one entry per compiled size and function; the default limit (8) would fall back to eager
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(COMPILE_SIZES))
+        self.compiled = (torch.compile(_qkv, dynamic=False, mode=mode), torch.compile(_out, dynamic=False, mode=mode))
+
+    def pass_size(self, T: int) -> int:
+        """The rows a pass of T tokens runs: T, or the next compiled size when compiled."""
+        if self.compiled is None:
+            return T
+        for n in COMPILE_SIZES:
+            if n >= T:
+                return n
+        return T
 
     # -- RoPE tables --------------------------------------------------------------------------
 
@@ -473,11 +537,23 @@ class Decoder(nn.Module):
         if attn_probs is not None and (T != 1 or B != 1):
             raise ValueError(f"attn_probs needs one token and batch 1, got tokens shape {tuple(tokens.shape)}")
 
+        # The CPU-tuned kernel returns the log-sum-exp, so the cached prefix and the new block run
+        # as two unmasked/small-mask calls; elsewhere one portable call takes a boolean mask over
+        # cached + new keys instead (built once per pass, grouped-query rows).
+        cpu_fused = _FUSED is not None and tokens.device.type == "cpu" and not portable_attention()
+        allow = None
+        if not cpu_fused and T > 1 and full is None:
+            allow = _grouped_mask(block, cfg.num_heads // cfg.num_kv_heads, S)  # [Bm, 1, G*T, S]
+
+        reduce = self.tp.all_reduce if self.tp is not None else None
+        qkv_fn = out_fn = None
+        if self.compiled is not None and B == 1 and T in COMPILE_SIZES and not torch.is_grad_enabled():
+            qkv_fn, out_fn = self.compiled
         cos, sin = self._cos_sin(positions, scale_len)
         scale = cfg.head_dim**-0.5
         x = F.embedding(tokens, self.embed)  # [B, T, D]
         for li, L in enumerate(self.layers):
-            q, k, v = layer_qkv(L, cfg, x, cos, sin)
+            q, k, v = layer_qkv(L, cfg, x, cos, sin, qkv_fn)
             if cache is not None:
                 cache.k[li, :, :, n:S] = k.transpose(1, 2)
                 cache.v[li, :, :, n:S] = v.transpose(1, 2)
@@ -489,8 +565,9 @@ class Decoder(nn.Module):
             if attn_probs is not None:
                 att = _attention_plain(q * scale, keys, vals, None, None, 0, None, probs_out=attn_probs[li])
             else:
-                att = _attention(q * scale, keys, vals, block, bias, full, lo, wmask)  # [B, T, H*Dh]
-            x = layer_out(L, cfg, x, att)
+                att = _attention(q * scale, keys, vals, block, bias, full, lo, wmask, cpu_fused,
+                                 allow)  # [B, T, H*Dh]
+            x = layer_out(L, cfg, x, att, reduce, out_fn)
             if taps is not None:
                 for j, tl in enumerate(taps[0]):
                     if tl == li:
@@ -615,16 +692,43 @@ def _attention(
     full: torch.Tensor | None,  # [Bm, T, S]
     lo: int,
     wmask: torch.Tensor | None,  # [Bm, T, S-lo]
+    cpu_fused: bool = True,  # the CPU-tuned kernel (else the portable one)
+    allow: torch.Tensor | None = None,  # [Bm, 1, G*T, S] the portable path's mask (T > 1)
 ) -> torch.Tensor:  # [B, T, H*D]
     B, T, H, D = q.shape
-    if full is None and wmask is None and _FUSED is not None:
-        if T == 1:  # one query per head: the fused kernel over grouped queries, K/V read in place
-            K = keys.shape[1]
-            qg = q.view(B, K, H // K, D)  # [B, K, G, D]: head h = k·G + g
+    if full is not None or wmask is not None:
+        return _attention_plain(q, keys, vals, block, full, lo, wmask)
+    K = keys.shape[1]
+    if T == 1:  # one query per head: grouped queries [B, K, G, D] (head h = k·G + g), K/V read in place
+        qg = q.view(B, K, H // K, D)
+        if cpu_fused:
             o, _ = _FUSED(qg, keys[:, :, lo:], vals[:, :, lo:], 0.0, False, scale=1.0)
-            return o.reshape(B, 1, H * D)
+        else:
+            o = F.scaled_dot_product_attention(qg, keys[:, :, lo:], vals[:, :, lo:], scale=1.0)
+        return o.reshape(B, 1, H * D)
+    if cpu_fused:
         return _attention_fused(q, keys[:, :, lo:], vals[:, :, lo:], bias)
-    return _attention_plain(q, keys, vals, block, full, lo, wmask)
+    return _attention_portable(q, keys[:, :, lo:], vals[:, :, lo:], allow[..., lo:])
+
+
+def _grouped_mask(block: torch.Tensor | None, G: int, S: int) -> torch.Tensor:
+    """The portable path's mask: every cached key visible, the new block's own mask (causal when
+    `block` is None) on the last T keys, its rows repeated per query of a group.
+    block [Bm, T, T] -> [Bm, 1, G*T, S] (row g·T + t)."""
+    Bm, T = block.shape[0], block.shape[-1]
+    m = torch.ones(Bm, G, T, S, dtype=torch.bool, device=block.device)  # [Bm, G, T, S]
+    m[..., S - T :] = block[:, None]
+    return m.view(Bm, 1, G * T, S)
+
+
+def _attention_portable(q, keys, vals, allow):  # shapes as in _attention
+    """torch's fused attention on any device, grouped queries against K/V in place: [B, K, G*T, D]."""
+    B, T, H, D = q.shape
+    K = keys.shape[1]
+    G = H // K
+    qg = q.view(B, T, K, G, D).permute(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
+    o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=allow, scale=1.0)  # [B, K, G*T, D]
+    return o.view(B, K, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
 
 
 def _attention_plain(q, keys, vals, block, full, lo, wmask, probs_out=None):  # shapes as in _attention

@@ -2,7 +2,7 @@
 
 Weights are quantized group-wise along the input dimension (32 values a group, asymmetric:
 w ≈ (q - 8)·scale + zero with q in 0..15), the layout of torch's int4 weight-only CPU kernel
-(`_weight_int4pack_mm_for_cpu`), which reads a quarter of float32's bytes and multiplies with
+(`_weight_int4pack_mm_for_cpu`; `_weight_int4pack_mm` on CUDA), which reads a quarter of float32's bytes and multiplies with
 bfloat16 activations. Q4_1 GGUF blocks are exactly this form (scale = d, zero = m + 8·d), so a
 Q4_1 model's int4 copy holds its own 4-bit codes again (min/max of a block are codes 0 and 15).
 
@@ -23,9 +23,21 @@ log = logging.getLogger("tokenswift")
 GROUP = 32  # values per quantization group (a GGUF Q4 block)
 
 
-def int4_kernel_available() -> bool:
+def int4_kernel_available(device: torch.device | str = "cpu") -> bool:
+    """Whether torch has the int4 weight-only kernel for `device`: `_weight_int4pack_mm_for_cpu`
+    on CPUs, `_weight_int4pack_mm` on CUDA GPUs (compute capability 8.0 and newer)."""
     ops = torch.ops.aten
-    return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+    if kind == "cuda":
+        return (hasattr(ops, "_weight_int4pack_mm") and hasattr(ops, "_convert_weight_to_int4pack")
+                and torch.cuda.is_available() and torch.cuda.get_device_capability(torch.device(device))[0] >= 8)
+    return False
+
+
+# CUDA's packed layout groups the input dimension in tiles of 16·INNER_K_TILES values.
+INNER_K_TILES = 2
 
 
 def quantize_int4(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,9 +78,18 @@ class Int4Weight:
             codes, scale, zero = quantize_int4(w, group)
         else:  # too narrow for the kernel: round to bfloat16 instead (the draft is approximate)
             codes = scale = zero = None
-        if fits and w.device.type == "cpu" and int4_kernel_available():
+        self.cuda = w.device.type == "cuda"
+        if self.cuda and self.in_features % (16 * INNER_K_TILES):
+            fits_kernel = False
+        else:
+            fits_kernel = fits and int4_kernel_available(w.device)
+        if fits_kernel:
             try:
-                self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+                if self.cuda:  # two codes a byte, the even input index in the high nibble
+                    nib = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)  # [N, K/2]
+                    self.packed = torch.ops.aten._convert_weight_to_int4pack(nib.contiguous(), INNER_K_TILES)
+                else:
+                    self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
                 self.scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
                 return
             except RuntimeError as e:  # an unusual build: keep the numbers, lose the speed
@@ -87,6 +108,7 @@ class Int4Weight:
             return F.linear(x, self.dense, bias)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [M, K]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_zero)  # [M, N]
+        mm = torch.ops.aten._weight_int4pack_mm if self.cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+        y = mm(x2, self.packed, self.group, self.scale_zero)  # [M, N]
         y = y.to(x.dtype).view(*shape[:-1], self.out_features)
         return y if bias is None else y + bias

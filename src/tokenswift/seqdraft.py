@@ -144,6 +144,9 @@ def new_seq_drafter(target: Decoder, vocab: torch.Tensor, taps: tuple[int, ...] 
     RMS of the target's residual stream at the last tap (the block input's scale)."""
     from .model import _plain
 
+    if target.tp is not None:
+        raise ValueError("a seq drafter is trained in one process (the block copies the target's whole "
+                         "last layer); run train-drafter without torchrun")
     cfg = target.cfg
     taps = taps or default_taps(cfg.num_layers)
     m = SeqDraftModel(cfg, vocab, taps, window, dtype=torch.float32, device=target.device)
@@ -209,7 +212,7 @@ def load_seq_drafter(path: str | Path, target: Decoder, model_name: str = "") ->
         check_identity(json.loads(md["identity"]), model_identity(target, model_name), str(path),
                        f"seq drafter {path} was")
         t = {k: f.get_tensor(k) for k in f.keys()}
-    cfg = target.cfg
+    cfg = target.full_cfg  # the whole model's shape, also when the target is one rank's share
     m = SeqDraftModel(cfg, t["vocab"], tuple(json.loads(md["taps"])), int(md["window"]),
                       dtype=torch.float32, device=target.device)
     with torch.no_grad():
