@@ -793,11 +793,23 @@ TENSOR_PARALLEL_COMMANDS = ("generate", "serve")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    rc = None
     try:
-        return _main(argv)
+        rc = _main(argv)
+        return rc
     finally:
         from .parallel import stop_followers
 
+        if _LEADING and rc in (None, EXIT_INTERRUPT):
+            # interrupted or failed inside a step: the other ranks may be mid-collective, so no
+            # goodbye; exiting non-zero makes torchrun stop them (the checkpoint is saved by now)
+            if rc is None:
+                import traceback
+
+                traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPT if rc == EXIT_INTERRUPT else 1)
         while _LEADING:
             stop_followers(_LEADING.pop())
 

@@ -141,24 +141,29 @@ def mirrored(tp: TensorParallel, call: dict[str, Any], steps: Iterator[Any]) -> 
     """Rank 0's step generator, announcing each start / next / close to the followers first so
     they run the same collectives in the same order."""
     tp.agree(("start", call))
-    done = False
     try:
         while True:
             tp.agree(("next", None))
             try:
                 step = next(steps)
             except StopIteration:
-                done = True
                 return
             yield step
-    finally:
-        if not done:  # left early (a stop string, a cancelled request): the followers close too
-            tp.agree(("close", None))
+    except GeneratorExit:  # left early between steps (a stop string, a cancelled request): so do they
+        tp.agree(("close", None))
+        raise
+    finally:  # an error inside a step leaves the ranks apart: the process exits, torchrun stops them
         steps.close()
 
 
 def follow(tp: TensorParallel, start: Callable[[dict[str, Any]], Iterator[Any]]) -> None:
-    """Ranks > 0 under the CLI: run what rank 0 announces until it says stop."""
+    """Ranks > 0 under the CLI: run what rank 0 announces until it says stop. Ctrl-C is rank 0's
+    to handle (it stops them, or exits and torchrun stops them), so it is ignored here."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     steps: Iterator[Any] | None = None
     while True:
         kind, arg = tp.agree(None)
