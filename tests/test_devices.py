@@ -105,11 +105,10 @@ def test_the_loop_reads_the_clock_that_waits(tiny_lm, monkeypatch):
     assert len(reads) >= 7 * res.stats["iterations"]
 
 
-@pytest.mark.slow
 def test_compiled_passes_write_the_eager_tokens(tiny_lm, tmp_path_factory):
     """compile=True: the blocks' dense halves compiled per pass size, the verify pass padded to
-    those sizes; ar and tokenswift, greedy and seeded, give the eager tokens. Minutes: each size
-    compiles on first use."""
+    those sizes; ar and tokenswift, greedy and seeded, give the eager tokens. About 45 s with a
+    cold compile cache here: each size compiles on first use."""
     d = tmp_path_factory.mktemp("qwen2c")
     tiny_hf_model("qwen2", seed=1, max_position_embeddings=2048, scale=0.3).save_pretrained(d)
     compiled = tokenswift.load(str(d), heads="none", compile=True)
