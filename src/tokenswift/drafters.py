@@ -169,7 +169,6 @@ class SeqDrafter:
         self.pend_tokens: list[int] = []
         self.pend_pos: list[int] = []
         self.full = torch.empty(1, cfg.vocab_size, dtype=torch.float32, device=dev)  # [1, V] scratch
-        self.rows = 0  # entries computed (stats)
         self.compactions = 0
 
     @property
@@ -220,7 +219,6 @@ class SeqDrafter:
         lo = max(0, lo)
         att = _attention_plain(q[:, -1:], self.k[:, :, lo : n + T], self.v[:, :, lo : n + T], None, None, 0, None)
         self.length = n + T
-        self.rows += T
         return net.out(u[:, -1:], att)[0, 0]
 
     def _candidates(self, h: torch.Tensor, history: torch.Tensor, p: int, width: int) -> list[int]:

@@ -253,7 +253,10 @@ class SpeculativeRun:
         self.st = RunState(history, [*prompt, root], main, n0, root, produced=1)
         if self.seq is not None:  # entries (F[p-1], x[p]) for the last m positions, the root's included
             self.seq.committed(taps[1][0, :m], history[n0 - m + 1 : n0 + 1].tolist(), n0 - m + 1)
-        self.taps_out: torch.Tensor | None = None  # [1, T, 3, D] the last verify pass's features
+        self.taps_out: torch.Tensor | None = None  # [1, P, 3, D] the last verify pass's features
+        # written by every verify pass (a view of its first P rows): allocated once, at the largest pass
+        self.taps_buf = (torch.empty(1, model.pass_size(self.max_nodes), len(self.seq.taps), model.cfg.hidden_size,
+                                     dtype=model.dtype, device=dev) if self.seq is not None else None)
         self.ngrams = NGramDrafter(spec.ngram_n, sampling.penalty_width)
         self.ngrams.committed(self.st.tokens)
         if self.planner is not None:
@@ -322,8 +325,7 @@ class SpeculativeRun:
             mask = pad
         taps = None
         if self.seq is not None:
-            self.taps_out = torch.empty(1, P, len(self.seq.taps), self.model.cfg.hidden_size, dtype=self.model.dtype,
-                                        device=dev)  # [1, P, 3, D]
+            self.taps_out = self.taps_buf[:, :P]  # [1, P, 3, D]
             taps = (self.seq.taps, self.taps_out)
         hv = self.model(x, pos, st.main, mask=mask, taps=taps)  # [1, P, D]
         return self.model.logits(hv[0, :T])
