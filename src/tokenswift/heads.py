@@ -121,10 +121,19 @@ def check_identity(heads_ident: dict[str, Any], model_ident: dict[str, Any], pat
 # --- files -------------------------------------------------------------------------------------
 
 
-def save_heads(heads: DraftHeads, path: str | Path, identity: dict[str, Any], extra: dict[str, Any] | None = None,
-               dtype: torch.dtype = torch.float16) -> None:
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """Writes a safetensors file atomically: to a temporary file renamed over `path`, so a
+    reader (or a run killed mid-write) never sees half a file."""
     from safetensors.torch import save_file
 
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def save_heads(heads: DraftHeads, path: str | Path, identity: dict[str, Any], extra: dict[str, Any] | None = None,
+               dtype: torch.dtype = torch.float16) -> None:
     meta = {
         "format": FORMAT,
         "version": "1",
@@ -138,10 +147,7 @@ def save_heads(heads: DraftHeads, path: str | Path, identity: dict[str, Any], ex
         "norm_in": heads.norm_in.detach().to(dtype).contiguous().cpu(),
         "norm_out": heads.norm_out.detach().to(dtype).contiguous().cpu(),
     }
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    save_safetensors(tensors, path, meta)
 
 
 def load_heads(path: str | Path, model: Decoder, model_name: str = "") -> DraftHeads:

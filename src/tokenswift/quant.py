@@ -79,11 +79,8 @@ class Int4Weight:
         else:  # too narrow for the kernel: round to bfloat16 instead (the draft is approximate)
             codes = scale = zero = None
         self.cuda = w.device.type == "cuda"
-        if self.cuda and self.in_features % (16 * INNER_K_TILES):
-            fits_kernel = False
-        else:
-            fits_kernel = fits and int4_kernel_available(w.device)
-        if fits_kernel:
+        tiles = not self.cuda or self.in_features % (16 * INNER_K_TILES) == 0
+        if fits and tiles and int4_kernel_available(w.device):
             try:
                 if self.cuda:  # two codes a byte, the even input index in the high nibble
                     nib = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)  # [N, K/2]

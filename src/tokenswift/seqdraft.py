@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .heads import check_identity, model_identity
+from .heads import check_identity, model_identity, save_safetensors
 from .model import Decoder, Layer, layer_out, layer_qkv, rope_inv_freq
 
 FORMAT = "tokenswift-seq-drafter/1"
@@ -181,17 +181,12 @@ def random_seq_drafter(target: Decoder, vocab_size: int | None = None, seed: int
 
 def save_seq_drafter(m: SeqDraftModel, path: str | Path, identity: dict[str, Any],
                      extra: dict[str, Any] | None = None, dtype: torch.dtype = torch.float16) -> None:
-    from safetensors.torch import save_file
-
-    path = Path(path)
     tensors = {**dict(m.named_tensors()), "vocab": m.vocab, "scale": m.scale}
     tensors = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().cpu()
                for k, v in tensors.items()}
     meta = {"format": FORMAT, "taps": json.dumps(list(m.taps)), "window": str(m.window),
             "identity": json.dumps(identity), "extra": json.dumps(extra or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    save_safetensors(tensors, path, meta)
 
 
 def load_seq_drafter(path: str | Path, target: Decoder, model_name: str = "") -> SeqDraftModel:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .cache import KVCache
 from .config import PAPER_SAMPLING, SamplingConfig
-from .heads import DraftHeads, model_identity, save_heads
+from .heads import DraftHeads, model_identity, save_heads, save_safetensors
 from .model import Decoder
 from .sampling import draw, final_logprobs, history_windows
 
@@ -43,6 +43,12 @@ log = logging.getLogger("tokenswift")
 DISTILL_SAMPLING = dict(PAPER_SAMPLING)
 
 Progress = Callable[[str, int, int, dict[str, Any]], None]  # (phase, done, total, info)
+
+
+def _need(ok: bool, name: str, value: Any, want: str) -> None:
+    """A training option's check: ValueError naming the option, what it must be and its value."""
+    if not ok:
+        raise ValueError(f"{name} must be {want}, got {value!r}")
 
 
 @dataclass
@@ -64,21 +70,17 @@ class TrainConfig:
     checkpoint_every: int = 25
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, value: Any, want: str) -> None:
-            if not ok:
-                raise ValueError(f"{name} must be {want}, got {value!r}")
-
-        need(isinstance(self.num_heads, int) and 1 <= self.num_heads <= 16, "num_heads", self.num_heads, "in [1, 16]")
-        need(isinstance(self.steps, int) and self.steps >= 1, "steps", self.steps, "an integer >= 1")
-        need(isinstance(self.seq_len, int) and self.seq_len >= self.num_heads + 2, "seq_len", self.seq_len,
+        _need(isinstance(self.num_heads, int) and 1 <= self.num_heads <= 16, "num_heads", self.num_heads, "in [1, 16]")
+        _need(isinstance(self.steps, int) and self.steps >= 1, "steps", self.steps, "an integer >= 1")
+        _need(isinstance(self.seq_len, int) and self.seq_len >= self.num_heads + 2, "seq_len", self.seq_len,
              f">= num_heads + 2 = {self.num_heads + 2}")
-        need(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "> 0")
-        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
-        need(self.max_tokens >= self.seq_len, "max_tokens", self.max_tokens, f">= seq_len ({self.seq_len})")
-        need(not self.self_distill or 1 <= self.prompt_len < self.seq_len - self.num_heads, "prompt_len", self.prompt_len,
+        _need(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "> 0")
+        _need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        _need(self.max_tokens >= self.seq_len, "max_tokens", self.max_tokens, f">= seq_len ({self.seq_len})")
+        _need(not self.self_distill or 1 <= self.prompt_len < self.seq_len - self.num_heads, "prompt_len", self.prompt_len,
              f"in [1, seq_len - num_heads) = [1, {self.seq_len - self.num_heads})")
-        need(self.gen_batch >= 1, "gen_batch", self.gen_batch, ">= 1")
-        need(0 <= self.warmup < 1, "warmup", self.warmup, "in [0, 1)")
+        _need(self.gen_batch >= 1, "gen_batch", self.gen_batch, ">= 1")
+        _need(0 <= self.warmup < 1, "warmup", self.warmup, "in [0, 1)")
 
     @property
     def sequences(self) -> int:
@@ -414,8 +416,6 @@ def _ckpt_path(out: Path) -> Path:
 def _save_checkpoint(path: Path, named: Sequence[tuple[str, torch.Tensor]], opt: torch.optim.Optimizer, step: int,
                      meta: dict[str, Any], prefix: str = "heads.") -> None:
     """The trained tensors (`named`, saved as prefix + name) and Adam's state, written atomically."""
-    from safetensors.torch import save_file
-
     tensors = {f"{prefix}{n}": p.detach().contiguous() for n, p in named}
     adam_steps = {}
     for n, p in named:
@@ -424,9 +424,7 @@ def _save_checkpoint(path: Path, named: Sequence[tuple[str, torch.Tensor]], opt:
             tensors[f"adam.{n}.exp_avg"] = st["exp_avg"].contiguous()
             tensors[f"adam.{n}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
             adam_steps[n] = float(st["step"])
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step), "meta": json.dumps(meta), "adam_steps": json.dumps(adam_steps)})
-    tmp.replace(path)
+    save_safetensors(tensors, path, {"step": str(step), "meta": json.dumps(meta), "adam_steps": json.dumps(adam_steps)})
 
 
 def _load_checkpoint(path: Path, named: Sequence[tuple[str, torch.Tensor]], opt: torch.optim.Optimizer,
@@ -617,23 +615,19 @@ class DrafterConfig:
     window: int = 256
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, value: Any, want: str) -> None:
-            if not ok:
-                raise ValueError(f"{name} must be {want}, got {value!r}")
-
-        need(isinstance(self.steps, int) and self.steps >= 1, "steps", self.steps, "an integer >= 1")
-        need(isinstance(self.seq_len, int) and 8 <= self.seq_len <= 4096, "seq_len", self.seq_len, "in [8, 4096]")
-        need(isinstance(self.prompt_len, int) and 1 <= self.prompt_len < self.seq_len - 2, "prompt_len",
+        _need(isinstance(self.steps, int) and self.steps >= 1, "steps", self.steps, "an integer >= 1")
+        _need(isinstance(self.seq_len, int) and 8 <= self.seq_len <= 4096, "seq_len", self.seq_len, "in [8, 4096]")
+        _need(isinstance(self.prompt_len, int) and 1 <= self.prompt_len < self.seq_len - 2, "prompt_len",
              self.prompt_len, f"in [1, seq_len - 2) = [1, {self.seq_len - 2})")
-        need(isinstance(self.sequences, int) and self.sequences >= 1, "sequences", self.sequences, "an integer >= 1")
-        need(isinstance(self.vocab, int) and self.vocab >= 16, "vocab", self.vocab, "an integer >= 16")
-        need(isinstance(self.unroll, int) and 1 <= self.unroll <= 16, "unroll", self.unroll, "in [1, 16]")
-        need(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "> 0")
-        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
-        need(isinstance(self.top_k, int) and 1 <= self.top_k <= 1024, "top_k", self.top_k, "in [1, 1024]")
-        need(self.gen_batch >= 1, "gen_batch", self.gen_batch, ">= 1")
-        need(0 <= self.warmup < 1, "warmup", self.warmup, "in [0, 1)")
-        need(isinstance(self.window, int) and self.window >= 1, "window", self.window, ">= 1")
+        _need(isinstance(self.sequences, int) and self.sequences >= 1, "sequences", self.sequences, "an integer >= 1")
+        _need(isinstance(self.vocab, int) and self.vocab >= 16, "vocab", self.vocab, "an integer >= 16")
+        _need(isinstance(self.unroll, int) and 1 <= self.unroll <= 16, "unroll", self.unroll, "in [1, 16]")
+        _need(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "> 0")
+        _need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        _need(isinstance(self.top_k, int) and 1 <= self.top_k <= 1024, "top_k", self.top_k, "in [1, 1024]")
+        _need(self.gen_batch >= 1, "gen_batch", self.gen_batch, ">= 1")
+        _need(0 <= self.warmup < 1, "warmup", self.warmup, "in [0, 1)")
+        _need(isinstance(self.window, int) and self.window >= 1, "window", self.window, ">= 1")
 
     def data_key(self) -> dict[str, Any]:
         return {"kind": "seq-drafter", "seq_len": self.seq_len, "prompt_len": self.prompt_len,
