@@ -115,6 +115,17 @@ def tiny_dir(tmp_path):
     return make
 
 
+@pytest.fixture
+def tiny_plain(tmp_path):
+    """A tiny random Llama as the training code loads it: `load_model(..., pack=False)`."""
+    from tokenswift.loading import load_model
+
+    hf = tiny_hf_model("llama", seed=3, scale=0.3)
+    d = tmp_path / "tiny"
+    hf.save_pretrained(d)
+    return load_model(str(d), device="cpu", pack=False)
+
+
 # --- the embedded default model ------------------------------------------------------------
 
 

@@ -202,16 +202,6 @@ def test_targets_are_renormalized_over_the_draft_vocabulary():
 # --- self-distillation and training ---------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny_plain(tmp_path):
-    from tokenswift.loading import load_model
-
-    hf = tiny_hf_model("llama", seed=3, scale=0.3)
-    d = tmp_path / "tiny"
-    hf.save_pretrained(d)
-    return load_model(str(d), device="cpu", pack=False)
-
-
 def _pool(loaded, tmp_path, n=16, S=48, P=8, top_k=16, **kw):
     from tokenswift.seqdraft import default_taps
     from tokenswift.train import DistillStore, DrafterConfig, fill_distill

@@ -11,23 +11,13 @@ import pytest
 import torch
 
 import tokenswift
-from conftest import tiny_hf_model
 from tokenswift.config import SamplingConfig
 from tokenswift.engine import generate_ar
 from tokenswift.heads import load_heads
-from tokenswift.loading import load_model
 from tokenswift.train import (
     HiddenStore, TrainConfig, batch_indices, fill_text, generate_batch, head_accuracy, lr_at, pick_windows,
     train_heads,
 )
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    hf = tiny_hf_model("llama", seed=3, scale=0.3)
-    d = tmp_path / "tiny"
-    hf.save_pretrained(d)
-    return load_model(str(d), device="cpu", pack=False)
 
 
 @pytest.mark.parametrize("n,bs", [(10, 3), (7, 7), (5, 8)])
@@ -78,22 +68,22 @@ def _cyclic_store(loaded, tmp_path, n=24, s=32, period=11):
     return store, cfg, windows
 
 
-def test_training_learns_what_the_base_model_cannot(tiny, tmp_path):
-    store, cfg, windows = _cyclic_store(tiny, tmp_path)
+def test_training_learns_what_the_base_model_cannot(tiny_plain, tmp_path):
+    store, cfg, windows = _cyclic_store(tiny_plain, tmp_path)
     out = tmp_path / "h.safetensors"
-    train_heads(tiny.model, store, cfg, out)
-    heads = load_heads(out, tiny.model)
-    acc = head_accuracy(tiny.model, heads, windows)
+    train_heads(tiny_plain.model, store, cfg, out)
+    heads = load_heads(out, tiny_plain.model)
+    acc = head_accuracy(tiny_plain.model, heads, windows)
     assert acc.top1[0] > 0.9 and acc.top1[1] > 0.9, acc
     assert acc.base_top1 < 0.5  # the random backbone itself does not know the cycle
     assert heads.meta["steps"] == 150
 
 
-def test_resumed_training_ends_with_the_same_heads(tiny, tmp_path):
-    store, cfg, _ = _cyclic_store(tiny, tmp_path)
+def test_resumed_training_ends_with_the_same_heads(tiny_plain, tmp_path):
+    store, cfg, _ = _cyclic_store(tiny_plain, tmp_path)
     cfg6 = TrainConfig(**{**cfg.__dict__, "steps": 6, "checkpoint_every": 3})
     full = tmp_path / "full.safetensors"
-    train_heads(tiny.model, store, cfg6, full)
+    train_heads(tiny_plain.model, store, cfg6, full)
     part = tmp_path / "part.safetensors"
 
     class Stop(Exception):
@@ -104,20 +94,20 @@ def test_resumed_training_ends_with_the_same_heads(tiny, tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        train_heads(tiny.model, store, cfg6, part, progress=stop_after_4)
-    train_heads(tiny.model, store, cfg6, part, resume=True)
-    a = load_heads(full, tiny.model)
-    b = load_heads(part, tiny.model)
+        train_heads(tiny_plain.model, store, cfg6, part, progress=stop_after_4)
+    train_heads(tiny_plain.model, store, cfg6, part, resume=True)
+    a = load_heads(full, tiny_plain.model)
+    b = load_heads(part, tiny_plain.model)
     for name in ("weight", "norm_in", "norm_out"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     # a checkpoint made with other options is refused, naming what differs
     cfg_other = TrainConfig(**{**cfg6.__dict__, "lr": 0.5})
     with pytest.raises(ValueError, match="lr"):
-        train_heads(tiny.model, store, cfg_other, part, resume=True)
+        train_heads(tiny_plain.model, store, cfg_other, part, resume=True)
 
 
-def test_self_distill_sequences_are_what_ar_writes_for_each_row_seed(tiny):
-    model = tiny.model
+def test_self_distill_sequences_are_what_ar_writes_for_each_row_seed(tiny_plain):
+    model = tiny_plain.model
     prompts = torch.randint(0, model.cfg.vocab_size, (3, 8), generator=torch.Generator().manual_seed(1))
     samplers = [SamplingConfig(seed=100 + r, temperature=1.0, min_p=0.1, min_keep=20, penalty=1.2,
                                penalty_window=16) for r in range(3)]
