@@ -236,6 +236,39 @@ def test_distillation_pool_is_what_ar_writes_with_its_features(tiny_plain, tmp_p
             assert store.logprobs[r, t, j] > -50
 
 
+def test_text_pool_holds_each_positions_features_and_processed_distribution(tiny_plain, tmp_path):
+    from tokenswift.cache import KVCache
+    from tokenswift.sampling import final_logprobs
+    from tokenswift.seqdraft import default_taps
+    from tokenswift.train import DISTILL_SAMPLING, DistillStore, DrafterConfig, fill_text_distill
+
+    model = tiny_plain.model
+    n, S = 5, 40
+    cfg = DrafterConfig(sequences=n, seq_len=S, prompt_len=4, gen_batch=8, vocab=64, top_k=96, pool="text")
+    assert cfg.data_key()["pool"] == "text" and "pool" not in DrafterConfig().data_key()
+    taps = default_taps(model.cfg.num_layers)
+    windows = torch.randint(0, model.cfg.vocab_size, (n, S), generator=torch.Generator().manual_seed(2)).numpy()
+    store = DistillStore(tmp_path / "tpool", n, S, len(taps), model.cfg.hidden_size, cfg.top_k, cfg.data_key())
+    fill_text_distill(store, model, windows.astype(np.int32), cfg, taps)  # 2 windows a prefill: 3 batches
+    s = SamplingConfig(**DISTILL_SAMPLING)
+    for r in (0, 4):
+        toks = windows[r].tolist()
+        assert store.tokens[r].tolist() == toks and int(store.seeds[r]) == -1
+        want = _features(model, toks, taps)  # [S, 3, D] the residual stream at the taps
+        torch.testing.assert_close(torch.from_numpy(store.feats[r].astype(np.float32)), want, rtol=2e-3, atol=2e-3)
+        for t in (1, 2, 17, S - 1):  # row t: the sampler's distribution of token t after tokens < t
+            cache = KVCache(model.cfg, capacity=S)
+            h = model.prefill(torch.tensor([toks[:t]]), cache)  # [1, D]
+            lp = final_logprobs(model.logits(h), torch.tensor([toks[max(0, t - s.penalty_width) : t]]), s)[0]
+            got = torch.full_like(lp, float("-inf"))
+            ok = store.logprobs[r, t] > -59
+            got[torch.from_numpy(store.ids[r, t][ok].astype(np.int64))] = torch.from_numpy(
+                store.logprobs[r, t][ok].astype(np.float32))
+            kept = lp > -1e30
+            assert torch.equal(kept, got > -1e30), (r, t)
+            torch.testing.assert_close(got[kept], lp[kept], rtol=0, atol=2e-3)
+
+
 def test_training_raises_coupled_acceptance_and_eval_reports_it(tiny_plain, tmp_path):
     from tokenswift.seqdraft import load_seq_drafter, new_seq_drafter
     from tokenswift.train import draft_vocabulary, eval_drafter, train_drafter

@@ -170,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--out", required=True, type=Path, help="drafter file to write (.safetensors)")
     td.add_argument("--steps", type=_int("--steps"), default=400, help="optimizer steps (default 400)")
     td.add_argument("--sequences", type=_int("--sequences"), default=512,
-                    help="continuations the model writes for the pool (default 512)")
+                    help="continuations the model writes for the pool, or text windows with --pool text (default 512)")
+    td.add_argument("--pool", choices=("generated", "text"), default="generated",
+                    help="generated: the model continues prompts of the data (default); text: windows of the data "
+                         "itself, teacher-forced (one prefill a window: a larger pool for the same time)")
     td.add_argument("--seq-len", type=_int("--seq-len"), default=256, help="tokens per sequence (default 256)")
     td.add_argument("--prompt-len", type=_int("--prompt-len"), default=64,
                     help="prompt tokens taken from the data per sequence (default 64)")
@@ -492,7 +495,8 @@ class Bars:
     generation's tokens, a bench's methods, training's hidden states / self-distillation /
     optimizer steps. `bars(phase, done, total, info)`; info may hold tokens_per_s, loss, acc."""
 
-    LABELS = {"hidden": ("hidden states", "seq"), "generate": ("self-distill", "seq"), "train": ("training", "step")}
+    LABELS = {"hidden": ("hidden states", "seq"), "generate": ("self-distill", "seq"), "prefill": ("text pool", "seq"),
+              "train": ("training", "step")}
 
     def __init__(self) -> None:
         self.phase: str | None = None
@@ -595,7 +599,8 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     from .train import DrafterConfig, build_distill_store, read_texts, train_drafter
 
     cfg = DrafterConfig(steps=args.steps, sequences=args.sequences, seq_len=args.seq_len, prompt_len=args.prompt_len,
-                        vocab=args.vocab, unroll=args.unroll, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+                        vocab=args.vocab, unroll=args.unroll, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                        pool=args.pool)
     read_texts(args.data)  # missing or non-UTF-8 files fail before the model loads
     if args.out.suffix != ".safetensors":
         raise CliError(f"--out must end in .safetensors, got {args.out}")

@@ -594,6 +594,9 @@ def greedy_accepted_length(model: Decoder, heads: DraftHeads, prompts: np.ndarra
 # chain's root plus its own chain entries, exactly as drafting does.
 
 
+POOLS = ("generated", "text")
+
+
 @dataclass
 class DrafterConfig:
     steps: int = 400
@@ -613,9 +616,14 @@ class DrafterConfig:
     clip: float = 1.0
     checkpoint_every: int = 25
     window: int = 256
+    # "generated": the model continues prompts of the data (its own text, the run's distribution);
+    # "text": the data's own windows, teacher-forced: one prefill a window instead of one pass a
+    # token, so a pool many times larger costs the same time (EAGLE trains on a fixed corpus)
+    pool: str = "generated"
 
     def __post_init__(self) -> None:
         _need(isinstance(self.steps, int) and self.steps >= 1, "steps", self.steps, "an integer >= 1")
+        _need(self.pool in POOLS, "pool", self.pool, " or ".join(POOLS))
         _need(isinstance(self.seq_len, int) and 8 <= self.seq_len <= 4096, "seq_len", self.seq_len, "in [8, 4096]")
         _need(isinstance(self.prompt_len, int) and 1 <= self.prompt_len < self.seq_len - 2, "prompt_len",
              self.prompt_len, f"in [1, seq_len - 2) = [1, {self.seq_len - 2})")
@@ -630,8 +638,11 @@ class DrafterConfig:
         _need(isinstance(self.window, int) and self.window >= 1, "window", self.window, ">= 1")
 
     def data_key(self) -> dict[str, Any]:
-        return {"kind": "seq-drafter", "seq_len": self.seq_len, "prompt_len": self.prompt_len,
-                "sequences": self.sequences, "seed": self.seed, "top_k": self.top_k, "sampling": DISTILL_SAMPLING}
+        key = {"kind": "seq-drafter", "seq_len": self.seq_len, "prompt_len": self.prompt_len,
+               "sequences": self.sequences, "seed": self.seed, "top_k": self.top_k, "sampling": DISTILL_SAMPLING}
+        if self.pool != "generated":  # generated pools keep the keys they were cached under
+            key["pool"] = self.pool
+        return key
 
 
 class DistillStore:
@@ -693,18 +704,23 @@ def distill_dir(cache_dir: Path, model: Decoder, files: Sequence[str | os.PathLi
 def build_distill_store(model: Decoder, tokenizer: Any, files: Sequence[str | os.PathLike[str]], cfg: DrafterConfig,
                         taps: tuple[int, ...], cache_dir: Path, progress: Progress | None = None,
                         seed_base: int = 0) -> DistillStore:
-    """The model continues `cfg.sequences` prompts drawn from `files` (paper sampler); see
-    `DistillStore`. `seed_base` offsets the rows' sampling seeds (evaluation uses other seeds)."""
+    """The model continues `cfg.sequences` prompts drawn from `files` (paper sampler), or with
+    `cfg.pool == "text"` reads windows of the files themselves; see `DistillStore`. `seed_base`
+    offsets the rows' sampling seeds (evaluation uses other seeds)."""
     if tokenizer is None:
         raise ValueError("drafter training needs a model with a tokenizer (to read the text files)")
     docs = tokenize(tokenizer, read_texts(files))
-    prompts = pick_windows(docs, cfg.prompt_len, cfg.sequences, cfg.seed)
+    text = cfg.pool == "text"
+    prompts = pick_windows(docs, cfg.seq_len if text else cfg.prompt_len, cfg.sequences, cfg.seed)
     root = distill_dir(cache_dir, model, files, cfg, taps, seed_base)
     store = DistillStore(root, prompts.shape[0], cfg.seq_len, len(taps), model.cfg.hidden_size, cfg.top_k,
                          {**cfg.data_key(), "seed_base": seed_base})
     if store.filled < store.size:
-        log.info("self-distillation pool in %s (%d of %d sequences done)", root, store.filled, store.size)
-    fill_distill(store, model, prompts, cfg, taps, progress, seed_base)
+        log.info("distillation pool in %s (%d of %d sequences done)", root, store.filled, store.size)
+    if text:
+        fill_text_distill(store, model, prompts, cfg, taps, progress)
+    else:
+        fill_distill(store, model, prompts, cfg, taps, progress, seed_base)
     return store
 
 
@@ -734,6 +750,48 @@ def fill_distill(store: DistillStore, model: Decoder, prompts: np.ndarray, cfg: 
         if progress:
             rate = (j - done0) * (S - cfg.prompt_len) / max(1e-9, time.perf_counter() - t0)
             progress("generate", j, n, {"tokens_per_s": rate})
+        i = j
+
+
+@torch.inference_mode()
+def fill_text_distill(store: DistillStore, model: Decoder, windows: np.ndarray, cfg: DrafterConfig,
+                      taps: tuple[int, ...], progress: Progress | None = None) -> None:
+    """Fills the pool with text windows [n, S] (teacher-forced): one prefill a batch of windows
+    gives every position's features, and the sampler's processing of its logits (the penalty
+    over the window's own earlier tokens) the distribution of each next token. Row t holds the
+    distribution of token t, as in a generated pool; seeds are -1 (there was no draw)."""
+    n, S, D = store.size, cfg.seq_len, model.cfg.hidden_size
+    s_cfg = SamplingConfig(**DISTILL_SAMPLING)
+    W = s_cfg.penalty_width
+    batch = max(1, cfg.gen_batch // 4)
+    t0 = time.perf_counter()
+    done0 = i = store.filled
+    while i < n:
+        j = min(n, i + batch)
+        toks = torch.from_numpy(windows[i:j].astype(np.int64)).to(model.device)  # [b, S]
+        b = j - i
+        cache = KVCache(model.cfg, capacity=S, batch=b, dtype=model.dtype, device=model.device)
+        tap = (taps, torch.empty(b, S, len(taps), D, dtype=model.dtype, device=model.device))  # [b, S, 3, D]
+        h = model.prefill(toks, cache, return_all=True, taps=tap)  # [b, S, D]
+        ids = np.zeros((b, S, cfg.top_k), dtype=np.int32)
+        lps = np.full((b, S, cfg.top_k), -60.0, dtype=np.float16)
+        for r in range(b):
+            for c0 in range(0, S - 1, 128):  # rows of logits at positions c0.. predict tokens c0+1..
+                c1 = min(S - 1, c0 + 128)
+                logits = model.logits(h[r, c0:c1])  # [c, V]
+                win = history_windows([toks[r, max(0, t + 1 - W) : t + 1] for t in range(c0, c1)], W,
+                                      model.device) if W else None
+                top = final_logprobs(logits, win, s_cfg).topk(cfg.top_k, dim=-1)
+                ids[r, c0 + 1 : c1 + 1] = top.indices.cpu().numpy().astype(np.int32)
+                lps[r, c0 + 1 : c1 + 1] = top.values.clamp(min=-60.0).cpu().numpy().astype(np.float16)
+        store.tokens[i:j] = windows[i:j]
+        store.feats[i:j] = tap[1].float().cpu().numpy().astype(np.float16)
+        store.ids[i:j] = ids
+        store.logprobs[i:j] = lps
+        store.seeds[i:j] = -1
+        store.commit(j)
+        if progress:
+            progress("prefill", j, n, {"tokens_per_s": (j - done0) * S / max(1e-9, time.perf_counter() - t0)})
         i = j
 
 
