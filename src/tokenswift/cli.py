@@ -71,6 +71,7 @@ COMPILE_HELP = ("torch.compile the decode, draft and verify passes (CUDA graphs 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import DRAFTER_POOLS
     from .loading import DEFAULT_MODEL
     from .params import PARAMS, SAMPLING, SPEC
 
@@ -171,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--steps", type=_int("--steps"), default=400, help="optimizer steps (default 400)")
     td.add_argument("--sequences", type=_int("--sequences"), default=512,
                     help="continuations the model writes for the pool, or text windows with --pool text (default 512)")
-    td.add_argument("--pool", choices=("generated", "text"), default="generated",
+    td.add_argument("--pool", choices=DRAFTER_POOLS, default="generated",
                     help="generated: the model continues prompts of the data (default); text: windows of the data "
                          "itself, teacher-forced (one prefill a window: a larger pool for the same time)")
     td.add_argument("--seq-len", type=_int("--seq-len"), default=256, help="tokens per sequence (default 256)")

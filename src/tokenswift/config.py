@@ -328,6 +328,9 @@ class SamplingConfig:
 
 
 # The paper's sampling setup (DESIGN.md, "Defaults"): what speed is measured under.
+# where train-drafter's pool comes from (train.DrafterConfig.pool, train-drafter --pool)
+DRAFTER_POOLS = ("generated", "text")
+
 PAPER_SAMPLING = dict(temperature=1.0, min_p=0.1, min_keep=20, penalty=1.2, penalty_window=1024)
 
 

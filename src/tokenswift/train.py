@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import KVCache
-from .config import PAPER_SAMPLING, SamplingConfig
+from .config import DRAFTER_POOLS, PAPER_SAMPLING, SamplingConfig
 from .heads import DraftHeads, model_identity, save_heads, save_safetensors
 from .model import Decoder
 from .sampling import draw, final_logprobs, history_windows
@@ -209,6 +209,17 @@ def fill_text(store: HiddenStore, model: Decoder, windows: np.ndarray, batch: in
         i = j
 
 
+STORED_FLOOR = -60.0  # stored log-probabilities are clamped here (float16; filtered tokens are -inf)
+
+
+def stored_top(lp: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """lp [..., V] final log-probabilities -> the k likeliest (ids int32, log-probs float16), as
+    the pools store them."""
+    top = lp.topk(k, dim=-1)
+    return (top.indices.cpu().numpy().astype(np.int32),
+            top.values.clamp(min=STORED_FLOOR).cpu().numpy().astype(np.float16))
+
+
 @torch.inference_mode()
 def generate_batch(
     model: Decoder,
@@ -248,9 +259,7 @@ def generate_batch(
         for r in range(b):
             toks[r, t] = draw(lp[r : r + 1], [t], sampling[r])[0]
         if dist_out is not None:
-            top = lp.topk(dist_out[0].shape[-1], dim=-1)
-            dist_out[0][:, t] = top.indices.cpu().numpy().astype(np.int32)
-            dist_out[1][:, t] = top.values.clamp(min=-60.0).cpu().numpy().astype(np.float16)
+            dist_out[0][:, t], dist_out[1][:, t] = stored_top(lp, dist_out[0].shape[-1])
         if t == total - 1:
             break
         pos.fill_(t)
@@ -594,9 +603,6 @@ def greedy_accepted_length(model: Decoder, heads: DraftHeads, prompts: np.ndarra
 # chain's root plus its own chain entries, exactly as drafting does.
 
 
-POOLS = ("generated", "text")
-
-
 @dataclass
 class DrafterConfig:
     steps: int = 400
@@ -623,7 +629,7 @@ class DrafterConfig:
 
     def __post_init__(self) -> None:
         _need(isinstance(self.steps, int) and self.steps >= 1, "steps", self.steps, "an integer >= 1")
-        _need(self.pool in POOLS, "pool", self.pool, " or ".join(POOLS))
+        _need(self.pool in DRAFTER_POOLS, "pool", self.pool, " or ".join(DRAFTER_POOLS))
         _need(isinstance(self.seq_len, int) and 8 <= self.seq_len <= 4096, "seq_len", self.seq_len, "in [8, 4096]")
         _need(isinstance(self.prompt_len, int) and 1 <= self.prompt_len < self.seq_len - 2, "prompt_len",
              self.prompt_len, f"in [1, seq_len - 2) = [1, {self.seq_len - 2})")
@@ -684,6 +690,17 @@ class DistillStore:
         self.filled = upto
         self._save_meta()
 
+    def put(self, i: int, tokens: np.ndarray, feats: np.ndarray, ids: np.ndarray, logprobs: np.ndarray,
+            seeds: np.ndarray) -> None:
+        """Writes rows i.. (as many as `tokens` holds) and commits the pool up to their end."""
+        j = i + tokens.shape[0]
+        self.tokens[i:j] = tokens
+        self.feats[i:j] = feats
+        self.ids[i:j] = ids
+        self.logprobs[i:j] = logprobs
+        self.seeds[i:j] = seeds
+        self.commit(j)
+
     @property
     def size(self) -> int:
         return self.tokens.shape[0]
@@ -738,15 +755,10 @@ def fill_distill(store: DistillStore, model: Decoder, prompts: np.ndarray, cfg: 
         samplers = [SamplingConfig(seed=sd, **DISTILL_SAMPLING) for sd in seeds]
         feats = np.zeros((j - i, S, len(taps), D), dtype=np.float16)
         ids = np.zeros((j - i, S, cfg.top_k), dtype=np.int32)
-        lps = np.full((j - i, S, cfg.top_k), -60.0, dtype=np.float16)
+        lps = np.full((j - i, S, cfg.top_k), STORED_FLOOR, dtype=np.float16)
         toks = generate_batch(model, torch.from_numpy(prompts[i:j].astype(np.int64)), S, samplers,
                               taps=(taps, feats), dist_out=(ids, lps))
-        store.tokens[i:j] = toks.numpy().astype(np.int32)
-        store.feats[i:j] = feats
-        store.ids[i:j] = ids
-        store.logprobs[i:j] = lps
-        store.seeds[i:j] = np.asarray(seeds, dtype=np.int64)
-        store.commit(j)
+        store.put(i, toks.numpy().astype(np.int32), feats, ids, lps, np.asarray(seeds, dtype=np.int64))
         if progress:
             rate = (j - done0) * (S - cfg.prompt_len) / max(1e-9, time.perf_counter() - t0)
             progress("generate", j, n, {"tokens_per_s": rate})
@@ -763,7 +775,7 @@ def fill_text_distill(store: DistillStore, model: Decoder, windows: np.ndarray, 
     n, S, D = store.size, cfg.seq_len, model.cfg.hidden_size
     s_cfg = SamplingConfig(**DISTILL_SAMPLING)
     W = s_cfg.penalty_width
-    batch = max(1, cfg.gen_batch // 4)
+    batch = max(1, cfg.gen_batch // 4)  # a prefill's batch is whole windows: commit (and resume) every few
     t0 = time.perf_counter()
     done0 = i = store.filled
     while i < n:
@@ -774,22 +786,17 @@ def fill_text_distill(store: DistillStore, model: Decoder, windows: np.ndarray, 
         tap = (taps, torch.empty(b, S, len(taps), D, dtype=model.dtype, device=model.device))  # [b, S, 3, D]
         h = model.prefill(toks, cache, return_all=True, taps=tap)  # [b, S, D]
         ids = np.zeros((b, S, cfg.top_k), dtype=np.int32)
-        lps = np.full((b, S, cfg.top_k), -60.0, dtype=np.float16)
+        lps = np.full((b, S, cfg.top_k), STORED_FLOOR, dtype=np.float16)
         for r in range(b):
             for c0 in range(0, S - 1, 128):  # rows of logits at positions c0.. predict tokens c0+1..
                 c1 = min(S - 1, c0 + 128)
                 logits = model.logits(h[r, c0:c1])  # [c, V]
                 win = history_windows([toks[r, max(0, t + 1 - W) : t + 1] for t in range(c0, c1)], W,
                                       model.device) if W else None
-                top = final_logprobs(logits, win, s_cfg).topk(cfg.top_k, dim=-1)
-                ids[r, c0 + 1 : c1 + 1] = top.indices.cpu().numpy().astype(np.int32)
-                lps[r, c0 + 1 : c1 + 1] = top.values.clamp(min=-60.0).cpu().numpy().astype(np.float16)
-        store.tokens[i:j] = windows[i:j]
-        store.feats[i:j] = tap[1].float().cpu().numpy().astype(np.float16)
-        store.ids[i:j] = ids
-        store.logprobs[i:j] = lps
-        store.seeds[i:j] = -1
-        store.commit(j)
+                lp = final_logprobs(logits, win, s_cfg)  # [c, V]
+                ids[r, c0 + 1 : c1 + 1], lps[r, c0 + 1 : c1 + 1] = stored_top(lp, cfg.top_k)
+        store.put(i, windows[i:j], tap[1].float().cpu().numpy().astype(np.float16), ids, lps,
+                  np.full(b, -1, dtype=np.int64))
         if progress:
             progress("prefill", j, n, {"tokens_per_s": (j - done0) * S / max(1e-9, time.perf_counter() - t0)})
         i = j
