@@ -123,7 +123,7 @@ class LM:
         """Bytes of KV cache one token of context takes here (keys and values, every layer; this
         rank's KV heads under tensor parallelism)."""
         c = self.model.cfg
-        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.model.dtype.itemsize
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.model.kv_dtype.itemsize
 
     # -- text <-> ids -------------------------------------------------------------------------
 
@@ -307,6 +307,7 @@ def load(
     draft_weights: str = "auto",
     drafter: str = "auto",
     compile: bool = False,
+    kv_dtype: str = "auto",
 ) -> LM:
     """Loads a model: the embedded default `"smollm2-135m"`, a `.gguf` file, or a Hugging Face
     directory (config.json + safetensors). `rope_scaling` such as `"yarn:4"` extends the context.
@@ -317,11 +318,13 @@ def load(
     (the draft then runs the model's own weights).
     `drafter`: the seq drafter: "auto" (the one shipped for a known model, else none), "none", or a
     drafter file (`tokenswift train-drafter`).
+    `kv_dtype`: the KV cache's element type, "auto" (the weights'), "float32", "bfloat16" or "float16",
+    for every method alike.
     `compile`: torch.compile the decode, draft and verify passes at static shapes (CUDA graphs on
     GPUs); each pass size compiles on first use, the tokens are the same.
     Under `torchrun --nproc-per-node N` the model is split across the N processes (parallel.py).
     """
     loaded = load_model(model, device=device, dtype=dtype, rope_scaling=rope_scaling, draft_weights=draft_weights,
-                        compile=compile)
+                        compile=compile, kv_dtype=kv_dtype)
     return LM(loaded, heads=resolve_heads(heads, loaded.model, loaded.name),
               seq=resolve_seq_drafter(drafter, loaded.model, loaded.name))

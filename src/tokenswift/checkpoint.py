@@ -120,7 +120,8 @@ def load_model_for(ck: Checkpoint, path: str | os.PathLike[str] | None = None) -
     # the int4 copy is built only if the run drafts with it (`LM.int4`)
     lm = tokenswift.load(o["model"], heads=o["heads"], device=o["device"], dtype=o["dtype"],
                          rope_scaling=o["rope_scaling"], draft_weights=o["spec"].get("draft_weights", "auto"),
-                         drafter=o.get("seq_drafter", "auto"), compile=bool(o.get("compile", False)))
+                         drafter=o.get("seq_drafter", "auto"), compile=bool(o.get("compile", False)),
+                         kv_dtype=o.get("kv_dtype", "auto"))
     ck.check_vocabulary(path, lm.config.vocab_size)
     fp = model_fingerprint(lm.config)
     if ck.model_fingerprint is not None and ck.model_fingerprint != fp:
@@ -128,6 +129,7 @@ def load_model_for(ck: Checkpoint, path: str | os.PathLike[str] | None = None) -
                          f"but {o['model']!r} loads as {fp}")
     ck.model_fingerprint = fp
     o["device"], o["dtype"] = str(lm.model.device), str(lm.model.dtype).removeprefix("torch.")
+    o["kv_dtype"] = str(lm.model.kv_dtype).removeprefix("torch.")
     if ck.prompt_ids is None:
         ck.prompt_ids = lm.encode(ck.prompt, chat=o["chat"])
     if ck.tokens and not o["ignore_eos"] and ck.tokens[-1] in lm.eos_token_ids:

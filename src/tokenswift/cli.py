@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default float32 on CPU, bfloat16 on CUDA)")
+    _param_args(g, "kv_dtype")
     g.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR",
                    help="extend the context, e.g. yarn:4 (types: linear, dynamic, yarn, llama3)")
     g.add_argument("--compile", action="store_true", help=COMPILE_HELP)
@@ -232,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--name", default=None, help="file name stem (default bench-<prefix>-<max length>)")
     b.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     b.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    _param_args(b, "kv_dtype")
 
     v = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                        description="OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (streamed "
@@ -251,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--heads", default="auto", metavar="PATH|none|auto", help="draft heads (default auto)")
     v.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     v.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    _param_args(v, "kv_dtype")
     v.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR",
                    help="extend the context, e.g. yarn:4 (types: linear, dynamic, yarn, llama3)")
     v.add_argument("--compile", action="store_true", help=COMPILE_HELP)
@@ -300,7 +303,7 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 # The generate options the text depends on (besides the sampling and speculation options):
 # a checkpoint records them and --resume reuses them.
-_RUN_OPTIONS = ("prompt", "prompt_file", "model", "heads", "device", "dtype", "rope_scaling", "method", "chat",
+_RUN_OPTIONS = ("prompt", "prompt_file", "model", "heads", "device", "dtype", "kv_dtype", "rope_scaling", "method", "chat",
                 "max_new_tokens", "ignore_eos", "paper_defaults", "no_ngrams")
 
 
@@ -323,7 +326,7 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
     elif args.drafter in ("self", "none"):
         seq_drafter = "none"
     options = {"model": args.model, "heads": args.heads, "seq_drafter": seq_drafter, "device": args.device,
-               "dtype": args.dtype,
+               "dtype": args.dtype, "kv_dtype": args.kv_dtype,
                "rope_scaling": args.rope_scaling, "method": args.method, "chat": args.chat,
                "max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos,
                "sampling": sampling, "spec": spec, "compile": args.compile}
@@ -351,6 +354,7 @@ def _check_options(o: dict[str, Any], name_of: Any, prefix: str = "") -> None:
     try:
         for key in ("max_new_tokens", "method", "ignore_eos"):
             PARAMS[key].check(o[key])
+        PARAMS["kv_dtype"].check(o.get("kv_dtype", "auto"))  # checkpoints before kv_dtype have none
         section = "sampling"
         SamplingConfig(**o["sampling"])
         section = "spec"
@@ -690,7 +694,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CliError(f"--{e}") from None
     if args.prefix < 1:
         raise CliError(f"--prefix must be >= 1, got {args.prefix}")
-    setup = BenchSetup.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype,
+    setup = BenchSetup.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype, kv_dtype=args.kv_dtype,
                             rope_scaling=args.rope_scaling, prompt_file=args.prompt_file, prefix=args.prefix,
                             lengths=lengths, greedy=args.greedy, seed=args.seed)
     if setup.auto_rope:
@@ -747,7 +751,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if _rank() > 0:  # tensor parallel: rank 0 serves, the others run its generations beside it
         lm = tokenswift.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype,
-                             rope_scaling=args.rope_scaling, compile=args.compile)
+                             rope_scaling=args.rope_scaling, compile=args.compile, kv_dtype=args.kv_dtype)
         _lead_or_follow(lm)
         return 0
     try:  # before the model loads, so that a taken port fails at once
@@ -756,7 +760,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
 
     lm = tokenswift.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype,
-                         rope_scaling=args.rope_scaling, compile=args.compile)
+                         rope_scaling=args.rope_scaling, compile=args.compile, kv_dtype=args.kv_dtype)
     _lead_or_follow(lm)
     server = make_server(lm, names=[args.model], api_key=args.api_key, queue_size=args.queue_size,
                          max_body_bytes=args.max_body_bytes or MAX_BODY_BYTES)

@@ -62,7 +62,7 @@ class SelfDrafter:
         self.cache: DraftCache | None = None
         self.probs: torch.Tensor | None = None
         if not full_kv:
-            self.cache = DraftCache(cfg, budget=budget, sinks=sinks, extra=max_depth + 1, dtype=target.dtype,
+            self.cache = DraftCache(cfg, budget=budget, sinks=sinks, extra=max_depth + 1, dtype=target.kv_dtype,
                                     device=target.device, rope_len=rope_len)
         dev = target.device
         self.tok = torch.empty(1, 1, dtype=torch.int64, device=dev)  # [1, 1]

@@ -132,15 +132,18 @@ def load_model(
     pack: bool = True,
     draft_weights: str = "auto",
     compile: bool = False,
+    kv_dtype: str = "auto",
 ) -> Loaded:
     """`pack=False` keeps plain weight tensors (autograd through the LM head, as head training
     needs); packing only changes the speed of CPU inference. `draft_weights` "int4" means that
     the self-draft runs an int4 copy of the model (its weights a quarter of float32's bytes,
     about a second to build for 135M parameters, built when a run first needs it: `LM.int4`),
     "float" that it runs the model's own weights, "auto" int4 where torch's int4 kernel exists.
+    `kv_dtype` (params.py) is the KV cache's element type for every run of this model.
     `compile` compiles the decoder's passes (`Decoder.compile`; CUDA graphs on GPUs): slow to
     start (the first pass of each size compiles), the same tokens."""
     PARAMS["draft_weights"].check(draft_weights)
+    PARAMS["kv_dtype"].check(kv_dtype)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     override = RopeScaling.parse(rope_scaling)
@@ -165,13 +168,14 @@ def load_model(
     dec = Decoder(local, dtype=dt, device=dev)
     dec.load_tensors(tensors)
     dec.tp, dec.full_cfg = tp, cfg
+    dec.kv_dtype = dt if kv_dtype == "auto" else getattr(torch, kv_dtype)
     dec.eval()
     del tensors
     int4 = draft_weights == "int4" or (draft_weights == "auto" and int4_kernel_available(dev))
     if compile:  # compiled graphs take plain weights, not oneDNN-packed ones
         dec.compile(mode="reduce-overhead" if dev.type == "cuda" else None)
-    elif pack and dev.type == "cpu" and dec.pack():
-        log.info("weights packed for oneDNN")
+    elif pack and dev.type == "cpu" and (how := dec.pack()):
+        log.info("weights packed for %s", "the native row-invariant kernel" if how == "native" else "oneDNN")
     tok = None
     if tokenizer and has_tokenizer:
         tok = gguf_tokenizer(path) if kind == "gguf" else hf_tokenizer(path)

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
+from . import kernels
 from .config import ModelConfig
+from .kernels import PackedLinear
 from .quant import Int4Weight
 
 log = logging.getLogger("tokenswift")
@@ -196,16 +198,19 @@ HEAD_MARGIN = 8.0
 HEAD_MAX_ROWS = 2048
 
 
-def _plain(w: torch.Tensor) -> torch.Tensor:
-    """A weight matrix as a plain tensor, whether oneDNN-packed or not."""
+def _plain(w: torch.Tensor | PackedLinear) -> torch.Tensor:
+    """A weight matrix as a plain tensor, whether packed (native or oneDNN) or not."""
+    if isinstance(w, PackedLinear):
+        return w.dense()
     return w.to_dense() if w.is_mkldnn else w.data
 
 
-def linear(x: torch.Tensor, w: torch.Tensor | Int4Weight, b: torch.Tensor | None) -> torch.Tensor:
-    """x [..., in] @ w[out, in]^T + b. `w` may be a oneDNN-packed weight (CPU): the same float32
-    product through a kernel that is 1.5-2x faster than MKL's for the few-row shapes of decoding;
-    or an `Int4Weight` (the draft copy's weights)."""
-    if isinstance(w, Int4Weight):
+def linear(x: torch.Tensor, w: torch.Tensor | PackedLinear | Int4Weight, b: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] @ w[out, in]^T + b. `w` may be packed for the native kernel (CPU, float32: each
+    row's result independent of the rows beside it, so a verify pass equals one-token passes), a
+    oneDNN-packed weight (the same product, 1.5-2x faster than MKL's for few rows, but its blocking
+    changes with the row count for inputs over 1,024 wide), or an `Int4Weight` (the draft copy's)."""
+    if isinstance(w, (PackedLinear, Int4Weight)):
         return w.matmul(x, b)
     if w.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
@@ -300,7 +305,10 @@ class Decoder(nn.Module):
         self.lm_head = self.embed if cfg.tie_word_embeddings else _frozen(torch.empty(V, D, dtype=dtype, device=device))
         # Derived, not run state: cos/sin tables keyed by the dynamic-NTK length (0 = fixed).
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.packed = False
+        self.packed: str | None = None  # "native" or "onednn" once pack() ran
+        # The KV cache's element type for every cache of a run (`load(kv_dtype=...)`): attention
+        # reads it and computes in float32; the model dtype unless chosen.
+        self.kv_dtype = dtype
         # Tensor parallelism (parallel.py): this rank's group, and the whole model's config
         # (`cfg` is this rank's share then: 1/N of the heads and MLP width).
         self.tp = None
@@ -385,30 +393,38 @@ class Decoder(nn.Module):
                 put(L.b_down, tensors[m + "down_proj.bias"], m + "down_proj.bias")
 
     @torch.no_grad()
-    def pack(self) -> bool:
-        """Repacks every weight matrix for oneDNN (CPU, float32/bfloat16). Irreversible: do it
-        after loading. The LM head gets its own packed copy when it is tied to the embedding.
-        Returns whether it packed."""
+    def pack(self) -> str | None:
+        """Repacks every weight matrix for the native row-invariant kernel (CPU, float32) or else
+        for oneDNN (CPU, float32/bfloat16). Irreversible: do it after loading. The LM head gets its
+        own packed copy when it is tied to the embedding. Returns "native", "onednn" or None."""
         if self.packed:
-            return True
-        if self.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16) or not onednn_available():
-            return False
+            return self.packed
+        if self.device.type != "cpu":
+            return None
+        native = self.dtype == torch.float32 and kernels.native()
+        if not native and (self.dtype not in (torch.float32, torch.bfloat16) or not onednn_available()):
+            return None
+
+        def packed(w: torch.Tensor):
+            if native:
+                return PackedLinear(w.data)
+            return torch.ops.mkldnn._reorder_linear_weight(w.data, PACK_ROWS)
+
         try:
             for L in self.layers:
                 for name in _MATRICES:
-                    w = getattr(L, name)
-                    packed = torch.ops.mkldnn._reorder_linear_weight(w.data, PACK_ROWS)
+                    w = packed(getattr(L, name))
                     del L._parameters[name]
-                    object.__setattr__(L, name, packed)
-            head = torch.ops.mkldnn._reorder_linear_weight(self.lm_head.data, PACK_ROWS)
+                    object.__setattr__(L, name, w)
+            head = packed(self.lm_head)
             if "lm_head" in self._parameters:
                 del self._parameters["lm_head"]
             object.__setattr__(self, "lm_head", head)
         except RuntimeError as e:  # an unusual build; the plain path still works
             log.warning("oneDNN packing failed, using plain linear: %s", e)
-            return False
-        self.packed = True
-        return True
+            return None
+        self.packed = "native" if native else "onednn"
+        return self.packed
 
     @torch.no_grad()
     def int4_copy(self) -> "Decoder":
@@ -433,6 +449,7 @@ class Decoder(nn.Module):
         q.head_rows = self.embed.data if self.cfg.tie_word_embeddings else head.to(torch.bfloat16)
         q._rope = self._rope  # derived tables of the same config: share them
         q.tp, q.full_cfg = self.tp, self.full_cfg
+        q.kv_dtype = self.kv_dtype
         return q
 
     # -- compiled passes -------------------------------------------------------------------
@@ -537,12 +554,9 @@ class Decoder(nn.Module):
         if attn_probs is not None and (T != 1 or B != 1):
             raise ValueError(f"attn_probs needs one token and batch 1, got tokens shape {tuple(tokens.shape)}")
 
-        # The CPU-tuned kernel returns the log-sum-exp, so the cached prefix and the new block run
-        # as two unmasked/small-mask calls; elsewhere one portable call takes a boolean mask over
-        # cached + new keys instead (built once per pass, grouped-query rows).
-        cpu_fused = _FUSED is not None and tokens.device.type == "cpu" and not portable_attention()
+        path = attention_path(tokens.device, self.dtype, cfg.head_dim)
         allow = None
-        if not cpu_fused and T > 1 and full is None:
+        if path == "portable" and T > 1 and full is None:
             allow = _grouped_mask(block, cfg.num_heads // cfg.num_kv_heads, S)  # [Bm, 1, G*T, S]
 
         reduce = self.tp.all_reduce if self.tp is not None else None
@@ -558,6 +572,8 @@ class Decoder(nn.Module):
                 cache.k[li, :, :, n:S] = k.transpose(1, 2)
                 cache.v[li, :, :, n:S] = v.transpose(1, 2)
                 keys, vals = cache.k[li, :, :, :S], cache.v[li, :, :, :S]  # [B, K, S, Dh] views
+                if keys.dtype != q.dtype and (path != "native" or attn_probs is not None):
+                    keys, vals = keys.to(q.dtype), vals.to(q.dtype)  # torch's kernels take one dtype
             else:
                 keys, vals = k.transpose(1, 2), v.transpose(1, 2)
             w = cfg.layer_windows[li]
@@ -565,7 +581,7 @@ class Decoder(nn.Module):
             if attn_probs is not None:
                 att = _attention_plain(q * scale, keys, vals, None, None, 0, None, probs_out=attn_probs[li])
             else:
-                att = _attention(q * scale, keys, vals, block, bias, full, lo, wmask, cpu_fused,
+                att = _attention(q * scale, keys, vals, block, bias, full, lo, wmask, path,
                                  allow)  # [B, T, H*Dh]
             x = layer_out(L, cfg, x, att, reduce, out_fn)
             if taps is not None:
@@ -692,12 +708,15 @@ def _attention(
     full: torch.Tensor | None,  # [Bm, T, S]
     lo: int,
     wmask: torch.Tensor | None,  # [Bm, T, S-lo]
-    cpu_fused: bool = True,  # the CPU-tuned kernel (else the portable one)
+    path: str = "fused",  # attention_path(): "native", "fused" (torch's CPU kernel) or "portable"
     allow: torch.Tensor | None = None,  # [Bm, 1, G*T, S] the portable path's mask (T > 1)
 ) -> torch.Tensor:  # [B, T, H*D]
     B, T, H, D = q.shape
     if full is not None or wmask is not None:
         return _attention_plain(q, keys, vals, block, full, lo, wmask)
+    if path == "native":
+        return kernels.attention(q, keys[:, :, lo:], vals[:, :, lo:], block)
+    cpu_fused = path == "fused"
     K = keys.shape[1]
     if T == 1:  # one query per head: grouped queries [B, K, G, D] (head h = k·G + g), K/V read in place
         qg = q.view(B, K, H // K, D)
@@ -709,6 +728,18 @@ def _attention(
     if cpu_fused:
         return _attention_fused(q, keys[:, :, lo:], vals[:, :, lo:], bias)
     return _attention_portable(q, keys[:, :, lo:], vals[:, :, lo:], allow[..., lo:])
+
+
+def attention_path(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """Which attention kernel a pass takes: "native" (the row-invariant CPU kernel: float32
+    queries, head_dim a multiple of 8), "fused" (torch's CPU flash kernel, which returns the
+    log-sum-exp), or "portable" (torch's fused kernel on any device; TOKENSWIFT_PORTABLE_ATTENTION=1
+    forces it on CPU)."""
+    if device.type != "cpu" or portable_attention():
+        return "portable"
+    if dtype == torch.float32 and head_dim % 8 == 0 and kernels.native():
+        return "native"
+    return "fused" if _FUSED is not None else "portable"
 
 
 def _grouped_mask(block: torch.Tensor | None, G: int, S: int) -> torch.Tensor:

@@ -107,6 +107,11 @@ _LIST: list[Param] = [
           "same text (default tokenswift)", flag="--method", field="method", choices=("tokenswift", "ar", "ngram")),
     Param("ignore_eos", bool, False, "true or false", "keep going past end-of-sequence tokens",
           flag="--ignore-eos", field="ignore_eos"),
+    Param("kv_dtype", str, "auto", "one of auto, float32, bfloat16, float16",
+          "the KV cache's element type for every method: bfloat16/float16 halve its memory and the bytes a long "
+          "step reads (the model then computes with a rounded cache: ar and tokenswift still write the same "
+          "text); auto = the weights' dtype (default auto)", flag="--kv-dtype",
+          choices=("auto", "float32", "bfloat16", "float16")),
     *_sampling(
         Param("temperature", float, 1.0, f"0 (greedy) or in [{MIN_TEMPERATURE:g}, 100]",
               f"0 = greedy, else in [{MIN_TEMPERATURE:g}, 100] (default 1.0)",

@@ -1,0 +1,160 @@
+"""Native CPU kernels: a thin face over `cpu.cpp` (C++, AVX2+FMA, built on first use).
+
+- `attention(q, k, v, mask)`: grouped-query attention of T new tokens over a KV cache (float32,
+  bfloat16 or float16 K/V, read in place), split by fixed chunks of each row's visible keys and
+  merged in a fixed order, so that every row's bits equal a one-token pass's.
+- `PackedLinear`: a float32 weight matrix packed into 48-output panels; each output is one FMA
+  chain over the input in order, so a row's result does not depend on how many rows run.
+
+The extension is compiled once per torch version and source (about a minute on 2 cores) into
+`$TOKENSWIFT_CACHE` (default `~/.cache/tokenswift`) and loaded from there afterwards. Where it
+cannot be built or used — not x86-64 with AVX2+FMA, no C++ compiler or ninja, a failed build,
+`TOKENSWIFT_NATIVE=0` — `native()` is False, one log line says why, and the model runs its torch
+paths. `attention_reference` and `linear_reference` are what the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("tokenswift")
+
+# Keys per attention chunk (by ordinal in a row's visible keys): chunks fully inside the cache are
+# shared by all rows of a KV head; 256 gives 2 threads enough chunks from 1K context on.
+CHUNK = 256
+
+_SRC = Path(__file__).with_name("cpu.cpp")
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ok": bool, "why": str
+
+
+def _unavailable_reason() -> str | None:
+    if os.environ.get("TOKENSWIFT_NATIVE", "1") == "0":
+        return "TOKENSWIFT_NATIVE=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"CPU architecture {platform.machine()} (the kernels are x86-64 AVX2)"
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap not in ("AVX2", "AVX512"):
+        return f"CPU capability {cap} (needs AVX2 and FMA)"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler (c++) on PATH"
+    try:
+        import ninja  # noqa: F401  (torch's extension builder runs it)
+    except ImportError:
+        if shutil.which("ninja") is None:
+            return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def build_dir() -> Path:
+    root = Path(os.environ.get("TOKENSWIFT_CACHE", Path.home() / ".cache" / "tokenswift"))
+    key = hashlib.sha256(_SRC.read_bytes() + " ".join(_FLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
+    return root / "kernels" / key
+
+
+def native() -> bool:
+    """Whether the native kernels are loaded (building them on the first call)."""
+    if "ok" in _state:
+        return bool(_state["ok"])
+    with _lock:
+        if "ok" in _state:
+            return bool(_state["ok"])
+        why = _unavailable_reason()
+        if why is None:
+            try:
+                from torch.utils import cpp_extension
+
+                d = build_dir()
+                d.mkdir(parents=True, exist_ok=True)
+                if not any(d.glob("*.so")):
+                    log.info("building the native CPU kernels into %s (once; about a minute)", d)
+                import ninja  # noqa: F401
+                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+                cpp_extension.load(name="tokenswift_cpu", sources=[str(_SRC)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                                   build_directory=str(d), is_python_module=False, verbose=False)
+            except Exception as e:  # a failed build must not stop generation: the torch paths run
+                why = f"the build failed ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e})"
+        _state["ok"] = why is None
+        _state["why"] = why or ""
+        if why:
+            log.info("native CPU kernels off: %s; attention and matmuls take torch's kernels", why)
+        else:
+            log.info("native CPU kernels on (row-invariant attention and float32 matmuls)")
+        return why is None
+
+
+def why_not() -> str:
+    """Why the native kernels are off ('' when on)."""
+    native()
+    return str(_state.get("why", ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+
+
+def attention(
+    q: torch.Tensor,  # [B, T, H, D] float32, already scaled
+    k: torch.Tensor,  # [B, KH, S, D] float32/bfloat16/float16, last dim contiguous; last T = new
+    v: torch.Tensor,  # [B, KH, S, D]
+    mask: torch.Tensor | None = None,  # [1 or B, T, T] bool among the new tokens; None = causal
+    chunk: int = CHUNK,
+    lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # [B, T, H*D] (and [B, T, H] log-sum-exp)
+    out, l = torch.ops.tokenswift.attention(q, k, v, mask, chunk, lse)
+    return (out, l) if lse else out
+
+
+def attention_reference(q, k, v, mask=None):  # shapes as in attention
+    """The same attention in plain torch, float64: every cached key plus the new keys the mask
+    allows (causal when None), softmax, weighted values. -> [B, T, H*D] float32."""
+    B, T, H, D = q.shape
+    KH, S = k.shape[1], k.shape[2]
+    G = H // KH
+    kk = k.double().repeat_interleave(G, dim=1)  # [B, H, S, D]
+    vv = v.double().repeat_interleave(G, dim=1)
+    s = torch.einsum("bthd,bhsd->bhts", q.double(), kk)  # [B, H, T, S]
+    m = torch.ones(1, T, T, dtype=torch.bool).tril() if mask is None else mask
+    allow = torch.ones(m.shape[0], T, S, dtype=torch.bool)
+    allow[..., S - T :] = m
+    s = s.masked_fill(~allow[:, None], float("-inf"))
+    o = torch.einsum("bhts,bhsd->bthd", torch.softmax(s, -1), vv)
+    return o.reshape(B, T, H * D).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# linear
+# ---------------------------------------------------------------------------------------------
+
+
+class PackedLinear:
+    """A float32 weight [N, K] in the kernel's panel layout ([ceil(N/48), K, 48]); `matmul` is
+    x @ W^T + b with each output one FMA chain over K, the same for any number of rows."""
+
+    def __init__(self, w: torch.Tensor) -> None:  # w [N, K] float32
+        self.shape = tuple(w.shape)
+        self.packed = torch.ops.tokenswift.pack_linear(w.detach().float())  # [NB, K, 48]
+
+    def matmul(self, x: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:  # [..., K] -> [..., N]
+        return torch.ops.tokenswift.linear(x, self.packed, self.shape[0], b)
+
+    def dense(self) -> torch.Tensor:  # [N, K]
+        N, K = self.shape
+        return self.packed.transpose(1, 2).reshape(-1, K)[:N].contiguous()
+
+
+def linear_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w^T + b in float64, rounded to float32."""
+    y = F.linear(x.double(), w.double(), None if b is None else b.double())
+    return y.float()

@@ -1,0 +1,480 @@
+// Native CPU kernels (AVX2 + FMA, threads through at::parallel_for).
+//
+// Both kernels are row-invariant: a row's result is computed by the same instructions in the
+// same order whatever the number of rows in the call, so a T-token pass equals T one-token
+// passes bit for bit. That is what makes speculative decoding give plain decoding's tokens.
+//
+// attention: grouped-query attention of T new tokens over a KV cache whose last T entries are
+//   theirs. Every query row attends its *visible* keys (all cached ones, then the new ones its
+//   mask allows, in index order). Those keys are split into chunks of `chunk` by their ordinal in
+//   that visible sequence, each chunk's softmax partial is computed alone, and the partials are
+//   merged in chunk order. A row of a T-token pass and the same token's one-token pass see the
+//   same visible sequence (its ancestors committed in path order), hence the same bits.
+//   Chunks that lie wholly in the cached prefix are shared by all G*T rows of a KV head, so each
+//   K/V tile is read once for all of them.
+//
+// linear: y = x W^T + b against weights packed into panels of 48 outputs ([N/48][K][48]); every
+//   output is one FMA chain over k = 0..K-1, whatever the tile of rows it is computed in.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <vector>
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// vector helpers
+// ---------------------------------------------------------------------------------------------
+
+// exp(x) for float32 lanes: range reduction by ln 2 in two parts, a degree-6 polynomial, and 2^n
+// built in the exponent bits. About 1 ulp; x below -87.3 gives exactly 0.
+inline __m256 exp256(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3f);
+  const __m256 hi = _mm256_set1_ps(88.3f);
+  __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 r2 = _mm256_mul_ps(r, r);
+  p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// Eight vectors -> one vector of their eight horizontal sums, each by the same tree
+// ((x0+x1)+(x2+x3)) + ((x4+x5)+(x6+x7)), so a sum's bits do not depend on its slot.
+inline __m256 hsum8(const __m256* a) {
+  __m256 s01 = _mm256_hadd_ps(a[0], a[1]);
+  __m256 s23 = _mm256_hadd_ps(a[2], a[3]);
+  __m256 s45 = _mm256_hadd_ps(a[4], a[5]);
+  __m256 s67 = _mm256_hadd_ps(a[6], a[7]);
+  __m256 s0123 = _mm256_hadd_ps(s01, s23);
+  __m256 s4567 = _mm256_hadd_ps(s45, s67);
+  __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20);
+  __m256 hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+  return _mm256_add_ps(lo, hi);
+}
+
+inline float hsum(__m256 v) {
+  __m256 a[8] = {v, v, v, v, v, v, v, v};
+  return _mm_cvtss_f32(_mm256_castps256_ps128(hsum8(a)));
+}
+
+// K/V element types, converted to float32 on load.
+inline void to_float(const float* src, float* dst, int n) { std::copy(src, src + n, dst); }
+inline void to_float(const c10::BFloat16* src, float* dst, int n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+inline void to_float(const c10::Half* src, float* dst, int n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention
+// ---------------------------------------------------------------------------------------------
+
+// Keys ahead of use that are prefetched: a one-query pass does little work per cache line, so
+// the hardware prefetcher alone leaves it waiting on memory.
+constexpr int PF = 32;
+inline void prefetch_row(const float* p, int D) {
+  for (int i = 0; i < D; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+}
+
+// Scratch that keeps its memory between calls: large buffers allocated afresh on every call
+// cost page faults and zeroing on each.
+struct Scratch {
+  std::unique_ptr<float[]> p;
+  size_t n = 0;
+  float* get(size_t want) {
+    if (want > n) {
+      p.reset(new float[want]);
+      n = want;
+    }
+    return p.get();
+  }
+};
+
+// o[d0*8 .. (d0+NB)*8) += sum_{j0 <= j < j1} p_j v_j, one FMA chain per element in key order
+template <int NB>
+inline void pv_block(const float* p, const float* const* vp, int j0, int j1, int d0, float* o) {
+  __m256 acc[NB];
+  for (int b = 0; b < NB; ++b) acc[b] = _mm256_loadu_ps(o + (d0 + b) * 8);
+  for (int j = j0; j < j1; ++j) {
+    __m256 pj = _mm256_broadcast_ss(p + j);
+    const float* v = vp[j] + d0 * 8;
+    for (int b = 0; b < NB; ++b) acc[b] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + b * 8), acc[b]);
+  }
+  for (int b = 0; b < NB; ++b) _mm256_storeu_ps(o + (d0 + b) * 8, acc[b]);
+}
+
+// One chunk's softmax partial for R query rows over nk keys (nk <= chunk): per row the chunk's
+// max score m, sum of exp(s - m) l, and sum of exp(s - m) v (o[D]). Keys and values come as
+// pointers to float32 rows of D. `s` is scratch of R * pad8(nk) floats.
+void chunk_partial(int R, const float* const* qp, int nk, const float* const* kp, const float* const* vp, int D,
+                   float* s, float* m_out, float* l_out, float* o_out) {
+  const int NV = D / 8;
+  const int nkp = (nk + 7) & ~7;
+  // scores, eight keys at a time (the last group repeats its last key; those slots are discarded)
+  for (int j0 = 0; j0 < nkp; j0 += 8) {
+    const float* kj[8];
+    for (int j = 0; j < 8; ++j) kj[j] = kp[std::min(j0 + j, nk - 1)];
+    for (int j = j0 + PF; j < std::min(j0 + PF + 8, nk); ++j) prefetch_row(kp[j], D);
+    for (int r = 0; r < R; ++r) {
+      const float* q = qp[r];
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+      for (int dv = 0; dv < NV; ++dv) {
+        __m256 qv = _mm256_loadu_ps(q + dv * 8);
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj[j] + dv * 8), acc[j]);
+      }
+      _mm256_storeu_ps(s + r * nkp + j0, hsum8(acc));
+    }
+  }
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int r = 0; r < R; ++r) {
+    float* sr = s + r * nkp;
+    for (int j = nk; j < nkp; ++j) sr[j] = ninf;
+    __m256 mx = _mm256_set1_ps(ninf);  // max is exact in any order
+    for (int j = 0; j < nkp; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sr + j));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float m = _mm_cvtss_f32(m4);
+    __m256 mv = _mm256_set1_ps(m), lv = _mm256_setzero_ps();
+    for (int j = 0; j < nkp; j += 8) {
+      __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv));
+      _mm256_storeu_ps(sr + j, p);
+      lv = _mm256_add_ps(lv, p);
+    }
+    m_out[r] = m;
+    l_out[r] = hsum(lv);
+  }
+  // o = sum_j p_j v_j in key order; V tiles of 32 keys stay in L1 across the rows
+  for (int r = 0; r < R; ++r) std::fill(o_out + r * D, o_out + (r + 1) * D, 0.0f);
+  for (int j = 0; j < std::min(nk, PF); ++j) prefetch_row(vp[j], D);
+  for (int j0 = 0; j0 < nk; j0 += 32) {
+    const int j1 = std::min(nk, j0 + 32);
+    for (int j = j0 + PF; j < std::min(j1 + PF, nk); ++j) prefetch_row(vp[j], D);
+    for (int r = 0; r < R; ++r) {
+      const float* pr = s + r * nkp;
+      float* o = o_out + r * D;
+      for (int d0 = 0; d0 < NV; d0 += 8) {
+        switch (std::min(8, NV - d0)) {
+          case 1: pv_block<1>(pr, vp, j0, j1, d0, o); break;
+          case 2: pv_block<2>(pr, vp, j0, j1, d0, o); break;
+          case 3: pv_block<3>(pr, vp, j0, j1, d0, o); break;
+          case 4: pv_block<4>(pr, vp, j0, j1, d0, o); break;
+          case 5: pv_block<5>(pr, vp, j0, j1, d0, o); break;
+          case 6: pv_block<6>(pr, vp, j0, j1, d0, o); break;
+          case 7: pv_block<7>(pr, vp, j0, j1, d0, o); break;
+          default: pv_block<8>(pr, vp, j0, j1, d0, o); break;
+        }
+      }
+    }
+  }
+}
+
+// Key/value pointers of one chunk as float32: in place for float32 caches, converted into
+// scratch otherwise.
+template <typename KT>
+struct KVRows {
+  std::vector<float> kbuf, vbuf;
+  std::vector<const float*> kp, vp;
+  void fill(const KT* kbase, const KT* vbase, int64_t kstride, int64_t vstride, const int64_t* idx, int n, int D) {
+    kp.resize(n);
+    vp.resize(n);
+    if constexpr (std::is_same_v<KT, float>) {
+      for (int j = 0; j < n; ++j) {
+        kp[j] = kbase + idx[j] * kstride;
+        vp[j] = vbase + idx[j] * vstride;
+      }
+    } else {
+      kbuf.resize(static_cast<size_t>(n) * D);
+      vbuf.resize(static_cast<size_t>(n) * D);
+      for (int j = 0; j < n; ++j) {
+        to_float(kbase + idx[j] * kstride, kbuf.data() + static_cast<size_t>(j) * D, D);
+        to_float(vbase + idx[j] * vstride, vbuf.data() + static_cast<size_t>(j) * D, D);
+        kp[j] = kbuf.data() + static_cast<size_t>(j) * D;
+        vp[j] = vbuf.data() + static_cast<size_t>(j) * D;
+      }
+    }
+  }
+};
+
+// Partial layout: per (row, chunk) D + 2 floats: m, l, o[D].
+template <typename KT>
+void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask,
+                    int64_t chunk, at::Tensor& out, at::Tensor* lse) {
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t KH = k.size(1), S = k.size(2), G = H / KH;
+  const int64_t n = S - T;          // cached keys, visible to every row
+  const int64_t nfull = n / chunk;  // chunks that lie wholly in the cached prefix
+  const int64_t GT = G * T, P = D + 2;
+  const float* qd = q.data_ptr<float>();
+  const KT* kd = k.data_ptr<KT>();
+  const KT* vd = v.data_ptr<KT>();
+  const bool* md = mask ? mask->data_ptr<bool>() : nullptr;
+  const int64_t mB = mask ? mask->size(0) : 0;
+  float* od = out.data_ptr<float>();
+  float* ld = lse ? lse->data_ptr<float>() : nullptr;
+  const int64_t qsb = q.stride(0), qst = q.stride(1), qsh = q.stride(2);
+  const int64_t ksb = k.stride(0), ksh = k.stride(1), kss = k.stride(2);
+  const int64_t vsb = v.stride(0), vsh = v.stride(1), vss = v.stride(2);
+
+  // prefix partials [B, KH, nfull, GT, P]; rows ordered (t, g)
+  static thread_local Scratch pre_buf;
+  float* pre = pre_buf.get(static_cast<size_t>(B * KH * nfull * GT * P) + 1);
+  auto qrow = [&](int64_t b, int64_t t, int64_t h) { return qd + b * qsb + t * qst + h * qsh; };
+
+  at::parallel_for(0, B * KH * nfull, 1, [&](int64_t begin, int64_t end) {
+    KVRows<KT> kv;
+    std::vector<int64_t> idx(chunk);
+    std::vector<const float*> qp(GT);
+    static thread_local Scratch s_buf, o_buf;
+    float* s = s_buf.get(static_cast<size_t>(GT) * ((chunk + 7) & ~7));
+    float* o = o_buf.get(static_cast<size_t>(GT) * D);
+    std::vector<float> m(GT), l(GT);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t c = it % nfull, kh = (it / nfull) % KH, b = it / (nfull * KH);
+      for (int64_t j = 0; j < chunk; ++j) idx[j] = c * chunk + j;
+      kv.fill(kd + b * ksb + kh * ksh, vd + b * vsb + kh * vsh, kss, vss, idx.data(), chunk, D);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t g = 0; g < G; ++g) qp[t * G + g] = qrow(b, t, kh * G + g);
+      chunk_partial(GT, qp.data(), chunk, kv.kp.data(), kv.vp.data(), D, s, m.data(), l.data(), o);
+      float* dst = pre + static_cast<size_t>(it) * GT * P;
+      for (int64_t r = 0; r < GT; ++r) {
+        dst[r * P] = m[r];
+        dst[r * P + 1] = l[r];
+        std::copy(o + r * D, o + (r + 1) * D, dst + r * P + 2);
+      }
+    }
+  });
+
+  // per (b, kh, t): the tail chunks of the G rows of token t, then the merge of all chunks
+  const int64_t tail_max = (n - nfull * chunk) + T;
+  const int64_t tchunks_max = (tail_max + chunk - 1) / chunk;
+  at::parallel_for(0, B * KH * T, 1, [&](int64_t begin, int64_t end) {
+    KVRows<KT> kv;
+    std::vector<int64_t> idx(tail_max);
+    std::vector<const float*> qp(G);
+    static thread_local Scratch s_buf, t_buf;
+    float* s = s_buf.get(static_cast<size_t>(G) * ((chunk + 7) & ~7));
+    float* tail = t_buf.get(static_cast<size_t>(tchunks_max) * G * P);
+    std::vector<float> o(static_cast<size_t>(G) * D), m(G), l(G);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t t = it % T, kh = (it / T) % KH, b = it / (T * KH);
+      int64_t cnt = 0;
+      for (int64_t j = nfull * chunk; j < n; ++j) idx[cnt++] = j;
+      const bool* mrow = md ? md + ((mB == 1 ? 0 : b) * T + t) * T : nullptr;
+      for (int64_t i = 0; i < T; ++i)
+        if (mrow ? mrow[i] : i <= t) idx[cnt++] = n + i;
+      for (int64_t g = 0; g < G; ++g) qp[g] = qrow(b, t, kh * G + g);
+      const int64_t tch = (cnt + chunk - 1) / chunk;
+      for (int64_t c = 0; c < tch; ++c) {
+        const int64_t c0 = c * chunk, nk = std::min(chunk, cnt - c0);
+        kv.fill(kd + b * ksb + kh * ksh, vd + b * vsb + kh * vsh, kss, vss, idx.data() + c0, nk, D);
+        chunk_partial(G, qp.data(), nk, kv.kp.data(), kv.vp.data(), D, s, m.data(), l.data(), o.data());
+        for (int64_t g = 0; g < G; ++g) {
+          float* dst = tail + (c * G + g) * P;
+          dst[0] = m[g];
+          dst[1] = l[g];
+          std::copy(o.data() + g * D, o.data() + (g + 1) * D, dst + 2);
+        }
+      }
+      // merge in chunk order: prefix chunks 0..nfull-1, then the tail's
+      const float* pbase = pre + static_cast<size_t>((b * KH + kh) * nfull) * GT * P;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = t * G + g;
+        auto part = [&](int64_t c) -> const float* {
+          return c < nfull ? pbase + (c * GT + r) * P : tail + ((c - nfull) * G + g) * P;
+        };
+        const int64_t nc = nfull + tch;
+        float M = -std::numeric_limits<float>::infinity();
+        for (int64_t c = 0; c < nc; ++c) M = std::max(M, part(c)[0]);
+        float L = 0.0f;
+        float* dst = od + (b * T + t) * H * D + (kh * G + g) * D;
+        std::fill(dst, dst + D, 0.0f);
+        for (int64_t c = 0; c < nc; ++c) {
+          const float* pc = part(c);
+          const float w = std::exp(pc[0] - M);
+          L += pc[1] * w;
+          __m256 wv = _mm256_set1_ps(w);
+          for (int64_t d = 0; d < D; d += 8)
+            _mm256_storeu_ps(dst + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(pc + 2 + d), _mm256_loadu_ps(dst + d)));
+        }
+        __m256 Lv = _mm256_set1_ps(L);
+        for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(dst + d, _mm256_div_ps(_mm256_loadu_ps(dst + d), Lv));
+        if (ld) ld[(b * T + t) * H + kh * G + g] = M + std::log(L);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const c10::optional<at::Tensor>& mask, int64_t chunk, bool want_lse) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q [B,T,H,D], k/v [B,KH,S,D]");
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "attention: q must be float32");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "attention: k and v dtypes differ");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "attention: last dim must be contiguous");
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && k.size(3) == D && v.size(3) == D && v.size(2) == k.size(2),
+              "attention: shapes disagree");
+  TORCH_CHECK(H % k.size(1) == 0, "attention: query heads not a multiple of KV heads");
+  TORCH_CHECK(D % 8 == 0, "attention: head_dim must be a multiple of 8");
+  TORCH_CHECK(k.size(2) >= T && T >= 1, "attention: fewer keys than new tokens");
+  TORCH_CHECK(chunk >= 8 && chunk % 8 == 0, "attention: chunk must be a positive multiple of 8");
+  const at::Tensor* mp = nullptr;
+  at::Tensor m;
+  if (mask.has_value()) {
+    m = mask->contiguous();
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 3 && m.size(1) == T && m.size(2) == T &&
+                    (m.size(0) == 1 || m.size(0) == B),
+                "attention: mask must be bool [1 or B, T, T]");
+    mp = &m;
+  }
+  at::Tensor out = at::empty({B, T, H * D}, q.options());
+  at::Tensor lse = want_lse ? at::empty({B, T, H}, q.options()) : at::Tensor();
+  at::Tensor* lp = want_lse ? &lse : nullptr;
+  switch (k.scalar_type()) {
+    case at::kFloat: attention_impl<float>(q, k, v, mp, chunk, out, lp); break;
+    case at::kBFloat16: attention_impl<c10::BFloat16>(q, k, v, mp, chunk, out, lp); break;
+    case at::kHalf: attention_impl<c10::Half>(q, k, v, mp, chunk, out, lp); break;
+    default: TORCH_CHECK(false, "attention: K/V must be float32, bfloat16 or float16");
+  }
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------------------------------------
+// linear
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t BLOCK = 48;  // outputs per packed block: 6 vectors of 8
+
+// W [N, K] -> [ceil(N/48), K, 48], zero-padded outputs
+at::Tensor pack_linear(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "pack_linear: float32 [N, K] expected");
+  at::Tensor wc = w.contiguous();
+  const int64_t N = wc.size(0), K = wc.size(1), NB = (N + BLOCK - 1) / BLOCK;
+  at::Tensor p = at::zeros({NB, K, BLOCK}, wc.options());
+  const float* src = wc.data_ptr<float>();
+  float* dst = p.data_ptr<float>();
+  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t nb = b0; nb < b1; ++nb)
+      for (int64_t i = 0; i < BLOCK && nb * BLOCK + i < N; ++i) {
+        const float* row = src + (nb * BLOCK + i) * K;
+        for (int64_t kk = 0; kk < K; ++kk) dst[(nb * K + kk) * BLOCK + i] = row[kk];
+      }
+  });
+  return p;
+}
+
+// R rows x PV vectors of one block, starting at vector v0 of the block's 6
+template <int R, int PV>
+inline void tile(const float* x, int64_t ldx, const float* wb, int64_t K, int v0, float* y) {
+  __m256 acc[R][PV];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < PV; ++p) acc[r][p] = _mm256_setzero_ps();
+  const float* w = wb + v0 * 8;
+  for (int64_t kk = 0; kk < K; ++kk, w += BLOCK) {
+    __m256 wv[PV];
+    for (int p = 0; p < PV; ++p) wv[p] = _mm256_loadu_ps(w + p * 8);
+    for (int r = 0; r < R; ++r) {
+      __m256 xb = _mm256_broadcast_ss(x + r * ldx + kk);
+      for (int p = 0; p < PV; ++p) acc[r][p] = _mm256_fmadd_ps(xb, wv[p], acc[r][p]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < PV; ++p) _mm256_storeu_ps(y + r * BLOCK + (v0 + p) * 8, acc[r][p]);
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat, "linear: float32 expected");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == BLOCK && packed.is_contiguous(), "linear: packed [NB, K, 48]");
+  const int64_t K = packed.size(1), NB = packed.size(0);
+  TORCH_CHECK(x.size(-1) == K, "linear: input width ", x.size(-1), " != ", K);
+  TORCH_CHECK(N <= NB * BLOCK && N > NB * BLOCK - BLOCK, "linear: N does not fit the packed blocks");
+  at::Tensor x2 = x.reshape({-1, K});
+  if (x2.stride(1) != 1) x2 = x2.contiguous();
+  const int64_t M = x2.size(0), ldx = x2.stride(0);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xd = x2.data_ptr<float>();
+  const float* wd = packed.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  const float* bd = nullptr;
+  at::Tensor bc;
+  if (bias.has_value()) {
+    bc = bias->contiguous();
+    TORCH_CHECK(bc.scalar_type() == at::kFloat && bc.numel() == N, "linear: bias must be float32 [N]");
+    bd = bc.data_ptr<float>();
+  }
+  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    float buf[4 * BLOCK];
+    for (int64_t nb = b0; nb < b1; ++nb) {
+      const float* wb = wd + nb * K * BLOCK;
+      const int64_t n0 = nb * BLOCK, nn = std::min(BLOCK, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const float* xr = xd + m0 * ldx;
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: tile<1, 6>(xr, ldx, wb, K, 0, buf); break;
+          case 2: tile<2, 6>(xr, ldx, wb, K, 0, buf); break;
+          case 3: tile<3, 3>(xr, ldx, wb, K, 0, buf); tile<3, 3>(xr, ldx, wb, K, 3, buf); break;
+          default: tile<4, 3>(xr, ldx, wb, K, 0, buf); tile<4, 3>(xr, ldx, wb, K, 3, buf); break;
+        }
+        const int64_t rows = std::min<int64_t>(4, M - m0);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* yr = yd + (m0 + r) * N + n0;
+          if (bd)
+            for (int64_t i = 0; i < nn; ++i) yr[i] = buf[r * BLOCK + i] + bd[n0 + i];
+          else
+            std::copy(buf + r * BLOCK, buf + r * BLOCK + nn, yr);
+        }
+      }
+    }
+  });
+  return y.view(shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tokenswift, m) {
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, int chunk, bool want_lse) -> (Tensor, Tensor)");
+  m.def("pack_linear(Tensor w) -> Tensor");
+  m.def("linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tokenswift, CPU, m) {
+  m.impl("attention", &attention);
+  m.impl("pack_linear", &pack_linear);
+  m.impl("linear", &linear);
+}

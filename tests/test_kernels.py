@@ -1,0 +1,144 @@
+"""The native CPU kernels against their float64 references, and their row invariance bit for bit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tokenswift import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.native(), reason=f"native kernels off: {kernels.why_not()}")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _tree_mask(parents: list[int]) -> torch.Tensor:  # -> [1, T, T]: each node sees its ancestors and itself
+    T = len(parents)
+    m = torch.zeros(1, T, T, dtype=torch.bool)
+    for i in range(T):
+        j = i
+        while j >= 0:
+            m[0, i, j] = True
+            j = parents[j]
+    return m
+
+
+def _random_parents(T: int, gen: torch.Generator) -> list[int]:
+    return [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, T)]
+
+
+def _qkv(B, T, H, KH, S, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=g) * 0.3
+    k = torch.randn(B, KH, S, D, generator=g).to(dtype)
+    v = torch.randn(B, KH, S, D, generator=g).to(dtype)
+    return q, k, v
+
+
+# (B, T, H, KH, cached, D): one query, GQA groups 1-4, contexts on and off the 256-key chunk
+# boundaries, head dims 16-128
+SHAPES = [(1, 1, 9, 3, 4, 64), (1, 1, 9, 3, 511, 64), (1, 8, 9, 3, 1000, 64), (2, 16, 8, 2, 700, 128),
+          (1, 64, 4, 4, 1536, 16), (1, 3, 6, 2, 300, 24), (1, 128, 4, 2, 255, 32)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "tree"])
+def test_attention_matches_reference(shape, dtype, masked):
+    B, T, H, KH, n, D = shape
+    q, k, v = _qkv(B, T, H, KH, n + T, D, dtype)
+    mask = _tree_mask(_random_parents(T, torch.Generator().manual_seed(1))) if masked else None
+    out = kernels.attention(q, k, v, mask)
+    ref = kernels.attention_reference(q, k, v, mask)
+    assert out.shape == (B, T, H * D)
+    # float32 arithmetic over up to 1.7K keys: a few ulp of the outputs (which are below ~1)
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_attention_log_sum_exp():
+    q, k, v = _qkv(1, 4, 6, 2, 900, 32, torch.float32)
+    _, lse = kernels.attention(q, k, v, None, lse=True)  # [1, 4, 6]
+    s = torch.einsum("bthd,bhsd->bhts", q.double(), k.double().repeat_interleave(3, dim=1))  # [1, 6, 4, S]
+    S = s.shape[-1]
+    allow = torch.ones(4, S, dtype=torch.bool)
+    allow[:, S - 4 :] = torch.ones(4, 4, dtype=torch.bool).tril()
+    ref = torch.logsumexp(s.masked_fill(~allow, float("-inf")), -1).permute(0, 2, 1)  # [1, 4, 6]
+    assert (lse.double() - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("n", [0, 100, 256, 1000, 1300])
+def test_attention_rows_equal_one_token_passes_bitwise(dtype, n):
+    """Row t of a tree pass == a one-token pass over the cache with t's ancestors committed in
+    path order: the same visible keys, the same bits (what makes tokenswift == ar)."""
+    T, H, KH, D = 24, 9, 3, 64
+    q, k, v = _qkv(1, T, H, KH, n + T, D, dtype, seed=n)
+    parents = _random_parents(T, torch.Generator().manual_seed(n + 1))
+    mask = _tree_mask(parents)
+    out = kernels.attention(q, k, v, mask)
+    for t in range(T):
+        path = torch.tensor([j for j in range(T) if mask[0, t, j]])  # ancestors, then t itself
+        kk = torch.cat([k[:, :, :n], k[:, :, n + path]], 2)
+        vv = torch.cat([v[:, :, :n], v[:, :, n + path]], 2)
+        one = kernels.attention(q[:, t : t + 1].contiguous(), kk, vv)
+        assert torch.equal(one[0, 0], out[0, t]), f"row {t} (depth {len(path) - 1}) differs"
+
+
+def test_attention_reads_strided_cache_views():
+    """K/V are views into the cache [L, B, KH, capacity, D]: strides, not copies."""
+    cache = torch.randn(2, 1, 3, 700, 64)
+    q = torch.randn(1, 5, 9, 64) * 0.3
+    view = cache[1, :, :, :605]
+    out = kernels.attention(q, view, view)
+    assert torch.equal(out, kernels.attention(q, view.contiguous(), view.contiguous()))
+
+
+@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (50, 33), (7, 8)])
+def test_linear_matches_reference_and_is_row_invariant(shape):
+    N, K = shape
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    x = torch.randn(130, K, generator=g)
+    p = kernels.PackedLinear(w)
+    assert torch.equal(p.dense(), w)
+    for bias in (None, b):
+        y = p.matmul(x, bias)
+        ref = kernels.linear_reference(x, w, bias)
+        # a sequential float32 sum of K products: relative error ~ K * 2^-24 of the sum of |products|
+        bound = 4 * K * 2**-24 * (x.abs() @ w.abs().T).max().item()
+        assert (y - ref).abs().max().item() <= bound
+        rows = torch.cat([p.matmul(x[i : i + 1], bias) for i in range(x.shape[0])])
+        for M in (1, 2, 3, 8, 17, 128):
+            assert torch.equal(p.matmul(x[:M], bias), rows[:M]), f"M={M}"
+    assert p.matmul(x.view(2, 65, K)).shape == (2, 65, N)
+
+
+def test_bad_inputs_name_the_problem():
+    q, k, v = _qkv(1, 2, 4, 2, 10, 12, torch.float32)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        kernels.attention(q, k, v)
+    q, k, v = _qkv(1, 2, 4, 2, 10, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="mask must be bool"):
+        kernels.attention(q, k, v, torch.ones(1, 3, 3, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="input width"):
+        kernels.PackedLinear(torch.randn(8, 16)).matmul(torch.randn(2, 15))
+
+
+def test_fallback_when_disabled():
+    """TOKENSWIFT_NATIVE=0: the kernels are off, one log line says why, the model takes torch's
+    paths and still runs."""
+    code = (
+        "import logging, torch; logging.basicConfig(level=logging.INFO)\n"
+        "from tokenswift import kernels\n"
+        "from tokenswift.model import attention_path\n"
+        "print(kernels.native(), kernels.why_not(), attention_path(torch.device('cpu'), torch.float32, 64))\n"
+    )
+    env = {**os.environ, "TOKENSWIFT_NATIVE": "0"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "TOKENSWIFT_NATIVE=0", "fused"]
+    assert "native CPU kernels off: TOKENSWIFT_NATIVE=0" in r.stderr
