@@ -1,8 +1,9 @@
 """Cost of one verify pass of T tokens (a chain: causal mask among the new tokens) over a cached
 prefix of C entries, against one token's, with the parts split out: the whole pass (decoder and
-LM head for every row), the 30 layers' attention alone, and the weight products alone.
+LM head for every row) and the layers' attention alone, beside the time to read every layer's K
+and V once (the memory floor of one-token attention).
 
-    python benchmarks/verify_cost.py --contexts 4096,16384 --tokens 1,2,4,8,16
+    python benchmarks/verify_cost.py --contexts 4096,16384 --tokens 1,2,4,8,16 [--kv-dtype bfloat16]
 
 The cache holds random K/V (the cost does not depend on the values); positions past the model's
 trained context only extend the RoPE table. Medians of `--repeats` passes, 2 threads unless
@@ -19,7 +20,7 @@ import torch
 
 import tokenswift
 from tokenswift.cache import KVCache
-from tokenswift.model import _attention
+from tokenswift.model import _attention, attention_path
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -39,21 +40,31 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,2,4,8,16")
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    lm = tokenswift.load(args.model, heads="none", draft_weights="float")
+    lm = tokenswift.load(args.model, heads="none", draft_weights="float", kv_dtype=args.kv_dtype)
     m = lm.model
     cfg = m.cfg
     tokens = [int(t) for t in args.tokens.split(",")]
-    print(f"model {cfg.num_layers} layers, {cfg.num_heads} query / {cfg.num_kv_heads} KV heads; "
-          f"oneDNN packed: {m.packed}; {args.threads} threads")
-    print("context  T  pass ms  x one  attention ms  x one")
+    path = attention_path(m.device, m.dtype, cfg.head_dim)
+    print(f"model {cfg.num_layers} layers, {cfg.num_heads} query / {cfg.num_kv_heads} KV heads; weights packed: "
+          f"{m.packed}; attention: {path}; KV {str(m.kv_dtype).removeprefix('torch.')}; {args.threads} threads")
+    print("context  T  pass ms  x one  attention ms  x one  x read")
     for C in (int(c) for c in args.contexts.split(",")):
-        cache = KVCache(cfg, capacity=C + max(tokens), dtype=m.dtype, rope_len=C + max(tokens))
+        cache = KVCache(cfg, capacity=C + max(tokens), dtype=m.kv_dtype, rope_len=C + max(tokens))
         cache.k.normal_()
         cache.v.normal_()
         cache.pos[:C] = torch.arange(C)
+
+        def read() -> None:  # every layer's K and V once: a reduction reads each byte once
+            for li in range(cfg.num_layers):
+                cache.k[li, :, :, :C].sum()
+                cache.v[li, :, :, :C].sum()
+
+        t_read = median_ms(read, args.repeats)
+        print(f"{C:7d} read K+V once: {t_read:.1f} ms", flush=True)
         one = one_att = None
         for T in tokens:
             x = torch.randint(0, cfg.vocab_size, (1, T))
@@ -71,13 +82,16 @@ def main() -> None:
             def attention() -> None:
                 for li in range(cfg.num_layers):
                     keys, vals = cache.k[li, :, :, : C + T], cache.v[li, :, :, : C + T]
-                    _attention(q, keys, vals, mask.unsqueeze(0), bias if T > 1 else None, None, 0, None)
+                    if keys.dtype != q.dtype and path != "native":
+                        keys, vals = keys.to(q.dtype), vals.to(q.dtype)  # as the decoder does
+                    _attention(q, keys, vals, mask.unsqueeze(0), bias if T > 1 else None, None, 0, None, path)
 
             t_full = median_ms(full, args.repeats)
             t_att = median_ms(attention, args.repeats)
             one = one or t_full
             one_att = one_att or t_att
-            print(f"{C:7d} {T:2d} {t_full:8.1f} {t_full / one:6.2f} {t_att:12.1f} {t_att / one_att:6.2f}", flush=True)
+            print(f"{C:7d} {T:2d} {t_full:8.1f} {t_full / one:6.2f} {t_att:12.1f} {t_att / one_att:6.2f} "
+                  f"{t_att / t_read:7.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -316,7 +316,82 @@ def _result(records: list[dict[str, Any]], runs: dict[str, Any], lengths: list[i
     return out
 
 
-CSV_FIELDS = ("method", "length", "wall_seconds", "prefill_seconds", "decode_seconds", "tokens_per_s",
+def run_sweep(lm: Any, prompt: list[int], contexts: Sequence[int], lengths: Sequence[int], methods: Sequence[str],
+              sampling: dict[str, Any] | None = None,
+              progress: Callable[[str, int, int], None] | None = None,
+              on_context: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The context sweep: for each context C, the first C tokens of `prompt` as the prompt, then
+    every method side by side as in `run_bench` (same seed, compared with `ar` at that context).
+    Records carry `context`; `on_context` gets the result so far after each context."""
+    contexts = sorted({int(c) for c in contexts})
+    if not contexts or contexts[0] < 1 or contexts[-1] > len(prompt):
+        raise ValueError(f"contexts must lie in [1, {len(prompt)}] (the prompt's tokens), got {contexts}")
+    records: list[dict[str, Any]] = []
+    runs: dict[str, Any] = {}
+    out: dict[str, Any] = {}
+    for C in contexts:
+        step = (lambda name, done, total, C=C: progress(f"{name} @ {C}", done, total)) if progress else None
+        res = run_bench(lm, prompt[:C], lengths, methods, sampling, progress=step)
+        for r in res["records"]:
+            r["context"] = C
+        records.extend(res["records"])
+        runs[str(C)] = res["runs"]
+        out = {"sweep": True, "contexts": [c for c in contexts if c <= C], "records": list(records),
+               "runs": dict(runs), "lengths": res["lengths"], "methods": res["methods"], "sampling": res["sampling"],
+               "prompt_tokens": C}
+        if C != contexts[-1]:
+            out["partial"] = True
+            if on_context is not None:
+                on_context(out)
+    return out
+
+
+def sweep_table(result: dict[str, Any]) -> str:
+    """A Markdown table of a context sweep: decode speed against `ar` at each context."""
+    lines = ["| context | method | new tokens | decode tok/s | decode speedup | = ar | acceptance by depth | "
+             "tok/iter | peak MiB |", "|" + "|".join(["---"] * 9) + "|"]
+    L = max(result["lengths"])
+    for r in sorted((r for r in result["records"] if r["length"] == L),
+                    key=lambda r: (r["context"], result["methods"].index(r["method"]))):
+        depth = " ".join(f"{a:.2f}" for a in r["depth_acceptance"][:4]) if r.get("depth_acceptance") else "—"
+        same = {True: "yes", False: "NO", None: "—"}[r["same_as_ar"]]
+        sp = "—" if r["decode_speedup"] is None else f"{r['decode_speedup']:.2f}x"
+        tpi = "—" if r["tokens_per_iteration"] is None else f"{r['tokens_per_iteration']:.2f}"
+        lines.append(f"| {r['context']} | {r['method']} | {r['length']} | {r['decode_tokens_per_s']:.2f} | {sp} | "
+                     f"{same} | {depth} | {tpi} | {r['peak_memory_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def write_sweep_png(result: dict[str, Any], path: str | Path, title: str = "") -> None:
+    """Decode speedup vs context and decode tok/s vs context, one line per method (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L = max(result["lengths"])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for m in result["methods"]:
+        recs = sorted((r for r in result["records"] if r["method"] == m and r["length"] == L),
+                      key=lambda r: r["context"])
+        xs = [r["context"] for r in recs]
+        a1.plot(xs, [r["decode_speedup"] for r in recs], marker="o", label=m)
+        a2.plot(xs, [r["decode_tokens_per_s"] for r in recs], marker="o", label=m)
+    a1.axhline(1.0, color="gray", lw=0.8, ls="--")
+    for a, lab in ((a1, f"decode speedup vs ar ({L} new tokens)"), (a2, "decode tokens/s")):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("context (prompt tokens)")
+        a.set_ylabel(lab)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+CSV_FIELDS = ("context", "method", "length", "wall_seconds", "prefill_seconds", "decode_seconds", "tokens_per_s",
               "decode_tokens_per_s", "speedup", "decode_speedup", "acceptance_rate", "tokens_per_iteration",
               "ngram_share", "depth_acceptance", "distinct_1", "distinct_2", "distinct_3", "distinct_4",
               "peak_memory_mib", "same_as_ar")
@@ -384,14 +459,14 @@ def table(result: dict[str, Any]) -> str:
 # -- the bench command's setup -------------------------------------------------------------------
 
 
-def parse_lengths(spec: str) -> list[int]:
-    """"1024,2048" -> [1024, 2048] (sorted, distinct, positive); ValueError naming `lengths`."""
+def parse_lengths(spec: str, what: str = "lengths") -> list[int]:
+    """"1024,2048" -> [1024, 2048] (sorted, distinct, positive); ValueError naming `what`."""
     try:
         lengths = sorted({int(x) for x in spec.split(",") if x.strip()})
     except ValueError:
-        raise ValueError(f"lengths must be comma-separated integers, got {spec!r}") from None
+        raise ValueError(f"{what} must be comma-separated integers, got {spec!r}") from None
     if not lengths or lengths[0] < 1:
-        raise ValueError(f"lengths must be positive, got {spec!r}")
+        raise ValueError(f"{what} must be positive, got {spec!r}")
     return lengths
 
 

@@ -223,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prefix", type=_int("--prefix"), default=2048, help="prompt tokens (default 2048)")
     b.add_argument("--lengths", default="2048,4096,8192,16384",
                    help="checkpoint lengths of new tokens, comma-separated (default 2048,4096,8192,16384)")
+    b.add_argument("--contexts", default=None, metavar="C1,C2,...",
+                   help="context sweep: for each C, the first C tokens of the text as the prompt (instead of "
+                        "--prefix), then the methods side by side; e.g. 4096,16384,32768,65536,100000 with "
+                        "--lengths 1024")
     b.add_argument("--methods", default=",".join(_bench_defaults()),
                    help="comma-separated, from: " + ", ".join(_bench_methods()) + f" (default {','.join(_bench_defaults())})")
     b.add_argument("--seed", type=_int("--seed"), default=0, help="sampling seed (default 0)")
@@ -685,22 +689,25 @@ def cmd_eval_drafter(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchSetup, parse_lengths, parse_methods, run_bench, table, write_png
+    from .bench import (BenchSetup, parse_lengths, parse_methods, run_bench, run_sweep, sweep_table, table,
+                        write_png, write_sweep_png)
 
     try:
         lengths = parse_lengths(args.lengths)
         methods = parse_methods(args.methods)
+        contexts = parse_lengths(args.contexts, "contexts") if args.contexts is not None else None
     except ValueError as e:
         raise CliError(f"--{e}") from None
     if args.prefix < 1:
         raise CliError(f"--prefix must be >= 1, got {args.prefix}")
-    setup = BenchSetup.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype, kv_dtype=args.kv_dtype,
-                            rope_scaling=args.rope_scaling, prompt_file=args.prompt_file, prefix=args.prefix,
-                            lengths=lengths, greedy=args.greedy, seed=args.seed)
+    prefix = contexts[-1] if contexts else args.prefix
+    setup = BenchSetup.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype,
+                            kv_dtype=args.kv_dtype, rope_scaling=args.rope_scaling, prompt_file=args.prompt_file,
+                            prefix=prefix, lengths=lengths, greedy=args.greedy, seed=args.seed)
     if setup.auto_rope:
-        sys.stderr.write(f"tokenswift: {args.prefix + lengths[-1]} tokens exceed the model's context; "
+        sys.stderr.write(f"tokenswift: {prefix + lengths[-1]} tokens exceed the model's context; "
                          f"using --rope-scaling {setup.rope_scaling}\n")
-    stem = args.name or f"bench-{args.prefix}-{lengths[-1]}"
+    stem = args.name or (f"bench-sweep-{prefix}-{lengths[-1]}" if contexts else f"bench-{args.prefix}-{lengths[-1]}")
     paths = {ext: args.out / f"{stem}.{ext}" for ext in ("json", "csv", "png")}
     command = "tokenswift " + " ".join(sys.argv[1:]) if sys.argv and "tokenswift" in sys.argv[0] else None
 
@@ -709,17 +716,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     bars = Bars()
     try:
-        result = run_bench(setup.lm, setup.prompt, lengths, methods, setup.sampling, progress=bars, on_method=save)
+        if contexts:
+            result = run_sweep(setup.lm, setup.prompt, contexts, lengths, methods, setup.sampling, progress=bars,
+                               on_context=save)
+        else:
+            result = run_bench(setup.lm, setup.prompt, lengths, methods, setup.sampling, progress=bars, on_method=save)
     finally:
         bars.close()
     save(result)
+    sampler = "greedy" if args.greedy else "paper sampler"
     try:
-        write_png(result, paths["png"], title=f"{setup.lm.name}, {args.prefix}-token prefix, "
-                                               f"{'greedy' if args.greedy else 'paper sampler'}, {result['device']}")
+        if contexts:
+            write_sweep_png(result, paths["png"], title=f"{setup.lm.name}, {lengths[-1]} new tokens after each "
+                                                         f"context, {sampler}, {result['device']}")
+        else:
+            write_png(result, paths["png"], title=f"{setup.lm.name}, {args.prefix}-token prefix, {sampler}, "
+                                                   f"{result['device']}")
     except ImportError:
         paths.pop("png")
         sys.stderr.write("tokenswift: matplotlib is not installed; no PNG (pip install 'tokenswift[bench]')\n")
-    print(table(result))
+    print(sweep_table(result) if contexts else table(result))
     for name, run in result["runs"].items():
         if "skipped" in run:
             print(f"{name}: skipped ({run['skipped']})")

@@ -105,6 +105,8 @@ inline void to_float(const c10::Half* src, float* dst, int n) {
 // Keys ahead of use that are prefetched: a one-query pass does little work per cache line, so
 // the hardware prefetcher alone leaves it waiting on memory.
 constexpr int PF = 32;
+// Query rows of one chunk pass: 12 rows' scores over a 256-key chunk take 12 KiB (L1 is 32).
+constexpr int64_t ROW_GROUP = 12;
 inline void prefetch_row(const float* p, int D) {
   for (int i = 0; i < D; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
 }
@@ -123,17 +125,55 @@ struct Scratch {
   }
 };
 
-// o[d0*8 .. (d0+NB)*8) += sum_{j0 <= j < j1} p_j v_j, one FMA chain per element in key order
-template <int NB>
-inline void pv_block(const float* p, const float* const* vp, int j0, int j1, int d0, float* o) {
-  __m256 acc[NB];
-  for (int b = 0; b < NB; ++b) acc[b] = _mm256_loadu_ps(o + (d0 + b) * 8);
+// o_r[d0*8 .. (d0+NB)*8) += sum_{j0 <= j < j1} p_r[j] v_j for RR rows at once (each V vector
+// loaded once for them); every output element is one FMA chain in key order, whatever RR is.
+template <int RR, int NB>
+inline void pv_tile(const float* const* p, const float* const* vp, int j0, int j1, int d0, float* const* o) {
+  __m256 acc[RR][NB];
+  for (int r = 0; r < RR; ++r)
+    for (int b = 0; b < NB; ++b) acc[r][b] = _mm256_loadu_ps(o[r] + (d0 + b) * 8);
   for (int j = j0; j < j1; ++j) {
-    __m256 pj = _mm256_broadcast_ss(p + j);
+    __m256 pj[RR];
+    for (int r = 0; r < RR; ++r) pj[r] = _mm256_broadcast_ss(p[r] + j);
     const float* v = vp[j] + d0 * 8;
-    for (int b = 0; b < NB; ++b) acc[b] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + b * 8), acc[b]);
+    for (int b = 0; b < NB; ++b) {
+      __m256 vv = _mm256_loadu_ps(v + b * 8);
+      for (int r = 0; r < RR; ++r) acc[r][b] = _mm256_fmadd_ps(pj[r], vv, acc[r][b]);
+    }
   }
-  for (int b = 0; b < NB; ++b) _mm256_storeu_ps(o + (d0 + b) * 8, acc[b]);
+  for (int r = 0; r < RR; ++r)
+    for (int b = 0; b < NB; ++b) _mm256_storeu_ps(o[r] + (d0 + b) * 8, acc[r][b]);
+}
+
+template <int RR>
+inline void pv_rows(const float* const* p, const float* const* vp, int j0, int j1, int NV, float* const* o) {
+  for (int d0 = 0; d0 < NV; d0 += 4) {
+    switch (std::min(4, NV - d0)) {
+      case 1: pv_tile<RR, 1>(p, vp, j0, j1, d0, o); break;
+      case 2: pv_tile<RR, 2>(p, vp, j0, j1, d0, o); break;
+      case 3: pv_tile<RR, 3>(p, vp, j0, j1, d0, o); break;
+      default: pv_tile<RR, 4>(p, vp, j0, j1, d0, o); break;
+    }
+  }
+}
+
+// Scores of two query rows against four keys: eight dot products, each lane-wise FMAs over the
+// head dim then the hsum8 tree, so a score's bits do not depend on which row or key it is paired
+// with. -> s0[0..4), s1[0..4)
+inline void scores_2x4(const float* q0, const float* q1, const float* const* kj, int NV, float* s0, float* s1) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int dv = 0; dv < NV; ++dv) {
+    __m256 a = _mm256_loadu_ps(q0 + dv * 8), b = _mm256_loadu_ps(q1 + dv * 8);
+    for (int j = 0; j < 4; ++j) {
+      __m256 kv = _mm256_loadu_ps(kj[j] + dv * 8);
+      acc[j] = _mm256_fmadd_ps(a, kv, acc[j]);
+      acc[4 + j] = _mm256_fmadd_ps(b, kv, acc[4 + j]);
+    }
+  }
+  __m256 h = hsum8(acc);
+  _mm_storeu_ps(s0, _mm256_castps256_ps128(h));
+  _mm_storeu_ps(s1, _mm256_extractf128_ps(h, 1));
 }
 
 // One chunk's softmax partial for R query rows over nk keys (nk <= chunk): per row the chunk's
@@ -143,20 +183,17 @@ void chunk_partial(int R, const float* const* qp, int nk, const float* const* kp
                    float* s, float* m_out, float* l_out, float* o_out) {
   const int NV = D / 8;
   const int nkp = (nk + 7) & ~7;
-  // scores, eight keys at a time (the last group repeats its last key; those slots are discarded)
-  for (int j0 = 0; j0 < nkp; j0 += 8) {
-    const float* kj[8];
-    for (int j = 0; j < 8; ++j) kj[j] = kp[std::min(j0 + j, nk - 1)];
-    for (int j = j0 + PF; j < std::min(j0 + PF + 8, nk); ++j) prefetch_row(kp[j], D);
-    for (int r = 0; r < R; ++r) {
-      const float* q = qp[r];
-      __m256 acc[8];
-      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-      for (int dv = 0; dv < NV; ++dv) {
-        __m256 qv = _mm256_loadu_ps(q + dv * 8);
-        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj[j] + dv * 8), acc[j]);
-      }
-      _mm256_storeu_ps(s + r * nkp + j0, hsum8(acc));
+  // scores, four keys by two rows at a time (the last group repeats its last key, an odd last
+  // row pairs with itself; those slots are discarded)
+  float dummy[4];
+  for (int j0 = 0; j0 < nkp; j0 += 4) {
+    const float* kj[4];
+    for (int j = 0; j < 4; ++j) kj[j] = kp[std::min(j0 + j, nk - 1)];
+    if ((j0 & 7) == 0)
+      for (int j = j0 + PF; j < std::min(j0 + PF + 8, nk); ++j) prefetch_row(kp[j], D);
+    for (int r = 0; r < R; r += 2) {
+      const bool pair = r + 1 < R;
+      scores_2x4(qp[r], qp[pair ? r + 1 : r], kj, NV, s + r * nkp + j0, pair ? s + (r + 1) * nkp + j0 : dummy);
     }
   }
   const float ninf = -std::numeric_limits<float>::infinity();
@@ -184,20 +221,13 @@ void chunk_partial(int R, const float* const* qp, int nk, const float* const* kp
   for (int j0 = 0; j0 < nk; j0 += 32) {
     const int j1 = std::min(nk, j0 + 32);
     for (int j = j0 + PF; j < std::min(j1 + PF, nk); ++j) prefetch_row(vp[j], D);
-    for (int r = 0; r < R; ++r) {
-      const float* pr = s + r * nkp;
-      float* o = o_out + r * D;
-      for (int d0 = 0; d0 < NV; d0 += 8) {
-        switch (std::min(8, NV - d0)) {
-          case 1: pv_block<1>(pr, vp, j0, j1, d0, o); break;
-          case 2: pv_block<2>(pr, vp, j0, j1, d0, o); break;
-          case 3: pv_block<3>(pr, vp, j0, j1, d0, o); break;
-          case 4: pv_block<4>(pr, vp, j0, j1, d0, o); break;
-          case 5: pv_block<5>(pr, vp, j0, j1, d0, o); break;
-          case 6: pv_block<6>(pr, vp, j0, j1, d0, o); break;
-          case 7: pv_block<7>(pr, vp, j0, j1, d0, o); break;
-          default: pv_block<8>(pr, vp, j0, j1, d0, o); break;
-        }
+    for (int r = 0; r < R; r += 3) {
+      const float* pr[3] = {s + r * nkp, s + std::min(r + 1, R - 1) * nkp, s + std::min(r + 2, R - 1) * nkp};
+      float* orow[3] = {o_out + r * D, o_out + std::min(r + 1, R - 1) * D, o_out + std::min(r + 2, R - 1) * D};
+      switch (std::min(3, R - r)) {
+        case 1: pv_rows<1>(pr, vp, j0, j1, NV, orow); break;
+        case 2: pv_rows<2>(pr, vp, j0, j1, NV, orow); break;
+        default: pv_rows<3>(pr, vp, j0, j1, NV, orow); break;
       }
     }
   }
@@ -269,7 +299,12 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       kv.fill(kd + b * ksb + kh * ksh, vd + b * vsb + kh * vsh, kss, vss, idx.data(), chunk, D);
       for (int64_t t = 0; t < T; ++t)
         for (int64_t g = 0; g < G; ++g) qp[t * G + g] = qrow(b, t, kh * G + g);
-      chunk_partial(GT, qp.data(), chunk, kv.kp.data(), kv.vp.data(), D, s, m.data(), l.data(), o);
+      // rows in groups whose scores stay in L1; the chunk's K/V are re-read from L2 per group
+      for (int64_t r0 = 0; r0 < GT; r0 += ROW_GROUP) {
+        const int rn = static_cast<int>(std::min<int64_t>(ROW_GROUP, GT - r0));
+        chunk_partial(rn, qp.data() + r0, chunk, kv.kp.data(), kv.vp.data(), D, s, m.data() + r0, l.data() + r0,
+                      o + r0 * D);
+      }
       float* dst = pre + static_cast<size_t>(it) * GT * P;
       for (int64_t r = 0; r < GT; ++r) {
         dst[r * P] = m[r];
@@ -398,13 +433,21 @@ at::Tensor pack_linear(const at::Tensor& w) {
 }
 
 // R rows x PV vectors of one block, starting at vector v0 of the block's 6
+// `pf`: the next block, prefetched a row of 48 a step while this one computes (a few-row product
+// does enough work per byte that the hardware prefetcher alone stops streaming)
 template <int R, int PV>
-inline void tile(const float* x, int64_t ldx, const float* wb, int64_t K, int v0, float* y) {
+inline void tile(const float* x, int64_t ldx, const float* wb, int64_t K, int v0, float* y, const float* pf) {
   __m256 acc[R][PV];
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < PV; ++p) acc[r][p] = _mm256_setzero_ps();
   const float* w = wb + v0 * 8;
   for (int64_t kk = 0; kk < K; ++kk, w += BLOCK) {
+    if (pf) {
+      const char* a = reinterpret_cast<const char*>(pf + kk * BLOCK);
+      _mm_prefetch(a, _MM_HINT_T1);
+      _mm_prefetch(a + 64, _MM_HINT_T1);
+      _mm_prefetch(a + 128, _MM_HINT_T1);
+    }
     __m256 wv[PV];
     for (int p = 0; p < PV; ++p) wv[p] = _mm256_loadu_ps(w + p * 8);
     for (int r = 0; r < R; ++r) {
@@ -443,13 +486,15 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, cons
     for (int64_t nb = b0; nb < b1; ++nb) {
       const float* wb = wd + nb * K * BLOCK;
       const int64_t n0 = nb * BLOCK, nn = std::min(BLOCK, N - n0);
+      const float* next = nb + 1 < b1 ? wb + K * BLOCK : nullptr;
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const float* xr = xd + m0 * ldx;
+        const float* pf = m0 == 0 ? next : nullptr;
         switch (std::min<int64_t>(4, M - m0)) {
-          case 1: tile<1, 6>(xr, ldx, wb, K, 0, buf); break;
-          case 2: tile<2, 6>(xr, ldx, wb, K, 0, buf); break;
-          case 3: tile<3, 3>(xr, ldx, wb, K, 0, buf); tile<3, 3>(xr, ldx, wb, K, 3, buf); break;
-          default: tile<4, 3>(xr, ldx, wb, K, 0, buf); tile<4, 3>(xr, ldx, wb, K, 3, buf); break;
+          case 1: tile<1, 6>(xr, ldx, wb, K, 0, buf, pf); break;
+          case 2: tile<2, 6>(xr, ldx, wb, K, 0, buf, pf); break;
+          case 3: tile<3, 3>(xr, ldx, wb, K, 0, buf, pf); tile<3, 3>(xr, ldx, wb, K, 3, buf, nullptr); break;
+          default: tile<4, 3>(xr, ldx, wb, K, 0, buf, pf); tile<4, 3>(xr, ldx, wb, K, 3, buf, nullptr); break;
         }
         const int64_t rows = std::min<int64_t>(4, M - m0);
         for (int64_t r = 0; r < rows; ++r) {
