@@ -165,6 +165,8 @@ def test_transformers_runs_our_sampler(tiny):
     (["bench", "--lengths", "2k"], "--lengths must be comma-separated integers, got '2k'"),
     (["bench", "--lengths", "0,5"], "--lengths must be positive"),
     (["bench", "--prompt-file", "/nonexistent/x.txt"], "prompt file /nonexistent/x.txt: No such file"),
+    (["bench", "--contexts", "4k"], "--contexts must be comma-separated integers, got '4k'"),
+    (["bench", "--kv-dtype", "int8"], "argument --kv-dtype: invalid choice: 'int8'"),
 ])
 def test_bench_cli_errors_are_one_line(argv, msg, capsys):
     assert main(argv) == 2
@@ -185,3 +187,44 @@ def test_bench_cli_writes_json_csv_png(tmp_path, capsys):
     assert res["prompt_tokens"] == 32 and len(res["records"]) == 4
     assert all(r["same_as_ar"] for r in res["records"])
     assert (out / "t.csv").exists() and (out / "t.png").exists()
+
+
+def test_context_sweep_runs_each_context_side_by_side(tiny, tmp_path):
+    from tokenswift.bench import run_sweep, sweep_table, write_sweep_png
+
+    torch.manual_seed(1)
+    prompt = torch.randint(0, 96, (96,)).tolist()
+    seen = []
+    res = run_sweep(tiny, prompt, [96, 32], [20], ["ar", "tokenswift"], dict(PAPER_SAMPLING, seed=2),
+                    on_context=lambda r: seen.append(list(r["contexts"])))
+    assert res["contexts"] == [32, 96] and seen == [[32]] and "partial" not in res
+    recs = {(r["context"], r["method"]): r for r in res["records"]}
+    assert set(recs) == {(32, "ar"), (32, "tokenswift"), (96, "ar"), (96, "tokenswift")}
+    for C in (32, 96):  # each context's prompt is the first C tokens, and ar is its reference
+        want = tiny.generate(prompt[:C], 20, method="ar", ignore_eos=True, **PAPER_SAMPLING, seed=2).tokens
+        assert recs[(C, "tokenswift")]["same_as_ar"] is True
+        assert recs[(C, "ar")]["decode_speedup"] == pytest.approx(1.0)
+        assert res["runs"][str(C)]["ar"]["new_tokens"] == len(want) == 20
+    lines = sweep_table(res).splitlines()
+    assert len(lines) == 2 + 4 and lines[2].startswith("| 32 | ar | 20 |")
+    write_sweep_png(res, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match=r"contexts must lie in \[1, 96\]"):
+        run_sweep(tiny, prompt, [200], [8], ["ar"])
+
+
+def test_bench_cli_context_sweep(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("The history of the hacker culture, told in many small pieces. " * 20)
+    out = tmp_path / "out"
+    rc = main(["bench", "--prompt-file", str(text), "--contexts", "48,24", "--lengths", "8",
+               "--methods", "ar,tokenswift", "--kv-dtype", "bfloat16", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| 24 | tokenswift | 8 |" in printed and "| 48 | ar | 8 |" in printed
+    res = json.loads((out / "bench-sweep-48-8.json").read_text())
+    assert res["contexts"] == [24, 48] and res["kv_dtype"] == "bfloat16"
+    assert all(r["same_as_ar"] for r in res["records"] if r["method"] == "tokenswift")
+    assert (out / "bench-sweep-48-8.png").exists()
+    with open(out / "bench-sweep-48-8.csv") as f:
+        assert {r["context"] for r in csv.DictReader(f)} == {"24", "48"}

@@ -99,6 +99,25 @@ def test_resume_from_any_prefix_equals_the_whole_run(smollm, tmp_path):
     assert Checkpoint.load(path).tokens == want.tokens
 
 
+def test_a_resumed_run_keeps_its_kv_dtype(tmp_path):
+    import tokenswift
+
+    lm = tokenswift.load("smollm2-135m", kv_dtype="bfloat16")
+    want = lm.generate(PROMPT, 20, method="ar", seed=2, ignore_eos=True, **SAMPLING)
+    path = tmp_path / "ck.json"
+    r = subprocess.run(_cli("--prompt", PROMPT, "--max-new-tokens", "20", "--seed", "2", *CLI_SAMPLING,
+                            "--kv-dtype", "bfloat16", "--checkpoint", str(path), "--json"),
+                       capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    ck = Checkpoint.load(path)
+    assert ck.options["kv_dtype"] == "bfloat16" and ck.tokens == want.tokens
+    ck.tokens, ck.finish_reason = ck.tokens[:7], None
+    ck.save(path)
+    r = subprocess.run(_cli("--resume", str(path), "--json"), capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    assert json.loads(r.stdout)["tokens"] == want.tokens
+
+
 def test_resume_refuses_new_options_and_other_models(tmp_path):
     path = tmp_path / "ck.json"
     _ck(options={"max_new_tokens": 10, "model": "smollm2-135m", "heads": "none", "device": "cpu",
