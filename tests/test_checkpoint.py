@@ -169,11 +169,13 @@ def test_ctrl_c_leaves_a_valid_checkpoint_and_exit_130(smollm, tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["tokens"] == want.tokens
 
 
-def _kill_and_resume(smollm, tmp_path, n: int, kills: int, seed: int, window: float):
+def _kill_and_resume(smollm, tmp_path, n: int, kills: int, seed: int, span: int):
     """Starts a seeded sampling run with --checkpoint and SIGKILLs it `kills` times, resuming it each
     time: the first kill at a random moment of its first seconds (usually while the model loads),
-    the others at a random moment up to `window` seconds after the run has saved new tokens (while
-    it generates, possibly while it writes). The end must equal an uninterrupted run."""
+    the others once the run has saved a random 1..`span` new tokens, after a random pause of up to
+    a second (while it generates, possibly while it writes). Counting in tokens, not seconds, keeps
+    every kill inside the run however fast this machine generates. The end must equal an
+    uninterrupted run."""
     want = smollm.generate(PROMPT, n, method="ar", seed=seed, ignore_eos=True, **SAMPLING)
     path = tmp_path / "ck.json"
     rng = random.Random(seed)
@@ -185,8 +187,8 @@ def _kill_and_resume(smollm, tmp_path, n: int, kills: int, seed: int, window: fl
         if k == 0:
             time.sleep(rng.uniform(0.2, 3.0))
         else:
-            _wait_for_tokens(path, saved[-1] + 1, proc, timeout=300)
-            time.sleep(rng.uniform(0.0, window))
+            _wait_for_tokens(path, saved[-1] + rng.randint(1, span), proc, timeout=300)
+            time.sleep(rng.uniform(0.0, 1.0))
         assert proc.poll() is None, f"run {k} ended before its kill: {proc.stderr.read().decode()}"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -208,9 +210,9 @@ def _kill_and_resume(smollm, tmp_path, n: int, kills: int, seed: int, window: fl
 
 
 def test_sigkill_at_random_moments_then_resume_is_identical(smollm, tmp_path):
-    _kill_and_resume(smollm, tmp_path, n=200, kills=3, seed=7, window=1.5)
+    _kill_and_resume(smollm, tmp_path, n=200, kills=3, seed=7, span=40)
 
 
 @pytest.mark.slow
 def test_sigkill_2000_tokens_three_times_then_resume_is_identical(smollm, tmp_path):
-    _kill_and_resume(smollm, tmp_path, n=2000, kills=3, seed=2000, window=30.0)
+    _kill_and_resume(smollm, tmp_path, n=2000, kills=3, seed=2000, span=500)
