@@ -377,10 +377,19 @@ def write_sweep_png(result: dict[str, Any], path: str | Path, title: str = "") -
         xs = [r["context"] for r in recs]
         a1.plot(xs, [r["decode_speedup"] for r in recs], marker="o", label=m)
         a2.plot(xs, [r["decode_tokens_per_s"] for r in recs], marker="o", label=m)
-    a1.axhline(1.0, color="gray", lw=0.8, ls="--")
-    for a, lab in ((a1, f"decode speedup vs ar ({L} new tokens)"), (a2, "decode tokens/s")):
+    _finish(fig, ((a1, f"decode speedup vs ar ({L} new tokens)"), (a2, "decode tokens/s")), "context (prompt tokens)",
+            title, path)
+
+
+def _finish(fig: Any, axes: Any, xlabel: str, title: str, path: str | Path) -> None:
+    """The bench figures' common styling: a 1x reference line on the first axis, log-2 x axes,
+    labels, grid, legend; then the file."""
+    import matplotlib.pyplot as plt
+
+    axes[0][0].axhline(1.0, color="gray", lw=0.8, ls="--")
+    for a, lab in axes:
         a.set_xscale("log", base=2)
-        a.set_xlabel("context (prompt tokens)")
+        a.set_xlabel(xlabel)
         a.set_ylabel(lab)
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
@@ -422,18 +431,7 @@ def write_png(result: dict[str, Any], path: str | Path, title: str = "") -> None
         a1.plot(xs, [r["speedup"] for r in recs], marker="o", label=m)
         if any(r["acceptance_rate"] is not None for r in recs) and m != "ar":
             a2.plot(xs, [r["acceptance_rate"] or 0.0 for r in recs], marker="o", label=m)
-    a1.axhline(1.0, color="gray", lw=0.8, ls="--")
-    for a, lab in ((a1, "speedup vs ar (wall time)"), (a2, "acceptance rate")):
-        a.set_xscale("log", base=2)
-        a.set_xlabel("new tokens")
-        a.set_ylabel(lab)
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, ((a1, "speedup vs ar (wall time)"), (a2, "acceptance rate")), "new tokens", title, path)
 
 
 def table(result: dict[str, Any]) -> str:
