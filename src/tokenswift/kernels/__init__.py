@@ -78,10 +78,15 @@ def native() -> bool:
                 d.mkdir(parents=True, exist_ok=True)
                 if not any(d.glob("*.so")):
                     log.info("building the native CPU kernels into %s (once; about a minute)", d)
-                import ninja  # noqa: F401
-                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-                cpp_extension.load(name="tokenswift_cpu", sources=[str(_SRC)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                                   build_directory=str(d), is_python_module=False, verbose=False)
+                try:  # the PyPI wheel's binary; else the ninja found on PATH
+                    import ninja
+
+                    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+                except ImportError:
+                    pass
+                cpp_extension.load(name="tokenswift_cpu", sources=[str(_SRC)], extra_cflags=_FLAGS,
+                                   extra_ldflags=["-fopenmp"], build_directory=str(d), is_python_module=False,
+                                   verbose=False)
             except Exception as e:  # a failed build must not stop generation: the torch paths run
                 why = f"the build failed ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e})"
         _state["ok"] = why is None

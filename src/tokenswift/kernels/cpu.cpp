@@ -189,9 +189,10 @@ inline void scores_2x4(const float* q0, const float* q1, const float* const* kj,
 
 // One chunk's softmax partial for R query rows over nk keys (nk <= chunk): per row the chunk's
 // max score m, sum of exp(s - m) l, and sum of exp(s - m) v (o[D]). Keys and values come as
-// pointers to float32 rows of D. `s` is scratch of R * pad8(nk) floats.
+// pointers to float32 rows of D. `s` is scratch of R * pad8(nk) floats. Row r's partial goes to
+// out[r * (D + 2) ...] as m, l, o[D]: the layout the merge reads.
 void chunk_partial(int R, const float* const* qp, int nk, const float* const* kp, const float* const* vp, int D,
-                   float* s, float* m_out, float* l_out, float* o_out) {
+                   float* s, float* out) {
   const int NV = D / 8;
   const int nkp = (nk + 7) & ~7;
   // scores, four keys by two rows at a time (an odd last row alone; the last group repeats its
@@ -221,18 +222,20 @@ void chunk_partial(int R, const float* const* qp, int nk, const float* const* kp
       _mm256_storeu_ps(sr + j, p);
       lv = _mm256_add_ps(lv, p);
     }
-    m_out[r] = m;
-    l_out[r] = hsum(lv);
+    out[r * (D + 2)] = m;
+    out[r * (D + 2) + 1] = hsum(lv);
   }
   // o = sum_j p_j v_j in key order; V tiles of 32 keys stay in L1 across the rows
-  for (int r = 0; r < R; ++r) std::fill(o_out + r * D, o_out + (r + 1) * D, 0.0f);
+  float* o_out = out + 2;  // row r's o at o_out + r * (D + 2)
+  const int P = D + 2;
+  for (int r = 0; r < R; ++r) std::fill(o_out + r * P, o_out + r * P + D, 0.0f);
   for (int j = 0; j < std::min(nk, PF); ++j) prefetch_row(vp[j], D);
   for (int j0 = 0; j0 < nk; j0 += 32) {
     const int j1 = std::min(nk, j0 + 32);
     for (int j = j0 + PF; j < std::min(j1 + PF, nk); ++j) prefetch_row(vp[j], D);
     for (int r = 0; r < R; r += 3) {
       const float* pr[3] = {s + r * nkp, s + std::min(r + 1, R - 1) * nkp, s + std::min(r + 2, R - 1) * nkp};
-      float* orow[3] = {o_out + r * D, o_out + std::min(r + 1, R - 1) * D, o_out + std::min(r + 2, R - 1) * D};
+      float* orow[3] = {o_out + r * P, o_out + std::min(r + 1, R - 1) * P, o_out + std::min(r + 2, R - 1) * P};
       switch (std::min(3, R - r)) {
         case 1: pv_rows<1>(pr, vp, j0, j1, NV, orow); break;
         case 2: pv_rows<2>(pr, vp, j0, j1, NV, orow); break;
@@ -298,10 +301,8 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     KVRows<KT> kv;
     std::vector<int64_t> idx(chunk);
     std::vector<const float*> qp(GT);
-    static thread_local Scratch s_buf, o_buf;
+    static thread_local Scratch s_buf;
     float* s = s_buf.get(static_cast<size_t>(GT) * ((chunk + 7) & ~7));
-    float* o = o_buf.get(static_cast<size_t>(GT) * D);
-    std::vector<float> m(GT), l(GT);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t c = it % nfull, kh = (it / nfull) % KH, b = it / (nfull * KH);
       for (int64_t j = 0; j < chunk; ++j) idx[j] = c * chunk + j;
@@ -309,16 +310,10 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       for (int64_t t = 0; t < T; ++t)
         for (int64_t g = 0; g < G; ++g) qp[t * G + g] = qrow(b, t, kh * G + g);
       // rows in groups whose scores stay in L1; the chunk's K/V are re-read from L2 per group
+      float* dst = pre + static_cast<size_t>(it) * GT * P;
       for (int64_t r0 = 0; r0 < GT; r0 += ROW_GROUP) {
         const int rn = static_cast<int>(std::min<int64_t>(ROW_GROUP, GT - r0));
-        chunk_partial(rn, qp.data() + r0, chunk, kv.kp.data(), kv.vp.data(), D, s, m.data() + r0, l.data() + r0,
-                      o + r0 * D);
-      }
-      float* dst = pre + static_cast<size_t>(it) * GT * P;
-      for (int64_t r = 0; r < GT; ++r) {
-        dst[r * P] = m[r];
-        dst[r * P + 1] = l[r];
-        std::copy(o + r * D, o + (r + 1) * D, dst + r * P + 2);
+        chunk_partial(rn, qp.data() + r0, chunk, kv.kp.data(), kv.vp.data(), D, s, dst + r0 * P);
       }
     }
   });
@@ -333,7 +328,6 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     static thread_local Scratch s_buf, t_buf;
     float* s = s_buf.get(static_cast<size_t>(G) * ((chunk + 7) & ~7));
     float* tail = t_buf.get(static_cast<size_t>(tchunks_max) * G * P);
-    std::vector<float> o(static_cast<size_t>(G) * D), m(G), l(G);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t t = it % T, kh = (it / T) % KH, b = it / (T * KH);
       int64_t cnt = 0;
@@ -346,13 +340,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       for (int64_t c = 0; c < tch; ++c) {
         const int64_t c0 = c * chunk, nk = std::min(chunk, cnt - c0);
         kv.fill(kd + b * ksb + kh * ksh, vd + b * vsb + kh * vsh, kss, vss, idx.data() + c0, nk, D);
-        chunk_partial(G, qp.data(), nk, kv.kp.data(), kv.vp.data(), D, s, m.data(), l.data(), o.data());
-        for (int64_t g = 0; g < G; ++g) {
-          float* dst = tail + (c * G + g) * P;
-          dst[0] = m[g];
-          dst[1] = l[g];
-          std::copy(o.data() + g * D, o.data() + (g + 1) * D, dst + 2);
-        }
+        chunk_partial(G, qp.data(), nk, kv.kp.data(), kv.vp.data(), D, s, tail + c * G * P);
       }
       // merge in chunk order: prefix chunks 0..nfull-1, then the tail's
       const float* pbase = pre + static_cast<size_t>((b * KH + kh) * nfull) * GT * P;
