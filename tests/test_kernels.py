@@ -97,6 +97,71 @@ def test_attention_reads_strided_cache_views():
     assert torch.equal(out, kernels.attention(q, view.contiguous(), view.contiguous()))
 
 
+def _q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, KH, S, D] -> int8 rows, scales [B, KH, S]
+    q = torch.empty(x.shape, dtype=torch.int8)
+    s = torch.empty(x.shape[:3])
+    kernels.quantize_q8(x, q, s)
+    return q, s
+
+
+def test_quantize_q8_matches_its_reference_bitwise():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 50, 64, generator=g) * torch.rand(2, 3, 50, 1, generator=g) * 10
+    x[0, 1, 7] = 0.0  # an all-zero row: scale 0, codes 0
+    x[1, 2, 3, 5] = 1e4  # one outlier owns its row's scale
+    q, s = _q8(x)
+    rq, rs = kernels.quantize_q8_reference(x)
+    assert torch.equal(q, rq) and torch.equal(s, rs)
+    assert s[0, 1, 7] == 0 and not q[0, 1, 7].any() and q[1, 2, 3, 5] == 127
+    # each value within half a step of its row's scale
+    assert ((q.float() * s[..., None] - x).abs() <= 0.5 * s[..., None] + 1e-6).all()
+    # written in place into strided views of a cache, as the draft's cache stores a pass
+    cache, scales = torch.zeros(4, 2, 3, 80, 64, dtype=torch.int8), torch.zeros(4, 2, 3, 80)
+    kernels.quantize_q8(x.transpose(1, 2).contiguous().transpose(1, 2), cache[2, :, :, 10:60], scales[2, :, :, 10:60])
+    assert torch.equal(cache[2, :, :, 10:60], q) and torch.equal(scales[2, :, :, 10:60], s)
+    assert not cache[2, :, :, :10].any() and not cache[1].any()
+
+
+@pytest.mark.parametrize("shape", SHAPES[:5], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "tree"])
+def test_int8_attention_matches_reference(shape, masked):
+    """int8 K/V with row scales (the draft's cache): the float64 attention of the dequantized rows."""
+    B, T, H, KH, n, D = shape
+    q, k, v = _qkv(B, T, H, KH, n + T, D, torch.float32)
+    (k8, ks), (v8, vs) = _q8(k), _q8(v)
+    mask = _tree_mask(_random_parents(T, torch.Generator().manual_seed(1))) if masked else None
+    out = kernels.attention(q, k8, v8, mask, k_scale=ks, v_scale=vs)
+    ref = kernels.attention_reference(q, k8, v8, mask, ks, vs)
+    assert (out - ref).abs().max().item() < 1e-5
+    # and near the float32 attention it stands for (int8 rows: steps of 0.4-1% of a row's largest
+    # value; the scores of D = 128 carry the most error)
+    assert (out - kernels.attention(q, k, v, mask)).abs().max().item() < 0.1
+
+
+@pytest.mark.parametrize("n", [0, 300, 1300])
+def test_int8_attention_rows_equal_one_token_passes_bitwise(n):
+    T, H, KH, D = 16, 9, 3, 64
+    q, k, v = _qkv(1, T, H, KH, n + T, D, torch.float32, seed=n)
+    (k8, ks), (v8, vs) = _q8(k), _q8(v)
+    out = kernels.attention(q, k8, v8, None, k_scale=ks, v_scale=vs)
+    for t in range(T):
+        m = n + t + 1
+        one = kernels.attention(q[:, t : t + 1].contiguous(), k8[:, :, :m], v8[:, :, :m], None,
+                                k_scale=ks[:, :, :m], v_scale=vs[:, :, :m])
+        assert torch.equal(one[0, 0], out[0, t]), f"row {t} differs"
+
+
+def test_int8_attention_needs_its_scales():
+    q, k, v = _qkv(1, 2, 4, 2, 10, 16, torch.float32)
+    (k8, ks), (v8, vs) = _q8(k), _q8(v)
+    with pytest.raises(RuntimeError, match="int8 K/V need k_scale and v_scale"):
+        kernels.attention(q, k8, v8)
+    with pytest.raises(RuntimeError, match="int8 K/V need k_scale and v_scale"):
+        kernels.attention(q, k, v, k_scale=ks, v_scale=vs)
+    with pytest.raises(RuntimeError, match=r"scales must be float32 \[B, KH, S\]"):
+        kernels.attention(q, k8, v8, k_scale=ks[:, :, :5], v_scale=vs)
+
+
 @pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (50, 33), (7, 8)])
 def test_linear_matches_reference_and_is_row_invariant(shape):
     N, K = shape

@@ -59,8 +59,8 @@ def test_caches_take_the_kv_dtype(tiny_dir, monkeypatch):
 
     monkeypatch.setattr(cache_mod.KVCache, "__init__", spy)
     lm = tokenswift.load(str(tiny_dir), heads="none", kv_dtype="bfloat16")
-    lm.generate(list(range(3, 40)), 140, ignore_eos=True, **PAPER_SAMPLING)
-    assert len(made) >= 2 and set(made) == {torch.bfloat16}  # the main cache and the draft cache
+    lm.generate(list(range(3, 40)), 140, ignore_eos=True, draft_kv="partial", **PAPER_SAMPLING)
+    assert len(made) >= 2 and set(made) == {torch.bfloat16}  # the main cache and the partial draft cache
 
 
 def test_bad_kv_dtype_is_named(tiny_dir):

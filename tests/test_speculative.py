@@ -296,7 +296,8 @@ def test_walk_is_distribution_exact_and_the_per_leaf_rule_is_not():
 # --- end to end: TokenSwift == AR -----------------------------------------------------------------
 
 SAMPLERS = {"greedy": dict(temperature=0.0), "paper": dict(PAPER_SAMPLING, seed=7)}
-COMBOS = list(itertools.product([True, False], [True, False], [True, False]))  # heads, ngrams, partial
+# heads, ngrams, the draft's cache past the budget (budget 64 < context for partial and int8)
+COMBOS = [*itertools.product([True, False], [True, False], ["partial", "int8"]), (True, True, "full")]
 
 
 @pytest.fixture(scope="module")
@@ -324,14 +325,17 @@ def test_tokenswift_equals_ar_on_tiny_models(tiny_lms, kind, sampler, n):
     lm.heads = None
     want = lm.generate(prompt, n, method="ar", **kw).tokens
     accepted = 0
-    for use_heads, use_ngrams, partial in COMBOS:
+    for use_heads, use_ngrams, kv in COMBOS:
         lm.heads = heads if use_heads else None
         res = lm.generate(prompt, n, method="tokenswift", use_ngrams=use_ngrams, tree="1,3,3,3",
-                          draft_budget=64 if partial else 4096, full_kv_draft=not partial, **kw)
-        assert res.tokens == want, f"heads={use_heads} ngrams={use_ngrams} partial={partial}"
+                          draft_budget=64, draft_kv=kv, **kw)
+        assert res.tokens == want, f"heads={use_heads} ngrams={use_ngrams} draft_kv={kv}"
+        assert res.stats["draft_kv"] == kv
         accepted += res.stats["accepted_draft_tokens"]
-        if partial:
+        if kv == "partial":
             assert res.stats["draft_refreshes"] > 0  # B=64 < context: the partial cache was used
+        else:
+            assert res.stats["draft_refreshes"] == 0 and res.stats["draft_kv_max"] > 100
     lm.heads = None
     ngram = lm.generate(prompt, n, method="ngram", **kw)
     assert ngram.tokens == want
@@ -392,8 +396,9 @@ def int4_lms(tmp_path_factory):
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_int4_self_draft_equals_ar_on_tiny_models(int4_lms, kind, sampler, n, monkeypatch):
-    """The chained int4 self-draft (the default drafter), partial and full draft caches, with
-    chains, siblings and n-grams every iteration: n tokens identical to AR (1,000 in the slow run)."""
+    """The chained int4 self-draft (the default drafter) over each draft cache past a 64-entry
+    budget (the int8 copy, the partial selection, the main cache itself), with chains, siblings
+    and n-grams every iteration: n tokens identical to AR (1,000 in the slow run)."""
     lm = int4_lms[kind]
     assert lm.int4 is not None and lm.int4.layers[0].w_down.kernel  # the real int4 kernel runs
     torch.manual_seed(3)
@@ -401,13 +406,13 @@ def test_int4_self_draft_equals_ar_on_tiny_models(int4_lms, kind, sampler, n, mo
     kw = dict(ignore_eos=True, **SAMPLERS[sampler])
     want = lm.generate(prompt, n, method="ar", **kw).tokens
     _force_costs(monkeypatch, drafts_pay=True)
-    for partial in (True, False):
-        res = lm.generate(prompt, n, method="tokenswift", draft_budget=64 if partial else 4096, **kw)
-        assert res.tokens == want, f"partial={partial}"
+    for kv in ("int8", "partial", "full"):
+        res = lm.generate(prompt, n, method="tokenswift", draft_budget=64, draft_kv=kv, **kw)
+        assert res.tokens == want, f"draft_kv={kv}"
         st = res.stats
-        assert st["drafter"] == "chain" and st["draft_weights"] == "int4"
+        assert st["drafter"] == "chain" and st["draft_weights"] == "int4" and st["draft_kv"] == kv
         assert st["accepted_draft_tokens"] > n // 20  # the walk descends the chains
-        assert (st["draft_refreshes"] > 0) == partial
+        assert (st["draft_refreshes"] > 0) == (kv == "partial")
 
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
@@ -454,8 +459,8 @@ def test_draft_pass_reads_at_most_the_budget(tiny_lms, monkeypatch):
     torch.manual_seed(4)
     prompt = torch.randint(0, 96, (1000,)).tolist()
     B = 64
-    res = lm.generate(prompt, 150, method="tokenswift", tree="1,3,3,3", draft_budget=B, ignore_eos=True,
-                      temperature=0)
+    res = lm.generate(prompt, 150, method="tokenswift", tree="1,3,3,3", draft_budget=B, draft_kv="partial",
+                      ignore_eos=True, temperature=0)
     lm.heads = None
     assert seen and max(seen) <= B + 1
     st = res.stats
@@ -478,12 +483,13 @@ def test_spec_config_validates():
 @pytest.mark.parametrize("n", [300, pytest.param(1000, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_tokenswift_equals_ar_on_smollm2(smollm, cdne_ids, sampler, n):
-    """The paper's static tree and the defaults (int4 chains, auto plan) over a partial cache:
-    n tokens identical to AR (1,000 in the slow run)."""
+    """The paper's static tree over a partial cache and the defaults (int4 chains, auto plan, the
+    int8 copy of the cache past the budget): n tokens identical to AR (1,000 in the slow run)."""
     prompt = cdne_ids[2000:2512]
     kw = dict(ignore_eos=True, **SAMPLERS[sampler])
     want = smollm.generate(prompt, n, method="ar", **kw).tokens
-    got = smollm.generate(prompt, n, method="tokenswift", tree="1,3,3,3", draft_budget=256, **kw)
+    got = smollm.generate(prompt, n, method="tokenswift", tree="1,3,3,3", draft_budget=256, draft_kv="partial",
+                          **kw)
     assert got.tokens == want
     assert got.stats["draft_refreshes"] > 0
     auto = smollm.generate(prompt, n, draft_budget=256, **kw)
@@ -503,10 +509,10 @@ def test_tokenswift_equals_ar_on_smollm2_all_combinations(smollm, cdne_ids, samp
     saved = smollm.heads
     heads = random_heads(smollm.model, 3, scale=0.02, seed=5)
     try:
-        for use_heads, use_ngrams, partial in COMBOS:
+        for use_heads, use_ngrams, kv in COMBOS:
             smollm.heads = heads if use_heads else None
             got = smollm.generate(prompt, 1000, method="tokenswift", use_ngrams=use_ngrams, tree="1,3,3,3",
-                                  draft_budget=256 if partial else 4096, full_kv_draft=not partial, **kw)
-            assert got.tokens == want, f"heads={use_heads} ngrams={use_ngrams} partial={partial}"
+                                  draft_budget=256, draft_kv=kv, **kw)
+            assert got.tokens == want, f"heads={use_heads} ngrams={use_ngrams} draft_kv={kv}"
     finally:
         smollm.heads = saved

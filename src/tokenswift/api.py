@@ -11,6 +11,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from .config import RopeScaling, SamplingConfig, SpecConfig
+from .cache import Q8KVCache
+from .drafters import resolve_draft_kv
 from .engine import Step, generate_ar, generate_speculative, self_drafts
 from .heads import DraftHeads, resolve_heads
 from .seqdraft import SeqDraftModel, resolve_seq_drafter
@@ -210,7 +212,7 @@ class LM:
         sinks: int = P["sinks"].default,
         use_ngrams: bool = P["use_ngrams"].default,
         use_heads: bool = P["use_heads"].default,
-        full_kv_draft: bool = P["full_kv_draft"].default,
+        draft_kv: str = P["draft_kv"].default,
         max_nodes: int | None = P["max_nodes"].default,
         draft_weights: str = P["draft_weights"].default,
         drafter: str = P["drafter"].default,
@@ -221,7 +223,7 @@ class LM:
         cache, n-grams extend them, the model verifies), "ar" (plain decoding) or "ngram" (n-gram
         drafts only). Every method writes the same tokens for the same seed; the speculation
         options (gamma, tree, ngram_topk, ngram_n, draft_budget, sinks, use_ngrams, use_heads,
-        full_kv_draft, max_nodes, draft_weights, drafter; ranges in params.py) change only the speed. `tree` "auto" (default) plans each
+        draft_kv, max_nodes, draft_weights, drafter; ranges in params.py) change only the speed. `tree` "auto" (default) plans each
         iteration by measured cost; a static shape such as "1,3,3,3" drafts the paper's way
         (one draft pass + the draft heads)."""
         call = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -234,7 +236,7 @@ class LM:
                top_k: int, top_p: float, min_p: float, eta: float, penalty: float, penalty_window: int,
                ignore_eos: bool, min_keep: int, chat: bool, gamma: int, tree: str | Sequence, ngram_topk: int,
                ngram_n: int, draft_budget: int, sinks: int, use_ngrams: bool, use_heads: bool,
-               full_kv_draft: bool, max_nodes: int | None, draft_weights: str, drafter: str) -> Iterator[Step]:
+               draft_kv: str, max_nodes: int | None, draft_weights: str, drafter: str) -> Iterator[Step]:
         sampling = SamplingConfig(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, min_keep=min_keep, eta=eta,
             penalty=penalty, penalty_window=penalty_window, seed=seed,
@@ -253,6 +255,10 @@ class LM:
                              f" ({max_new_tokens}) exceeds the model's context of {ctx} tokens; lower ",
                              f" to {ctx - len(ids)} or {hint}")
         need = (len(ids) + max_new_tokens) * self.kv_bytes_per_token
+        if method == "tokenswift" and len(ids) + max_new_tokens > draft_budget:  # the draft's int8 copy
+            P["draft_kv"].check(draft_kv)
+            if draft_kv == "int8" or (draft_kv == "auto" and resolve_draft_kv("auto", self.model.device) == "int8"):
+                need += (len(ids) + max_new_tokens) * Q8KVCache.bytes_per_token(self.model.cfg)
         have = available_memory(self.model.device)
         if have is not None and need > have:
             raise ParamError("max_new_tokens", f"prompt ({len(ids)} tokens) + ",
@@ -262,7 +268,7 @@ class LM:
             return generate_ar(self.model, ids, max_new_tokens, sampling, self.eos_token_ids, ignore_eos)
         spec = SpecConfig(gamma=gamma, tree=tree if isinstance(tree, str) else tuple(tree), ngram_topk=ngram_topk,
                           ngram_n=ngram_n, draft_budget=draft_budget, sinks=sinks, use_ngrams=use_ngrams,
-                          use_heads=use_heads, full_kv_draft=full_kv_draft, max_nodes=max_nodes,
+                          use_heads=use_heads, draft_kv=draft_kv, max_nodes=max_nodes,
                           draft_weights=draft_weights, drafter=drafter)
         # the int4 copy is built only for a run that drafts with it
         int4 = self.int4 if spec.draft_weights != "float" and self_drafts(method, spec, max_new_tokens) else None

@@ -41,7 +41,8 @@ OURS = {
     "tokenswift-paper": dict(method="tokenswift", tree="1,3,3,3", ngram_topk=20),
     "tokenswift-noheads": dict(method="tokenswift", use_heads=False),
     "tokenswift-nongrams": dict(method="tokenswift", use_ngrams=False),
-    "tokenswift-fullkv": dict(method="tokenswift", full_kv_draft=True),
+    "tokenswift-fullkv": dict(method="tokenswift", draft_kv="full"),
+    "tokenswift-partial": dict(method="tokenswift", draft_kv="partial"),
     "tokenswift-self": dict(method="tokenswift", drafter="self"),  # the int4 self-draft alone
     "tokenswift-seq": dict(method="tokenswift", drafter="seq"),  # the seq drafter alone
     "ngram": dict(method="ngram"),

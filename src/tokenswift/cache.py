@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .config import ModelConfig
 
 
 class KVCache:
     # Entries sit in position order, so sliding-window masks can be computed from `pos`.
     ordered = True
+    # K/V stored as int8 rows with float32 scales (`Q8KVCache`)
+    quantized = False
 
     def __init__(
         self,
@@ -73,6 +76,63 @@ class KVCache:
             self.v[:, :, :, start : start + n] = self.v.index_select(3, idx)
             self.pos[start : start + n] = self.pos.index_select(0, idx)
         self.length = start + n
+
+
+class Q8KVCache(KVCache):
+    """The self-draft's copy of the main cache in int8: each K/V row of head_dim values is stored
+    as int8 with one float32 scale (max |x| / 127), 17/64 of a float32 cache. Drafting over the
+    whole context through this copy keeps the draft close to the target at long context, where a
+    partial cache's selection misses most of YaRN's diffuse attention (benchmarks/draft_acceptance.py:
+    depth-1 acceptance 0.98 at 16K against 0.64 for a 1,024-entry partial cache).
+
+    `sync` quantizes the entries main committed since; the draft's own passes write quantized
+    K/V after them (`store`) and are truncated away afterwards. Needs the native kernels."""
+
+    quantized = True
+
+    def __init__(self, cfg: ModelConfig, capacity: int, device: torch.device | str = "cpu",
+                 rope_len: int | None = None) -> None:
+        super().__init__(cfg, capacity=1, batch=1, device=device, rope_len=rope_len)
+        shape = (cfg.num_layers, 1, cfg.num_kv_heads, capacity, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=torch.int8, device=device)  # [L, 1, KVH, C, Dh]
+        self.v = torch.zeros(shape, dtype=torch.int8, device=device)
+        self.ks = torch.zeros(shape[:4], dtype=torch.float32, device=device)  # [L, 1, KVH, C] row scales
+        self.vs = torch.zeros(shape[:4], dtype=torch.float32, device=device)
+        self.pos = torch.zeros(capacity, dtype=torch.int64, device=device)  # [C]
+        if rope_len is None:
+            self.rope_len = capacity
+
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig) -> int:
+        return 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim + 4)
+
+    def store(self, li: int, n: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [1, KVH, T, Dh] float32 -> entries [n, n+T) of layer li, quantized."""
+        T = k.shape[2]
+        kernels.quantize_q8(k, self.k[li, :, :, n : n + T], self.ks[li, :, :, n : n + T])
+        kernels.quantize_q8(v, self.v[li, :, :, n : n + T], self.vs[li, :, :, n : n + T])
+
+    @torch.no_grad()
+    def sync(self, main: KVCache, N: int) -> None:
+        """Makes entries [0, N) main's (committed, exact), quantizing those not yet copied."""
+        a = min(self.length, N)
+        if a < N:
+            # all layers at once: [L, KVH, N-a, Dh] viewed as the kernel's [B, KVH, T, Dh]
+            kernels.quantize_q8(main.k[:, 0, :, a:N].float(), self.k[:, 0, :, a:N], self.ks[:, 0, :, a:N])
+            kernels.quantize_q8(main.v[:, 0, :, a:N].float(), self.v[:, 0, :, a:N], self.vs[:, 0, :, a:N])
+            self.pos[a:N] = main.pos[a:N]
+        self.length = N
+
+    def layer(self, li: int, S: int) -> tuple[torch.Tensor, ...]:
+        """Layer li's entries [0, S): int8 keys, values [1, KVH, S, Dh] and their scales [1, KVH, S]."""
+        return self.k[li, :, :, :S], self.v[li, :, :, :S], self.ks[li, :, :, :S], self.vs[li, :, :, :S]
+
+    def dequantized(self, li: int, S: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v, ks, vs = self.layer(li, S)
+        return (k.to(dtype) * ks.to(dtype)[..., None], v.to(dtype) * vs.to(dtype)[..., None])
+
+    def keep(self, indices: torch.Tensor, start: int | None = None) -> None:
+        raise NotImplementedError("the int8 draft cache is only appended to and truncated")
 
 
 class DraftCache(KVCache):

@@ -144,9 +144,12 @@ def continue_run(ck: Checkpoint, lm: "LM", path: str | os.PathLike[str] | None =
     when the iteration ends, however it ends (close the iterator on an early exit). Options are
     checked now: a bad one raises here, before the first step."""
     o = ck.options
+    spec = dict(o["spec"])
+    if "full_kv_draft" in spec:  # written before draft_kv replaced it (a speed option: the text is the same)
+        spec.setdefault("draft_kv", "full" if spec.pop("full_kv_draft") else "auto")
     steps = iter(()) if ck.done else lm.steps(
         ck.prompt_ids + ck.tokens, ck.max_new_tokens - len(ck.tokens), method=o["method"],
-        ignore_eos=o["ignore_eos"], **o["sampling"], **o["spec"])
+        ignore_eos=o["ignore_eos"], **o["sampling"], **spec)
     return _saving(ck, steps, path, every)
 
 

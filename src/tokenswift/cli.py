@@ -94,11 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = g.add_argument_group("speculation (tokenswift / ngram methods; speed only, never the text)")
     sp.add_argument("--heads", default="auto", metavar="PATH|none|auto",
                     help="draft heads file; auto = shipped heads for a known model (default auto)")
-    _param_args(sp, *(n for n in SPEC if PARAMS[n].flag and n not in ("full_kv_draft", "drafter")))
+    _param_args(sp, *(n for n in SPEC if PARAMS[n].flag and n != "drafter"))
     sp.add_argument("--drafter", default="auto", metavar="auto|self|seq|none|PATH",
                     help=PARAMS["drafter"].help + "; or a seq drafter file (from train-drafter) to draft with")
     sp.add_argument("--no-ngrams", action="store_true", help="draft without n-gram reuse")
-    _param_args(sp, "full_kv_draft")
     g.add_argument("--stats", action="store_true", help="print the run's stats as JSON on stderr at the end")
     _param_args(g, "ignore_eos")
     g.add_argument("--json", action="store_true", help="print one JSON object {tokens, text, stats} at the end")

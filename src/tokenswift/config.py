@@ -353,7 +353,9 @@ class SpecConfig:
     # token in attention alone on a 2-core CPU)
     draft_budget: int = PARAMS["draft_budget"].default
     sinks: int = PARAMS["sinks"].default
-    full_kv_draft: bool = PARAMS["full_kv_draft"].default  # ablation: draft over the full cache
+    # the cache the self-draft attends to past draft_budget entries: "int8" (a quantized copy of
+    # the whole cache), "partial" (the paper's selection), "full" (the cache itself), "auto"
+    draft_kv: str = PARAMS["draft_kv"].default
     max_nodes: int | None = PARAMS["max_nodes"].default  # cap on trie nodes (root included); None = no cap
     # the self-draft's weights: "int4" (the model's int4 copy), "float" (its own weights, the
     # paper's), "auto" (int4 where the model has an int4 copy)

@@ -22,10 +22,12 @@ from typing import Sequence
 
 import torch
 
-from .cache import DraftCache, KVCache
+from . import kernels
+from .cache import DraftCache, KVCache, Q8KVCache
 from .config import SamplingConfig
 from .heads import DraftHeads, base_draft_logits
 from .model import Decoder, _attention_plain
+from .params import ParamError
 from .ngram import NGramFeeder, NGramTable
 from .sampling import coupled_candidates, penalty_window
 from .seqdraft import SeqDraftModel
@@ -40,6 +42,19 @@ class Proposal:
     candidates: list[list[int]]
 
 
+def resolve_draft_kv(kv: str, device: torch.device) -> str:
+    """draft_kv "auto" -> "int8" where the native CPU kernels run (its attention is theirs), else
+    "partial"; an explicit "int8" without them is an error."""
+    native = torch.device(device).type == "cpu" and kernels.native()
+    if kv == "auto":
+        return "int8" if native else "partial"
+    if kv == "int8" and not native:
+        why = "not on CPU" if torch.device(device).type != "cpu" else kernels.why_not()
+        raise ParamError("draft_kv", "", f" 'int8' needs the native CPU kernels ({why}); use ",
+                         " 'partial' or 'full'")
+    return kv
+
+
 class SelfDrafter:
     def __init__(
         self,
@@ -49,7 +64,7 @@ class SelfDrafter:
         sampling: SamplingConfig,
         budget: int,
         sinks: int,
-        full_kv: bool,
+        kv: str,  # draft_kv: "auto", "int8", "partial" or "full"
         max_depth: int,
         rope_len: int,
     ) -> None:
@@ -59,9 +74,12 @@ class SelfDrafter:
         self.heads = heads
         self.sampling = sampling
         self.budget = budget
+        self.kv = resolve_draft_kv(kv, target.device)
+        self.rope_len = rope_len
         self.cache: DraftCache | None = None
+        self.q8: Q8KVCache | None = None  # built when the context first passes the budget
         self.probs: torch.Tensor | None = None
-        if not full_kv:
+        if self.kv == "partial":
             self.cache = DraftCache(cfg, budget=budget, sinks=sinks, extra=max_depth + 1, dtype=target.kv_dtype,
                                     device=target.device, rope_len=rope_len)
         dev = target.device
@@ -77,9 +95,14 @@ class SelfDrafter:
 
     def _cache_for(self, main: KVCache, N: int, root: int) -> tuple[KVCache, int]:
         """The cache the draft attends to at root position N, and its length to restore."""
-        c = self.cache
-        if c is None or N <= self.budget:
+        if N <= self.budget or self.kv == "full":
             return main, N
+        if self.kv == "int8":
+            if self.q8 is None:
+                self.q8 = Q8KVCache(self.target.cfg, main.capacity, device=main.k.device, rope_len=self.rope_len)
+            self.q8.sync(main, N)
+            return self.q8, N
+        c = self.cache
         if not c.valid:  # re-select the partial cache with this root's query over the full cache
             if self.probs is None or self.probs.shape[-1] < main.capacity:
                 cfg = self.target.cfg

@@ -14,7 +14,7 @@ import torch
 
 from .cache import KVCache
 from .config import SamplingConfig, SpecConfig
-from .drafters import NGramDrafter, Proposal, SelfDrafter, SeqDrafter
+from .drafters import NGramDrafter, Proposal, SelfDrafter, SeqDrafter, resolve_draft_kv
 from .heads import DraftHeads
 from .loading import synchronize
 from .model import Decoder
@@ -207,6 +207,8 @@ class SpeculativeRun:
         self.timer = Timer(model.device)
         self.c = Counters()
         self.auto = method == "tokenswift" and spec.auto
+        # before the prefill: an explicit draft_kv the machine cannot run fails at once
+        self.draft_kv = resolve_draft_kv(spec.draft_kv, model.device) if draft_model is not None else None
         use_draft = draft_model is not None or (seq is not None and self.auto)
         self.use_heads = use_draft and not self.auto and spec.use_heads and heads is not None
         # static trees are the paper's drafts (one pass + heads); auto chains the draft passes
@@ -262,7 +264,7 @@ class SpeculativeRun:
         if self.planner is not None:
             self.planner.ngram.done = n0  # score generated text only: the prompt's n-grams would match themselves
         self.drafter = SelfDrafter(model, draft_model, heads if self.use_heads else None, sampling,
-                                   spec.draft_budget, spec.sinks, spec.full_kv_draft, depth,
+                                   spec.draft_budget, spec.sinks, self.draft_kv, depth,
                                    rope_len=run_len) if draft_model is not None else None
         self.plan: Plan | None = None
 
@@ -394,6 +396,7 @@ class SpeculativeRun:
             "verify_seconds": c.t_verify,
             "walk_seconds": c.t_walk,
             "other_seconds": max(0.0, out["decode_seconds"] - c.t_draft - c.t_verify - c.t_walk),
+            "draft_kv": d.kv if d else None,
             "draft_kv_max": d.max_reads if d else 0,
             "draft_refresh_kv_total": d.refresh_reads if d else 0,
             "draft_refreshes": d.refreshes if d else 0,

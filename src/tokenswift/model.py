@@ -568,7 +568,17 @@ class Decoder(nn.Module):
         x = F.embedding(tokens, self.embed)  # [B, T, D]
         for li, L in enumerate(self.layers):
             q, k, v = layer_qkv(L, cfg, x, cos, sin, qkv_fn)
-            if cache is not None:
+            w = cfg.layer_windows[li]
+            lo, wmask = window_masks[w] if (w and w in window_masks) else (0, None)
+            att = None
+            if cache is not None and cache.quantized:  # the draft's int8 copy of the cache
+                cache.store(li, n, k.transpose(1, 2).float(), v.transpose(1, 2).float())
+                if path == "native" and attn_probs is None and full is None and wmask is None:
+                    keys, vals, ks, vs = cache.layer(li, S)
+                    att = kernels.attention(q * scale, keys, vals, block, k_scale=ks, v_scale=vs)
+                else:  # the torch paths: a dequantized copy (slow; not the draft's normal route)
+                    keys, vals = cache.dequantized(li, S, q.dtype)
+            elif cache is not None:
                 cache.k[li, :, :, n:S] = k.transpose(1, 2)
                 cache.v[li, :, :, n:S] = v.transpose(1, 2)
                 keys, vals = cache.k[li, :, :, :S], cache.v[li, :, :, :S]  # [B, K, S, Dh] views
@@ -576,11 +586,9 @@ class Decoder(nn.Module):
                     keys, vals = keys.to(q.dtype), vals.to(q.dtype)  # torch's kernels take one dtype
             else:
                 keys, vals = k.transpose(1, 2), v.transpose(1, 2)
-            w = cfg.layer_windows[li]
-            lo, wmask = window_masks[w] if (w and w in window_masks) else (0, None)
-            if attn_probs is not None:
+            if att is None and attn_probs is not None:
                 att = _attention_plain(q * scale, keys, vals, None, None, 0, None, probs_out=attn_probs[li])
-            else:
+            elif att is None:
                 att = _attention(q * scale, keys, vals, block, bias, full, lo, wmask, path,
                                  allow)  # [B, T, H*Dh]
             x = layer_out(L, cfg, x, att, reduce, out_fn)

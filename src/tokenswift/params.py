@@ -154,7 +154,11 @@ _LIST: list[Param] = [
               flag="--draft-budget"),
         Param("sinks", int, 16, "an integer in [0, 1024]", "first KV entries the draft cache always keeps",
               ok=lambda v: 0 <= v <= 1024),
-        Param("full_kv_draft", bool, False, "true or false", "draft over the full KV cache", flag="--full-kv-draft"),
+        Param("draft_kv", str, "auto", "one of auto, int8, partial, full",
+              "the KV cache the self-draft attends to beyond --draft-budget entries: int8 (an int8 copy of the "
+              "whole cache), partial (--draft-budget entries chosen by attention score), full (the cache itself), "
+              "auto = int8 where the native CPU kernels run, else partial (default auto)", flag="--draft-kv",
+              choices=("auto", "int8", "partial", "full")),
         Param("max_nodes", int, None, "None or an integer in [1, 4096]", "cap on trie nodes, root included",
               ok=lambda v: 1 <= v <= 4096, nullable=True),
         Param("draft_weights", str, "auto", "one of auto, int4, float",

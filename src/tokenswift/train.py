@@ -572,7 +572,7 @@ def greedy_accepted_length(model: Decoder, heads: DraftHeads, prompts: np.ndarra
     from .config import SpecConfig
     from .engine import generate_speculative
 
-    spec = SpecConfig(tree=tree, use_ngrams=False, full_kv_draft=True, gamma=1 + heads.num_heads)
+    spec = SpecConfig(tree=tree, use_ngrams=False, draft_kv="full", gamma=1 + heads.num_heads)
     greedy = SamplingConfig(temperature=0.0)
     accepted = iterations = produced = 0
     for row in prompts:

@@ -1,8 +1,10 @@
 """Native CPU kernels: a thin face over `cpu.cpp` (C++, AVX2+FMA, built on first use).
 
 - `attention(q, k, v, mask)`: grouped-query attention of T new tokens over a KV cache (float32,
-  bfloat16 or float16 K/V, read in place), split by fixed chunks of each row's visible keys and
-  merged in a fixed order, so that every row's bits equal a one-token pass's.
+  bfloat16 or float16 K/V, read in place, or int8 K/V with per-row scales: the draft's copy of
+  the cache), split by fixed chunks of each row's visible keys and merged in a fixed order, so
+  that every row's bits equal a one-token pass's.
+- `quantize_q8`: K/V rows to int8 with one float32 scale per row, in place into a cache.
 - `PackedLinear`: a float32 weight matrix packed into 48-output panels; each output is one FMA
   chain over the input in order, so a row's result does not depend on how many rows run.
 
@@ -111,22 +113,41 @@ def why_not() -> str:
 
 def attention(
     q: torch.Tensor,  # [B, T, H, D] float32, already scaled
-    k: torch.Tensor,  # [B, KH, S, D] float32/bfloat16/float16, last dim contiguous; last T = new
+    k: torch.Tensor,  # [B, KH, S, D] float32/bfloat16/float16/int8, last dim contiguous; last T = new
     v: torch.Tensor,  # [B, KH, S, D]
     mask: torch.Tensor | None = None,  # [1 or B, T, T] bool among the new tokens; None = causal
     chunk: int = CHUNK,
     lse: bool = False,
+    k_scale: torch.Tensor | None = None,  # [B, KH, S] float32: int8 K/V only (row = scale * int8 row)
+    v_scale: torch.Tensor | None = None,  # [B, KH, S]
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # [B, T, H*D] (and [B, T, H] log-sum-exp)
-    out, l = torch.ops.tokenswift.attention(q, k, v, mask, chunk, lse)
+    out, l = torch.ops.tokenswift.attention(q, k, v, mask, chunk, lse, k_scale, v_scale)
     return (out, l) if lse else out
 
 
-def attention_reference(q, k, v, mask=None):  # shapes as in attention
+def quantize_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """x [B, KH, T, D] float32 -> q (int8, same shape) and scale [B, KH, T], written in place:
+    per row scale = max|x| / 127 and q = round(x / scale) (0 for an all-zero row)."""
+    torch.ops.tokenswift.quantize_q8(x, q, scale)
+
+
+def quantize_q8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `quantize_q8` writes, in plain torch: (q int8 [..., D], scale float32 [...])."""
+    s = x.abs().amax(-1) / 127.0  # [...]
+    r = torch.where(s[..., None] > 0, x / s[..., None], torch.zeros_like(x))
+    return r.round().clamp(-127, 127).to(torch.int8), s
+
+
+def attention_reference(q, k, v, mask=None, k_scale=None, v_scale=None):  # shapes as in attention
     """The same attention in plain torch, float64: every cached key plus the new keys the mask
-    allows (causal when None), softmax, weighted values. -> [B, T, H*D] float32."""
+    allows (causal when None), softmax, weighted values; int8 K/V times their row scales.
+    -> [B, T, H*D] float32."""
     B, T, H, D = q.shape
     KH, S = k.shape[1], k.shape[2]
     G = H // KH
+    if k_scale is not None:
+        k = k.double() * k_scale.double()[..., None]
+        v = v.double() * v_scale.double()[..., None]
     kk = k.double().repeat_interleave(G, dim=1)  # [B, H, S, D]
     vv = v.double().repeat_interleave(G, dim=1)
     s = torch.einsum("bthd,bhsd->bhts", q.double(), kk)  # [B, H, T, S]

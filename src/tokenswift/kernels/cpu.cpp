@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -98,6 +99,14 @@ inline void to_float(const c10::Half* src, float* dst, int n) {
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+// Eight K/V elements as float32 lanes: float32 rows are read as they are, int8 rows (the draft's
+// quantized cache) are widened in registers; their per-row scales are applied to the scores and
+// the probabilities instead, so no dequantized copy is ever written.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
 // ---------------------------------------------------------------------------------------------
 // attention
 // ---------------------------------------------------------------------------------------------
@@ -107,8 +116,10 @@ inline void to_float(const c10::Half* src, float* dst, int n) {
 constexpr int PF = 32;
 // Query rows of one chunk pass: 12 rows' scores over a 256-key chunk take 12 KiB (L1 is 32).
 constexpr int64_t ROW_GROUP = 12;
-inline void prefetch_row(const float* p, int D) {
-  for (int i = 0; i < D; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+template <typename E>
+inline void prefetch_row(const E* p, int D) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int i = 0; i < D * static_cast<int>(sizeof(E)); i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
 }
 
 // Scratch that keeps its memory between calls: large buffers allocated afresh on every call
@@ -127,17 +138,17 @@ struct Scratch {
 
 // o_r[d0*8 .. (d0+NB)*8) += sum_{j0 <= j < j1} p_r[j] v_j for RR rows at once (each V vector
 // loaded once for them); every output element is one FMA chain in key order, whatever RR is.
-template <int RR, int NB>
-inline void pv_tile(const float* const* p, const float* const* vp, int j0, int j1, int d0, float* const* o) {
+template <int RR, int NB, typename E>
+inline void pv_tile(const float* const* p, const E* const* vp, int j0, int j1, int d0, float* const* o) {
   __m256 acc[RR][NB];
   for (int r = 0; r < RR; ++r)
     for (int b = 0; b < NB; ++b) acc[r][b] = _mm256_loadu_ps(o[r] + (d0 + b) * 8);
   for (int j = j0; j < j1; ++j) {
     __m256 pj[RR];
     for (int r = 0; r < RR; ++r) pj[r] = _mm256_broadcast_ss(p[r] + j);
-    const float* v = vp[j] + d0 * 8;
+    const E* v = vp[j] + d0 * 8;
     for (int b = 0; b < NB; ++b) {
-      __m256 vv = _mm256_loadu_ps(v + b * 8);
+      __m256 vv = load8(v + b * 8);
       for (int r = 0; r < RR; ++r) acc[r][b] = _mm256_fmadd_ps(pj[r], vv, acc[r][b]);
     }
   }
@@ -145,25 +156,26 @@ inline void pv_tile(const float* const* p, const float* const* vp, int j0, int j
     for (int b = 0; b < NB; ++b) _mm256_storeu_ps(o[r] + (d0 + b) * 8, acc[r][b]);
 }
 
-template <int RR>
-inline void pv_rows(const float* const* p, const float* const* vp, int j0, int j1, int NV, float* const* o) {
+template <int RR, typename E>
+inline void pv_rows(const float* const* p, const E* const* vp, int j0, int j1, int NV, float* const* o) {
   for (int d0 = 0; d0 < NV; d0 += 4) {
     switch (std::min(4, NV - d0)) {
-      case 1: pv_tile<RR, 1>(p, vp, j0, j1, d0, o); break;
-      case 2: pv_tile<RR, 2>(p, vp, j0, j1, d0, o); break;
-      case 3: pv_tile<RR, 3>(p, vp, j0, j1, d0, o); break;
-      default: pv_tile<RR, 4>(p, vp, j0, j1, d0, o); break;
+      case 1: pv_tile<RR, 1, E>(p, vp, j0, j1, d0, o); break;
+      case 2: pv_tile<RR, 2, E>(p, vp, j0, j1, d0, o); break;
+      case 3: pv_tile<RR, 3, E>(p, vp, j0, j1, d0, o); break;
+      default: pv_tile<RR, 4, E>(p, vp, j0, j1, d0, o); break;
     }
   }
 }
 
 // One row against four keys: the same chains and the same tree as scores_2x4, half the work.
-inline void scores_1x4(const float* q0, const float* const* kj, int NV, float* s0) {
+template <typename E>
+inline void scores_1x4(const float* q0, const E* const* kj, int NV, float* s0) {
   __m256 acc[8];
   for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
   for (int dv = 0; dv < NV; ++dv) {
     __m256 a = _mm256_loadu_ps(q0 + dv * 8);
-    for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(kj[j] + dv * 8), acc[j]);
+    for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(a, load8(kj[j] + dv * 8), acc[j]);
   }
   _mm_storeu_ps(s0, _mm256_castps256_ps128(hsum8(acc)));
 }
@@ -171,13 +183,14 @@ inline void scores_1x4(const float* q0, const float* const* kj, int NV, float* s
 // Scores of two query rows against four keys: eight dot products, each lane-wise FMAs over the
 // head dim then the hsum8 tree, so a score's bits do not depend on which row or key it is paired
 // with. -> s0[0..4), s1[0..4)
-inline void scores_2x4(const float* q0, const float* q1, const float* const* kj, int NV, float* s0, float* s1) {
+template <typename E>
+inline void scores_2x4(const float* q0, const float* q1, const E* const* kj, int NV, float* s0, float* s1) {
   __m256 acc[8];
   for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
   for (int dv = 0; dv < NV; ++dv) {
     __m256 a = _mm256_loadu_ps(q0 + dv * 8), b = _mm256_loadu_ps(q1 + dv * 8);
     for (int j = 0; j < 4; ++j) {
-      __m256 kv = _mm256_loadu_ps(kj[j] + dv * 8);
+      __m256 kv = load8(kj[j] + dv * 8);
       acc[j] = _mm256_fmadd_ps(a, kv, acc[j]);
       acc[4 + j] = _mm256_fmadd_ps(b, kv, acc[4 + j]);
     }
@@ -189,16 +202,19 @@ inline void scores_2x4(const float* q0, const float* q1, const float* const* kj,
 
 // One chunk's softmax partial for R query rows over nk keys (nk <= chunk): per row the chunk's
 // max score m, sum of exp(s - m) l, and sum of exp(s - m) v (o[D]). Keys and values come as
-// pointers to float32 rows of D. `s` is scratch of R * pad8(nk) floats. Row r's partial goes to
-// out[r * (D + 2) ...] as m, l, o[D]: the layout the merge reads.
-void chunk_partial(int R, const float* const* qp, int nk, const float* const* kp, const float* const* vp, int D,
-                   float* s, float* out) {
+// pointers to rows of D (float32, or int8 with per-row scales ksc/vsc: a score is the scale times
+// the integer row's dot product, a value row enters with its probability times its scale). `s` is
+// scratch of R * pad8(nk) floats. Row r's partial goes to out[r * (D + 2) ...] as m, l, o[D]: the
+// layout the merge reads.
+template <typename E>
+void chunk_partial(int R, const float* const* qp, int nk, const E* const* kp, const E* const* vp,
+                   const float* ksc, const float* vsc, int D, float* s, float* out) {
   const int NV = D / 8;
   const int nkp = (nk + 7) & ~7;
   // scores, four keys by two rows at a time (an odd last row alone; the last group repeats its
   // last key, and those slots are discarded)
   for (int j0 = 0; j0 < nkp; j0 += 4) {
-    const float* kj[4];
+    const E* kj[4];
     for (int j = 0; j < 4; ++j) kj[j] = kp[std::min(j0 + j, nk - 1)];
     if ((j0 & 7) == 0)
       for (int j = j0 + PF; j < std::min(j0 + PF + 8, nk); ++j) prefetch_row(kp[j], D);
@@ -209,6 +225,8 @@ void chunk_partial(int R, const float* const* qp, int nk, const float* const* kp
   const float ninf = -std::numeric_limits<float>::infinity();
   for (int r = 0; r < R; ++r) {
     float* sr = s + r * nkp;
+    if (ksc)
+      for (int j = 0; j < nk; ++j) sr[j] *= ksc[j];
     for (int j = nk; j < nkp; ++j) sr[j] = ninf;
     __m256 mx = _mm256_set1_ps(ninf);  // max is exact in any order
     for (int j = 0; j < nkp; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sr + j));
@@ -224,6 +242,8 @@ void chunk_partial(int R, const float* const* qp, int nk, const float* const* kp
     }
     out[r * (D + 2)] = m;
     out[r * (D + 2) + 1] = hsum(lv);
+    if (vsc)
+      for (int j = 0; j < nk; ++j) sr[j] *= vsc[j];
   }
   // o = sum_j p_j v_j in key order; V tiles of 32 keys stay in L1 across the rows
   float* o_out = out + 2;  // row r's o at o_out + r * (D + 2)
@@ -237,27 +257,38 @@ void chunk_partial(int R, const float* const* qp, int nk, const float* const* kp
       const float* pr[3] = {s + r * nkp, s + std::min(r + 1, R - 1) * nkp, s + std::min(r + 2, R - 1) * nkp};
       float* orow[3] = {o_out + r * P, o_out + std::min(r + 1, R - 1) * P, o_out + std::min(r + 2, R - 1) * P};
       switch (std::min(3, R - r)) {
-        case 1: pv_rows<1>(pr, vp, j0, j1, NV, orow); break;
-        case 2: pv_rows<2>(pr, vp, j0, j1, NV, orow); break;
-        default: pv_rows<3>(pr, vp, j0, j1, NV, orow); break;
+        case 1: pv_rows<1, E>(pr, vp, j0, j1, NV, orow); break;
+        case 2: pv_rows<2, E>(pr, vp, j0, j1, NV, orow); break;
+        default: pv_rows<3, E>(pr, vp, j0, j1, NV, orow); break;
       }
     }
   }
 }
 
-// Key/value pointers of one chunk as float32: in place for float32 caches, converted into
-// scratch otherwise.
+// Key/value pointers of one chunk: float32 and int8 rows in place (int8 with their scales
+// gathered), bfloat16/float16 rows converted into float32 scratch.
 template <typename KT>
 struct KVRows {
-  std::vector<float> kbuf, vbuf;
-  std::vector<const float*> kp, vp;
-  void fill(const KT* kbase, const KT* vbase, int64_t kstride, int64_t vstride, const int64_t* idx, int n, int D) {
+  using E = std::conditional_t<std::is_same_v<KT, int8_t>, int8_t, float>;
+  std::vector<float> kbuf, vbuf, ks, vs;
+  std::vector<const E*> kp, vp;
+  // ksb/vsb: the scales of this (b, kh), stride sstr per key (int8 only)
+  void fill(const KT* kbase, const KT* vbase, int64_t kstride, int64_t vstride, const int64_t* idx, int n, int D,
+            const float* ksb = nullptr, const float* vsb = nullptr, int64_t kss = 0, int64_t vss = 0) {
     kp.resize(n);
     vp.resize(n);
-    if constexpr (std::is_same_v<KT, float>) {
+    if constexpr (std::is_same_v<KT, float> || std::is_same_v<KT, int8_t>) {
       for (int j = 0; j < n; ++j) {
         kp[j] = kbase + idx[j] * kstride;
         vp[j] = vbase + idx[j] * vstride;
+      }
+      if constexpr (std::is_same_v<KT, int8_t>) {
+        ks.resize(n);
+        vs.resize(n);
+        for (int j = 0; j < n; ++j) {
+          ks[j] = ksb[idx[j] * kss];
+          vs[j] = vsb[idx[j] * vss];
+        }
       }
     } else {
       kbuf.resize(static_cast<size_t>(n) * D);
@@ -270,12 +301,15 @@ struct KVRows {
       }
     }
   }
+  const float* kscale() const { return ks.empty() ? nullptr : ks.data(); }
+  const float* vscale() const { return vs.empty() ? nullptr : vs.data(); }
 };
 
 // Partial layout: per (row, chunk) D + 2 floats: m, l, o[D].
 template <typename KT>
 void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask,
-                    int64_t chunk, at::Tensor& out, at::Tensor* lse) {
+                    int64_t chunk, at::Tensor& out, at::Tensor* lse, const at::Tensor* kscale = nullptr,
+                    const at::Tensor* vscale = nullptr) {
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
   const int64_t KH = k.size(1), S = k.size(2), G = H / KH;
   const int64_t n = S - T;          // cached keys, visible to every row
@@ -291,6 +325,15 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t qsb = q.stride(0), qst = q.stride(1), qsh = q.stride(2);
   const int64_t ksb = k.stride(0), ksh = k.stride(1), kss = k.stride(2);
   const int64_t vsb = v.stride(0), vsh = v.stride(1), vss = v.stride(2);
+  // int8 K/V: scales [B, KH, S]
+  const float* ksd = kscale ? kscale->data_ptr<float>() : nullptr;
+  const float* vsd = vscale ? vscale->data_ptr<float>() : nullptr;
+  const int64_t kcb = kscale ? kscale->stride(0) : 0, kch = kscale ? kscale->stride(1) : 0,
+                kcs = kscale ? kscale->stride(2) : 0;
+  const int64_t vcb = vscale ? vscale->stride(0) : 0, vch = vscale ? vscale->stride(1) : 0,
+                vcs = vscale ? vscale->stride(2) : 0;
+  auto kbase_s = [&](int64_t b, int64_t kh) { return ksd ? ksd + b * kcb + kh * kch : nullptr; };
+  auto vbase_s = [&](int64_t b, int64_t kh) { return vsd ? vsd + b * vcb + kh * vch : nullptr; };
 
   // prefix partials [B, KH, nfull, GT, P]; rows ordered (t, g)
   static thread_local Scratch pre_buf;
@@ -306,14 +349,16 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     for (int64_t it = begin; it < end; ++it) {
       const int64_t c = it % nfull, kh = (it / nfull) % KH, b = it / (nfull * KH);
       for (int64_t j = 0; j < chunk; ++j) idx[j] = c * chunk + j;
-      kv.fill(kd + b * ksb + kh * ksh, vd + b * vsb + kh * vsh, kss, vss, idx.data(), chunk, D);
+      kv.fill(kd + b * ksb + kh * ksh, vd + b * vsb + kh * vsh, kss, vss, idx.data(), chunk, D, kbase_s(b, kh),
+              vbase_s(b, kh), kcs, vcs);
       for (int64_t t = 0; t < T; ++t)
         for (int64_t g = 0; g < G; ++g) qp[t * G + g] = qrow(b, t, kh * G + g);
       // rows in groups whose scores stay in L1; the chunk's K/V are re-read from L2 per group
       float* dst = pre + static_cast<size_t>(it) * GT * P;
       for (int64_t r0 = 0; r0 < GT; r0 += ROW_GROUP) {
         const int rn = static_cast<int>(std::min<int64_t>(ROW_GROUP, GT - r0));
-        chunk_partial(rn, qp.data() + r0, chunk, kv.kp.data(), kv.vp.data(), D, s, dst + r0 * P);
+        chunk_partial(rn, qp.data() + r0, chunk, kv.kp.data(), kv.vp.data(), kv.kscale(), kv.vscale(), D, s,
+                      dst + r0 * P);
       }
     }
   });
@@ -339,8 +384,10 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const int64_t tch = (cnt + chunk - 1) / chunk;
       for (int64_t c = 0; c < tch; ++c) {
         const int64_t c0 = c * chunk, nk = std::min(chunk, cnt - c0);
-        kv.fill(kd + b * ksb + kh * ksh, vd + b * vsb + kh * vsh, kss, vss, idx.data() + c0, nk, D);
-        chunk_partial(G, qp.data(), nk, kv.kp.data(), kv.vp.data(), D, s, tail + c * G * P);
+        kv.fill(kd + b * ksb + kh * ksh, vd + b * vsb + kh * vsh, kss, vss, idx.data() + c0, nk, D, kbase_s(b, kh),
+                vbase_s(b, kh), kcs, vcs);
+        chunk_partial(G, qp.data(), nk, kv.kp.data(), kv.vp.data(), kv.kscale(), kv.vscale(), D, s,
+                      tail + c * G * P);
       }
       // merge in chunk order: prefix chunks 0..nfull-1, then the tail's
       const float* pbase = pre + static_cast<size_t>((b * KH + kh) * nfull) * GT * P;
@@ -372,7 +419,9 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 }
 
 std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                             const c10::optional<at::Tensor>& mask, int64_t chunk, bool want_lse) {
+                                             const c10::optional<at::Tensor>& mask, int64_t chunk, bool want_lse,
+                                             const c10::optional<at::Tensor>& k_scale,
+                                             const c10::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q [B,T,H,D], k/v [B,KH,S,D]");
   TORCH_CHECK(q.scalar_type() == at::kFloat, "attention: q must be float32");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "attention: k and v dtypes differ");
@@ -396,13 +445,67 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
   at::Tensor out = at::empty({B, T, H * D}, q.options());
   at::Tensor lse = want_lse ? at::empty({B, T, H}, q.options()) : at::Tensor();
   at::Tensor* lp = want_lse ? &lse : nullptr;
+  const bool q8 = k.scalar_type() == at::kChar;
+  TORCH_CHECK(q8 == (k_scale.has_value() && v_scale.has_value()) && k_scale.has_value() == v_scale.has_value(),
+              "attention: int8 K/V need k_scale and v_scale, other dtypes take none");
+  if (q8) {
+    for (const at::Tensor* t : {&*k_scale, &*v_scale})
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == B && t->size(1) == k.size(1) &&
+                      t->size(2) == k.size(2),
+                  "attention: scales must be float32 [B, KH, S]");
+  }
   switch (k.scalar_type()) {
     case at::kFloat: attention_impl<float>(q, k, v, mp, chunk, out, lp); break;
     case at::kBFloat16: attention_impl<c10::BFloat16>(q, k, v, mp, chunk, out, lp); break;
     case at::kHalf: attention_impl<c10::Half>(q, k, v, mp, chunk, out, lp); break;
-    default: TORCH_CHECK(false, "attention: K/V must be float32, bfloat16 or float16");
+    case at::kChar: attention_impl<int8_t>(q, k, v, mp, chunk, out, lp, &*k_scale, &*v_scale); break;
+    default: TORCH_CHECK(false, "attention: K/V must be float32, bfloat16, float16 or int8");
   }
   return {out, lse};
+}
+
+// x [B, KH, T, D] float32 -> q int8 and scale [B, KH, T], written in place (views of a cache):
+// per row scale = max|x| / 127, q = round-to-even(x / scale), 0 for an all-zero row. The same
+// arithmetic as `kernels.quantize_q8_reference`, so both give the same bits.
+void quantize_q8(const at::Tensor& x, at::Tensor& q, at::Tensor& scale) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar && q.sizes() == x.sizes(),
+              "quantize_q8: x float32 [B, KH, T, D], q int8 of the same shape");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 3 && scale.sizes() == x.sizes().slice(0, 3),
+              "quantize_q8: scale float32 [B, KH, T]");
+  TORCH_CHECK(x.stride(3) == 1 && q.stride(3) == 1, "quantize_q8: last dim must be contiguous");
+  const int64_t B = x.size(0), KH = x.size(1), T = x.size(2), D = x.size(3);
+  TORCH_CHECK(D % 8 == 0, "quantize_q8: head_dim must be a multiple of 8");
+  const float* xd = x.data_ptr<float>();
+  int8_t* qd = q.data_ptr<int8_t>();
+  float* sd = scale.data_ptr<float>();
+  at::parallel_for(0, B * KH * T, 64, [&](int64_t begin, int64_t end) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t t = it % T, h = (it / T) % KH, b = it / (T * KH);
+      const float* xr = xd + b * x.stride(0) + h * x.stride(1) + t * x.stride(2);
+      int8_t* qr = qd + b * q.stride(0) + h * q.stride(1) + t * q.stride(2);
+      __m256 mx = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + d)));
+      float m = 0.0f;
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, mx);
+      for (float l : lanes) m = std::max(m, l);
+      const float s = m / 127.0f;
+      sd[b * scale.stride(0) + h * scale.stride(1) + t * scale.stride(2)] = s;
+      if (s == 0.0f) {
+        std::fill(qr, qr + D, int8_t{0});
+        continue;
+      }
+      const __m256 sv = _mm256_set1_ps(s);
+      for (int64_t d = 0; d < D; d += 8) {
+        __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + d), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+        __m256i i32 = _mm256_cvtps_epi32(r);
+        __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(qr + d), _mm_packs_epi16(i16, i16));
+      }
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -510,13 +613,16 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, cons
 }  // namespace
 
 TORCH_LIBRARY(tokenswift, m) {
-  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, int chunk, bool want_lse) -> (Tensor, Tensor)");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, int chunk, bool want_lse, Tensor? k_scale=None, "
+        "Tensor? v_scale=None) -> (Tensor, Tensor)");
+  m.def("quantize_q8(Tensor x, Tensor(a!) q, Tensor(b!) scale) -> ()");
   m.def("pack_linear(Tensor w) -> Tensor");
   m.def("linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tokenswift, CPU, m) {
   m.impl("attention", &attention);
+  m.impl("quantize_q8", &quantize_q8);
   m.impl("pack_linear", &pack_linear);
   m.impl("linear", &linear);
 }

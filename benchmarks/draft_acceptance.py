@@ -1,0 +1,144 @@
+"""How often the self-draft's chain matches the target, by depth, at long context: for each
+context C, `ar` writes N tokens after the first C tokens of a held-out text (paper sampler), then
+every draft configuration (weights x draft cache: a partial cache of B entries, the whole
+context in int8, or the whole float cache) drafts a chain of `--depth` tokens from
+each root position of that text, teacher-forced, with the engine's own `SelfDrafter` (the
+same partial cache, refreshed when its recent window fills, and the same coupled draws). A
+drafted token counts when it and every token before it in its chain equal the target's.
+
+    python benchmarks/draft_acceptance.py --contexts 2048,8192,16384,32768 --new 256 \\
+        --budgets 1024,2048,4096,int8,full --weights int4,float
+
+One prefill of the largest context serves every context (the cache of a prefix is the first C
+entries of the longer one), so one RoPE scaling holds for the whole run (the one the bench's
+sweep would choose for the largest context unless `--rope-scaling` says otherwise). Not a
+timing: it may run beside other work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import tokenswift
+from tokenswift.bench import PAPER_SAMPLING, default_text
+from tokenswift.cache import KVCache
+from tokenswift.config import SamplingConfig
+from tokenswift.drafters import SelfDrafter
+from tokenswift.sampling import penalty_window, sample
+
+
+def chain_matches(drafter: SelfDrafter, main: KVCache, history: torch.Tensor, truth: torch.Tensor, C: int, N: int,
+                  depth: int, stride: int) -> list[int]:
+    """matched[d]: roots whose first d+1 drafted tokens all equal the target's."""
+    matched = [0] * depth
+    roots = 0
+    saved_k = torch.empty_like(main.k[:, :, :, : depth + 1])
+    saved_v = torch.empty_like(saved_k)
+    for n in range(C, C + N - depth):
+        main.truncate(n)
+        if (n - C) % stride == 0:
+            # the draft writes its own K/V at [n, n + depth] (full cache) or for a refresh: keep the target's
+            saved_k.copy_(main.k[:, :, :, n : n + depth + 1])
+            saved_v.copy_(main.v[:, :, :, n : n + depth + 1])
+            prop = drafter.propose(main, history, n, int(truth[n]), depth, 1, chain=True)
+            main.k[:, :, :, n : n + depth + 1] = saved_k
+            main.v[:, :, :, n : n + depth + 1] = saved_v
+            history[n + 1 : n + depth + 1] = truth[n + 1 : n + depth + 1]
+            roots += 1
+            for d in range(depth):
+                if prop.candidates[d][0] != int(truth[n + 1 + d]):
+                    break
+                matched[d] += 1
+        main.length = n + 1
+        drafter.committed(main, n, 1)
+    return [roots, *matched]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--contexts", default="2048,8192,16384,32768")
+    ap.add_argument("--new", type=int, default=256, help="tokens ar writes after each context")
+    ap.add_argument("--budgets", default="1024,2048,4096,int8,full",
+                    help="partial-cache sizes, and/or int8 (the whole context, int8 copy) and full")
+    ap.add_argument("--weights", default="int4,float")
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--stride", type=int, default=1, help="draft from every stride-th root")
+    ap.add_argument("--sinks", type=int, default=16)
+    ap.add_argument("--rope-scaling", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="draft_acceptance.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    contexts = sorted({int(c) for c in args.contexts.split(",")}, reverse=True)
+    N, depth = args.new, args.depth
+    need = contexts[0] + N + depth + 2
+    rope = args.rope_scaling
+    probe = tokenswift.load(args.model, heads="none")
+    if rope is None and need > probe.config.context_length:
+        factor = 2
+        while probe.config.context_length * factor < contexts[0] + N:
+            factor *= 2
+        rope = f"yarn:{factor}"
+    lm = tokenswift.load(args.model, heads="none", rope_scaling=rope) if rope else probe
+    target = lm.model
+    int4 = lm.int4
+    text = Path(default_text()).read_text(encoding="utf-8")
+    chars = 8 * contexts[0]
+    while True:
+        ids = lm.encode(text[:chars])
+        if len(ids) > contexts[0] or chars >= len(text):
+            break
+        chars *= 2
+    s = SamplingConfig(**dict(PAPER_SAMPLING, seed=args.seed))
+    main_cache = KVCache(target.cfg, capacity=need, dtype=target.kv_dtype, rope_len=need)
+    t0 = time.perf_counter()
+    prompt = torch.as_tensor(ids[: contexts[0]], dtype=torch.int64)
+    target.prefill(prompt.unsqueeze(0), main_cache)
+    print(f"rope {rope}; prefill {contexts[0]} tokens: {time.perf_counter() - t0:.0f} s", flush=True)
+    results = []
+    tok = torch.empty(1, 1, dtype=torch.int64)
+    pos = torch.empty(1, 1, dtype=torch.int64)
+    for C in contexts:
+        history = torch.zeros(need, dtype=torch.int64)
+        history[:C] = prompt[:C]
+        main_cache.truncate(C - 1)  # ar from the prompt's last token: its logits give the first new token
+        t0 = time.perf_counter()
+        for n in range(C - 1, C + N + depth):
+            tok.fill_(int(history[n]))
+            pos.fill_(n)
+            h = target(tok, pos, main_cache)[0, -1]
+            history[n + 1] = sample(target.logits(h.unsqueeze(0)), penalty_window(history, n + 1, s), [n + 1], s)[0]
+        truth = history.clone()
+        print(f"context {C}: ar {N} tokens in {time.perf_counter() - t0:.0f} s", flush=True)
+        for w in args.weights.split(","):
+            draft = int4 if w == "int4" else target
+            for b in args.budgets.split(","):
+                # a number: the partial cache of that many entries; full / int8: the whole context
+                # through the main cache / its int8 copy (from the first root on: budget 64)
+                kv = b if b in ("full", "int8") else "partial"
+                budget = 64 if kv != "partial" else int(b)
+                d = SelfDrafter(target, draft, None, s, budget, args.sinks, kv, depth, rope_len=need)
+                t0 = time.perf_counter()
+                roots, *m = chain_matches(d, main_cache, history.clone(), truth, C, N, depth, args.stride)
+                rate = [x / roots for x in m]
+                cond = [m[0] / roots] + [m[i] / m[i - 1] if m[i - 1] else 0.0 for i in range(1, depth)]
+                r = dict(context=C, weights=w, budget=b, roots=roots, matched=m, rate=rate, conditional=cond,
+                         tokens_per_draft=sum(rate), refreshes=d.refreshes, seconds=time.perf_counter() - t0)
+                results.append(r)
+                print(f"  {w:5s} budget {b:>5s}: depth-1 {rate[0]:.3f}  conditional "
+                      + " ".join(f"{c:.2f}" for c in cond)
+                      + f"  drafted tokens accepted per chain {sum(rate):.2f}  refreshes {d.refreshes}"
+                      + f"  ({r['seconds']:.0f} s)", flush=True)
+        Path(args.out).write_text(json.dumps(dict(rope=rope, new=N, depth=depth, results=results), indent=1))
+
+
+if __name__ == "__main__":
+    main()
