@@ -133,9 +133,9 @@ def test_int8_attention_matches_reference(shape, masked):
     out = kernels.attention(q, k8, v8, mask, k_scale=ks, v_scale=vs)
     ref = kernels.attention_reference(q, k8, v8, mask, ks, vs)
     assert (out - ref).abs().max().item() < 1e-5
-    # and near the float32 attention it stands for (int8 rows: steps of 0.4-1% of a row's largest
-    # value; the scores of D = 128 carry the most error)
-    assert (out - kernels.attention(q, k, v, mask)).abs().max().item() < 0.1
+    # and near the float32 attention it stands for (int8 rows, the query's too: steps of 0.4-1% of
+    # a row's largest value; D = 128's sharp scores carry the most error, ~0.1 of outputs ~1)
+    assert (out - kernels.attention(q, k, v, mask)).abs().max().item() < 0.2
 
 
 @pytest.mark.parametrize("n", [0, 300, 1300])

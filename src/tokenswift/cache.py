@@ -94,10 +94,12 @@ class Q8KVCache(KVCache):
                  rope_len: int | None = None) -> None:
         super().__init__(cfg, capacity=1, batch=1, device=device, rope_len=rope_len)
         shape = (cfg.num_layers, 1, cfg.num_kv_heads, capacity, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=torch.int8, device=device)  # [L, 1, KVH, C, Dh]
-        self.v = torch.zeros(shape, dtype=torch.int8, device=device)
-        self.ks = torch.zeros(shape[:4], dtype=torch.float32, device=device)  # [L, 1, KVH, C] row scales
-        self.vs = torch.zeros(shape[:4], dtype=torch.float32, device=device)
+        # empty, not zeros: entries are written before they are read, and the pages of a 100K
+        # context's copy (1.2 GB) are then touched as the text grows, not all at once
+        self.k = torch.empty(shape, dtype=torch.int8, device=device)  # [L, 1, KVH, C, Dh]
+        self.v = torch.empty(shape, dtype=torch.int8, device=device)
+        self.ks = torch.empty(shape[:4], dtype=torch.float32, device=device)  # [L, 1, KVH, C] row scales
+        self.vs = torch.empty(shape[:4], dtype=torch.float32, device=device)
         self.pos = torch.zeros(capacity, dtype=torch.int64, device=device)  # [C]
         if rope_len is None:
             self.rope_len = capacity

@@ -266,6 +266,8 @@ class SpeculativeRun:
         self.drafter = SelfDrafter(model, draft_model, heads if self.use_heads else None, sampling,
                                    spec.draft_budget, spec.sinks, self.draft_kv, depth,
                                    rope_len=run_len) if draft_model is not None else None
+        if self.drafter is not None:
+            self.drafter.prepare(main, n0)
         self.plan: Plan | None = None
 
     # -- stages ---------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
   bfloat16 or float16 K/V, read in place, or int8 K/V with per-row scales: the draft's copy of
   the cache), split by fixed chunks of each row's visible keys and merged in a fixed order, so
   that every row's bits equal a one-token pass's.
-- `quantize_q8`: K/V rows to int8 with one float32 scale per row, in place into a cache.
+- `quantize_q8`: K/V rows to int8 with one float32 scale per row, in place into a cache. Over
+  int8 keys the scores are integer dot products with the query rows quantized the same way.
 - `PackedLinear`: a float32 weight matrix packed into 48-output panels; each output is one FMA
   chain over the input in order, so a row's result does not depend on how many rows run.
 
@@ -140,14 +141,18 @@ def quantize_q8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def attention_reference(q, k, v, mask=None, k_scale=None, v_scale=None):  # shapes as in attention
     """The same attention in plain torch, float64: every cached key plus the new keys the mask
-    allows (causal when None), softmax, weighted values; int8 K/V times their row scales.
-    -> [B, T, H*D] float32."""
+    allows (causal when None), softmax, weighted values; int8 K/V times their row scales (and,
+    for head_dim a multiple of 32, the query rows rounded to int8 as the kernel's integer scores
+    take them). -> [B, T, H*D] float32."""
     B, T, H, D = q.shape
     KH, S = k.shape[1], k.shape[2]
     G = H // KH
     if k_scale is not None:
         k = k.double() * k_scale.double()[..., None]
         v = v.double() * v_scale.double()[..., None]
+        if D % 32 == 0:  # the kernel's integer scores: the query rows in int8 as well
+            q8, qs = quantize_q8_reference(q)
+            q = q8.double() * qs.double()[..., None]
     kk = k.double().repeat_interleave(G, dim=1)  # [B, H, S, D]
     vv = v.double().repeat_interleave(G, dim=1)
     s = torch.einsum("bthd,bhsd->bhts", q.double(), kk)  # [B, H, T, S]

@@ -107,6 +107,32 @@ inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
+// One row of D floats (D % 8 == 0) -> int8 codes; returns its scale max|x| / 127 (codes
+// round-to-even(x / scale), all 0 for an all-zero row).
+inline float quantize_row(const float* x, int64_t D, int8_t* q) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 mx = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + d)));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mx);
+  float m = 0.0f;
+  for (float l : lanes) m = std::max(m, l);
+  const float s = m / 127.0f;
+  if (s == 0.0f) {
+    std::fill(q, q + D, int8_t{0});
+    return s;
+  }
+  const __m256 sv = _mm256_set1_ps(s);
+  for (int64_t d = 0; d < D; d += 8) {
+    __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + d), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+    __m256i i32 = _mm256_cvtps_epi32(r);
+    __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + d), _mm_packs_epi16(i16, i16));
+  }
+  return s;
+}
+
 // ---------------------------------------------------------------------------------------------
 // attention
 // ---------------------------------------------------------------------------------------------
@@ -200,15 +226,59 @@ inline void scores_2x4(const float* q0, const float* q1, const E* const* kj, int
   _mm_storeu_ps(s1, _mm256_extractf128_ps(h, 1));
 }
 
+// Integer scores for int8 keys (D a multiple of 32): the query row quantized as the keys are,
+// each score the exact int32 dot product of the two int8 rows. |k| times q-with-k's-sign through
+// maddubs (pairs of 127 * 127 products fit int16), then madd into int32 lanes. Integer sums are
+// exact, so a score's bits do not depend on its pairing either.
+inline __m256i dot_i8(__m256i acc, __m256i q, __m256i k, __m256i ones) {
+  __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(k, k), _mm256_sign_epi8(q, k));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, ones));
+}
+inline __m256 hsum8i(const __m256i* a) {  // eight int32 vectors -> their eight sums, as float
+  __m256i s01 = _mm256_hadd_epi32(a[0], a[1]), s23 = _mm256_hadd_epi32(a[2], a[3]);
+  __m256i s45 = _mm256_hadd_epi32(a[4], a[5]), s67 = _mm256_hadd_epi32(a[6], a[7]);
+  __m256i s0123 = _mm256_hadd_epi32(s01, s23), s4567 = _mm256_hadd_epi32(s45, s67);
+  __m256i lo = _mm256_permute2x128_si256(s0123, s4567, 0x20), hi = _mm256_permute2x128_si256(s0123, s4567, 0x31);
+  return _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi));
+}
+// up to three query rows against four int8 keys -> s[r][0..4) as float sums (unscaled)
+template <int RR>
+inline void scores_i8(const int8_t* const* q, const int8_t* const* kj, int D, float* const* s) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[3][4];
+  for (int r = 0; r < RR; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_si256();
+  for (int d = 0; d < D; d += 32) {
+    __m256i k[4];
+    for (int j = 0; j < 4; ++j) k[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kj[j] + d));
+    for (int r = 0; r < RR; ++r) {
+      __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + d));
+      for (int j = 0; j < 4; ++j) acc[r][j] = dot_i8(acc[r][j], a, k[j], ones);
+    }
+  }
+  __m256i h[8];
+  for (int r = 0; r < RR; r += 2) {
+    for (int j = 0; j < 4; ++j) {
+      h[j] = acc[r][j];
+      h[4 + j] = r + 1 < RR ? acc[r + 1][j] : _mm256_setzero_si256();
+    }
+    __m256 f = hsum8i(h);
+    _mm_storeu_ps(s[r], _mm256_castps256_ps128(f));
+    if (r + 1 < RR) _mm_storeu_ps(s[r + 1], _mm256_extractf128_ps(f, 1));
+  }
+}
+
 // One chunk's softmax partial for R query rows over nk keys (nk <= chunk): per row the chunk's
 // max score m, sum of exp(s - m) l, and sum of exp(s - m) v (o[D]). Keys and values come as
 // pointers to rows of D (float32, or int8 with per-row scales ksc/vsc: a score is the scale times
 // the integer row's dot product, a value row enters with its probability times its scale). `s` is
 // scratch of R * pad8(nk) floats. Row r's partial goes to out[r * (D + 2) ...] as m, l, o[D]: the
-// layout the merge reads.
+// layout the merge reads. With `q8` (int8 keys, D % 32 == 0) the scores are integer dot products
+// of the rows' int8 copies q8[r] (scale qsc[r]) with the keys.
 template <typename E>
 void chunk_partial(int R, const float* const* qp, int nk, const E* const* kp, const E* const* vp,
-                   const float* ksc, const float* vsc, int D, float* s, float* out) {
+                   const float* ksc, const float* vsc, int D, float* s, float* out,
+                   const int8_t* const* q8 = nullptr, const float* qsc = nullptr) {
   const int NV = D / 8;
   const int nkp = (nk + 7) & ~7;
   // scores, four keys by two rows at a time (an odd last row alone; the last group repeats its
@@ -218,6 +288,20 @@ void chunk_partial(int R, const float* const* qp, int nk, const E* const* kp, co
     for (int j = 0; j < 4; ++j) kj[j] = kp[std::min(j0 + j, nk - 1)];
     if ((j0 & 7) == 0)
       for (int j = j0 + PF; j < std::min(j0 + PF + 8, nk); ++j) prefetch_row(kp[j], D);
+    if constexpr (std::is_same_v<E, int8_t>) {
+      if (q8) {
+        for (int r = 0; r < R; r += 3) {
+          float* sr[3] = {s + r * nkp + j0, s + std::min(r + 1, R - 1) * nkp + j0, s + std::min(r + 2, R - 1) * nkp + j0};
+          const int8_t* qr[3] = {q8[r], q8[std::min(r + 1, R - 1)], q8[std::min(r + 2, R - 1)]};
+          switch (std::min(3, R - r)) {
+            case 1: scores_i8<1>(qr, kj, D, sr); break;
+            case 2: scores_i8<2>(qr, kj, D, sr); break;
+            default: scores_i8<3>(qr, kj, D, sr); break;
+          }
+        }
+        continue;
+      }
+    }
     int r = 0;
     for (; r + 1 < R; r += 2) scores_2x4(qp[r], qp[r + 1], kj, NV, s + r * nkp + j0, s + (r + 1) * nkp + j0);
     if (r < R) scores_1x4(qp[r], kj, NV, s + r * nkp + j0);
@@ -225,6 +309,8 @@ void chunk_partial(int R, const float* const* qp, int nk, const E* const* kp, co
   const float ninf = -std::numeric_limits<float>::infinity();
   for (int r = 0; r < R; ++r) {
     float* sr = s + r * nkp;
+    if (q8)
+      for (int j = 0; j < nk; ++j) sr[j] *= qsc[r];
     if (ksc)
       for (int j = 0; j < nk; ++j) sr[j] *= ksc[j];
     for (int j = nk; j < nkp; ++j) sr[j] = ninf;
@@ -339,11 +425,26 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   static thread_local Scratch pre_buf;
   float* pre = pre_buf.get(static_cast<size_t>(B * KH * nfull * GT * P) + 1);
   auto qrow = [&](int64_t b, int64_t t, int64_t h) { return qd + b * qsb + t * qst + h * qsh; };
+  // int8 keys: the query rows in int8 too (integer scores), row (b, t, h) at ((b * T + t) * H + h)
+  const bool iq = std::is_same_v<KT, int8_t> && D % 32 == 0;
+  std::vector<int8_t> q8buf(iq ? B * T * H * D : 0);
+  std::vector<float> q8s(iq ? B * T * H : 0);
+  if (iq)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t r = (b * T + t) * H + h;
+          q8s[r] = quantize_row(qrow(b, t, h), D, q8buf.data() + r * D);
+        }
+  auto q8row = [&](int64_t b, int64_t t, int64_t h) { return q8buf.data() + ((b * T + t) * H + h) * D; };
+  auto q8scale = [&](int64_t b, int64_t t, int64_t h) { return q8s[(b * T + t) * H + h]; };
 
   at::parallel_for(0, B * KH * nfull, 1, [&](int64_t begin, int64_t end) {
     KVRows<KT> kv;
     std::vector<int64_t> idx(chunk);
     std::vector<const float*> qp(GT);
+    std::vector<const int8_t*> q8p(GT);
+    std::vector<float> qs(GT);
     static thread_local Scratch s_buf;
     float* s = s_buf.get(static_cast<size_t>(GT) * ((chunk + 7) & ~7));
     for (int64_t it = begin; it < end; ++it) {
@@ -352,13 +453,19 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       kv.fill(kd + b * ksb + kh * ksh, vd + b * vsb + kh * vsh, kss, vss, idx.data(), chunk, D, kbase_s(b, kh),
               vbase_s(b, kh), kcs, vcs);
       for (int64_t t = 0; t < T; ++t)
-        for (int64_t g = 0; g < G; ++g) qp[t * G + g] = qrow(b, t, kh * G + g);
+        for (int64_t g = 0; g < G; ++g) {
+          qp[t * G + g] = qrow(b, t, kh * G + g);
+          if (iq) {
+            q8p[t * G + g] = q8row(b, t, kh * G + g);
+            qs[t * G + g] = q8scale(b, t, kh * G + g);
+          }
+        }
       // rows in groups whose scores stay in L1; the chunk's K/V are re-read from L2 per group
       float* dst = pre + static_cast<size_t>(it) * GT * P;
       for (int64_t r0 = 0; r0 < GT; r0 += ROW_GROUP) {
         const int rn = static_cast<int>(std::min<int64_t>(ROW_GROUP, GT - r0));
         chunk_partial(rn, qp.data() + r0, chunk, kv.kp.data(), kv.vp.data(), kv.kscale(), kv.vscale(), D, s,
-                      dst + r0 * P);
+                      dst + r0 * P, iq ? q8p.data() + r0 : nullptr, iq ? qs.data() + r0 : nullptr);
       }
     }
   });
@@ -370,6 +477,8 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     KVRows<KT> kv;
     std::vector<int64_t> idx(tail_max);
     std::vector<const float*> qp(G);
+    std::vector<const int8_t*> q8p(G);
+    std::vector<float> qs(G);
     static thread_local Scratch s_buf, t_buf;
     float* s = s_buf.get(static_cast<size_t>(G) * ((chunk + 7) & ~7));
     float* tail = t_buf.get(static_cast<size_t>(tchunks_max) * G * P);
@@ -380,14 +489,20 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const bool* mrow = md ? md + ((mB == 1 ? 0 : b) * T + t) * T : nullptr;
       for (int64_t i = 0; i < T; ++i)
         if (mrow ? mrow[i] : i <= t) idx[cnt++] = n + i;
-      for (int64_t g = 0; g < G; ++g) qp[g] = qrow(b, t, kh * G + g);
+      for (int64_t g = 0; g < G; ++g) {
+        qp[g] = qrow(b, t, kh * G + g);
+        if (iq) {
+          q8p[g] = q8row(b, t, kh * G + g);
+          qs[g] = q8scale(b, t, kh * G + g);
+        }
+      }
       const int64_t tch = (cnt + chunk - 1) / chunk;
       for (int64_t c = 0; c < tch; ++c) {
         const int64_t c0 = c * chunk, nk = std::min(chunk, cnt - c0);
         kv.fill(kd + b * ksb + kh * ksh, vd + b * vsb + kh * vsh, kss, vss, idx.data() + c0, nk, D, kbase_s(b, kh),
                 vbase_s(b, kh), kcs, vcs);
         chunk_partial(G, qp.data(), nk, kv.kp.data(), kv.vp.data(), kv.kscale(), kv.vscale(), D, s,
-                      tail + c * G * P);
+                      tail + c * G * P, iq ? q8p.data() : nullptr, iq ? qs.data() : nullptr);
       }
       // merge in chunk order: prefix chunks 0..nfull-1, then the tail's
       const float* pbase = pre + static_cast<size_t>((b * KH + kh) * nfull) * GT * P;
@@ -479,31 +594,11 @@ void quantize_q8(const at::Tensor& x, at::Tensor& q, at::Tensor& scale) {
   int8_t* qd = q.data_ptr<int8_t>();
   float* sd = scale.data_ptr<float>();
   at::parallel_for(0, B * KH * T, 64, [&](int64_t begin, int64_t end) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t t = it % T, h = (it / T) % KH, b = it / (T * KH);
-      const float* xr = xd + b * x.stride(0) + h * x.stride(1) + t * x.stride(2);
-      int8_t* qr = qd + b * q.stride(0) + h * q.stride(1) + t * q.stride(2);
-      __m256 mx = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; d += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + d)));
-      float m = 0.0f;
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, mx);
-      for (float l : lanes) m = std::max(m, l);
-      const float s = m / 127.0f;
-      sd[b * scale.stride(0) + h * scale.stride(1) + t * scale.stride(2)] = s;
-      if (s == 0.0f) {
-        std::fill(qr, qr + D, int8_t{0});
-        continue;
-      }
-      const __m256 sv = _mm256_set1_ps(s);
-      for (int64_t d = 0; d < D; d += 8) {
-        __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + d), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
-        __m256i i32 = _mm256_cvtps_epi32(r);
-        __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(qr + d), _mm_packs_epi16(i16, i16));
-      }
+      sd[b * scale.stride(0) + h * scale.stride(1) + t * scale.stride(2)] =
+          quantize_row(xd + b * x.stride(0) + h * x.stride(1) + t * x.stride(2), D,
+                       qd + b * q.stride(0) + h * q.stride(1) + t * q.stride(2));
     }
   });
 }
