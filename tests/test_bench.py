@@ -213,6 +213,56 @@ def test_context_sweep_runs_each_context_side_by_side(tiny, tmp_path):
         run_sweep(tiny, prompt, [200], [8], ["ar"])
 
 
+def test_the_sweep_prefills_each_context_once(tiny, monkeypatch):
+    """Every method starts from a copy of one prefill per context, bit for bit the cache and
+    hidden state a prefill of its own would give; outside the sweep each run prefills."""
+    from tokenswift.bench import run_sweep
+    from tokenswift.cache import KVCache
+
+    m = tiny.model
+    torch.manual_seed(2)
+    prompt = torch.randint(0, 96, (70,)).tolist()
+    toks = torch.tensor([prompt])
+    fresh = KVCache(m.cfg, capacity=90)
+    h_fresh = m.prefill(toks, fresh)
+    m.prefill_memo = {}
+    try:
+        m.prefill(toks, KVCache(m.cfg, capacity=90))  # computes and keeps it
+        copy = KVCache(m.cfg, capacity=100)
+        h_copy = m.prefill(toks, copy)  # a copy
+        assert torch.equal(h_copy, h_fresh) and copy.length == 70
+        assert torch.equal(copy.k[:, :, :, :70], fresh.k[:, :, :, :70]) and torch.equal(copy.pos[:70], fresh.pos[:70])
+        other = KVCache(m.cfg, capacity=100, rope_len=500)  # another RoPE length: computed afresh
+        calls = []
+        real = type(m).forward
+        monkeypatch.setattr(type(m), "forward", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+        m.prefill(toks, other)
+        assert calls
+    finally:
+        m.prefill_memo = None
+        monkeypatch.undo()
+    passes, inside = [], []
+    real_prefill, real_forward = type(m).prefill, type(m).forward
+
+    def prefill(self, t, c, *a, **kw):
+        inside.append(0)
+        try:
+            return real_prefill(self, t, c, *a, **kw)
+        finally:
+            passes.append(inside.pop())
+
+    def forward(self, *a, **kw):
+        if inside:
+            inside[-1] += 1
+        return real_forward(self, *a, **kw)
+
+    monkeypatch.setattr(type(m), "prefill", prefill)
+    monkeypatch.setattr(type(m), "forward", forward)
+    res = run_sweep(tiny, prompt, [70], [12], ["ar", "tokenswift"], dict(PAPER_SAMPLING, seed=2))
+    assert len(passes) == 2 and passes[0] > 0 and passes[1] == 0  # ar prefilled; tokenswift took the copy
+    assert res["records"][1]["same_as_ar"] is True and m.prefill_memo is None
+
+
 def test_bench_cli_context_sweep(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("The history of the hacker culture, told in many small pieces. " * 20)

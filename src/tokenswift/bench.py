@@ -323,10 +323,28 @@ def run_sweep(lm: Any, prompt: list[int], contexts: Sequence[int], lengths: Sequ
               on_context: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """The context sweep: for each context C, the first C tokens of `prompt` as the prompt, then
     every method side by side as in `run_bench` (same seed, compared with `ar` at that context).
-    Records carry `context`; `on_context` gets the result so far after each context."""
+    Records carry `context`; `on_context` gets the result so far after each context.
+
+    The prompt is prefilled once per context and every method starts from a copy of that cache
+    (`Decoder.prefill_memo`: the same computation, so the same bits): at 100K a prefill is most
+    of an hour here. So a method's `prefill_seconds` after the first is a copy's; the sweep's
+    figures are decode speeds."""
     contexts = sorted({int(c) for c in contexts})
     if not contexts or contexts[0] < 1 or contexts[-1] > len(prompt):
         raise ValueError(f"contexts must lie in [1, {len(prompt)}] (the prompt's tokens), got {contexts}")
+    model = getattr(lm, "model", None)
+    if model is not None:
+        model.prefill_memo = {}
+    try:
+        return _sweep(lm, prompt, contexts, lengths, methods, sampling, progress, on_context)
+    finally:
+        if model is not None:
+            model.prefill_memo = None
+
+
+def _sweep(lm: Any, prompt: list[int], contexts: list[int], lengths: Sequence[int], methods: Sequence[str],
+           sampling: dict[str, Any] | None, progress: Callable[[str, int, int], None] | None,
+           on_context: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     runs: dict[str, Any] = {}
     out: dict[str, Any] = {}
