@@ -255,15 +255,17 @@ class LM:
                              f" ({max_new_tokens}) exceeds the model's context of {ctx} tokens; lower ",
                              f" to {ctx - len(ids)} or {hint}")
         need = (len(ids) + max_new_tokens) * self.kv_bytes_per_token
-        if method == "tokenswift" and len(ids) + max_new_tokens > draft_budget:  # the draft's int8 copy
+        copy = 0  # the draft's int8 copy of the cache
+        if method == "tokenswift" and len(ids) + max_new_tokens > draft_budget:
             P["draft_kv"].check(draft_kv)
             if draft_kv == "int8" or (draft_kv == "auto" and resolve_draft_kv("auto", self.model.device) == "int8"):
-                need += (len(ids) + max_new_tokens) * Q8KVCache.bytes_per_token(self.model.cfg)
+                copy = (len(ids) + max_new_tokens) * Q8KVCache.bytes_per_token(self.model.cfg)
         have = available_memory(self.model.device)
-        if have is not None and need > have:
+        if have is not None and need + copy > have:
+            plus = f" and its int8 copy for the draft {copy / 2**30:.1f} GiB" if copy else ""
             raise ParamError("max_new_tokens", f"prompt ({len(ids)} tokens) + ",
-                             f" ({max_new_tokens}) needs a KV cache of {need / 2**30:.1f} GiB, more than the "
-                             f"{have / 2**30:.1f} GiB of memory available; lower ")
+                             f" ({max_new_tokens}) needs a KV cache of {need / 2**30:.1f} GiB{plus}, more than "
+                             f"the {have / 2**30:.1f} GiB of memory available; lower ")
         if method == "ar":
             return generate_ar(self.model, ids, max_new_tokens, sampling, self.eos_token_ids, ignore_eos)
         spec = SpecConfig(gamma=gamma, tree=tree if isinstance(tree, str) else tuple(tree), ngram_topk=ngram_topk,
