@@ -349,7 +349,8 @@ class SpecConfig:
     ngram_topk: int = PARAMS["ngram_topk"].default
     use_ngrams: bool = PARAMS["use_ngrams"].default
     use_heads: bool = PARAMS["use_heads"].default
-    # partial KV entries the draft pass attends to (the paper's 4,096 costs ~15 ms a drafted
+    # up to this context the draft attends to the main cache; past it `draft_kv` decides (a
+    # partial cache holds this many entries: the paper's 4,096 costs ~15 ms a drafted
     # token in attention alone on a 2-core CPU)
     draft_budget: int = PARAMS["draft_budget"].default
     sinks: int = PARAMS["sinks"].default

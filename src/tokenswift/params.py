@@ -150,7 +150,8 @@ _LIST: list[Param] = [
         Param("use_ngrams", bool, True, "true or false", "draft with n-gram reuse"),
         Param("use_heads", bool, True, "true or false", "draft with the draft heads (static trees)"),
         Param("draft_budget", int, 1024, f"an integer in [64, {MAX_BUDGET}]",
-              "KV entries the draft pass attends to (default 1024)", ok=lambda v: 64 <= v <= MAX_BUDGET,
+              "context up to which the draft attends to the cache itself; past it --draft-kv decides (partial: "
+              "this many entries) (default 1024)", ok=lambda v: 64 <= v <= MAX_BUDGET,
               flag="--draft-budget"),
         Param("sinks", int, 16, "an integer in [0, 1024]", "first KV entries the draft cache always keeps",
               ok=lambda v: 0 <= v <= 1024),
