@@ -86,12 +86,22 @@ def test_auto_takes_the_int8_copy_past_the_budget_and_the_tokens_stay_ar(lm):
 def test_int8_without_the_native_kernels_is_a_named_error(lm, monkeypatch):
     monkeypatch.setattr(kernels, "native", lambda: False)
     monkeypatch.setattr(kernels, "why_not", lambda: "TOKENSWIFT_NATIVE=0")
-    assert drafters.resolve_draft_kv("auto", torch.device("cpu")) == "partial"
+    assert drafters.resolve_draft_kv("auto", lm.model) == "partial"
     with pytest.raises(ParamError, match=r"draft_kv 'int8' needs the native CPU kernels \(TOKENSWIFT_NATIVE=0\); "
                                          r"use draft_kv 'partial' or 'full'"):
         lm.generate(list(range(3, 40)), 20, draft_kv="int8", tree="1,3,3,3", ignore_eos=True)
-    with pytest.raises(ParamError, match="draft_kv 'int8' needs the native CPU kernels"):
-        drafters.resolve_draft_kv("int8", torch.device("meta"))
+
+
+@native
+def test_auto_takes_the_int8_copy_only_where_attention_runs_natively(lm, monkeypatch):
+    """Kernels built, but the pass takes torch's portable attention: int8 would dequantize the
+    whole copy every pass, so auto keeps the partial cache and an explicit int8 is refused."""
+    assert drafters.resolve_draft_kv("auto", lm.model) == "int8"
+    monkeypatch.setenv("TOKENSWIFT_PORTABLE_ATTENTION", "1")
+    assert drafters.resolve_draft_kv("auto", lm.model) == "partial"
+    with pytest.raises(ParamError, match=r"draft_kv 'int8' needs the native CPU kernels \(attention takes "
+                                         r"torch's portable kernel here\)"):
+        drafters.resolve_draft_kv("int8", lm.model)
 
 
 def test_bad_draft_kv_is_named(lm):

@@ -258,7 +258,7 @@ class LM:
         copy = 0  # the draft's int8 copy of the cache
         if method == "tokenswift" and len(ids) + max_new_tokens > draft_budget:
             P["draft_kv"].check(draft_kv)
-            if draft_kv == "int8" or (draft_kv == "auto" and resolve_draft_kv("auto", self.model.device) == "int8"):
+            if draft_kv == "int8" or (draft_kv == "auto" and resolve_draft_kv("auto", self.model) == "int8"):
                 copy = (len(ids) + max_new_tokens) * Q8KVCache.bytes_per_token(self.model.cfg)
         have = available_memory(self.model.device)
         if have is not None and need + copy > have:

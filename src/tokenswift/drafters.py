@@ -26,7 +26,7 @@ from . import kernels
 from .cache import DraftCache, KVCache, Q8KVCache
 from .config import SamplingConfig
 from .heads import DraftHeads, base_draft_logits
-from .model import Decoder, _attention_plain
+from .model import Decoder, _attention_plain, attention_path
 from .params import ParamError
 from .ngram import NGramFeeder, NGramTable
 from .sampling import coupled_candidates, penalty_window
@@ -42,14 +42,15 @@ class Proposal:
     candidates: list[list[int]]
 
 
-def resolve_draft_kv(kv: str, device: torch.device) -> str:
-    """draft_kv "auto" -> "int8" where the native CPU kernels run (its attention is theirs), else
-    "partial"; an explicit "int8" without them is an error."""
-    native = torch.device(device).type == "cpu" and kernels.native()
+def resolve_draft_kv(kv: str, draft: Decoder) -> str:
+    """draft_kv "auto" -> "int8" where the draft's attention takes the native CPU kernel (the one
+    that reads int8 K/V; elsewhere each pass would dequantize the whole copy), else "partial"; an
+    explicit "int8" there is an error."""
+    path = attention_path(draft.device, draft.dtype, draft.cfg.head_dim)
     if kv == "auto":
-        return "int8" if native else "partial"
-    if kv == "int8" and not native:
-        why = "not on CPU" if torch.device(device).type != "cpu" else kernels.why_not()
+        return "int8" if path == "native" else "partial"
+    if kv == "int8" and path != "native":
+        why = kernels.why_not() or f"attention takes torch's {path} kernel here"
         raise ParamError("draft_kv", "", f" 'int8' needs the native CPU kernels ({why}); use ",
                          " 'partial' or 'full'")
     return kv
@@ -74,7 +75,7 @@ class SelfDrafter:
         self.heads = heads
         self.sampling = sampling
         self.budget = budget
-        self.kv = resolve_draft_kv(kv, target.device)
+        self.kv = resolve_draft_kv(kv, draft)
         self.rope_len = rope_len
         self.cache: DraftCache | None = None
         self.q8: Q8KVCache | None = None  # built when the context first passes the budget

@@ -208,7 +208,7 @@ class SpeculativeRun:
         self.c = Counters()
         self.auto = method == "tokenswift" and spec.auto
         # before the prefill: an explicit draft_kv the machine cannot run fails at once
-        self.draft_kv = resolve_draft_kv(spec.draft_kv, model.device) if draft_model is not None else None
+        self.draft_kv = resolve_draft_kv(spec.draft_kv, draft_model) if draft_model is not None else None
         use_draft = draft_model is not None or (seq is not None and self.auto)
         self.use_heads = use_draft and not self.auto and spec.use_heads and heads is not None
         # static trees are the paper's drafts (one pass + heads); auto chains the draft passes
