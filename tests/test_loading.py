@@ -25,7 +25,9 @@ def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(hf_model, path, arch: str, extra_tensor: str | None = None) -> None:
+def write_gguf(hf_model, path, arch: str, extra_tensor: str | None = None, qtype: str | None = None) -> None:
+    """The model as a GGUF file, llama.cpp's way; `qtype` ("Q4_0", "Q4_1", "Q8_0") quantizes every
+    matrix whose width is a multiple of 32 (the embedding included), by gguf's own quantizer."""
     import gguf
 
     c = hf_model.config
@@ -68,7 +70,11 @@ def write_gguf(hf_model, path, arch: str, extra_tensor: str | None = None) -> No
                 a = _llamacpp_permute(a, c.num_attention_heads)
             if arch == "llama" and rest == "self_attn.k_proj.weight":
                 a = _llamacpp_permute(a, c.num_key_value_heads)
-        w.add_tensor(g, np.ascontiguousarray(a))
+        if qtype and a.ndim == 2 and a.shape[1] % 32 == 0:
+            t = getattr(gguf.GGMLQuantizationType, qtype)
+            w.add_tensor(g, gguf.quants.quantize(np.ascontiguousarray(a), t), raw_dtype=t)
+        else:
+            w.add_tensor(g, np.ascontiguousarray(a))
     if extra_tensor:
         w.add_tensor(extra_tensor, np.zeros(4, dtype=np.float32))
     w.write_header_to_file()

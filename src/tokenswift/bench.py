@@ -521,7 +521,7 @@ class BenchSetup:
     @classmethod
     def load(cls, model: str, heads: str, device: str | None, dtype: str | None, rope_scaling: str | None,
              prompt_file: Path | None, prefix: int, lengths: Sequence[int], greedy: bool, seed: int,
-             kv_dtype: str = "auto") -> "BenchSetup":
+             kv_dtype: str = "auto", weights: str = "auto") -> "BenchSetup":
         import tokenswift
 
         started = time.perf_counter()
@@ -534,7 +534,8 @@ class BenchSetup:
             raise ValueError(f"prompt file {text_path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         except OSError as e:
             raise ValueError(f"prompt file {text_path}: {e.strerror}") from None
-        lm = tokenswift.load(model, heads=heads, device=device, dtype=dtype, rope_scaling=rope_scaling, kv_dtype=kv_dtype)
+        lm = tokenswift.load(model, heads=heads, device=device, dtype=dtype, rope_scaling=rope_scaling, kv_dtype=kv_dtype,
+                              weights=weights)
         need = prefix + max(lengths)
         auto = rope_scaling is None and need > lm.config.context_length
         if auto:  # the smallest power-of-two YaRN factor that holds the runs
@@ -542,7 +543,8 @@ class BenchSetup:
             while lm.config.context_length * factor < need:
                 factor *= 2
             rope_scaling = f"yarn:{factor}"
-            lm = tokenswift.load(model, heads=heads, device=device, dtype=dtype, rope_scaling=rope_scaling, kv_dtype=kv_dtype)
+            lm = tokenswift.load(model, heads=heads, device=device, dtype=dtype, rope_scaling=rope_scaling, kv_dtype=kv_dtype,
+                              weights=weights)
         chars = 8 * prefix  # encode only what the prefix needs (whole books take minutes)
         while True:
             ids = lm.encode(text[:chars])
@@ -562,6 +564,7 @@ class BenchSetup:
             "rope_scaling": self.rope_scaling, "device": str(self.lm.model.device),
             "dtype": str(self.lm.model.dtype).replace("torch.", ""),
             "kv_dtype": str(self.lm.model.kv_dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+            "weights": self.lm.model.quantized or "float",
             "bench_seconds": time.perf_counter() - self.started, "command": command,
         })
         json_path.parent.mkdir(parents=True, exist_ok=True)

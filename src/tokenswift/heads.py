@@ -76,11 +76,11 @@ def base_draft_logits(model: Decoder, h0: torch.Tensor) -> torch.Tensor:
 
 def model_identity(model: Decoder, name: str = "") -> dict[str, Any]:
     cfg = model.cfg
-    emb = model.embed.detach().float().cpu()
     g = torch.Generator().manual_seed(1234)
-    rows = torch.randint(0, emb.shape[0], (_FP_SAMPLES,), generator=g)
-    cols = torch.randint(0, emb.shape[1], (_FP_SAMPLES,), generator=g)
-    sample = emb[rows, cols]
+    rows = torch.randint(0, cfg.vocab_size, (_FP_SAMPLES,), generator=g)
+    cols = torch.randint(0, cfg.hidden_size, (_FP_SAMPLES,), generator=g)
+    with torch.no_grad():  # the embedding may be GGUF blocks: the sampled rows, dequantized
+        sample = model.embed_rows(rows.to(model.device)).float().cpu()[torch.arange(_FP_SAMPLES), cols]
     return {
         "base_model": name,
         "hidden_size": cfg.hidden_size,

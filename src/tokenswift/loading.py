@@ -21,8 +21,9 @@ import torch
 from .config import ModelConfig, RopeScaling
 from .model import Decoder
 from .parallel import init_from_env, shard_config, shard_tensors
-from .params import PARAMS
-from .quant import int4_kernel_available
+from .params import PARAMS, ParamError
+from . import kernels
+from .quant import KEPT_QTYPES, Blocks, int4_kernel_available
 
 log = logging.getLogger("tokenswift")
 
@@ -133,6 +134,7 @@ def load_model(
     draft_weights: str = "auto",
     compile: bool = False,
     kv_dtype: str = "auto",
+    weights: str = "auto",
 ) -> Loaded:
     """`pack=False` keeps plain weight tensors (autograd through the LM head, as head training
     needs); packing only changes the speed of CPU inference. `draft_weights` "int4" means that
@@ -141,16 +143,28 @@ def load_model(
     "float" that it runs the model's own weights, "auto" int4 where torch's int4 kernel exists.
     `kv_dtype` (params.py) is the KV cache's element type for every run of this model.
     `compile` compiles the decoder's passes (`Decoder.compile`; CUDA graphs on GPUs): slow to
-    start (the first pass of each size compiles), the same tokens."""
+    start (the first pass of each size compiles), the same tokens.
+    `weights` (params.py): "auto" keeps a GGUF's Q4_0/Q4_1/Q8_0 blocks as they are (the native
+    kernel multiplies them; the same numbers as their float32 dequantization) and a float
+    checkpoint float; "float" dequantizes everything; "q8_0"/"q4_0" quantize the matrices at load
+    (a different model than the float one). Blocks are kept only where the native kernels run,
+    on a CPU, in float32, packed, without tensor parallelism; elsewhere they are dequantized."""
     PARAMS["draft_weights"].check(draft_weights)
     PARAMS["kv_dtype"].check(kv_dtype)
+    PARAMS["weights"].check(weights)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     override = RopeScaling.parse(rope_scaling)
     kind, path = resolve_source(model)
     has_tokenizer = True
+    quantized = weights != "float" and pack and not compile and dev.type == "cpu" and dt == torch.float32
+    if quantized and not kernels.native():
+        if weights != "auto":
+            raise ParamError("weights", "", f" {weights!r} needs the native CPU kernels, which are off here "
+                                            f"({kernels.why_not()})")
+        quantized = False
     if kind == "gguf":
-        cfg, tensors, has_tokenizer = read_gguf(path)
+        cfg, tensors, has_tokenizer = read_gguf(path, keep=quantized)
     else:
         cfg, tensors = read_hf_dir(path)
     if override is not None:
@@ -159,6 +173,10 @@ def load_model(
     # its weights is an error, never an allocation of the size the config claims
     Decoder(cfg, dtype=dt, device="meta").load_tensors(tensors)
     tp = init_from_env(dev)  # under torchrun: this rank's share of the weights
+    if tp is not None or not quantized:  # float weights (tensor parallelism shards float matrices)
+        tensors = {k: v.dequantize() if isinstance(v, Blocks) else v for k, v in tensors.items()}
+    elif weights in ("q8_0", "q4_0"):
+        tensors = quantize_matrices(tensors, weights)
     if tp is not None:
         dev = tp.device
         local = shard_config(cfg, tp.world)
@@ -171,7 +189,9 @@ def load_model(
     dec.kv_dtype = dt if kv_dtype == "auto" else getattr(torch, kv_dtype)
     dec.eval()
     del tensors
-    int4 = draft_weights == "int4" or (draft_weights == "auto" and int4_kernel_available(dev))
+    # A quantized target's own matrices already read about as few bytes as an int4 copy's (and
+    # multiply faster than torch's int4 kernel): the draft runs them unless int4 is asked for.
+    int4 = draft_weights == "int4" or (draft_weights == "auto" and int4_kernel_available(dev) and not dec.quantized)
     if compile:  # compiled graphs take plain weights, not oneDNN-packed ones
         dec.compile(mode="reduce-overhead" if dev.type == "cuda" else None)
     elif pack and dev.type == "cpu" and (how := dec.pack()):
@@ -181,6 +201,23 @@ def load_model(
         tok = gguf_tokenizer(path) if kind == "gguf" else hf_tokenizer(path)
     name = str(model) if str(model).lower() in EMBEDDED else path.name
     return Loaded(model=dec, tokenizer=tok, name=name, source=path, int4=int4)
+
+
+def quantize_matrices(tensors: dict[str, "torch.Tensor | Blocks"], qtype: str) -> dict[str, "torch.Tensor | Blocks"]:
+    """Every weight matrix as `qtype` blocks (`--weights q8_0|q4_0`); blocks already of that type
+    stay. The embedding and LM head take Q8_0 under q4_0 (llama.cpp keeps the output layer at
+    higher precision too: four bits there move the sampler's distribution most)."""
+    out: dict[str, torch.Tensor | Blocks] = {}
+    for name, t in tensors.items():
+        big = name in ("model.embed_tokens.weight", "lm_head.weight")
+        want = "q8_0" if big else qtype
+        if isinstance(t, Blocks):
+            out[name] = t if t.qtype == want else Blocks.quantize(t.dequantize(), want)
+        elif t.dim() == 2 and t.shape[1] % 32 == 0 and (big or ".self_attn." in name or ".mlp." in name):
+            out[name] = Blocks.quantize(t, want)
+        else:
+            out[name] = t
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,8 +338,10 @@ def read_gguf_metadata(reader: Any) -> dict[str, Any]:
     return meta
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], bool]:
-    """-> (config, HF-named float32 tensors, whether the file carries a tokenizer)."""
+def read_gguf(path: Path, keep: bool = False) -> tuple[ModelConfig, dict[str, "torch.Tensor | Blocks"], bool]:
+    """-> (config, HF-named float32 tensors, whether the file carries a tokenizer). With `keep`,
+    matrices in a block format the native kernel multiplies (KEPT_QTYPES) come as `Blocks`, the
+    file's bytes (a view of the memory-mapped file until the model repacks them)."""
     import gguf
 
     try:
@@ -325,6 +364,15 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], bool]:
         hf = gguf_name_to_hf(t.name)
         if hf is None:
             unknown.append(t.name)
+            continue
+        qt = t.tensor_type.name.lower()
+        if keep and qt in KEPT_QTYPES and t.data.ndim == 2:
+            rows = np.asarray(t.data)  # [N, K/32 * block bytes]
+            if permute and hf.endswith("q_proj.weight"):
+                rows = unpermute_rope(rows, cfg.num_heads)
+            elif permute and hf.endswith("k_proj.weight"):
+                rows = unpermute_rope(rows, cfg.num_kv_heads)
+            tensors[hf] = Blocks(qt, (int(t.shape[1]), int(t.shape[0])), rows)
             continue
         try:
             a = gguf.quants.dequantize(t.data, t.tensor_type)

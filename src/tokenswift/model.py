@@ -25,8 +25,8 @@ from torch import nn
 from .cache import KVCache
 from . import kernels
 from .config import ModelConfig
-from .kernels import PackedLinear
-from .quant import Int4Weight
+from .kernels import PackedLinear, QuantLinear
+from .quant import Blocks, Int4Weight
 
 log = logging.getLogger("tokenswift")
 
@@ -198,9 +198,10 @@ HEAD_MARGIN = 8.0
 HEAD_MAX_ROWS = 2048
 
 
-def _plain(w: torch.Tensor | PackedLinear) -> torch.Tensor:
-    """A weight matrix as a plain tensor, whether packed (native or oneDNN) or not."""
-    if isinstance(w, PackedLinear):
+def _plain(w: torch.Tensor | PackedLinear | QuantLinear) -> torch.Tensor:
+    """A weight matrix as a plain tensor, whether packed (native or oneDNN), quantized
+    (dequantized) or not."""
+    if isinstance(w, (PackedLinear, QuantLinear)):
         return w.dense()
     return w.to_dense() if w.is_mkldnn else w.data
 
@@ -209,8 +210,9 @@ def linear(x: torch.Tensor, w: torch.Tensor | PackedLinear | Int4Weight, b: torc
     """x [..., in] @ w[out, in]^T + b. `w` may be packed for the native kernel (CPU, float32: each
     row's result independent of the rows beside it, so a verify pass equals one-token passes), a
     oneDNN-packed weight (the same product, 1.5-2x faster than MKL's for few rows, but its blocking
-    changes with the row count for inputs over 1,024 wide), or an `Int4Weight` (the draft copy's)."""
-    if isinstance(w, (PackedLinear, Int4Weight)):
+    changes with the row count for inputs over 1,024 wide), GGUF blocks (`QuantLinear`: the same
+    product as the dequantized matrix's, bit for bit) or an `Int4Weight` (the draft copy's)."""
+    if isinstance(w, (PackedLinear, QuantLinear, Int4Weight)):
         return w.matmul(x, b)
     if w.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
@@ -324,19 +326,38 @@ class Decoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.dtype
+        return self.norm.dtype  # the embedding may be GGUF blocks; the final norm is always a tensor
 
     @property
     def device(self) -> torch.device:
-        return self.embed.device
+        return self.norm.device
+
+    @property
+    def quantized(self) -> str | None:
+        """The block type of the weight matrices kept quantized ("q4_1", ...; "mixed"), or None."""
+        kinds = {w.qtype for w in self.matrices() if isinstance(w, QuantLinear)}
+        return None if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
+
+    def matrices(self) -> list:
+        """Every weight matrix (the LM head once, also when tied), in whatever form it is held."""
+        out = [getattr(L, n) for L in self.layers for n in _MATRICES]
+        out.append(self.lm_head)
+        if not self.cfg.tie_word_embeddings:
+            out.append(self.embed)
+        return out
+
+    def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:  # [...] -> [..., D]
+        if isinstance(self.embed, QuantLinear):
+            return self.embed.rows(tokens).to(self.dtype)
+        return F.embedding(tokens, self.embed)
 
     # -- loading ------------------------------------------------------------------------------
 
     @torch.no_grad()
     def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Copies HF-named tensors in; any missing or unexpected name is an error that lists them."""
-        if self.packed:
-            raise ValueError("weights are packed for oneDNN; load tensors before pack()")
+        if self.packed or self.quantized:
+            raise ValueError("weights are packed; load tensors before pack()")
         cfg = self.cfg
         want = expected_tensor_names(cfg)
         have = set(tensors)
@@ -352,45 +373,80 @@ class Decoder(nn.Module):
                 parts.append(f"unexpected tensors: {_names(extra)}")
             raise ValueError("checkpoint does not match the model config; " + "; ".join(parts))
 
-        def put(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+        meta = self.device.type == "meta"
+
+        def dense(t: torch.Tensor | Blocks) -> torch.Tensor:
+            if not isinstance(t, Blocks):
+                return t
+            return torch.empty(t.shape, device="meta") if meta else t.dequantize()
+
+        def put(dst: torch.Tensor, src: torch.Tensor | Blocks, name: str) -> None:
             if tuple(src.shape) != tuple(dst.shape):
                 raise ValueError(f"tensor {name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
-            dst.copy_(src)
+            dst.copy_(dense(src))
 
-        def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        def get(name: str, shape: tuple[int, ...]) -> torch.Tensor | Blocks:
             t = tensors[name]
             if tuple(t.shape) != shape:
                 raise ValueError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}")
             return t
 
+        def keep(owner: nn.Module, attr: str, parts: list[torch.Tensor | Blocks]) -> bool:
+            """GGUF blocks of one type for every part of a (fused) matrix: held as they are (the
+            float parameter is dropped before it is ever written). Else False: copy floats."""
+            if not all(isinstance(p, Blocks) for p in parts) or len({p.qtype for p in parts}) != 1:
+                return False
+            if not meta:
+                b = parts[0] if len(parts) == 1 else Blocks.cat(parts)
+                del owner._parameters[attr]
+                object.__setattr__(owner, attr, QuantLinear(b.tensor(), b.qtype, b.shape))
+            return True
+
         D, I, Dh = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
         H, K = cfg.num_heads, cfg.num_kv_heads
-        put(self.embed, tensors["model.embed_tokens.weight"], "model.embed_tokens.weight")
+        emb = get("model.embed_tokens.weight", tuple(self.embed.shape))
+        if keep(self, "embed", [emb]):
+            if cfg.tie_word_embeddings and not meta:
+                del self._parameters["lm_head"]
+                object.__setattr__(self, "lm_head", self.embed)
+        else:
+            put(self.embed, emb, "model.embed_tokens.weight")
         put(self.norm, tensors["model.norm.weight"], "model.norm.weight")
         if not cfg.tie_word_embeddings:
-            put(self.lm_head, tensors["lm_head.weight"], "lm_head.weight")
+            head = get("lm_head.weight", tuple(self.lm_head.shape))
+            if not keep(self, "lm_head", [head]):
+                put(self.lm_head, head, "lm_head.weight")
         for i, L in enumerate(self.layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
             put(L.attn_norm, tensors[p + "input_layernorm.weight"], p + "input_layernorm.weight")
             put(L.mlp_norm, tensors[p + "post_attention_layernorm.weight"], p + "post_attention_layernorm.weight")
-            L.wqkv[: H * Dh].copy_(get(a + "q_proj.weight", (H * Dh, D)))
-            L.wqkv[H * Dh : (H + K) * Dh].copy_(get(a + "k_proj.weight", (K * Dh, D)))
-            L.wqkv[(H + K) * Dh :].copy_(get(a + "v_proj.weight", (K * Dh, D)))
+            qkv = [get(a + "q_proj.weight", (H * Dh, D)), get(a + "k_proj.weight", (K * Dh, D)),
+                   get(a + "v_proj.weight", (K * Dh, D))]
+            if not keep(L, "wqkv", qkv):
+                L.wqkv[: H * Dh].copy_(dense(qkv[0]))
+                L.wqkv[H * Dh : (H + K) * Dh].copy_(dense(qkv[1]))
+                L.wqkv[(H + K) * Dh :].copy_(dense(qkv[2]))
             if L.bqkv is not None:
                 L.bqkv[: H * Dh].copy_(get(a + "q_proj.bias", (H * Dh,)))
                 L.bqkv[H * Dh : (H + K) * Dh].copy_(get(a + "k_proj.bias", (K * Dh,)))
                 L.bqkv[(H + K) * Dh :].copy_(get(a + "v_proj.bias", (K * Dh,)))
-            put(L.wo, tensors[a + "o_proj.weight"], a + "o_proj.weight")
+            wo = get(a + "o_proj.weight", tuple(L.wo.shape))
+            if not keep(L, "wo", [wo]):
+                put(L.wo, wo, a + "o_proj.weight")
             if L.bo is not None:
                 put(L.bo, tensors[a + "o_proj.bias"], a + "o_proj.bias")
             if L.q_norm is not None:
                 put(L.q_norm, tensors[a + "q_norm.weight"], a + "q_norm.weight")
                 put(L.k_norm, tensors[a + "k_norm.weight"], a + "k_norm.weight")
             m = p + "mlp."
-            L.w_gate_up[:I].copy_(get(m + "gate_proj.weight", (I, D)))
-            L.w_gate_up[I:].copy_(get(m + "up_proj.weight", (I, D)))
-            put(L.w_down, tensors[m + "down_proj.weight"], m + "down_proj.weight")
+            gu = [get(m + "gate_proj.weight", (I, D)), get(m + "up_proj.weight", (I, D))]
+            if not keep(L, "w_gate_up", gu):
+                L.w_gate_up[:I].copy_(dense(gu[0]))
+                L.w_gate_up[I:].copy_(dense(gu[1]))
+            down = get(m + "down_proj.weight", tuple(L.w_down.shape))
+            if not keep(L, "w_down", [down]):
+                put(L.w_down, down, m + "down_proj.weight")
             if L.b_gate_up is not None:
                 L.b_gate_up[:I].copy_(get(m + "gate_proj.bias", (I,)))
                 L.b_gate_up[I:].copy_(get(m + "up_proj.bias", (I,)))
@@ -417,13 +473,16 @@ class Decoder(nn.Module):
         try:
             for L in self.layers:
                 for name in _MATRICES:
+                    if name not in L._parameters:  # GGUF blocks, already the kernel's
+                        continue
                     w = packed(getattr(L, name))
                     del L._parameters[name]
                     object.__setattr__(L, name, w)
-            head = packed(self.lm_head)
-            if "lm_head" in self._parameters:
-                del self._parameters["lm_head"]
-            object.__setattr__(self, "lm_head", head)
+            if not isinstance(self.lm_head, QuantLinear):
+                head = packed(self.lm_head)
+                if "lm_head" in self._parameters:
+                    del self._parameters["lm_head"]
+                object.__setattr__(self, "lm_head", head)
         except RuntimeError as e:  # an unusual build; the plain path still works
             log.warning("oneDNN packing failed, using plain linear: %s", e)
             return None
@@ -436,7 +495,11 @@ class Decoder(nn.Module):
         (`quant.Int4Weight`) and whose other tensors — embedding, norms, biases — are this
         model's own, shared. The draft runs it. Packed (oneDNN) weights are read back exactly."""
         q = Decoder(self.cfg, dtype=self.dtype, device="meta")
-        q.embed = self.embed
+        if isinstance(self.embed, QuantLinear):
+            del q._parameters["embed"]
+            object.__setattr__(q, "embed", self.embed)
+        else:
+            q.embed = self.embed
         q.norm = self.norm
         for Lq, L in zip(q.layers, self.layers):
             for name in _MATRICES:  # packed matrices are plain attributes, no longer parameters
@@ -450,7 +513,10 @@ class Decoder(nn.Module):
         object.__setattr__(q, "lm_head", Int4Weight(head))
         # A 4-bit LM head alone moves the sampler's distribution far (mean total variation 0.14
         # on SmolLM2, against 0.013 for the int4 layers): the best logits are redone in float.
-        q.head_rows = self.embed.data if self.cfg.tie_word_embeddings else head.to(torch.bfloat16)
+        if self.cfg.tie_word_embeddings:  # the embedding's rows (GGUF blocks: dequantized as needed)
+            q.head_rows = self.embed if isinstance(self.embed, QuantLinear) else self.embed.data
+        else:
+            q.head_rows = self.lm_head if isinstance(self.lm_head, QuantLinear) else head.to(torch.bfloat16)
         q._rope = self._rope  # derived tables of the same config: share them
         q.tp, q.full_cfg = self.tp, self.full_cfg
         q.kv_dtype = self.kv_dtype
@@ -569,7 +635,7 @@ class Decoder(nn.Module):
             qkv_fn, out_fn = self.compiled
         cos, sin = self._cos_sin(positions, scale_len)
         scale = cfg.head_dim**-0.5
-        x = F.embedding(tokens, self.embed)  # [B, T, D]
+        x = self.embed_rows(tokens)  # [B, T, D]
         for li, L in enumerate(self.layers):
             q, k, v = layer_qkv(L, cfg, x, cos, sin, qkv_fn)
             w = cfg.layer_windows[li]
@@ -613,7 +679,8 @@ class Decoder(nn.Module):
             near = int((out >= out.amax(-1, keepdim=True) - HEAD_MARGIN).sum(-1).max())
             k = min(max(HEAD_SHORTLIST, min(HEAD_MAX_ROWS, near)), out.shape[-1])
             top = out.topk(k, dim=-1).indices  # [..., S]
-            rows = self.head_rows[top]  # [..., S, D]
+            hr = self.head_rows
+            rows = hr.rows(top) if isinstance(hr, QuantLinear) else hr[top]  # [..., S, D]
             exact = torch.matmul(rows, h.to(rows.dtype).unsqueeze(-1)).squeeze(-1)  # [..., S]
             out.scatter_(-1, top, exact.float())
         return out

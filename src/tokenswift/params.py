@@ -112,6 +112,12 @@ _LIST: list[Param] = [
           "step reads (the model then computes with a rounded cache: ar and tokenswift still write the same "
           "text); auto = the weights' dtype (default auto)", flag="--kv-dtype",
           choices=("auto", "float32", "bfloat16", "float16")),
+    Param("weights", str, "auto", "one of auto, float, q8_0, q4_0",
+          "how the weight matrices are held: auto = a GGUF's Q4_0/Q4_1/Q8_0 blocks as in the file (multiplied "
+          "by the native CPU kernel, the numbers of their float32 dequantization) and a float checkpoint's floats; "
+          "float = all dequantized; q8_0/q4_0 = quantized at load (a different model than the float one; q4_0 "
+          "keeps the embedding and LM head at q8_0) (default auto)", flag="--weights",
+          choices=("auto", "float", "q8_0", "q4_0")),
     *_sampling(
         Param("temperature", float, 1.0, f"0 (greedy) or in [{MIN_TEMPERATURE:g}, 100]",
               f"0 = greedy, else in [{MIN_TEMPERATURE:g}, 100] (default 1.0)",

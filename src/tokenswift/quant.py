@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -109,3 +110,44 @@ class Int4Weight:
         y = mm(x2, self.packed, self.group, self.scale_zero)  # [M, N]
         y = y.to(x.dtype).view(*shape[:-1], self.out_features)
         return y if bias is None else y + bias
+
+
+class Blocks:
+    """A GGUF matrix as the file holds it: `data` uint8 [N, K/32 * block bytes] (rows of blocks of
+    32 inputs) of `qtype` ("q4_0", "q4_1", "q8_0"), standing for a float [N, K] = `shape`. The
+    loader passes these on for the native kernel to keep (`kernels.QuantLinear`)."""
+
+    def __init__(self, qtype: str, shape: tuple[int, int], data: "np.ndarray | torch.Tensor") -> None:
+        self.qtype = qtype
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.data = data
+
+    def tensor(self) -> torch.Tensor:  # the bytes as a writable uint8 tensor
+        d = self.data
+        return d if isinstance(d, torch.Tensor) else torch.from_numpy(np.array(d, dtype=np.uint8, copy=True))
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 [N, K] the blocks stand for (the gguf package's reference dequantization)."""
+        import gguf
+
+        d = self.data.numpy() if isinstance(self.data, torch.Tensor) else self.data
+        a = gguf.quants.dequantize(d, getattr(gguf.GGMLQuantizationType, self.qtype.upper()))
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32).reshape(self.shape))
+
+    @staticmethod
+    def cat(parts: "list[Blocks]") -> "Blocks":
+        """Row-wise concatenation (a fused q/k/v or gate/up matrix) of blocks of one type and width."""
+        d = np.concatenate([p.data.numpy() if isinstance(p.data, torch.Tensor) else np.asarray(p.data) for p in parts])
+        return Blocks(parts[0].qtype, (sum(p.shape[0] for p in parts), parts[0].shape[1]), d)
+
+    @staticmethod
+    def quantize(w: torch.Tensor, qtype: str) -> "Blocks":
+        """A float [N, K] matrix quantized to `qtype` blocks by the gguf package's reference
+        quantizer (llama.cpp's rounding): `--weights q8_0|q4_0` on a float checkpoint."""
+        import gguf
+
+        t = getattr(gguf.GGMLQuantizationType, qtype.upper())
+        return Blocks(qtype, tuple(w.shape), gguf.quants.quantize(w.detach().float().numpy(), t))
+
+
+KEPT_QTYPES = ("q4_0", "q4_1", "q8_0")  # GGUF block formats the native kernel multiplies as they are

@@ -8,6 +8,9 @@
   int8 keys the scores are integer dot products with the query rows quantized the same way.
 - `PackedLinear`: a float32 weight matrix packed into 48-output panels; each output is one FMA
   chain over the input in order, so a row's result does not depend on how many rows run.
+- `QuantLinear`: a GGUF Q4_0/Q4_1/Q8_0 matrix kept at its size in the same panels; its codes
+  are dequantized in registers to exactly the float32 weights of the file's dequantization, so
+  its product equals `PackedLinear`'s on the dequantized matrix bit for bit (and is as row-invariant).
 
 The extension is compiled once per torch version and source (about a minute on 2 cores) into
 `$TOKENSWIFT_CACHE` (default `~/.cache/tokenswift`) and loaded from there afterwards. Where it
@@ -189,3 +192,50 @@ def linear_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = 
     """x @ w^T + b in float64, rounded to float32."""
     y = F.linear(x.double(), w.double(), None if b is None else b.double())
     return y.float()
+
+
+# ggml's type ids and sizes of the block formats `QuantLinear` keeps (32 inputs a block)
+QTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 8}
+BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+
+
+class QuantLinear:
+    """A weight [N, K] held as GGUF blocks (`raw`: the file's rows, uint8 [N, K/32 * block
+    bytes]), repacked into the kernel's panels at the same size. `matmul` is x @ W^T + b with W
+    the file's dequantized float32 weights, each output one FMA chain over K (as `PackedLinear`);
+    `rows(ids)` dequantizes rows (an embedding lookup)."""
+
+    def __init__(self, raw: torch.Tensor, qtype: str, shape: tuple[int, int]) -> None:
+        if qtype not in QTYPES:
+            raise ValueError(f"quantized weights of type {qtype!r}: the kernel takes {', '.join(QTYPES)}")
+        if not native():
+            raise RuntimeError(f"GGUF blocks need the native CPU kernels, which are off here ({why_not()})")
+        self.qtype = qtype
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.packed = torch.ops.tokenswift.pack_q(raw, QTYPES[qtype], self.shape[1])  # [NB, K/32, PB] uint8
+        self.dtype = torch.float32  # what it computes in and gives back
+        self.device = raw.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel()
+
+    def matmul(self, x: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:  # [..., K] -> [..., N]
+        return torch.ops.tokenswift.qlinear(x, self.packed, QTYPES[self.qtype], self.shape[0], b)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:  # [...] int -> [..., K] float32
+        return torch.ops.tokenswift.qrows(self.packed, QTYPES[self.qtype], self.shape[0], ids)
+
+    def dense(self) -> torch.Tensor:  # [N, K]
+        return self.rows(torch.arange(self.shape[0]))
+
+
+def dequantize_reference(raw: torch.Tensor, qtype: str, shape: tuple[int, int]) -> torch.Tensor:
+    """The float32 weights [N, K] of GGUF blocks, by the gguf package's reference dequantization
+    (what the loader computes for types the kernel does not keep)."""
+    import gguf
+    import numpy as np
+
+    t = getattr(gguf.GGMLQuantizationType, qtype.upper())
+    a = gguf.quants.dequantize(raw.numpy(), t).astype(np.float32).reshape(shape)
+    return torch.from_numpy(np.ascontiguousarray(a))

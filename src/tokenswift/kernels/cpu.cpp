@@ -15,6 +15,10 @@
 //
 // linear: y = x W^T + b against weights packed into panels of 48 outputs ([N/48][K][48]); every
 //   output is one FMA chain over k = 0..K-1, whatever the tile of rows it is computed in.
+//
+// qlinear: the same product against GGUF Q4_0/Q4_1/Q8_0 blocks kept at their size, each code
+//   dequantized in registers to exactly the float32 weight the file's reference dequantization
+//   gives, so that it equals `linear` on the dequantized matrix bit for bit.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -705,6 +710,291 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, cons
   return y.view(shape);
 }
 
+// ---------------------------------------------------------------------------------------------
+// quantized linear: GGUF blocks of 32 inputs (Q4_0, Q4_1, Q8_0), kept at their size
+// ---------------------------------------------------------------------------------------------
+//
+// A block's weights are w = d*q + m (Q4_1), d*(q - 8) (Q4_0), d*q (Q8_0), d and m float16. The
+// products d*q are exact in float32 (11 bits times at most 8), so fma(q, d, m) with m = -8d for
+// Q4_0 and 0 for Q8_0 rounds exactly where the file's reference dequantization rounds: every
+// weight is the float32 value a dequantized checkpoint holds. Each output is then one FMA chain
+// over k = 0..K-1 as in `linear`, so the result equals `linear` on the dequantized weights bit
+// for bit, whatever the number of rows.
+//
+// Packed layout: panels of 48 outputs, each [K/32 blocks][PB bytes]: 48 d (float16), 48 m
+// (float16, Q4_1 only), then the codes — Q4: 16 bytes rows of 48, byte (j, i) holding inputs 2j
+// (low nibble) and 2j+1 (high) of output i; Q8: 32 rows of 48 int8.
+
+constexpr int QT_Q4_0 = 2, QT_Q4_1 = 3, QT_Q8_0 = 8;  // ggml's type ids
+
+inline int64_t file_block_bytes(int qt) { return qt == QT_Q4_0 ? 18 : qt == QT_Q4_1 ? 20 : 34; }
+inline int64_t panel_block_bytes(int qt) {
+  return qt == QT_Q4_0 ? 96 + 768 : qt == QT_Q4_1 ? 192 + 768 : 96 + 1536;
+}
+inline void check_qt(int64_t qt) {
+  TORCH_CHECK(qt == QT_Q4_0 || qt == QT_Q4_1 || qt == QT_Q8_0, "quantized linear: type ", qt,
+              " is not Q4_0 (2), Q4_1 (3) or Q8_0 (8)");
+}
+
+// raw [N, K/32 * file block bytes] uint8 (a GGUF tensor's rows) -> [ceil(N/48), K/32, PB] uint8
+at::Tensor pack_q(const at::Tensor& raw, int64_t qt, int64_t K) {
+  check_qt(qt);
+  TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == at::kByte, "pack_q: uint8 [N, bytes] expected");
+  TORCH_CHECK(K % 32 == 0 && raw.size(1) == K / 32 * file_block_bytes(qt), "pack_q: ", raw.size(1),
+              " bytes a row do not hold ", K, " inputs of this type");
+  at::Tensor rc = raw.contiguous();
+  const int64_t N = rc.size(0), KB = K / 32, NB = (N + BLOCK - 1) / BLOCK, FB = file_block_bytes(qt),
+                PB = panel_block_bytes(qt);
+  at::Tensor p = at::zeros({NB, KB, PB}, rc.options());
+  const uint8_t* src = rc.data_ptr<uint8_t>();
+  uint8_t* dst = p.data_ptr<uint8_t>();
+  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t nb = b0; nb < b1; ++nb)
+      for (int64_t kb = 0; kb < KB; ++kb) {
+        uint8_t* o = dst + (nb * KB + kb) * PB;
+        uint16_t* dh = reinterpret_cast<uint16_t*>(o);
+        for (int64_t i = 0; i < BLOCK && nb * BLOCK + i < N; ++i) {
+          const uint8_t* b = src + (nb * BLOCK + i) * KB * FB + kb * FB;
+          std::memcpy(dh + i, b, 2);
+          if (qt == QT_Q8_0) {
+            for (int k = 0; k < 32; ++k) o[96 + k * BLOCK + i] = b[2 + k];
+            continue;
+          }
+          const uint8_t* qs = b + (qt == QT_Q4_1 ? 4 : 2);
+          uint8_t* codes = o + (qt == QT_Q4_1 ? 192 : 96);
+          if (qt == QT_Q4_1) std::memcpy(dh + BLOCK + i, b + 2, 2);
+          // the file's block: byte j holds input j (low nibble) and input j+16 (high)
+          uint8_t q[32];
+          for (int j = 0; j < 16; ++j) q[j] = qs[j] & 0xF, q[j + 16] = qs[j] >> 4;
+          for (int j = 0; j < 16; ++j) codes[j * BLOCK + i] = uint8_t(q[2 * j] | (q[2 * j + 1] << 4));
+        }
+      }
+  });
+  return p;
+}
+
+// One panel-block's d and m as float32 (m = -8d for Q4_0, 0 for Q8_0), outputs v0*8 .. v1*8-1.
+template <int QT>
+inline void block_scales(const uint8_t* blk, int v0, int v1, float* d, float* m) {
+  const __m128i* dh = reinterpret_cast<const __m128i*>(blk);
+  for (int v = v0; v < v1; ++v) {
+    __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(dh + v));
+    _mm256_storeu_ps(d + v * 8, dv);
+    __m256 mv = QT == QT_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(dh + BLOCK / 8 + v))
+                : QT == QT_Q4_0 ? _mm256_mul_ps(dv, _mm256_set1_ps(-8.0f))
+                                : _mm256_setzero_ps();
+    _mm256_storeu_ps(m + v * 8, mv);
+  }
+}
+
+// The weights of inputs (2j, 2j+1) (Q4) or 2j (Q8, w1 unused) for the eight outputs of vector v.
+template <int QT>
+inline void weights8(const uint8_t* codes, int j, int v, const float* d, const float* m, __m256& w0, __m256& w1) {
+  const __m256 dv = _mm256_loadu_ps(d + v * 8), mv = _mm256_loadu_ps(m + v * 8);
+  if (QT == QT_Q8_0) {
+    __m256i c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 2 * j * BLOCK + v * 8)));
+    __m256i e = _mm256_cvtepi8_epi32(
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + (2 * j + 1) * BLOCK + v * 8)));
+    w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(c), dv);
+    w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(e), dv);
+  } else {
+    __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j * BLOCK + v * 8)));
+    const __m256i lo = _mm256_set1_epi32(0xF);
+    w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(c, lo)), dv, mv);
+    w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4)), dv, mv);
+  }
+}
+
+// R rows x PV vectors of one panel from vector v0, dequantizing each code once for the R rows
+template <int QT, int R, int PV>
+inline void qtile(const float* x, int64_t ldx, const uint8_t* wb, int64_t KB, int v0, float* y) {
+  const int64_t PB = panel_block_bytes(QT);
+  const int codes_at = QT == QT_Q4_1 ? 192 : 96;
+  __m256 acc[R][PV];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < PV; ++p) acc[r][p] = _mm256_setzero_ps();
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    const uint8_t* blk = wb + kb * PB;
+    const __m128i* dh = reinterpret_cast<const __m128i*>(blk);
+    __m256 d[PV], m[PV];
+    for (int p = 0; p < PV; ++p) {
+      d[p] = _mm256_cvtph_ps(_mm_loadu_si128(dh + v0 + p));
+      m[p] = QT == QT_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(dh + BLOCK / 8 + v0 + p))
+             : QT == QT_Q4_0 ? _mm256_mul_ps(d[p], _mm256_set1_ps(-8.0f))
+                             : _mm256_setzero_ps();
+    }
+    const uint8_t* codes = blk + codes_at + v0 * 8;
+    const float* xk = x + kb * 32;
+    for (int j = 0; j < 16; ++j) {
+      __m256 x0[R], x1[R];
+      for (int r = 0; r < R; ++r) {
+        x0[r] = _mm256_broadcast_ss(xk + r * ldx + 2 * j);
+        x1[r] = _mm256_broadcast_ss(xk + r * ldx + 2 * j + 1);
+      }
+      for (int p = 0; p < PV; ++p) {
+        __m256 w0, w1;
+        if (QT == QT_Q8_0) {
+          w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                   _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 2 * j * BLOCK + p * 8)))), d[p]);
+          w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                   _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + (2 * j + 1) * BLOCK + p * 8)))), d[p]);
+        } else {
+          __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j * BLOCK + p * 8)));
+          w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(c, _mm256_set1_epi32(0xF))), d[p], m[p]);
+          w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4)), d[p], m[p]);
+        }
+        for (int r = 0; r < R; ++r) acc[r][p] = _mm256_fmadd_ps(x0[r], w0, acc[r][p]);
+        for (int r = 0; r < R; ++r) acc[r][p] = _mm256_fmadd_ps(x1[r], w1, acc[r][p]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < PV; ++p) _mm256_storeu_ps(y + r * BLOCK + (v0 + p) * 8, acc[r][p]);
+}
+
+// A whole panel dequantized into `out` in `linear`'s layout [K][48] (for passes of many rows)
+template <int QT>
+inline void dequant_panel(const uint8_t* wb, int64_t KB, float* out) {
+  const int64_t PB = panel_block_bytes(QT);
+  const int codes_at = QT == QT_Q4_1 ? 192 : 96;
+  alignas(32) float d[BLOCK], m[BLOCK];
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    const uint8_t* blk = wb + kb * PB;
+    block_scales<QT>(blk, 0, BLOCK / 8, d, m);
+    for (int j = 0; j < 16; ++j)
+      for (int v = 0; v < BLOCK / 8; ++v) {
+        __m256 w0, w1;
+        weights8<QT>(blk + codes_at, j, v, d, m, w0, w1);
+        _mm256_storeu_ps(out + (kb * 32 + 2 * j) * BLOCK + v * 8, w0);
+        _mm256_storeu_ps(out + (kb * 32 + 2 * j + 1) * BLOCK + v * 8, w1);
+      }
+  }
+}
+
+// Rows up to which a panel is multiplied straight from its codes; above, it is dequantized once
+// into a buffer and run through `linear`'s float tile (the same weights, the same FMA order).
+constexpr int64_t QDIRECT_ROWS = 8;
+
+template <int QT>
+void qlinear_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd, int64_t NB, int64_t KB, int64_t N,
+                  const float* bd, float* yd) {
+  const int64_t PB = panel_block_bytes(QT), K = KB * 32;
+  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    float buf[4 * BLOCK];
+    std::vector<float> dense(M > QDIRECT_ROWS ? K * BLOCK : 0);
+    for (int64_t nb = b0; nb < b1; ++nb) {
+      const uint8_t* wb = wd + nb * KB * PB;
+      const int64_t n0 = nb * BLOCK, nn = std::min(BLOCK, N - n0);
+      if (M > QDIRECT_ROWS) dequant_panel<QT>(wb, KB, dense.data());
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const float* xr = xd + m0 * ldx;
+        const int64_t rows = std::min<int64_t>(4, M - m0);
+        if (M > QDIRECT_ROWS) {
+          const float* w = dense.data();
+          switch (rows) {
+            case 1: tile<1, 6>(xr, ldx, w, K, 0, buf, nullptr); break;
+            case 2: tile<2, 6>(xr, ldx, w, K, 0, buf, nullptr); break;
+            case 3: tile<3, 3>(xr, ldx, w, K, 0, buf, nullptr); tile<3, 3>(xr, ldx, w, K, 3, buf, nullptr); break;
+            default: tile<4, 3>(xr, ldx, w, K, 0, buf, nullptr); tile<4, 3>(xr, ldx, w, K, 3, buf, nullptr); break;
+          }
+        } else {
+          switch (rows) {
+            case 1: qtile<QT, 1, 6>(xr, ldx, wb, KB, 0, buf); break;
+            case 2: qtile<QT, 2, 6>(xr, ldx, wb, KB, 0, buf); break;
+            case 3: qtile<QT, 3, 3>(xr, ldx, wb, KB, 0, buf); qtile<QT, 3, 3>(xr, ldx, wb, KB, 3, buf); break;
+            default: qtile<QT, 4, 3>(xr, ldx, wb, KB, 0, buf); qtile<QT, 4, 3>(xr, ldx, wb, KB, 3, buf); break;
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float* yr = yd + (m0 + r) * N + n0;
+          if (bd)
+            for (int64_t i = 0; i < nn; ++i) yr[i] = buf[r * BLOCK + i] + bd[n0 + i];
+          else
+            std::copy(buf + r * BLOCK, buf + r * BLOCK + nn, yr);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, int64_t qt, int64_t N,
+                   const c10::optional<at::Tensor>& bias) {
+  check_qt(qt);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "qlinear: float32 input expected");
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.size(2) == panel_block_bytes(qt), "qlinear: packed [NB, K/32, PB] uint8 expected");
+  const int64_t NB = packed.size(0), KB = packed.size(1), K = KB * 32;
+  TORCH_CHECK(x.size(-1) == K, "qlinear: input width ", x.size(-1), " != ", K);
+  TORCH_CHECK(N <= NB * BLOCK && N > NB * BLOCK - BLOCK, "qlinear: N does not fit the packed panels");
+  at::Tensor x2 = x.reshape({-1, K});
+  if (x2.stride(1) != 1) x2 = x2.contiguous();
+  const int64_t M = x2.size(0);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor bc;
+  const float* bd = nullptr;
+  if (bias.has_value()) {
+    bc = bias->contiguous();
+    TORCH_CHECK(bc.scalar_type() == at::kFloat && bc.numel() == N, "qlinear: bias must be float32 [N]");
+    bd = bc.data_ptr<float>();
+  }
+  const float* xd = x2.data_ptr<float>();
+  const uint8_t* wd = packed.data_ptr<uint8_t>();
+  float* yd = y.data_ptr<float>();
+  if (qt == QT_Q4_0) qlinear_impl<QT_Q4_0>(xd, M, x2.stride(0), wd, NB, KB, N, bd, yd);
+  else if (qt == QT_Q4_1) qlinear_impl<QT_Q4_1>(xd, M, x2.stride(0), wd, NB, KB, N, bd, yd);
+  else qlinear_impl<QT_Q8_0>(xd, M, x2.stride(0), wd, NB, KB, N, bd, yd);
+  return y.view(shape);
+}
+
+// Rows `idx` of the dequantized weight ([n] int64 in 0..N-1 -> [n, K] float32): the embedding
+// lookup of a tied or quantized table, and the dense read-back.
+template <int QT>
+void qrows_impl(const uint8_t* wd, int64_t KB, const int64_t* idx, int64_t n, float* out) {
+  const int64_t PB = panel_block_bytes(QT);
+  const int codes_at = QT == QT_Q4_1 ? 192 : 96;
+  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t nb = idx[r] / BLOCK, i = idx[r] % BLOCK;
+      float* o = out + r * KB * 32;
+      for (int64_t kb = 0; kb < KB; ++kb) {
+        const uint8_t* blk = wd + (nb * KB + kb) * PB;
+        uint16_t dh, mh = 0;
+        std::memcpy(&dh, blk + 2 * i, 2);
+        if (QT == QT_Q4_1) std::memcpy(&mh, blk + 2 * (BLOCK + i), 2);
+        const float d = _cvtsh_ss(dh);
+        const float m = QT == QT_Q4_1 ? _cvtsh_ss(mh) : QT == QT_Q4_0 ? -8.0f * d : 0.0f;
+        const uint8_t* codes = blk + codes_at;
+        for (int k = 0; k < 32; ++k) {
+          float q;
+          if (QT == QT_Q8_0) q = float(int8_t(codes[k * BLOCK + i]));
+          else q = float((codes[(k / 2) * BLOCK + i] >> (4 * (k % 2))) & 0xF);
+          o[kb * 32 + k] = std::fma(q, d, m);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor qrows(const at::Tensor& packed, int64_t qt, int64_t N, const at::Tensor& idx) {
+  check_qt(qt);
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.size(2) == panel_block_bytes(qt), "qrows: packed [NB, K/32, PB] uint8 expected");
+  at::Tensor ic = idx.to(at::kLong).contiguous();
+  const int64_t n = ic.numel(), KB = packed.size(1);
+  const int64_t* id = ic.data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r) TORCH_CHECK(id[r] >= 0 && id[r] < N, "qrows: index ", id[r], " out of range 0..", N - 1);
+  at::Tensor out = at::empty({n, KB * 32}, packed.options().dtype(at::kFloat));
+  const uint8_t* wd = packed.data_ptr<uint8_t>();
+  if (qt == QT_Q4_0) qrows_impl<QT_Q4_0>(wd, KB, id, n, out.data_ptr<float>());
+  else if (qt == QT_Q4_1) qrows_impl<QT_Q4_1>(wd, KB, id, n, out.data_ptr<float>());
+  else qrows_impl<QT_Q8_0>(wd, KB, id, n, out.data_ptr<float>());
+  std::vector<int64_t> shape(idx.sizes().begin(), idx.sizes().end());
+  shape.push_back(KB * 32);
+  return out.view(shape);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tokenswift, m) {
@@ -713,6 +1003,9 @@ TORCH_LIBRARY(tokenswift, m) {
   m.def("quantize_q8(Tensor x, Tensor(a!) q, Tensor(b!) scale) -> ()");
   m.def("pack_linear(Tensor w) -> Tensor");
   m.def("linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
+  m.def("pack_q(Tensor raw, int qtype, int k) -> Tensor");
+  m.def("qlinear(Tensor x, Tensor packed, int qtype, int n, Tensor? bias) -> Tensor");
+  m.def("qrows(Tensor packed, int qtype, int n, Tensor idx) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tokenswift, CPU, m) {
@@ -720,4 +1013,7 @@ TORCH_LIBRARY_IMPL(tokenswift, CPU, m) {
   m.impl("quantize_q8", &quantize_q8);
   m.impl("pack_linear", &pack_linear);
   m.impl("linear", &linear);
+  m.impl("pack_q", &pack_q);
+  m.impl("qlinear", &qlinear);
+  m.impl("qrows", &qrows);
 }

@@ -1,0 +1,168 @@
+"""GGUF Q4_0/Q4_1/Q8_0 weights kept as blocks (`--weights`): the native kernel against the float
+kernel on the dequantized matrix (bit for bit) and a float64 reference, row invariance, the
+loader's choices, and quantization of float checkpoints at load."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_hf_model
+from test_loading import write_gguf
+from tokenswift import kernels
+from tokenswift.kernels import PackedLinear, QuantLinear, dequantize_reference, linear_reference
+from tokenswift.loading import load_model
+from tokenswift.params import ParamError
+from tokenswift.quant import Blocks
+
+pytestmark = pytest.mark.skipif(not kernels.native(), reason=f"native kernels off: {kernels.why_not()}")
+
+QTYPES = ["q4_0", "q4_1", "q8_0"]
+
+
+def _raw(w: torch.Tensor, qtype: str) -> torch.Tensor:
+    t = getattr(gguf.GGMLQuantizationType, qtype.upper())
+    return torch.from_numpy(gguf.quants.quantize(w.numpy(), t))
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("shape", [(50, 64), (960, 576), (130, 1536)])
+def test_quant_linear_matches_reference_and_is_row_invariant(qtype, shape):
+    N, K = shape
+    g = torch.Generator().manual_seed(1)
+    w, b = 0.05 * torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    x = torch.randn(128, K, generator=g)
+    ql = QuantLinear(_raw(w, qtype), qtype, (N, K))
+    wd = dequantize_reference(_raw(w, qtype), qtype, (N, K))
+    assert torch.equal(ql.dense(), wd)  # the file's reference dequantization, bit for bit
+    pl = PackedLinear(wd)
+    for bias in (None, b):
+        rows = torch.cat([ql.matmul(x[i : i + 1], bias) for i in range(x.shape[0])])
+        for M in (1, 2, 3, 8, 17, 128):
+            y = ql.matmul(x[:M], bias)
+            assert torch.equal(y, rows[:M]), f"M={M}: a row depends on the rows beside it"
+            assert torch.equal(y, pl.matmul(x[:M], bias)), f"M={M}: not the float kernel's bits"
+            # a sequential float32 sum of K products: error ~ K * 2^-24 of the sum of |products|
+            bound = 4 * K * 2**-24 * (x[:M].abs() @ wd.abs().T).max().item()
+            assert (y - linear_reference(x[:M], wd, bias)).abs().max().item() <= bound
+    assert ql.matmul(x[:6].view(2, 3, K)).shape == (2, 3, N)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_quant_rows_are_the_dequantized_rows(qtype):
+    w = 0.1 * torch.randn(100, 96)
+    ql = QuantLinear(_raw(w, qtype), qtype, (100, 96))
+    ids = torch.tensor([[0, 99, 47], [48, 48, 5]])
+    assert torch.equal(ql.rows(ids), dequantize_reference(_raw(w, qtype), qtype, (100, 96))[ids])
+
+
+def test_quant_linear_bad_inputs_name_the_problem():
+    raw = _raw(torch.randn(8, 64), "q8_0")
+    with pytest.raises(ValueError, match="type 'q6_k'"):
+        QuantLinear(raw, "q6_k", (8, 64))
+    with pytest.raises(RuntimeError, match="do not hold 96 inputs"):
+        QuantLinear(raw, "q8_0", (8, 96))
+    ql = QuantLinear(raw, "q8_0", (8, 64))
+    with pytest.raises(RuntimeError, match="input width 63 != 64"):
+        ql.matmul(torch.randn(2, 63))
+    with pytest.raises(RuntimeError, match="index 8 out of range"):
+        ql.rows(torch.tensor([8]))
+
+
+def _logits(model, toks):
+    with torch.no_grad():
+        return model.logits(model(toks, torch.arange(toks.shape[1])[None]))
+
+
+@pytest.mark.parametrize("kind,arch,qtype", [("llama", "llama", "Q4_1"), ("llama-tied", "llama", "Q8_0"),
+                                             ("qwen2", "qwen2", "Q4_0"), ("qwen3", "qwen3", "Q4_1")])
+def test_gguf_blocks_give_the_dequantized_models_logits_bitwise(tmp_path, kind, arch, qtype):
+    hf = tiny_hf_model(kind, intermediate_size=128)  # every matrix 32-wide: all kept as blocks
+    path = tmp_path / "q.gguf"
+    write_gguf(hf, path, arch, qtype=qtype)
+    kept = load_model(path, device="cpu")
+    flat = load_model(path, device="cpu", weights="float")
+    assert kept.model.quantized == qtype.lower() and flat.model.quantized is None
+    assert all(isinstance(w, QuantLinear) for w in kept.model.matrices())
+    if hf.config.tie_word_embeddings:
+        assert kept.model.lm_head is kept.model.embed  # one table, not a packed copy
+    toks = torch.randint(0, hf.config.vocab_size, (1, 40))
+    assert torch.equal(_logits(kept.model, toks), _logits(flat.model, toks))
+    # and the rows of a 40-token pass are one-token passes' (row invariance through the model)
+    assert torch.equal(_logits(kept.model, toks[:, :1]), _logits(kept.model, toks)[:, :1])
+
+
+def test_gguf_matrices_the_kernel_cannot_keep_are_dequantized(tmp_path):
+    hf = tiny_hf_model("llama")  # intermediate 112: the down projection's width is not a block multiple
+    path = tmp_path / "mixed.gguf"
+    write_gguf(hf, path, "llama", qtype="Q8_0")
+    kept = load_model(path, device="cpu")
+    L = kept.model.layers[0]
+    assert isinstance(L.wqkv, QuantLinear) and not isinstance(L.w_down, QuantLinear)
+    toks = torch.randint(0, hf.config.vocab_size, (1, 24))
+    assert torch.equal(_logits(kept.model, toks), _logits(load_model(path, device="cpu", weights="float").model, toks))
+
+
+def test_weights_q8_0_quantizes_a_float_checkpoint_as_llamacpp_would(tmp_path, tiny_dir):
+    hf = tiny_hf_model("llama", intermediate_size=128)
+    d = tmp_path / "hf"
+    hf.save_pretrained(d)
+    path = tmp_path / "q8.gguf"
+    write_gguf(hf, path, "llama", qtype="Q8_0")
+    ours = load_model(d, device="cpu", weights="q8_0")
+    assert ours.model.quantized == "q8_0"
+    toks = torch.randint(0, hf.config.vocab_size, (1, 32))
+    # the same blocks as the GGUF file written from the same weights
+    assert torch.equal(_logits(ours.model, toks), _logits(load_model(path, device="cpu").model, toks))
+    # a float checkpoint keeps its floats unless asked
+    assert load_model(d, device="cpu").model.quantized is None
+
+
+def test_weights_q4_0_keeps_the_embedding_and_head_at_q8_0(tmp_path):
+    hf = tiny_hf_model("llama", intermediate_size=128)
+    d = tmp_path / "hf"
+    hf.save_pretrained(d)
+    m = load_model(d, device="cpu", weights="q4_0").model
+    assert m.quantized == "mixed"
+    assert m.layers[0].wqkv.qtype == "q4_0" and m.layers[1].w_down.qtype == "q4_0"
+    assert m.embed.qtype == "q8_0" and m.lm_head.qtype == "q8_0"
+    # the same model as the float checkpoint of those blocks' dequantized weights, bit for bit
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() == 2:
+                qt = "q8_0" if name in ("model.embed_tokens.weight", "lm_head.weight") else "q4_0"
+                p.copy_(Blocks.quantize(p.data, qt).dequantize())
+    d2 = tmp_path / "hf-dequantized"
+    hf.save_pretrained(d2)
+    toks = torch.randint(0, hf.config.vocab_size, (1, 16))
+    assert torch.equal(_logits(m, toks), _logits(load_model(d2, device="cpu").model, toks))
+
+
+def test_weights_value_is_checked():
+    with pytest.raises(ParamError, match=r"weights must be one of auto, float, q8_0, q4_0, got 'int3'"):
+        load_model("smollm2-135m", weights="int3")
+
+
+def test_blocks_without_native_kernels():
+    """TOKENSWIFT_NATIVE=0: a GGUF's blocks are dequantized (auto), and asking for q8_0 is an
+    error that says why."""
+    code = (
+        "from tokenswift.loading import load_model\n"
+        "from tokenswift.params import ParamError\n"
+        "m = load_model('smollm2-135m', tokenizer=False)\n"
+        "print(m.model.quantized)\n"
+        "try:\n    load_model('smollm2-135m', weights='q8_0')\n"
+        "except ParamError as e:\n    print(e)\n"
+    )
+    env = {**os.environ, "TOKENSWIFT_NATIVE": "0"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "None"
+    assert lines[1] == "weights 'q8_0' needs the native CPU kernels, which are off here (TOKENSWIFT_NATIVE=0)"
