@@ -166,3 +166,63 @@ def test_blocks_without_native_kernels():
     lines = r.stdout.splitlines()
     assert lines[0] == "None"
     assert lines[1] == "weights 'q8_0' needs the native CPU kernels, which are off here (TOKENSWIFT_NATIVE=0)"
+
+
+def _write_random_q4_0_gguf(path, hidden: int, inter: int, layers: int, heads: int, kv_heads: int, vocab: int):
+    """A Llama of the given shape as a Q4_0 GGUF with random blocks (scale 2^-10, random codes),
+    written tensor by tensor so that the test never holds the whole file."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(4096)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    dh = hidden // heads
+    mats = {"token_embd.weight": (vocab, hidden), "output.weight": (vocab, hidden)}
+    for i in range(layers):
+        mats.update({f"blk.{i}.attn_q.weight": (hidden, hidden), f"blk.{i}.attn_k.weight": (kv_heads * dh, hidden),
+                     f"blk.{i}.attn_v.weight": (kv_heads * dh, hidden), f"blk.{i}.attn_output.weight": (hidden, hidden),
+                     f"blk.{i}.ffn_gate.weight": (inter, hidden), f"blk.{i}.ffn_up.weight": (inter, hidden),
+                     f"blk.{i}.ffn_down.weight": (hidden, inter)})
+    norms = ["output_norm.weight"] + [f"blk.{i}.{n}" for i in range(layers) for n in ("attn_norm.weight", "ffn_norm.weight")]
+    q4 = gguf.GGMLQuantizationType.Q4_0
+    for name, (n, k) in mats.items():
+        w.add_tensor_info(name, (n, k // 32 * 18), np.dtype(np.uint8), n * k // 32 * 18, raw_dtype=q4)
+    for name in norms:
+        w.add_tensor_info(name, (hidden,), np.dtype(np.float32), hidden * 4)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    rng = np.random.default_rng(0)
+    scale = np.frombuffer(np.float16(2**-10).tobytes(), dtype=np.uint8)
+    for name, (n, k) in mats.items():  # in the order of the infos: one tensor in memory at a time
+        b = rng.integers(0, 256, size=(n, k // 32, 18), dtype=np.uint8)
+        b[:, :, :2] = scale
+        w.write_tensor_data(b.reshape(n, -1))
+    for name in norms:
+        w.write_tensor_data(np.ones(hidden, dtype=np.float32))
+    w.close()
+
+
+@pytest.mark.slow
+def test_a_7b_q4_0_gguf_loads_and_writes_tokens_in_6_gb(tmp_path):
+    path = tmp_path / "llama-7b-shape-q4_0.gguf"
+    _write_random_q4_0_gguf(path, hidden=4096, inter=11008, layers=32, heads=32, kv_heads=32, vocab=32000)
+    code = (
+        "import resource, sys, tokenswift\n"
+        f"lm = tokenswift.load({str(path)!r}, heads='none', drafter='none')\n"
+        "print(lm.model.quantized)\n"
+        "out = lm.generate([1, 2, 3, 4, 5, 6, 7, 8], max_new_tokens=4, method='ar', temperature=0)\n"
+        "print(len(out.tokens), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-2000:]
+    kind, line = r.stdout.split("\n")[:2]
+    n, peak_mib = map(int, line.split())
+    print(f"7B-shape Q4_0: peak RSS {peak_mib} MiB")
+    assert kind == "q4_0" and n == 4
+    assert peak_mib <= 6 * 1024

@@ -49,7 +49,9 @@ OURS = {
 }
 EXTERNAL = ("hf", "hf-lookup", "llamacpp")
 METHODS = tuple(OURS) + EXTERNAL
-DEFAULT_METHODS = ("ar", "tokenswift", "ngram")
+# llamacpp runs where llama-cpp-python is installed and the model is a GGUF file (else the table
+# says why it was skipped): the engine a CPU user with that file would otherwise pick.
+DEFAULT_METHODS = ("ar", "tokenswift", "ngram", "llamacpp")
 
 
 def distinct_n(tokens: Sequence[int], n: int) -> float:

@@ -323,6 +323,17 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _file_rows(path: Path, offset: int, shape: tuple[int, int], heads: int):
+    """A reader of one matrix's block rows from the file (read when called, not memory-mapped),
+    with llama.cpp's Q/K row permutation undone over `heads` heads (0: none)."""
+
+    def read() -> np.ndarray:
+        a = np.fromfile(path, dtype=np.uint8, count=shape[0] * shape[1], offset=offset).reshape(shape)
+        return unpermute_rope(a, heads) if heads else a
+
+    return read
+
+
 def read_gguf_metadata(reader: Any) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     for key, field in reader.fields.items():
@@ -367,12 +378,10 @@ def read_gguf(path: Path, keep: bool = False) -> tuple[ModelConfig, dict[str, "t
             continue
         qt = t.tensor_type.name.lower()
         if keep and qt in KEPT_QTYPES and t.data.ndim == 2:
-            rows = np.asarray(t.data)  # [N, K/32 * block bytes]
-            if permute and hf.endswith("q_proj.weight"):
-                rows = unpermute_rope(rows, cfg.num_heads)
-            elif permute and hf.endswith("k_proj.weight"):
-                rows = unpermute_rope(rows, cfg.num_kv_heads)
-            tensors[hf] = Blocks(qt, (int(t.shape[1]), int(t.shape[0])), rows)
+            heads = (cfg.num_heads if hf.endswith("q_proj.weight") else cfg.num_kv_heads
+                     if hf.endswith("k_proj.weight") else 0) if permute else 0
+            tensors[hf] = Blocks(qt, (int(t.shape[1]), int(t.shape[0])),
+                                 _file_rows(path, int(t.data_offset), tuple(t.data.shape), heads))
             continue
         try:
             a = gguf.quants.dequantize(t.data, t.tensor_type)

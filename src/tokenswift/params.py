@@ -169,8 +169,9 @@ _LIST: list[Param] = [
         Param("max_nodes", int, None, "None or an integer in [1, 4096]", "cap on trie nodes, root included",
               ok=lambda v: 1 <= v <= 4096, nullable=True),
         Param("draft_weights", str, "auto", "one of auto, int4, float",
-              "the self-draft's weights: int4 (a 4-bit copy of the model), float (its own), auto = int4 where "
-              "torch's int4 kernel exists (default auto)", flag="--draft-weights", choices=("auto", "int4", "float")),
+              "the self-draft's weights: int4 (a 4-bit copy of the model), float (the model's own, GGUF blocks "
+              "included), auto = int4 where torch's int4 kernel exists and the model's weights are float "
+              "(default auto)", flag="--draft-weights", choices=("auto", "int4", "float")),
         Param("drafter", str, "auto", "one of auto, self, seq, none",
               "which drafters the auto plan may use: self (the model's int4 copy), seq (the one-block drafter "
               "loaded with the model), none (n-grams and plain steps), auto = whichever pays (default auto)",

@@ -14,6 +14,7 @@ of 32), the dequantized weights run through a plain float matmul: the same numbe
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import numpy as np
 import torch
@@ -113,32 +114,36 @@ class Int4Weight:
 
 
 class Blocks:
-    """A GGUF matrix as the file holds it: `data` uint8 [N, K/32 * block bytes] (rows of blocks of
-    32 inputs) of `qtype` ("q4_0", "q4_1", "q8_0"), standing for a float [N, K] = `shape`. The
-    loader passes these on for the native kernel to keep (`kernels.QuantLinear`)."""
+    """A GGUF matrix as the file holds it: uint8 rows [N, K/32 * block bytes] (blocks of 32 inputs)
+    of `qtype` ("q4_0", "q4_1", "q8_0"), standing for a float [N, K] = `shape`. The loader passes
+    these on for the native kernel to keep (`kernels.QuantLinear`). `data` is the bytes, or a
+    function that reads them: a file's matrices are read one at a time as the model repacks them,
+    so that loading never holds the whole file beside the model (a memory map's pages would count
+    as the process's memory until it closes)."""
 
-    def __init__(self, qtype: str, shape: tuple[int, int], data: "np.ndarray | torch.Tensor") -> None:
+    def __init__(self, qtype: str, shape: tuple[int, int], data: "np.ndarray | Callable[[], np.ndarray]") -> None:
         self.qtype = qtype
         self.shape = (int(shape[0]), int(shape[1]))
         self.data = data
 
+    def rows(self) -> np.ndarray:  # [N, row bytes] uint8
+        return self.data() if callable(self.data) else np.asarray(self.data)
+
     def tensor(self) -> torch.Tensor:  # the bytes as a writable uint8 tensor
-        d = self.data
-        return d if isinstance(d, torch.Tensor) else torch.from_numpy(np.array(d, dtype=np.uint8, copy=True))
+        return torch.from_numpy(np.array(self.rows(), dtype=np.uint8, copy=True))
 
     def dequantize(self) -> torch.Tensor:
         """The float32 [N, K] the blocks stand for (the gguf package's reference dequantization)."""
         import gguf
 
-        d = self.data.numpy() if isinstance(self.data, torch.Tensor) else self.data
-        a = gguf.quants.dequantize(d, getattr(gguf.GGMLQuantizationType, self.qtype.upper()))
+        a = gguf.quants.dequantize(self.rows(), getattr(gguf.GGMLQuantizationType, self.qtype.upper()))
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32).reshape(self.shape))
 
     @staticmethod
     def cat(parts: "list[Blocks]") -> "Blocks":
         """Row-wise concatenation (a fused q/k/v or gate/up matrix) of blocks of one type and width."""
-        d = np.concatenate([p.data.numpy() if isinstance(p.data, torch.Tensor) else np.asarray(p.data) for p in parts])
-        return Blocks(parts[0].qtype, (sum(p.shape[0] for p in parts), parts[0].shape[1]), d)
+        return Blocks(parts[0].qtype, (sum(p.shape[0] for p in parts), parts[0].shape[1]),
+                      np.concatenate([p.rows() for p in parts]))
 
     @staticmethod
     def quantize(w: torch.Tensor, qtype: str) -> "Blocks":

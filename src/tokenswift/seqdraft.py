@@ -76,9 +76,18 @@ class SeqDraftModel(nn.Module):
         """Takes the target's frozen embedding and head rows (plain tensors, never packed)."""
         from .model import _plain
 
-        self.embed = _plain(target.embed).to(self.fuse.dtype)
-        head = self.embed if target.cfg.tie_word_embeddings else _plain(target.lm_head).to(self.fuse.dtype)
-        self.head = head[self.vocab].contiguous()
+        from .kernels import QuantLinear
+
+        dt = self.fuse.dtype
+        if isinstance(target.embed, QuantLinear):  # GGUF blocks: rows dequantized as looked up, no dense copy
+            self.embed = target.embed
+        else:
+            self.embed = _plain(target.embed).to(dt)
+        src = target.embed if target.cfg.tie_word_embeddings else target.lm_head
+        if isinstance(src, QuantLinear):
+            self.head = src.rows(self.vocab.cpu()).to(device=self.fuse.device, dtype=dt)
+        else:
+            self.head = _plain(src).to(dt)[self.vocab].contiguous()
         return self
 
     def trainable(self) -> list[nn.Parameter]:
@@ -105,7 +114,10 @@ class SeqDraftModel(nn.Module):
 
     def inputs(self, g: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """g [..., D] (a fusion or the drafter's own previous output), tokens [...] -> u [..., D]."""
-        e = F.embedding(tokens, self.embed)  # [..., D]
+        if isinstance(self.embed, torch.Tensor):
+            e = F.embedding(tokens, self.embed)  # [..., D]
+        else:  # the target's GGUF blocks
+            e = self.embed.rows(tokens).to(self.fuse.dtype)
         x = torch.cat([self._rms(g) * self.in_norm[0], self._rms(e) * self.in_norm[1]], dim=-1)  # [..., 2D]
         return F.linear(x, self.combine) * self.scale
 
