@@ -226,3 +226,24 @@ def test_a_7b_q4_0_gguf_loads_and_writes_tokens_in_6_gb(tmp_path):
     print(f"7B-shape Q4_0: peak RSS {peak_mib} MiB")
     assert kind == "q4_0" and n == 4
     assert peak_mib <= 6 * 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc")
+def test_the_embedded_model_loads_in_200_mb():
+    """`tokenswift.load()` of the embedded SmolLM2 (Q4_1 layers, Q8_0 embedding) with its
+    tokenizer and shipped heads grows a fresh process's RSS by at most 200 MB (its float32
+    dequantization took ~750 MB)."""
+    code = (
+        "import gc, tokenswift\n"
+        "from tokenswift import kernels\n"
+        "import os\ndef rss(): return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
+        "kernels.native()\n"
+        "r0 = rss()\n"
+        "lm = tokenswift.load('smollm2-135m'); gc.collect()\n"
+        "print(lm.model.quantized, (rss() - r0) // 2**20)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    kind, mib = r.stdout.split()
+    print(f"embedded model: RSS grows {mib} MiB")
+    assert kind == "mixed" and int(mib) <= 200
