@@ -13,24 +13,13 @@ run it alone on the machine.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import tokenswift
 from tokenswift.kernels import PackedLinear, QuantLinear
 from tokenswift.model import _MATRICES, linear
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+from verify_cost import median_ms  # benchmarks/, beside this script
 
 
 def nbytes(w) -> int:
@@ -57,8 +46,7 @@ def main() -> None:
     for kind in a.weights.split(","):
         lm = tokenswift.load(a.model, heads="none", drafter="none", weights="auto" if kind == "gguf" else kind)
         dec = lm.model
-        mats = [(getattr(L, n), getattr(L, n).shape[1] if isinstance(getattr(L, n), (QuantLinear, PackedLinear))
-                 else getattr(L, n).shape[1]) for L in dec.layers for n in _MATRICES]
+        mats = [(getattr(L, n), getattr(L, n).shape[1]) for L in dec.layers for n in _MATRICES]  # (weight, width)
         mb = sum(nbytes(w) for w, _ in mats) / 1e6
         cells, first = [], None
         for m in rows:

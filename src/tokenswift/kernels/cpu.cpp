@@ -659,6 +659,36 @@ inline void tile(const float* x, int64_t ldx, const float* wb, int64_t K, int v0
     for (int p = 0; p < PV; ++p) _mm256_storeu_ps(y + r * BLOCK + (v0 + p) * 8, acc[r][p]);
 }
 
+// Up to 4 rows of x against one float panel [K][48] into buf [4][48]
+inline void panel_rows(const float* xr, int64_t ldx, const float* w, int64_t K, int64_t rows, float* buf,
+                       const float* pf) {
+  switch (rows) {
+    case 1: tile<1, 6>(xr, ldx, w, K, 0, buf, pf); break;
+    case 2: tile<2, 6>(xr, ldx, w, K, 0, buf, pf); break;
+    case 3: tile<3, 3>(xr, ldx, w, K, 0, buf, pf); tile<3, 3>(xr, ldx, w, K, 3, buf, nullptr); break;
+    default: tile<4, 3>(xr, ldx, w, K, 0, buf, pf); tile<4, 3>(xr, ldx, w, K, 3, buf, nullptr); break;
+  }
+}
+
+// buf's rows [rows][48] (the first nn outputs, plus the bias from output n0) into y's rows of width N
+inline void store_rows(const float* buf, int64_t rows, int64_t nn, float* y, int64_t N, int64_t n0, const float* bd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* yr = y + r * N + n0;
+    if (bd)
+      for (int64_t i = 0; i < nn; ++i) yr[i] = buf[r * BLOCK + i] + bd[n0 + i];
+    else
+      std::copy(buf + r * BLOCK, buf + r * BLOCK + nn, yr);
+  }
+}
+
+// The bias as float32 [N] (nullptr when absent), kept alive in `keep`
+inline const float* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t N, at::Tensor& keep, const char* op) {
+  if (!bias.has_value()) return nullptr;
+  keep = bias->contiguous();
+  TORCH_CHECK(keep.scalar_type() == at::kFloat && keep.numel() == N, op, ": bias must be float32 [N]");
+  return keep.data_ptr<float>();
+}
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat, "linear: float32 expected");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == BLOCK && packed.is_contiguous(), "linear: packed [NB, K, 48]");
@@ -674,13 +704,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, cons
   const float* xd = x2.data_ptr<float>();
   const float* wd = packed.data_ptr<float>();
   float* yd = y.data_ptr<float>();
-  const float* bd = nullptr;
   at::Tensor bc;
-  if (bias.has_value()) {
-    bc = bias->contiguous();
-    TORCH_CHECK(bc.scalar_type() == at::kFloat && bc.numel() == N, "linear: bias must be float32 [N]");
-    bd = bc.data_ptr<float>();
-  }
+  const float* bd = bias_ptr(bias, N, bc, "linear");
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
     float buf[4 * BLOCK];
     for (int64_t nb = b0; nb < b1; ++nb) {
@@ -689,21 +714,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, cons
       const float* next = nb + 1 < b1 ? wb + K * BLOCK : nullptr;
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const float* xr = xd + m0 * ldx;
-        const float* pf = m0 == 0 ? next : nullptr;
-        switch (std::min<int64_t>(4, M - m0)) {
-          case 1: tile<1, 6>(xr, ldx, wb, K, 0, buf, pf); break;
-          case 2: tile<2, 6>(xr, ldx, wb, K, 0, buf, pf); break;
-          case 3: tile<3, 3>(xr, ldx, wb, K, 0, buf, pf); tile<3, 3>(xr, ldx, wb, K, 3, buf, nullptr); break;
-          default: tile<4, 3>(xr, ldx, wb, K, 0, buf, pf); tile<4, 3>(xr, ldx, wb, K, 3, buf, nullptr); break;
-        }
         const int64_t rows = std::min<int64_t>(4, M - m0);
-        for (int64_t r = 0; r < rows; ++r) {
-          float* yr = yd + (m0 + r) * N + n0;
-          if (bd)
-            for (int64_t i = 0; i < nn; ++i) yr[i] = buf[r * BLOCK + i] + bd[n0 + i];
-          else
-            std::copy(buf + r * BLOCK, buf + r * BLOCK + nn, yr);
-        }
+        panel_rows(xr, ldx, wb, K, rows, buf, m0 == 0 ? next : nullptr);
+        store_rows(buf, rows, nn, yd + m0 * N, N, n0, bd);
       }
     }
   });
@@ -890,13 +903,7 @@ void qlinear_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd, in
         const float* xr = xd + m0 * ldx;
         const int64_t rows = std::min<int64_t>(4, M - m0);
         if (M > QDIRECT_ROWS) {
-          const float* w = dense.data();
-          switch (rows) {
-            case 1: tile<1, 6>(xr, ldx, w, K, 0, buf, nullptr); break;
-            case 2: tile<2, 6>(xr, ldx, w, K, 0, buf, nullptr); break;
-            case 3: tile<3, 3>(xr, ldx, w, K, 0, buf, nullptr); tile<3, 3>(xr, ldx, w, K, 3, buf, nullptr); break;
-            default: tile<4, 3>(xr, ldx, w, K, 0, buf, nullptr); tile<4, 3>(xr, ldx, w, K, 3, buf, nullptr); break;
-          }
+          panel_rows(xr, ldx, dense.data(), K, rows, buf, nullptr);
         } else {
           switch (rows) {
             case 1: qtile<QT, 1, 6>(xr, ldx, wb, KB, 0, buf); break;
@@ -905,13 +912,7 @@ void qlinear_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd, in
             default: qtile<QT, 4, 3>(xr, ldx, wb, KB, 0, buf); qtile<QT, 4, 3>(xr, ldx, wb, KB, 3, buf); break;
           }
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          float* yr = yd + (m0 + r) * N + n0;
-          if (bd)
-            for (int64_t i = 0; i < nn; ++i) yr[i] = buf[r * BLOCK + i] + bd[n0 + i];
-          else
-            std::copy(buf + r * BLOCK, buf + r * BLOCK + nn, yr);
-        }
+        store_rows(buf, rows, nn, yd + m0 * N, N, n0, bd);
       }
     }
   });
@@ -933,12 +934,7 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, int64_t qt, in
   shape.back() = N;
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor bc;
-  const float* bd = nullptr;
-  if (bias.has_value()) {
-    bc = bias->contiguous();
-    TORCH_CHECK(bc.scalar_type() == at::kFloat && bc.numel() == N, "qlinear: bias must be float32 [N]");
-    bd = bc.data_ptr<float>();
-  }
+  const float* bd = bias_ptr(bias, N, bc, "qlinear");
   const float* xd = x2.data_ptr<float>();
   const uint8_t* wd = packed.data_ptr<uint8_t>();
   float* yd = y.data_ptr<float>();
