@@ -61,7 +61,7 @@ class DraftHeads(nn.Module):
         One LM-head matmul for all rows."""
         D = self.hidden
         rows = torch.empty(1 + self.num_heads, D, dtype=h0.dtype, device=h0.device)  # [1+K, D]
-        rows[0] = F.rms_norm(h0, (D,), model.norm, model.cfg.rms_norm_eps)
+        rows[0] = model.final_norm(h0)
         rows[1:] = self.states(h0)
         return linear(rows, model.lm_head, None).float()
 

@@ -635,9 +635,22 @@ class Decoder(nn.Module):
             qkv_fn, out_fn = self.compiled
         cos, sin = self._cos_sin(positions, scale_len)
         scale = cfg.head_dim**-0.5
+        # The native layer halves: weights packed for the native kernels, one rank, eager, no autograd
+        native_layers = (self.packed == "native" and path == "native" and reduce is None and qkv_fn is None
+                         and not torch.is_grad_enabled())
+        H, KH = cfg.num_heads, cfg.num_kv_heads
         x = self.embed_rows(tokens)  # [B, T, D]
         for li, L in enumerate(self.layers):
-            q, k, v = layer_qkv(L, cfg, x, cos, sin, qkv_fn)
+            direct = False  # whether the new k/v rows are already in the cache
+            if native_layers:
+                direct = cache is not None and not cache.quantized
+                qkv = kernels.attn_in(x, L.attn_norm, cfg.rms_norm_eps, L.wqkv, L.bqkv, L.q_norm, L.k_norm, cos, sin,
+                                      H, KH, scale, cache.k if direct else None, cache.v if direct else None, li,
+                                      n)  # [B, T, H + 2 KH, Dh]
+                qs, k, v = qkv[:, :, :H], qkv[:, :, H : H + KH], qkv[:, :, H + KH :]
+            else:
+                q, k, v = layer_qkv(L, cfg, x, cos, sin, qkv_fn)
+                qs = q * scale  # [B, T, H, Dh]
             w = cfg.layer_windows[li]
             lo, wmask = window_masks[w] if (w and w in window_masks) else (0, None)
             att = None
@@ -645,23 +658,27 @@ class Decoder(nn.Module):
                 cache.store(li, n, k.transpose(1, 2).float(), v.transpose(1, 2).float())
                 if path == "native" and attn_probs is None and full is None and wmask is None:
                     keys, vals, ks, vs = cache.layer(li, S)
-                    att = kernels.attention(q * scale, keys, vals, block, k_scale=ks, v_scale=vs)
+                    att = kernels.attention(qs, keys, vals, block, k_scale=ks, v_scale=vs)
                 else:  # the torch paths: a dequantized copy (slow; not the draft's normal route)
-                    keys, vals = cache.dequantized(li, S, q.dtype)
+                    keys, vals = cache.dequantized(li, S, qs.dtype)
             elif cache is not None:
-                cache.k[li, :, :, n:S] = k.transpose(1, 2)
-                cache.v[li, :, :, n:S] = v.transpose(1, 2)
+                if not direct:
+                    cache.k[li, :, :, n:S] = k.transpose(1, 2)
+                    cache.v[li, :, :, n:S] = v.transpose(1, 2)
                 keys, vals = cache.k[li, :, :, :S], cache.v[li, :, :, :S]  # [B, K, S, Dh] views
-                if keys.dtype != q.dtype and (path != "native" or attn_probs is not None):
-                    keys, vals = keys.to(q.dtype), vals.to(q.dtype)  # torch's kernels take one dtype
+                if keys.dtype != qs.dtype and (path != "native" or attn_probs is not None):
+                    keys, vals = keys.to(qs.dtype), vals.to(qs.dtype)  # torch's kernels take one dtype
             else:
                 keys, vals = k.transpose(1, 2), v.transpose(1, 2)
             if att is None and attn_probs is not None:
-                att = _attention_plain(q * scale, keys, vals, None, None, 0, None, probs_out=attn_probs[li])
+                att = _attention_plain(qs, keys, vals, None, None, 0, None, probs_out=attn_probs[li])
             elif att is None:
-                att = _attention(q * scale, keys, vals, block, bias, full, lo, wmask, path,
-                                 allow)  # [B, T, H*Dh]
-            x = layer_out(L, cfg, x, att, reduce, out_fn)
+                att = _attention(qs, keys, vals, block, bias, full, lo, wmask, path, allow)  # [B, T, H*Dh]
+            if native_layers:
+                x = kernels.attn_out_mlp(x, att, L.wo, L.bo, L.mlp_norm, cfg.rms_norm_eps, L.w_gate_up,
+                                         L.b_gate_up, L.w_down, L.b_down)
+            else:
+                x = layer_out(L, cfg, x, att, reduce, out_fn)
             if taps is not None:
                 for j, tl in enumerate(taps[0]):
                     if tl == li:
@@ -670,10 +687,17 @@ class Decoder(nn.Module):
             cache.length = S
         return x
 
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., D]
+        """The final norm, by the native layers' own norm where they run (the same bits in every
+        pass), else torch's."""
+        if self.packed == "native" and not torch.is_grad_enabled():
+            return kernels.rms_norm(hidden, self.norm, self.cfg.rms_norm_eps)
+        return F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.cfg.rms_norm_eps)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., D] (pre-norm residual) -> logits [..., V] in float32. An int4 copy's
         are its int4 head's, with the best of each row (`HEAD_MARGIN`) recomputed from float rows."""
-        h = F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.cfg.rms_norm_eps)
+        h = self.final_norm(hidden)
         out = linear(h, self.lm_head, None).float()
         if self.head_rows is not None:
             near = int((out >= out.amax(-1, keepdim=True) - HEAD_MARGIN).sum(-1).max())

@@ -11,12 +11,16 @@
 - `QuantLinear`: a GGUF Q4_0/Q4_1/Q8_0 matrix kept at its size in the same panels; its codes
   are dequantized in registers to exactly the float32 weights of the file's dequantization, so
   its product equals `PackedLinear`'s on the dequantized matrix bit for bit (and is as row-invariant).
+- `attn_in` / `attn_out_mlp`: a decoder layer's two halves around attention in one call each
+  (norms, the matmuls of either weight form, RoPE, the cache write; the output projection,
+  residuals and the SiLU MLP), row by row, so a decode step runs a few calls a layer instead of
+  about ninety small torch ops. `rms_norm` is their norm alone (the final norm).
 
 The extension is compiled once per torch version and source (about a minute on 2 cores) into
 `$TOKENSWIFT_CACHE` (default `~/.cache/tokenswift`) and loaded from there afterwards. Where it
 cannot be built or used — not x86-64 with AVX2+FMA, no C++ compiler or ninja, a failed build,
 `TOKENSWIFT_NATIVE=0` — `native()` is False, one log line says why, and the model runs its torch
-paths. `attention_reference` and `linear_reference` are what the kernels are tested against.
+paths. The `*_reference` functions are what the kernels are tested against.
 """
 
 from __future__ import annotations
@@ -176,6 +180,8 @@ class PackedLinear:
     """A float32 weight [N, K] in the kernel's panel layout ([ceil(N/48), K, 48]); `matmul` is
     x @ W^T + b with each output one FMA chain over K, the same for any number of rows."""
 
+    qt = 0  # the layer ops' weight kind: float panels
+
     def __init__(self, w: torch.Tensor) -> None:  # w [N, K] float32
         self.shape = tuple(w.shape)
         self.packed = torch.ops.tokenswift.pack_linear(w.detach().float())  # [NB, K, 48]
@@ -220,6 +226,10 @@ class QuantLinear:
     def nbytes(self) -> int:
         return self.packed.numel()
 
+    @property
+    def qt(self) -> int:  # ggml's type id, as the layer ops take it
+        return QTYPES[self.qtype]
+
     def matmul(self, x: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:  # [..., K] -> [..., N]
         return torch.ops.tokenswift.qlinear(x, self.packed, QTYPES[self.qtype], self.shape[0], b)
 
@@ -239,3 +249,74 @@ def dequantize_reference(raw: torch.Tensor, qtype: str, shape: tuple[int, int]) 
     t = getattr(gguf.GGMLQuantizationType, qtype.upper())
     a = gguf.quants.dequantize(raw.numpy(), t).astype(np.float32).reshape(shape)
     return torch.from_numpy(np.ascontiguousarray(a))
+
+
+# ---------------------------------------------------------------------------------------------
+# a layer's halves around attention
+# ---------------------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:  # [..., n] -> [..., n]
+    """Rows of x over sqrt(mean(x^2) + eps), times w: each row alone, in a fixed order."""
+    return torch.ops.tokenswift.rms_norm(x, w, eps)
+
+
+def rms_norm_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.double()
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()).float()
+
+
+def attn_in(
+    x: torch.Tensor,  # [B, T, D] float32
+    norm: torch.Tensor,  # [D]
+    eps: float,
+    w,  # PackedLinear | QuantLinear [(H + 2 KH) * Dh, D]
+    bias: torch.Tensor | None,  # [(H + 2 KH) * Dh]
+    q_norm: torch.Tensor | None,  # [Dh] (Qwen3), with k_norm
+    k_norm: torch.Tensor | None,
+    cos: torch.Tensor,  # [B, T, 1, Dh/2]
+    sin: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    q_scale: float,
+    kc: torch.Tensor | None = None,  # [L, B, KH, capacity, Dh]: a cache's keys, written at [layer, :, :, start + t]
+    vc: torch.Tensor | None = None,
+    layer: int = 0,
+    start: int = 0,
+) -> torch.Tensor:  # [B, T, H + 2 KH, Dh]: q (RoPE'd, times q_scale), k (RoPE'd), v
+    return torch.ops.tokenswift.attn_in(x, norm, eps, w.packed, w.qt, w.shape[0], bias, q_norm, k_norm, cos, sin,
+                                        heads, kv_heads, q_scale, kc, vc, layer, start)
+
+
+def attn_out_mlp(x, att, wo, bo, norm, eps, wgu, bgu, wd, bd) -> torch.Tensor:
+    """x [B, T, D], att [B, T, H*Dh] -> x1 + down(silu(gate(h)) * up(h)) with x1 = x + att Wo^T + bo,
+    h = rms_norm(x1); wgu holds gate then up ([2I, D])."""
+    return torch.ops.tokenswift.attn_out_mlp(x, att, wo.packed, wo.qt, wo.shape[0], bo, norm, eps, wgu.packed,
+                                             wgu.qt, wgu.shape[0], bgu, wd.packed, wd.qt, wd.shape[0], bd)
+
+
+def attn_in_reference(x, norm, eps, w, bias, q_norm, k_norm, cos, sin, heads, kv_heads, q_scale):
+    """`attn_in` in float64 torch (w a dense [N, D] tensor) -> [B, T, H + 2 KH, Dh] float32."""
+    B, T, D = x.shape
+    h = rms_norm_reference(x, norm, eps).double()
+    y = F.linear(h, w.double(), None if bias is None else bias.double())
+    Dh = w.shape[0] // (heads + 2 * kv_heads)
+    y = y.view(B, T, heads + 2 * kv_heads, Dh)
+    qk = y[:, :, : heads + kv_heads]
+    if q_norm is not None:
+        qk = torch.cat([rms_norm_reference(qk[:, :, :heads], q_norm, eps), rms_norm_reference(qk[:, :, heads:], k_norm, eps)],
+                       dim=2).double()
+    c, s = cos.double(), sin.double()
+    a, b = qk[..., : Dh // 2], qk[..., Dh // 2 :]
+    qk = torch.cat([a * c - b * s, b * c + a * s], dim=-1)
+    qk[:, :, :heads] *= q_scale
+    return torch.cat([qk, y[:, :, heads + kv_heads :]], dim=2).float()
+
+
+def attn_out_mlp_reference(x, att, wo, bo, norm, eps, wgu, bgu, wd, bd):
+    """`attn_out_mlp` in float64 torch (dense weights) -> [B, T, D] float32."""
+    dbl = lambda t: None if t is None else t.double()  # noqa: E731
+    x1 = x.double() + F.linear(att.double(), wo.double(), dbl(bo))
+    h = rms_norm_reference(x1, norm, eps).double()
+    gu = F.linear(h, wgu.double(), dbl(bgu))
+    I = gu.shape[-1] // 2
+    return (x1 + F.linear(F.silu(gu[..., :I]) * gu[..., I:], wd.double(), dbl(bd))).float()

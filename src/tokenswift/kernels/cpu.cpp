@@ -670,14 +670,21 @@ inline void panel_rows(const float* xr, int64_t ldx, const float* w, int64_t K, 
   }
 }
 
-// buf's rows [rows][48] (the first nn outputs, plus the bias from output n0) into y's rows of width N
-inline void store_rows(const float* buf, int64_t rows, int64_t nn, float* y, int64_t N, int64_t n0, const float* bd) {
+// buf's rows [rows][48] (the first nn outputs, plus the bias from output n0, then the residual
+// rows rd of width N when given: (xW + b) + r, the rounding of the unfused sum) into y's rows
+inline void store_rows(const float* buf, int64_t rows, int64_t nn, float* y, int64_t N, int64_t n0, const float* bd,
+                       const float* rd) {
   for (int64_t r = 0; r < rows; ++r) {
     float* yr = y + r * N + n0;
-    if (bd)
-      for (int64_t i = 0; i < nn; ++i) yr[i] = buf[r * BLOCK + i] + bd[n0 + i];
+    const float* br = buf + r * BLOCK;
+    if (bd && rd)
+      for (int64_t i = 0; i < nn; ++i) yr[i] = (br[i] + bd[n0 + i]) + rd[r * N + n0 + i];
+    else if (bd)
+      for (int64_t i = 0; i < nn; ++i) yr[i] = br[i] + bd[n0 + i];
+    else if (rd)
+      for (int64_t i = 0; i < nn; ++i) yr[i] = br[i] + rd[r * N + n0 + i];
     else
-      std::copy(buf + r * BLOCK, buf + r * BLOCK + nn, yr);
+      std::copy(br, br + nn, yr);
   }
 }
 
@@ -689,23 +696,9 @@ inline const float* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t N, a
   return keep.data_ptr<float>();
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat, "linear: float32 expected");
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == BLOCK && packed.is_contiguous(), "linear: packed [NB, K, 48]");
-  const int64_t K = packed.size(1), NB = packed.size(0);
-  TORCH_CHECK(x.size(-1) == K, "linear: input width ", x.size(-1), " != ", K);
-  TORCH_CHECK(N <= NB * BLOCK && N > NB * BLOCK - BLOCK, "linear: N does not fit the packed blocks");
-  at::Tensor x2 = x.reshape({-1, K});
-  if (x2.stride(1) != 1) x2 = x2.contiguous();
-  const int64_t M = x2.size(0), ldx = x2.stride(0);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xd = x2.data_ptr<float>();
-  const float* wd = packed.data_ptr<float>();
-  float* yd = y.data_ptr<float>();
-  at::Tensor bc;
-  const float* bd = bias_ptr(bias, N, bc, "linear");
+// y [M, N] = x [M, K] (row stride ldx) W^T + b (+ r) against float panels [NB, K, 48]
+void linear_impl(const float* xd, int64_t M, int64_t ldx, const float* wd, int64_t NB, int64_t K, int64_t N,
+                 const float* bd, const float* rd, float* yd) {
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
     float buf[4 * BLOCK];
     for (int64_t nb = b0; nb < b1; ++nb) {
@@ -716,11 +709,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, cons
         const float* xr = xd + m0 * ldx;
         const int64_t rows = std::min<int64_t>(4, M - m0);
         panel_rows(xr, ldx, wb, K, rows, buf, m0 == 0 ? next : nullptr);
-        store_rows(buf, rows, nn, yd + m0 * N, N, n0, bd);
+        store_rows(buf, rows, nn, yd + m0 * N, N, n0, bd, rd ? rd + m0 * N : nullptr);
       }
     }
   });
-  return y.view(shape);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -890,7 +882,7 @@ constexpr int64_t QDIRECT_ROWS = 8;
 
 template <int QT>
 void qlinear_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd, int64_t NB, int64_t KB, int64_t N,
-                  const float* bd, float* yd) {
+                  const float* bd, const float* rd, float* yd) {
   const int64_t PB = panel_block_bytes(QT), K = KB * 32;
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
     float buf[4 * BLOCK];
@@ -912,36 +904,76 @@ void qlinear_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd, in
             default: qtile<QT, 4, 3>(xr, ldx, wb, KB, 0, buf); qtile<QT, 4, 3>(xr, ldx, wb, KB, 3, buf); break;
           }
         }
-        store_rows(buf, rows, nn, yd + m0 * N, N, n0, bd);
+        store_rows(buf, rows, nn, yd + m0 * N, N, n0, bd, rd ? rd + m0 * N : nullptr);
       }
     }
   });
 }
 
+// A packed weight matrix as the kernels take it: float32 panels (qt 0) or GGUF blocks (qt: ggml's id).
+struct Weight {
+  int64_t qt = 0, N = 0, K = 0, NB = 0;
+  const float* f = nullptr;
+  const uint8_t* q = nullptr;
+};
+
+Weight weight_of(const at::Tensor& packed, int64_t qt, int64_t N, const char* op) {
+  Weight w;
+  w.qt = qt;
+  w.N = N;
+  if (qt == 0) {
+    TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kFloat && packed.size(2) == BLOCK &&
+                    packed.is_contiguous(), op, ": packed float32 [NB, K, 48] expected");
+    w.NB = packed.size(0);
+    w.K = packed.size(1);
+    w.f = packed.data_ptr<float>();
+  } else {
+    check_qt(qt);
+    TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                    packed.size(2) == panel_block_bytes(qt), op, ": packed [NB, K/32, PB] uint8 expected");
+    w.NB = packed.size(0);
+    w.K = packed.size(1) * 32;
+    w.q = packed.data_ptr<uint8_t>();
+  }
+  TORCH_CHECK(N <= w.NB * BLOCK && N > w.NB * BLOCK - BLOCK, op, ": N = ", N, " does not fit the packed panels");
+  return w;
+}
+
+// y [M, N] = x [M, K] (row stride ldx) W^T + b, plus the residual rows rd [M, N] when given
+void matmul_into(const Weight& w, const float* xd, int64_t M, int64_t ldx, const float* bd, const float* rd,
+                 float* yd) {
+  const int64_t KB = w.K / 32;
+  switch (w.qt) {
+    case 0: linear_impl(xd, M, ldx, w.f, w.NB, w.K, w.N, bd, rd, yd); break;
+    case QT_Q4_0: qlinear_impl<QT_Q4_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd); break;
+    case QT_Q4_1: qlinear_impl<QT_Q4_1>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd); break;
+    default: qlinear_impl<QT_Q8_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd); break;
+  }
+}
+
+// x [..., K] -> [..., N]: the op behind both `linear` (float panels) and `qlinear` (blocks)
+at::Tensor matmul_op(const at::Tensor& x, const Weight& w, const c10::optional<at::Tensor>& bias, const char* op) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": float32 input expected");
+  TORCH_CHECK(x.size(-1) == w.K, op, ": input width ", x.size(-1), " != ", w.K);
+  at::Tensor x2 = x.reshape({-1, w.K});
+  if (x2.stride(1) != 1) x2 = x2.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = w.N;
+  at::Tensor y = at::empty({x2.size(0), w.N}, x.options());
+  at::Tensor bc;
+  const float* bd = bias_ptr(bias, w.N, bc, op);
+  matmul_into(w, x2.data_ptr<float>(), x2.size(0), x2.stride(0), bd, nullptr, y.data_ptr<float>());
+  return y.view(shape);
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, const c10::optional<at::Tensor>& bias) {
+  return matmul_op(x, weight_of(packed, 0, N, "linear"), bias, "linear");
+}
+
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, int64_t qt, int64_t N,
                    const c10::optional<at::Tensor>& bias) {
   check_qt(qt);
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "qlinear: float32 input expected");
-  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.size(2) == panel_block_bytes(qt), "qlinear: packed [NB, K/32, PB] uint8 expected");
-  const int64_t NB = packed.size(0), KB = packed.size(1), K = KB * 32;
-  TORCH_CHECK(x.size(-1) == K, "qlinear: input width ", x.size(-1), " != ", K);
-  TORCH_CHECK(N <= NB * BLOCK && N > NB * BLOCK - BLOCK, "qlinear: N does not fit the packed panels");
-  at::Tensor x2 = x.reshape({-1, K});
-  if (x2.stride(1) != 1) x2 = x2.contiguous();
-  const int64_t M = x2.size(0);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  at::Tensor y = at::empty({M, N}, x.options());
-  at::Tensor bc;
-  const float* bd = bias_ptr(bias, N, bc, "qlinear");
-  const float* xd = x2.data_ptr<float>();
-  const uint8_t* wd = packed.data_ptr<uint8_t>();
-  float* yd = y.data_ptr<float>();
-  if (qt == QT_Q4_0) qlinear_impl<QT_Q4_0>(xd, M, x2.stride(0), wd, NB, KB, N, bd, yd);
-  else if (qt == QT_Q4_1) qlinear_impl<QT_Q4_1>(xd, M, x2.stride(0), wd, NB, KB, N, bd, yd);
-  else qlinear_impl<QT_Q8_0>(xd, M, x2.stride(0), wd, NB, KB, N, bd, yd);
-  return y.view(shape);
+  return matmul_op(x, weight_of(packed, qt, N, "qlinear"), bias, "qlinear");
 }
 
 // Rows `idx` of the dequantized weight ([n] int64 in 0..N-1 -> [n, K] float32): the embedding
@@ -991,6 +1023,211 @@ at::Tensor qrows(const at::Tensor& packed, int64_t qt, int64_t N, const at::Tens
   return out.view(shape);
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// a decoder layer's two halves around attention, each one call (a decode step's ~90 small torch
+// ops a layer cost more than its matmuls over GGUF blocks)
+// ---------------------------------------------------------------------------------------------
+//
+// Every stage works row by row with a fixed order inside the row (norm sums in 8 lanes, then
+// hsum's tree; RoPE, SiLU and the residuals elementwise), so a row's bits do not depend on the
+// rows beside it, as for the matmuls and attention.
+
+// y = (x / sqrt(mean(x^2) + eps)) * w over one row of n floats (y may be x)
+inline void rms_row(const float* x, int64_t n, const float* w, float eps, float* y) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  float ss = hsum(acc);
+  for (; i < n; ++i) ss = std::fma(x[i], x[i], ss);
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  const __m256 iv = _mm256_set1_ps(inv);
+  for (i = 0; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), iv), _mm256_loadu_ps(w + i)));
+  for (; i < n; ++i) y[i] = (x[i] * inv) * w[i];
+}
+
+// Rotate-half RoPE of one head row in place, then times `scale` unless it is 1:
+// lo = a*c - b*s, hi = b*c + a*s (products rounded, then the sum: no FMA, like torch's ops)
+inline void rope_row(float* x, int64_t Dh, const float* c, const float* sn, float scale) {
+  const int64_t h = Dh / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = x[i], b = x[i + h];
+    float lo = a * c[i] - b * sn[i], hi = b * c[i] + a * sn[i];
+    if (scale != 1.0f) lo *= scale, hi *= scale;
+    x[i] = lo, x[i + h] = hi;
+  }
+}
+
+// out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u; the tail runs through a padded vector so
+// every element takes the same instructions wherever it sits in the row
+inline void silu_mul_row(const float* g, const float* u, int64_t n, float* out) {
+  const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+  auto lanes = [&](__m256 gv, __m256 uv) {
+    const __m256 e = exp256(_mm256_xor_ps(gv, sign));
+    return _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), uv);
+  };
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, lanes(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
+  if (i < n) {
+    alignas(32) float gb[8] = {0}, ub[8] = {0}, ob[8];
+    std::copy(g + i, g + n, gb);
+    std::copy(u + i, u + n, ub);
+    _mm256_store_ps(ob, lanes(_mm256_load_ps(gb), _mm256_load_ps(ub)));
+    std::copy(ob, ob + (n - i), out + i);
+  }
+}
+
+// Rows [0, M) through f(row), threaded only where there are enough rows to pay for it
+template <typename F>
+inline void rows_for(int64_t M, const F& f) {
+  if (M < 16) {
+    for (int64_t m = 0; m < M; ++m) f(m);
+    return;
+  }
+  at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) f(m);
+  });
+}
+
+inline const float* opt_ptr(const c10::optional<at::Tensor>& t, int64_t n, at::Tensor& keep, const char* what) {
+  if (!t.has_value()) return nullptr;
+  keep = t->contiguous();
+  TORCH_CHECK(keep.scalar_type() == at::kFloat && keep.numel() == n, what, " must be float32 of ", n, " elements");
+  return keep.data_ptr<float>();
+}
+
+// x [..., n] -> rms-normed rows times w [n]
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "rms_norm: float32 expected");
+  const int64_t n = x.size(-1);
+  TORCH_CHECK(w.numel() == n, "rms_norm: weight of ", w.numel(), " for rows of ", n);
+  at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const float* xd = xc.data_ptr<float>();
+  const float* wd = wc.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  rows_for(xc.numel() / n, [&](int64_t m) { rms_row(xd + m * n, n, wd, static_cast<float>(eps), yd + m * n); });
+  return y;
+}
+
+template <typename T>
+inline void store_as(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);  // c10's conversions round to nearest even
+}
+
+// The first half: norm, fused q/k/v (+ bias), q/k norms, RoPE, the queries scaled.
+// x [B, T, D]; cos, sin [B, T, 1, Dh/2] -> [B, T, H + 2 KH, Dh] (q scaled, k, v). With kc/vc (a
+// cache's [L, B, KH, capacity, Dh] tensors) the new k/v rows are also written at [layer, :, :, start + t].
+at::Tensor attn_in(const at::Tensor& x, const at::Tensor& norm, double eps, const at::Tensor& packed, int64_t qt,
+                   int64_t N, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& q_norm,
+                   const c10::optional<at::Tensor>& k_norm, const at::Tensor& cos, const at::Tensor& sin, int64_t H,
+                   int64_t KH, double q_scale, const c10::optional<at::Tensor>& kc,
+                   const c10::optional<at::Tensor>& vc, int64_t layer, int64_t start) {
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat, "attn_in: x float32 [B, T, D] expected");
+  const Weight w = weight_of(packed, qt, N, "attn_in");
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(2), M = B * T, NH = H + 2 * KH;
+  TORCH_CHECK(D == w.K && N % NH == 0, "attn_in: weight [", N, ", ", w.K, "] does not fit x of width ", D,
+              " and ", NH, " heads");
+  const int64_t Dh = N / NH;
+  TORCH_CHECK(Dh % 2 == 0 && cos.numel() == M * Dh / 2 && sin.numel() == M * Dh / 2 &&
+                  cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+              "attn_in: cos/sin float32 [B, T, 1, Dh/2] expected");
+  TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "attn_in: q_norm and k_norm go together");
+  TORCH_CHECK(kc.has_value() == vc.has_value(), "attn_in: kc and vc go together");
+  at::Tensor xc = x.contiguous(), nc, bc, qnc, knc;
+  const float* nd = opt_ptr(norm, D, nc, "attn_in: norm");
+  const float* bd = bias_ptr(bias, N, bc, "attn_in");
+  const float* qn = opt_ptr(q_norm, Dh, qnc, "attn_in: q_norm");
+  const float* kn = opt_ptr(k_norm, Dh, knc, "attn_in: k_norm");
+  at::Tensor cc = cos.contiguous(), sc = sin.contiguous();
+  const float* cd = cc.data_ptr<float>();
+  const float* sd = sc.data_ptr<float>();
+  const float e = static_cast<float>(eps), qs = static_cast<float>(q_scale);
+  const float* xd = xc.data_ptr<float>();
+
+  at::Tensor h = at::empty({M, D}, x.options());
+  float* hd = h.data_ptr<float>();
+  rows_for(M, [&](int64_t m) { rms_row(xd + m * D, D, nd, e, hd + m * D); });
+  at::Tensor out = at::empty({B, T, NH, Dh}, x.options());
+  float* od = out.data_ptr<float>();
+  matmul_into(w, hd, M, D, bd, nullptr, od);
+  rows_for(M, [&](int64_t m) {
+    const float* c = cd + m * Dh / 2;
+    const float* sn = sd + m * Dh / 2;
+    for (int64_t j = 0; j < H + KH; ++j) {
+      float* p = od + m * N + j * Dh;
+      if (qn) rms_row(p, Dh, j < H ? qn : kn, e, p);
+      rope_row(p, Dh, c, sn, j < H ? qs : 1.0f);
+    }
+  });
+  if (kc.has_value()) {
+    const at::Tensor& K = *kc;
+    const at::Tensor& V = *vc;
+    TORCH_CHECK(K.dim() == 5 && K.sizes() == V.sizes() && K.scalar_type() == V.scalar_type() && K.size(1) == B &&
+                    K.size(2) == KH && K.size(4) == Dh && layer >= 0 && layer < K.size(0) && start >= 0 &&
+                    start + T <= K.size(3) && K.stride(4) == 1 && V.stride(4) == 1,
+                "attn_in: cache tensors [L, B, KH, capacity, Dh] that hold rows start .. start + T expected");
+    auto write = [&](auto* kd, auto* vd) {
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t kh = 0; kh < KH; ++kh) {
+            const float* src = od + (b * T + t) * N + (H + kh) * Dh;
+            const int64_t at_k = layer * K.stride(0) + b * K.stride(1) + kh * K.stride(2) + (start + t) * K.stride(3);
+            const int64_t at_v = layer * V.stride(0) + b * V.stride(1) + kh * V.stride(2) + (start + t) * V.stride(3);
+            store_as(src, kd + at_k, Dh);
+            store_as(src + KH * Dh, vd + at_v, Dh);
+          }
+    };
+    switch (K.scalar_type()) {
+      case at::kFloat: write(K.data_ptr<float>(), V.data_ptr<float>()); break;
+      case at::kBFloat16: write(K.data_ptr<c10::BFloat16>(), V.data_ptr<c10::BFloat16>()); break;
+      case at::kHalf: write(K.data_ptr<c10::Half>(), V.data_ptr<c10::Half>()); break;
+      default: TORCH_CHECK(false, "attn_in: cache must be float32, bfloat16 or float16");
+    }
+  }
+  return out;
+}
+
+// The second half: x + att Wo^T + bo, then that plus the MLP of its norm:
+// x1 = x + o(att); h = norm(x1); x1 + down(silu(gate(h)) * up(h)). x [B, T, D], att [B, T, H*Dh].
+at::Tensor attn_out_mlp(const at::Tensor& x, const at::Tensor& att, const at::Tensor& wo, int64_t qt_o, int64_t n_o,
+                        const c10::optional<at::Tensor>& bo, const at::Tensor& norm, double eps,
+                        const at::Tensor& wgu, int64_t qt_gu, int64_t n_gu, const c10::optional<at::Tensor>& bgu,
+                        const at::Tensor& wd, int64_t qt_d, int64_t n_d, const c10::optional<at::Tensor>& bdn) {
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && att.scalar_type() == at::kFloat,
+              "attn_out_mlp: float32 x [B, T, D] and att expected");
+  const Weight o = weight_of(wo, qt_o, n_o, "attn_out_mlp"), gu = weight_of(wgu, qt_gu, n_gu, "attn_out_mlp"),
+               dn = weight_of(wd, qt_d, n_d, "attn_out_mlp");
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(2), M = B * T, I = gu.N / 2;
+  TORCH_CHECK(o.N == D && gu.K == D && gu.N % 2 == 0 && dn.K == I && dn.N == D && att.numel() == M * o.K,
+              "attn_out_mlp: weight shapes do not fit x of width ", D);
+  at::Tensor xc = x.contiguous(), ac = att.contiguous(), nc, b1, b2, b3;
+  const float* nd = opt_ptr(norm, D, nc, "attn_out_mlp: norm");
+  const float* bod = bias_ptr(bo, D, b1, "attn_out_mlp");
+  const float* bgd = bias_ptr(bgu, gu.N, b2, "attn_out_mlp");
+  const float* bdd = bias_ptr(bdn, D, b3, "attn_out_mlp");
+  const float e = static_cast<float>(eps);
+  at::Tensor x1 = at::empty({M, D}, x.options());
+  float* x1d = x1.data_ptr<float>();
+  matmul_into(o, ac.data_ptr<float>(), M, o.K, bod, xc.data_ptr<float>(), x1d);
+  at::Tensor h = at::empty({M, D}, x.options());
+  float* hd = h.data_ptr<float>();
+  rows_for(M, [&](int64_t m) { rms_row(x1d + m * D, D, nd, e, hd + m * D); });
+  at::Tensor g = at::empty({M, gu.N}, x.options());
+  float* gd = g.data_ptr<float>();
+  matmul_into(gu, hd, M, D, bgd, nullptr, gd);
+  at::Tensor a = at::empty({M, I}, x.options());
+  float* ad = a.data_ptr<float>();
+  rows_for(M, [&](int64_t m) { silu_mul_row(gd + m * gu.N, gd + m * gu.N + I, I, ad + m * I); });
+  at::Tensor out = at::empty({B, T, D}, x.options());
+  matmul_into(dn, ad, M, I, bdd, x1d, out.data_ptr<float>());
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tokenswift, m) {
@@ -1002,6 +1239,12 @@ TORCH_LIBRARY(tokenswift, m) {
   m.def("pack_q(Tensor raw, int qtype, int k) -> Tensor");
   m.def("qlinear(Tensor x, Tensor packed, int qtype, int n, Tensor? bias) -> Tensor");
   m.def("qrows(Tensor packed, int qtype, int n, Tensor idx) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("attn_in(Tensor x, Tensor norm, float eps, Tensor w, int qtype, int n, Tensor? bias, Tensor? q_norm, "
+        "Tensor? k_norm, Tensor cos, Tensor sin, int heads, int kv_heads, float q_scale, Tensor(a!)? kc, "
+        "Tensor(b!)? vc, int layer, int start) -> Tensor");
+  m.def("attn_out_mlp(Tensor x, Tensor att, Tensor wo, int qt_o, int n_o, Tensor? bo, Tensor norm, float eps, "
+        "Tensor wgu, int qt_gu, int n_gu, Tensor? bgu, Tensor wd, int qt_d, int n_d, Tensor? bd) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tokenswift, CPU, m) {
@@ -1012,4 +1255,7 @@ TORCH_LIBRARY_IMPL(tokenswift, CPU, m) {
   m.impl("pack_q", &pack_q);
   m.impl("qlinear", &qlinear);
   m.impl("qrows", &qrows);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("attn_in", &attn_in);
+  m.impl("attn_out_mlp", &attn_out_mlp);
 }
