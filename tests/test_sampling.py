@@ -195,3 +195,19 @@ def test_coupled_candidates_skip_filtered_tokens():
     s = SamplingConfig(temperature=1.0, min_p=0.5, seed=1)  # keeps tokens 0 and 1 only
     got = coupled_candidates(logits, None, [3], s, 4)[0]
     assert sorted(got) == [0, 1]
+
+
+def test_draw_over_the_kept_tokens_equals_the_whole_row_draw():
+    # draw() adds noise only to the tokens the filters kept; the token must be the one the whole
+    # row's Gumbel-max gives, including rows where the filters keep most of the vocabulary
+    from tokenswift.config import SamplingConfig
+
+    g = torch.Generator().manual_seed(11)
+    V = 4096
+    for min_p, top_k in [(0.1, 0), (0.0, 20), (0.02, 0), (0.0, 3000), (0.5, 0)]:
+        s = SamplingConfig(temperature=1.0, min_p=min_p, top_k=top_k, min_keep=5, seed=3)
+        logits = torch.randn(16, V, generator=g) * 4
+        lp = final_logprobs(logits, None, s)
+        positions = list(range(100, 116))
+        whole = torch.stack([(lp[i] + gumbel(s.seed, p, V)).argmax() for i, p in enumerate(positions)])
+        assert torch.equal(draw(lp, positions, s), whole), (min_p, top_k)

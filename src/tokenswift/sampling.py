@@ -142,12 +142,34 @@ _NOISE: dict[tuple[int, int, int], torch.Tensor] = {}
 _NOISE_KEEP = 64  # more than the deepest trie plus an iteration's slack
 
 
-def _gumbel(seed: int, position: int, vocab: int) -> torch.Tensor:
+def _uniform(seed: int, position: int, vocab: int) -> torch.Tensor:  # [V] float64 in (0, 1)
     g = torch.Generator(device="cpu")
     g.manual_seed(position_key(seed, position))
     u = torch.rand(vocab, generator=g, dtype=torch.float64)
-    u.clamp_(min=torch.finfo(torch.float64).tiny)
+    return u.clamp_(min=torch.finfo(torch.float64).tiny)
+
+
+def _gumbel(seed: int, position: int, vocab: int) -> torch.Tensor:
+    return _to_gumbel(_uniform(seed, position, vocab))
+
+
+def _to_gumbel(u: torch.Tensor) -> torch.Tensor:  # uniforms (float64) -> their Gumbel noise (float32)
     return (-torch.log(-torch.log(u))).to(torch.float32)
+
+
+def uniforms(seed: int, position: int, vocab: int) -> torch.Tensor:
+    """The uniforms [V] (float64) behind `gumbel(seed, position, vocab)`, kept like the noise."""
+    key = (seed, position, vocab)
+    hit = _UNIFORM.get(key)
+    if hit is None:
+        hit = _uniform(seed, position, vocab)
+        if len(_UNIFORM) >= _NOISE_KEEP:
+            _UNIFORM.pop(next(iter(_UNIFORM)))
+        _UNIFORM[key] = hit
+    return hit
+
+
+_UNIFORM: dict[tuple[int, int, int], torch.Tensor] = {}
 
 
 def draw(
@@ -160,6 +182,20 @@ def draw(
     if s.greedy:
         return logprobs.argmax(-1)
     V = logprobs.shape[-1]
+    if logprobs.device.type == "cpu":
+        # Only the tokens the filters kept can win: their noise alone (min-p, top-k and top-p
+        # keep a few hundred of ~50K), the same values as the whole vector's, and the first of
+        # equal maxima as argmax over the whole row picks it.
+        out = torch.empty(len(positions), dtype=torch.int64)
+        for i, p in enumerate(positions):
+            row = logprobs[i]
+            keep = (row > _NEG_INF).nonzero().squeeze(1)  # [n] ascending
+            if 0 < keep.numel() * 4 <= V:
+                g = _to_gumbel(uniforms(s.seed, int(p), V)[keep])
+                out[i] = keep[(row[keep] + g).argmax()]
+            else:
+                out[i] = (row + gumbel(s.seed, int(p), V)).argmax()
+        return out
     noise: dict[int, torch.Tensor] = {}
     rows = []
     for p in positions:
