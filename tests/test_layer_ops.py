@@ -177,3 +177,23 @@ def test_layer_op_errors_name_the_problem():
         kernels.attn_in(x, norm, 1e-6, PackedLinear(w), None, None, None, cos[..., :3], sin, 4, 2, 1.0)
     with pytest.raises(RuntimeError, match="rms_norm: weight of 5"):
         kernels.rms_norm(x, torch.ones(5), 1e-6)
+
+
+@pytest.mark.parametrize("T,masked", [(1, False), (6, False), (6, True)])
+def test_attn_block_is_attn_in_then_attention(T, masked):
+    D, H, KH, Dh = 64, 4, 2, 16
+    B, L, cap, layer, start = 1, 2, 700, 1, 600  # 600 cached keys: chunks in the prefix and a tail
+    x, norm, w, b, qn, kn, cos, sin = _attn_inputs(D, H, KH, Dh, True, False, B, T, seed=6)
+    g = torch.Generator().manual_seed(7)
+    kc = torch.randn(L, B, KH, cap, Dh, generator=g)
+    vc = torch.randn(L, B, KH, cap, Dh, generator=g)
+    mask = None
+    if masked:
+        mask = torch.ones(1, T, T, dtype=torch.bool).tril()
+        mask[0, 3, 1:3] = False  # a tree: node 3 sees 0 and itself
+    k2, v2 = kc.clone(), vc.clone()
+    P = PackedLinear(w)
+    att = kernels.attn_block(x, norm, 1e-6, P, b, None, None, cos, sin, H, KH, 0.25, kc, vc, layer, start, mask)
+    qkv = kernels.attn_in(x, norm, 1e-6, P, b, None, None, cos, sin, H, KH, 0.25, k2, v2, layer, start)
+    want = kernels.attention(qkv[:, :, :H], k2[layer, :, :, : start + T], v2[layer, :, :, : start + T], mask)
+    assert torch.equal(att, want) and torch.equal(kc, k2) and torch.equal(vc, v2)

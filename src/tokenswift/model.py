@@ -640,40 +640,47 @@ class Decoder(nn.Module):
                          and not torch.is_grad_enabled())
         H, KH = cfg.num_heads, cfg.num_kv_heads
         x = self.embed_rows(tokens)  # [B, T, D]
+        # ... and with attention in the same call: a plain cache, no window, no probabilities out
+        whole = (native_layers and cache is not None and not cache.quantized and attn_probs is None and full is None
+                 and not window_masks)
         for li, L in enumerate(self.layers):
-            direct = False  # whether the new k/v rows are already in the cache
-            if native_layers:
-                direct = cache is not None and not cache.quantized
-                qkv = kernels.attn_in(x, L.attn_norm, cfg.rms_norm_eps, L.wqkv, L.bqkv, L.q_norm, L.k_norm, cos, sin,
-                                      H, KH, scale, cache.k if direct else None, cache.v if direct else None, li,
-                                      n)  # [B, T, H + 2 KH, Dh]
-                qs, k, v = qkv[:, :, :H], qkv[:, :, H : H + KH], qkv[:, :, H + KH :]
+            if whole:
+                att = kernels.attn_block(x, L.attn_norm, cfg.rms_norm_eps, L.wqkv, L.bqkv, L.q_norm, L.k_norm, cos,
+                                         sin, H, KH, scale, cache.k, cache.v, li, n, block)  # [B, T, H*Dh]
             else:
-                q, k, v = layer_qkv(L, cfg, x, cos, sin, qkv_fn)
-                qs = q * scale  # [B, T, H, Dh]
-            w = cfg.layer_windows[li]
-            lo, wmask = window_masks[w] if (w and w in window_masks) else (0, None)
-            att = None
-            if cache is not None and cache.quantized:  # the draft's int8 copy of the cache
-                cache.store(li, n, k.transpose(1, 2).float(), v.transpose(1, 2).float())
-                if path == "native" and attn_probs is None and full is None and wmask is None:
-                    keys, vals, ks, vs = cache.layer(li, S)
-                    att = kernels.attention(qs, keys, vals, block, k_scale=ks, v_scale=vs)
-                else:  # the torch paths: a dequantized copy (slow; not the draft's normal route)
-                    keys, vals = cache.dequantized(li, S, qs.dtype)
-            elif cache is not None:
-                if not direct:
-                    cache.k[li, :, :, n:S] = k.transpose(1, 2)
-                    cache.v[li, :, :, n:S] = v.transpose(1, 2)
-                keys, vals = cache.k[li, :, :, :S], cache.v[li, :, :, :S]  # [B, K, S, Dh] views
-                if keys.dtype != qs.dtype and (path != "native" or attn_probs is not None):
-                    keys, vals = keys.to(qs.dtype), vals.to(qs.dtype)  # torch's kernels take one dtype
-            else:
-                keys, vals = k.transpose(1, 2), v.transpose(1, 2)
-            if att is None and attn_probs is not None:
-                att = _attention_plain(qs, keys, vals, None, None, 0, None, probs_out=attn_probs[li])
-            elif att is None:
-                att = _attention(qs, keys, vals, block, bias, full, lo, wmask, path, allow)  # [B, T, H*Dh]
+                direct = False  # whether the new k/v rows are already in the cache
+                if native_layers:
+                    direct = cache is not None and not cache.quantized
+                    qkv = kernels.attn_in(x, L.attn_norm, cfg.rms_norm_eps, L.wqkv, L.bqkv, L.q_norm, L.k_norm, cos,
+                                          sin, H, KH, scale, cache.k if direct else None,
+                                          cache.v if direct else None, li, n)  # [B, T, H + 2 KH, Dh]
+                    qs, k, v = qkv[:, :, :H], qkv[:, :, H : H + KH], qkv[:, :, H + KH :]
+                else:
+                    q, k, v = layer_qkv(L, cfg, x, cos, sin, qkv_fn)
+                    qs = q * scale  # [B, T, H, Dh]
+                w = cfg.layer_windows[li]
+                lo, wmask = window_masks[w] if (w and w in window_masks) else (0, None)
+                att = None
+                if cache is not None and cache.quantized:  # the draft's int8 copy of the cache
+                    cache.store(li, n, k.transpose(1, 2).float(), v.transpose(1, 2).float())
+                    if path == "native" and attn_probs is None and full is None and wmask is None:
+                        keys, vals, ks, vs = cache.layer(li, S)
+                        att = kernels.attention(qs, keys, vals, block, k_scale=ks, v_scale=vs)
+                    else:  # the torch paths: a dequantized copy (slow; not the draft's normal route)
+                        keys, vals = cache.dequantized(li, S, qs.dtype)
+                elif cache is not None:
+                    if not direct:
+                        cache.k[li, :, :, n:S] = k.transpose(1, 2)
+                        cache.v[li, :, :, n:S] = v.transpose(1, 2)
+                    keys, vals = cache.k[li, :, :, :S], cache.v[li, :, :, :S]  # [B, K, S, Dh] views
+                    if keys.dtype != qs.dtype and (path != "native" or attn_probs is not None):
+                        keys, vals = keys.to(qs.dtype), vals.to(qs.dtype)  # torch's kernels take one dtype
+                else:
+                    keys, vals = k.transpose(1, 2), v.transpose(1, 2)
+                if att is None and attn_probs is not None:
+                    att = _attention_plain(qs, keys, vals, None, None, 0, None, probs_out=attn_probs[li])
+                elif att is None:
+                    att = _attention(qs, keys, vals, block, bias, full, lo, wmask, path, allow)  # [B, T, H*Dh]
             if native_layers:
                 x = kernels.attn_out_mlp(x, att, L.wo, L.bo, L.mlp_norm, cfg.rms_norm_eps, L.w_gate_up,
                                          L.b_gate_up, L.w_down, L.b_down)

@@ -13,8 +13,9 @@
   its product equals `PackedLinear`'s on the dequantized matrix bit for bit (and is as row-invariant).
 - `attn_in` / `attn_out_mlp`: a decoder layer's two halves around attention in one call each
   (norms, the matmuls of either weight form, RoPE, the cache write; the output projection,
-  residuals and the SiLU MLP), row by row, so a decode step runs a few calls a layer instead of
-  about ninety small torch ops. `rms_norm` is their norm alone (the final norm).
+  residuals and the SiLU MLP), row by row, so a decode step runs two calls a layer (`attn_block`
+  is `attn_in` then `attention`) instead of about ninety small torch ops. `rms_norm` is their
+  norm alone (the final norm).
 
 The extension is compiled once per torch version and source (about a minute on 2 cores) into
 `$TOKENSWIFT_CACHE` (default `~/.cache/tokenswift`) and loaded from there afterwards. Where it
@@ -287,6 +288,15 @@ def attn_in(
                                         heads, kv_heads, q_scale, kc, vc, layer, start)
 
 
+def attn_block(x, norm, eps, w, bias, q_norm, k_norm, cos, sin, heads, kv_heads, q_scale, kc, vc, layer, start,
+               mask=None, chunk: int = CHUNK) -> torch.Tensor:
+    """`attn_in` writing the cache, then `attention` of its queries over the layer's keys
+    0 .. start + T under `mask` ([1 or B, T, T] among the new tokens; None = causal)
+    -> [B, T, H*Dh]: the same numbers as the two calls, with no views made in Python."""
+    return torch.ops.tokenswift.attn_block(x, norm, eps, w.packed, w.qt, w.shape[0], bias, q_norm, k_norm, cos, sin,
+                                           heads, kv_heads, q_scale, kc, vc, layer, start, mask, chunk)
+
+
 def attn_out_mlp(x, att, wo, bo, norm, eps, wgu, bgu, wd, bd) -> torch.Tensor:
     """x [B, T, D], att [B, T, H*Dh] -> x1 + down(silu(gate(h)) * up(h)) with x1 = x + att Wo^T + bo,
     h = rms_norm(x1); wgu holds gate then up ([2I, D])."""
@@ -303,8 +313,9 @@ def attn_in_reference(x, norm, eps, w, bias, q_norm, k_norm, cos, sin, heads, kv
     y = y.view(B, T, heads + 2 * kv_heads, Dh)
     qk = y[:, :, : heads + kv_heads]
     if q_norm is not None:
-        qk = torch.cat([rms_norm_reference(qk[:, :, :heads], q_norm, eps), rms_norm_reference(qk[:, :, heads:], k_norm, eps)],
-                       dim=2).double()
+        qn = rms_norm_reference(qk[:, :, :heads], q_norm, eps)
+        kn = rms_norm_reference(qk[:, :, heads:], k_norm, eps)
+        qk = torch.cat([qn, kn], dim=2).double()
     c, s = cos.double(), sin.double()
     a, b = qk[..., : Dh // 2], qk[..., Dh // 2 :]
     qk = torch.cat([a * c - b * s, b * c + a * s], dim=-1)

@@ -1192,6 +1192,22 @@ at::Tensor attn_in(const at::Tensor& x, const at::Tensor& norm, double eps, cons
   return out;
 }
 
+// attn_in, then attention of its queries over the cache's keys 0 .. start + T of `layer` (the new
+// rows written by attn_in): a layer's whole first half in one call, no views made in Python.
+// -> [B, T, H * Dh]
+at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm, double eps, const at::Tensor& packed, int64_t qt,
+                      int64_t N, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& q_norm,
+                      const c10::optional<at::Tensor>& k_norm, const at::Tensor& cos, const at::Tensor& sin, int64_t H,
+                      int64_t KH, double q_scale, const at::Tensor& kc, const at::Tensor& vc, int64_t layer,
+                      int64_t start, const c10::optional<at::Tensor>& mask, int64_t chunk) {
+  at::Tensor qkv = attn_in(x, norm, eps, packed, qt, N, bias, q_norm, k_norm, cos, sin, H, KH, q_scale, kc, vc, layer,
+                           start);
+  const int64_t S = start + x.size(1);
+  at::Tensor q = qkv.narrow(2, 0, H);
+  at::Tensor k = kc.select(0, layer).narrow(2, 0, S), v = vc.select(0, layer).narrow(2, 0, S);
+  return std::get<0>(attention(q, k, v, mask, chunk, false, c10::nullopt, c10::nullopt));
+}
+
 // The second half: x + att Wo^T + bo, then that plus the MLP of its norm:
 // x1 = x + o(att); h = norm(x1); x1 + down(silu(gate(h)) * up(h)). x [B, T, D], att [B, T, H*Dh].
 at::Tensor attn_out_mlp(const at::Tensor& x, const at::Tensor& att, const at::Tensor& wo, int64_t qt_o, int64_t n_o,
@@ -1243,6 +1259,9 @@ TORCH_LIBRARY(tokenswift, m) {
   m.def("attn_in(Tensor x, Tensor norm, float eps, Tensor w, int qtype, int n, Tensor? bias, Tensor? q_norm, "
         "Tensor? k_norm, Tensor cos, Tensor sin, int heads, int kv_heads, float q_scale, Tensor(a!)? kc, "
         "Tensor(b!)? vc, int layer, int start) -> Tensor");
+  m.def("attn_block(Tensor x, Tensor norm, float eps, Tensor w, int qtype, int n, Tensor? bias, Tensor? q_norm, "
+        "Tensor? k_norm, Tensor cos, Tensor sin, int heads, int kv_heads, float q_scale, Tensor(a!) kc, "
+        "Tensor(b!) vc, int layer, int start, Tensor? mask, int chunk) -> Tensor");
   m.def("attn_out_mlp(Tensor x, Tensor att, Tensor wo, int qt_o, int n_o, Tensor? bo, Tensor norm, float eps, "
         "Tensor wgu, int qt_gu, int n_gu, Tensor? bgu, Tensor wd, int qt_d, int n_d, Tensor? bd) -> Tensor");
 }
@@ -1257,5 +1276,6 @@ TORCH_LIBRARY_IMPL(tokenswift, CPU, m) {
   m.impl("qrows", &qrows);
   m.impl("rms_norm", &rms_norm);
   m.impl("attn_in", &attn_in);
+  m.impl("attn_block", &attn_block);
   m.impl("attn_out_mlp", &attn_out_mlp);
 }
