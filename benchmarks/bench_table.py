@@ -1,4 +1,4 @@
-"""The README's benchmark tables, made by `tokenswift bench` (this script only fixes the options).
+"""The benchmark tables of docs/benchmarks.md, made by `tokenswift bench` (this script only fixes the options).
 
     python benchmarks/bench_table.py cpu       # 2,048-token cdne prefix, 8,192 new tokens,
                                                # ar / tokenswift / llama.cpp on the same GGUF

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="targets are the model's own continuations (paper sampler) of prompts from the data")
     mode.add_argument("--text-targets", dest="self_distill", action="store_false",
                       help="targets are the data's own tokens (default: measured higher held-out accuracy and "
-                           "accepted length than --self-distill at equal steps; see README)")
+                           "accepted length than --self-distill at equal steps; see docs/training.md)")
     t.add_argument("--prompt-len", type=_int("--prompt-len"), default=32,
                    help="self-distill: prompt tokens taken from the data per sequence (default 32)")
     t.add_argument("--resume", action="store_true", help="continue from <out>.ckpt when it exists")
@@ -264,6 +264,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extend the context, e.g. yarn:4 (types: linear, dynamic, yarn, llama3)")
     v.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     return p
+
+
+def options_markdown() -> str:
+    """Every command's options as Markdown (the end of docs/cli.md), from the parser itself, so
+    each flag, default and help text is the one the CLI has: `tests/test_docs.py` checks the page
+    against it."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {c.dest: c.help for c in sub._choices_actions}
+    out = ["## Every option", "",
+           "Generated from the parser (`python -c 'from tokenswift.cli import options_markdown as m; print(m())'`).",
+           ""]
+    for name, sp in sub.choices.items():
+        out += [f"### `tokenswift {name}`", "", f"{helps.get(name, '')[:1].upper()}{helps.get(name, '')[1:]}.", "",
+                "| option | default | what it does |", "|---|---|---|"]
+        for a in sp._actions:
+            if not a.option_strings or a.dest == "help":
+                continue
+            flag = ", ".join(f"`{o}`" for o in a.option_strings)
+            if a.choices and not isinstance(a, argparse._StoreTrueAction):
+                flag += " " + "\\|".join(f"`{c}`" for c in a.choices)
+            unset = a.default is None or a.default is False or a.default == argparse.SUPPRESS
+            default = "" if unset else f"`{a.default}`"
+            text = " ".join((a.help or "").replace("|", "\\|").split()).replace("%%", "%")
+            out.append(f"| {flag} | {default} | {text} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def _bench_methods() -> tuple[str, ...]:
