@@ -6,8 +6,9 @@ the 30 layers' q/k/v, o, gate/up and down products and the LM head, each timed a
 
 `gguf` is the model's own blocks (`--weights auto`: Q4_1 layers and a Q8_0 embedding/head on the
 embedded SmolLM2), `float` the same matrices dequantized (`--weights float`, the native float32
-kernel), `q8_0` the dequantized matrices quantized to Q8_0 at load. Medians of `--repeats`;
-run it alone on the machine.
+kernel), `q8_0` the dequantized matrices quantized to Q8_0 at load, `gguf-int8` the model's own
+blocks multiplying int8-rounded activations (`--activations int8`; the Q8_0 head stays float).
+Medians of `--repeats`; run it alone on the machine.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--rows", default="1,2,4,8,16")
-    ap.add_argument("--weights", default="gguf,float,q8_0")
+    ap.add_argument("--weights", default="gguf,gguf-int8,float,q8_0")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
@@ -44,7 +45,9 @@ def main() -> None:
           + f" | {rows[-1]} rows / 1 (layers) |")
     print("|---|---|" + "---|" * (len(rows) + 1))
     for kind in a.weights.split(","):
-        lm = tokenswift.load(a.model, heads="none", drafter="none", weights="auto" if kind == "gguf" else kind)
+        lm = tokenswift.load(a.model, heads="none", drafter="none",
+                             weights="auto" if kind.startswith("gguf") else kind,
+                             activations="int8" if kind == "gguf-int8" else "float")
         dec = lm.model
         mats = [(getattr(L, n), getattr(L, n).shape[1]) for L in dec.layers for n in _MATRICES]  # (weight, width)
         mb = sum(nbytes(w) for w, _ in mats) / 1e6

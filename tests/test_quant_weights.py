@@ -54,6 +54,67 @@ def test_quant_linear_matches_reference_and_is_row_invariant(qtype, shape):
     assert ql.matmul(x[:6].view(2, 3, K)).shape == (2, 3, N)
 
 
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("shape", [(50, 64), (960, 576), (130, 1536)])
+def test_int8_activations_match_their_reference_and_are_row_invariant(qtype, shape):
+    N, K = shape
+    g = torch.Generator().manual_seed(2)
+    w, b = 0.05 * torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    x = torch.randn(128, K, generator=g)
+    x[5, :32] = 0.0  # an all-zero block: scale 0, codes 0
+    ql = QuantLinear(_raw(w, qtype), qtype, (N, K))
+    wd = dequantize_reference(_raw(w, qtype), qtype, (N, K))
+    ql.act8 = True
+    for bias in (None, b):
+        rows = torch.cat([ql.matmul(x[i : i + 1], bias) for i in range(x.shape[0])])
+        for M in (1, 2, 3, 8, 17, 128):
+            y = ql.matmul(x[:M], bias)
+            assert torch.equal(y, rows[:M]), f"M={M}: a row depends on the rows beside it"
+            # exact integer block sums, then one float32 FMA a block: error ~ K/32 roundings of the sum
+            ref = kernels.qlinear_act8_reference(x[:M], wd, bias)
+            bound = 4 * (K // 32 + 2) * 2**-24 * (x[:M].abs() @ wd.abs().T).max().item()
+            assert (y - ref).abs().max().item() <= bound
+    # a different model than the float activations' (the rounding of x), but a close one
+    ql.act8 = False
+    exact = ql.matmul(x[:8])
+    ql.act8 = True
+    rel = ((ql.matmul(x[:8]) - exact).norm() / exact.norm()).item()
+    assert 0 < rel < 0.02, rel
+
+
+def test_int8_activations_write_the_same_text_with_ar_and_tokenswift(smollm, cdne_ids):
+    import tokenswift
+
+    lm = tokenswift.load("smollm2-135m", activations="int8")
+    assert lm.model.activations == "int8" and smollm.model.activations == "float"
+    prompt = cdne_ids[1000:1400]
+    for kw in (dict(temperature=0.0), dict(tokenswift.PAPER_SAMPLING, seed=3)):
+        want = lm.generate(prompt, 200, method="ar", ignore_eos=True, **kw).tokens
+        got = lm.generate(prompt, 200, method="tokenswift", tree="1,3,3,3", ignore_eos=True, **kw).tokens
+        assert got == want
+        assert lm.generate(prompt, 200, method="tokenswift", ignore_eos=True, **kw).tokens == want
+    # a verify pass's rows are one-token passes' bit for bit, as with float activations
+    from tokenswift.cache import KVCache
+
+    m = lm.model
+    ids = torch.tensor([prompt[:300]])
+    c1 = KVCache(m.cfg, capacity=320)
+    m.prefill(ids[:, :292], c1)
+    c8 = KVCache(m.cfg, capacity=320)
+    m.prefill(ids[:, :292], c8)
+    pos = torch.arange(292, 300).unsqueeze(0)
+    h8 = m(ids[:, 292:300], pos, c8)
+    h1 = torch.cat([m(ids[:, i : i + 1], pos[:, i - 292 : i - 291], c1) for i in range(292, 300)], dim=1)
+    assert torch.equal(h8, h1)
+
+
+def test_int8_activations_need_q4_blocks():
+    with pytest.raises(ParamError, match=r"activations 'int8' needs Q4_0/Q4_1 weight blocks"):
+        load_model("smollm2-135m", weights="float", activations="int8")
+    with pytest.raises(ParamError, match=r"activations must be one of float, int8, got 'int4'"):
+        load_model("smollm2-135m", activations="int4")
+
+
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_quant_rows_are_the_dequantized_rows(qtype):
     w = 0.1 * torch.randn(100, 96)

@@ -317,6 +317,7 @@ def load(
     compile: bool = False,
     kv_dtype: str = "auto",
     weights: str = "auto",
+    activations: str = "float",
 ) -> LM:
     """Loads a model: the embedded default `"smollm2-135m"`, a `.gguf` file, or a Hugging Face
     directory (config.json + safetensors). `rope_scaling` such as `"yarn:4"` extends the context.
@@ -332,11 +333,13 @@ def load(
     `weights`: "auto" keeps a GGUF's Q4_0/Q4_1/Q8_0 blocks (multiplied as they are by the native
     CPU kernel: the numbers of their float32 dequantization, a fraction of the memory), "float"
     dequantizes them, "q8_0"/"q4_0" quantize a float checkpoint at load (a different model).
+    `activations`: "float" (default) or "int8": the Q4_0/Q4_1 blocks multiply int8-rounded
+    activations in integers, llama.cpp's arithmetic (faster, a different model).
     `compile`: torch.compile the decode, draft and verify passes at static shapes (CUDA graphs on
     GPUs); each pass size compiles on first use, the tokens are the same.
     Under `torchrun --nproc-per-node N` the model is split across the N processes (parallel.py).
     """
     loaded = load_model(model, device=device, dtype=dtype, rope_scaling=rope_scaling, draft_weights=draft_weights,
-                        compile=compile, kv_dtype=kv_dtype, weights=weights)
+                        compile=compile, kv_dtype=kv_dtype, weights=weights, activations=activations)
     return LM(loaded, heads=resolve_heads(heads, loaded.model, loaded.name),
               seq=resolve_seq_drafter(drafter, loaded.model, loaded.name))

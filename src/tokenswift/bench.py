@@ -523,7 +523,7 @@ class BenchSetup:
     @classmethod
     def load(cls, model: str, heads: str, device: str | None, dtype: str | None, rope_scaling: str | None,
              prompt_file: Path | None, prefix: int, lengths: Sequence[int], greedy: bool, seed: int,
-             kv_dtype: str = "auto", weights: str = "auto") -> "BenchSetup":
+             kv_dtype: str = "auto", weights: str = "auto", activations: str = "float") -> "BenchSetup":
         import tokenswift
 
         started = time.perf_counter()
@@ -537,7 +537,7 @@ class BenchSetup:
         except OSError as e:
             raise ValueError(f"prompt file {text_path}: {e.strerror}") from None
         lm = tokenswift.load(model, heads=heads, device=device, dtype=dtype, rope_scaling=rope_scaling, kv_dtype=kv_dtype,
-                              weights=weights)
+                              weights=weights, activations=activations)
         need = prefix + max(lengths)
         auto = rope_scaling is None and need > lm.config.context_length
         if auto:  # the smallest power-of-two YaRN factor that holds the runs
@@ -546,7 +546,7 @@ class BenchSetup:
                 factor *= 2
             rope_scaling = f"yarn:{factor}"
             lm = tokenswift.load(model, heads=heads, device=device, dtype=dtype, rope_scaling=rope_scaling, kv_dtype=kv_dtype,
-                              weights=weights)
+                              weights=weights, activations=activations)
         chars = 8 * prefix  # encode only what the prefix needs (whole books take minutes)
         while True:
             ids = lm.encode(text[:chars])
@@ -566,7 +566,7 @@ class BenchSetup:
             "rope_scaling": self.rope_scaling, "device": str(self.lm.model.device),
             "dtype": str(self.lm.model.dtype).replace("torch.", ""),
             "kv_dtype": str(self.lm.model.kv_dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-            "weights": self.lm.model.quantized or "float",
+            "weights": self.lm.model.quantized or "float", "activations": self.lm.model.activations,
             "bench_seconds": time.perf_counter() - self.started, "command": command,
         })
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -121,7 +121,8 @@ def load_model_for(ck: Checkpoint, path: str | os.PathLike[str] | None = None) -
     lm = tokenswift.load(o["model"], heads=o["heads"], device=o["device"], dtype=o["dtype"],
                          rope_scaling=o["rope_scaling"], draft_weights=o["spec"].get("draft_weights", "auto"),
                          drafter=o.get("seq_drafter", "auto"), compile=bool(o.get("compile", False)),
-                         kv_dtype=o.get("kv_dtype", "auto"), weights=o.get("weights", "auto"))
+                         kv_dtype=o.get("kv_dtype", "auto"), weights=o.get("weights", "auto"),
+                         activations=o.get("activations", "float"))
     ck.check_vocabulary(path, lm.config.vocab_size)
     fp = model_fingerprint(lm.config)
     if ck.model_fingerprint is not None and ck.model_fingerprint != fp:

@@ -135,6 +135,7 @@ def load_model(
     compile: bool = False,
     kv_dtype: str = "auto",
     weights: str = "auto",
+    activations: str = "float",
 ) -> Loaded:
     """`pack=False` keeps plain weight tensors (autograd through the LM head, as head training
     needs); packing only changes the speed of CPU inference. `draft_weights` "int4" means that
@@ -148,10 +149,13 @@ def load_model(
     kernel multiplies them; the same numbers as their float32 dequantization) and a float
     checkpoint float; "float" dequantizes everything; "q8_0"/"q4_0" quantize the matrices at load
     (a different model than the float one). Blocks are kept only where the native kernels run,
-    on a CPU, in float32, packed, without tensor parallelism; elsewhere they are dequantized."""
+    on a CPU, in float32, packed, without tensor parallelism; elsewhere they are dequantized.
+    `activations` "int8" has the Q4_0/Q4_1 blocks multiply int8-rounded activations in integers
+    (`Decoder.int8_activations`; a different model)."""
     PARAMS["draft_weights"].check(draft_weights)
     PARAMS["kv_dtype"].check(kv_dtype)
     PARAMS["weights"].check(weights)
+    PARAMS["activations"].check(activations)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     override = RopeScaling.parse(rope_scaling)
@@ -196,6 +200,11 @@ def load_model(
         dec.compile(mode="reduce-overhead" if dev.type == "cuda" else None)
     elif pack and dev.type == "cpu" and (how := dec.pack()):
         log.info("weights packed for %s", "the native row-invariant kernel" if how == "native" else "oneDNN")
+    if activations == "int8":
+        n = dec.int8_activations()
+        if n == 0:
+            raise ParamError("activations", "", f" 'int8' needs Q4_0/Q4_1 weight blocks (a GGUF with them, or "
+                                                f"--weights q4_0), and this model has none (weights {weights!r})")
     tok = None
     if tokenizer and has_tokenizer:
         tok = gguf_tokenizer(path) if kind == "gguf" else hf_tokenizer(path)

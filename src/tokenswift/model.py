@@ -338,6 +338,11 @@ class Decoder(nn.Module):
         kinds = {w.qtype for w in self.matrices() if isinstance(w, QuantLinear)}
         return None if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
 
+    @property
+    def activations(self) -> str:
+        """"int8" where the weight blocks multiply int8-rounded activations, else "float"."""
+        return "int8" if any(getattr(w, "act8", False) for w in self.matrices()) else "float"
+
     def matrices(self) -> list:
         """Every weight matrix (the LM head once, also when tied), in whatever form it is held."""
         out = [getattr(L, n) for L in self.layers for n in _MATRICES]
@@ -345,6 +350,16 @@ class Decoder(nn.Module):
         if not self.cfg.tie_word_embeddings:
             out.append(self.embed)
         return out
+
+    def int8_activations(self) -> int:
+        """Has every Q4_0/Q4_1 matrix multiply int8-rounded activations (per row and block of 32) in
+        integers from now on: llama.cpp's arithmetic, faster here, a different model (row-invariant
+        still, so `ar` and `tokenswift` write the same text). Q8_0 matrices keep float32 products:
+        their integer path is no faster on AVX2. Returns how many matrices changed."""
+        mats = {id(w): w for w in self.matrices() if isinstance(w, QuantLinear) and w.qtype in ("q4_0", "q4_1")}
+        for w in mats.values():
+            w.act8 = True
+        return len(mats)
 
     def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:  # [...] -> [..., D]
         if isinstance(self.embed, QuantLinear):

@@ -118,6 +118,11 @@ _LIST: list[Param] = [
           "float = all dequantized; q8_0/q4_0 = quantized at load (a different model than the float one; q4_0 "
           "keeps the embedding and LM head at q8_0) (default auto)", flag="--weights",
           choices=("auto", "float", "q8_0", "q4_0")),
+    Param("activations", str, "float", "one of float, int8",
+          "what the Q4_0/Q4_1 weight blocks multiply: float = the float32 activations (the numbers of the "
+          "dequantized model); int8 = each row rounded to int8 per block of 32 and multiplied in integers, "
+          "llama.cpp's arithmetic (faster, a different model; ar and tokenswift still write the same text) "
+          "(default float)", flag="--activations", choices=("float", "int8")),
     *_sampling(
         Param("temperature", float, 1.0, f"0 (greedy) or in [{MIN_TEMPERATURE:g}, 100]",
               f"0 = greedy, else in [{MIN_TEMPERATURE:g}, 100] (default 1.0)",

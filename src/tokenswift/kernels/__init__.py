@@ -203,6 +203,7 @@ def linear_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = 
 
 # ggml's type ids and sizes of the block formats `QuantLinear` keeps (32 inputs a block)
 QTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 8}
+ACT8 = 256  # added to a type id: the kernel rounds the activations to int8 (cpu.cpp's qlinear_i8_impl)
 BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
 
 
@@ -222,17 +223,20 @@ class QuantLinear:
         self.packed = torch.ops.tokenswift.pack_q(raw, QTYPES[qtype], self.shape[1])  # [NB, K/32, PB] uint8
         self.dtype = torch.float32  # what it computes in and gives back
         self.device = raw.device
+        # int8 activations (`load(activations="int8")`): each row rounded per block of 32 to int8
+        # and multiplied in integers, llama.cpp's arithmetic; a different model, off by default
+        self.act8 = False
 
     @property
     def nbytes(self) -> int:
         return self.packed.numel()
 
     @property
-    def qt(self) -> int:  # ggml's type id, as the layer ops take it
-        return QTYPES[self.qtype]
+    def qt(self) -> int:  # ggml's type id, as the layer ops take it (+ ACT8 with int8 activations)
+        return QTYPES[self.qtype] | (ACT8 if self.act8 else 0)
 
     def matmul(self, x: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:  # [..., K] -> [..., N]
-        return torch.ops.tokenswift.qlinear(x, self.packed, QTYPES[self.qtype], self.shape[0], b)
+        return torch.ops.tokenswift.qlinear(x, self.packed, self.qt, self.shape[0], b)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:  # [...] int -> [..., K] float32
         return torch.ops.tokenswift.qrows(self.packed, QTYPES[self.qtype], self.shape[0], ids)
@@ -331,3 +335,12 @@ def attn_out_mlp_reference(x, att, wo, bo, norm, eps, wgu, bgu, wd, bd):
     gu = F.linear(h, wgu.double(), dbl(bgu))
     I = gu.shape[-1] // 2
     return (x1 + F.linear(F.silu(gu[..., :I]) * gu[..., I:], wd.double(), dbl(bd))).float()
+
+
+def qlinear_act8_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """What `QuantLinear.matmul` computes with int8 activations, in float64: x's rows rounded per
+    block of 32 as `quantize_q8_reference` rounds a row, times the dequantized weights w [N, K]."""
+    K = x.shape[-1]
+    q, s = quantize_q8_reference(x.reshape(-1, K // 32, 32).float())
+    xr = (q.double() * s.double()[..., None]).reshape(*x.shape[:-1], K)
+    return linear_reference(xr, w, b)

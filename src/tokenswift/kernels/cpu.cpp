@@ -910,15 +910,150 @@ void qlinear_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd, in
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// quantized linear over int8 activations (optional: llama.cpp's arithmetic, a different model)
+// ---------------------------------------------------------------------------------------------
+//
+// Each row of x is rounded per block of 32 inputs to int8 codes with one scale, dx = max|x| / 127
+// (codes round-to-even(x / dx), as `quantize_row`), and each output's block sum is then an exact
+// integer: sum_k qw_k qx_k, over the same panels as `qlinear`. Per block and output the float
+// result is acc = fma(float(isum), dw * dx, acc), plus fma(mw, dx * sum_k qx_k, acc) for Q4_1
+// (Q4_0's -8 offset is taken in the integer sum); blocks in order. A row's bits depend only on
+// that row, so passes stay row-invariant, but the products are not the float model's.
+//
+// Lanes: 16 outputs a vector, each 16-bit lane holding the codes of inputs 2j and 2j+1 of one
+// output, against the row's (qx_2j, qx_2j+1) pair broadcast: maddubs gives each output's two
+// products summed, 32 products an instruction.
+
+// M rows [M, K] -> codes [M, K], scales [M, K/32], code sums [M, K/32]
+void quantize_rows_q8(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t* q, float* d, int32_t* sx) {
+  const int64_t KB = K / 32;
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t kb = 0; kb < KB; ++kb) {
+        int8_t* qb = q + m * K + kb * 32;
+        d[m * KB + kb] = quantize_row(x + m * ldx + kb * 32, 32, qb);
+        int32_t s = 0;
+        for (int k = 0; k < 32; ++k) s += qb[k];
+        sx[m * KB + kb] = s;
+      }
+  });
+}
+
+// R (1 to 4) rows x 16 outputs (group g of the panel) over every block -> y[r * 48 + g * 16 ...]
+template <int QT, int R>
+inline void qtile_i8(const __m256i* xb, int64_t K, const float* dx, const int32_t* sx, const uint8_t* wb, int64_t KB,
+                     int g, float* y) {
+  const int64_t PB = panel_block_bytes(QT);
+  const int codes_at = QT == QT_Q4_1 ? 192 : 96;
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const __m256i lo4 = _mm256_set1_epi16(0x000F), hi4 = _mm256_set1_epi16(0x00F0);
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    const uint8_t* blk = wb + kb * PB;
+    const uint8_t* codes = blk + codes_at + g * 16;
+    __m256i s32[R][2];
+    for (int r = 0; r < R; ++r) s32[r][0] = s32[r][1] = _mm256_setzero_si256();
+    if (QT == QT_Q8_0) {
+      for (int j = 0; j < 16; ++j) {
+        const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 2 * j * BLOCK));
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (2 * j + 1) * BLOCK));
+        const __m256i w = _mm256_set_m128i(_mm_unpackhi_epi8(a, b), _mm_unpacklo_epi8(a, b));
+        const __m256i wa = _mm256_sign_epi8(w, w);
+        for (int r = 0; r < R; ++r) {
+          const __m256i xp = _mm256_load_si256(xb + r * (K / 2) + kb * 16 + j);
+          const __m256i p16 = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xp, w));
+          s32[r][0] = _mm256_add_epi32(s32[r][0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(p16)));
+          s32[r][1] = _mm256_add_epi32(s32[r][1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(p16, 1)));
+        }
+      }
+    } else {
+      for (int half = 0; half < 2; ++half) {  // 8 pairs of 4-bit products fit int16 (8 * 2 * 15 * 127)
+        __m256i s16[R];
+        for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
+        for (int j = half * 8; j < half * 8 + 8; ++j) {
+          const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + j * BLOCK)));
+          const __m256i w = _mm256_or_si256(_mm256_and_si256(c, lo4), _mm256_slli_epi16(_mm256_and_si256(c, hi4), 4));
+          for (int r = 0; r < R; ++r)
+            s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(w, _mm256_load_si256(xb + r * (K / 2) + kb * 16 + j)));
+        }
+        for (int r = 0; r < R; ++r) {
+          s32[r][0] = _mm256_add_epi32(s32[r][0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s16[r])));
+          s32[r][1] = _mm256_add_epi32(s32[r][1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s16[r], 1)));
+        }
+      }
+    }
+    const __m128i* dh = reinterpret_cast<const __m128i*>(blk);
+    for (int h = 0; h < 2; ++h) {
+      const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(dh + g * 2 + h));
+      const __m256 mw = QT == QT_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(dh + BLOCK / 8 + g * 2 + h)) : _mm256_setzero_ps();
+      for (int r = 0; r < R; ++r) {
+        const float dxr = dx[r * KB + kb];
+        __m256i is = s32[r][h];
+        if (QT == QT_Q4_0) is = _mm256_sub_epi32(is, _mm256_set1_epi32(8 * sx[r * KB + kb]));
+        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_mul_ps(dw, _mm256_set1_ps(dxr)), acc[r][h]);
+        if (QT == QT_Q4_1)
+          acc[r][h] = _mm256_fmadd_ps(mw, _mm256_set1_ps(dxr * static_cast<float>(sx[r * KB + kb])), acc[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + r * BLOCK + g * 16 + h * 8, acc[r][h]);
+}
+
+template <int QT>
+void qlinear_i8_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd, int64_t NB, int64_t KB, int64_t N,
+                     const float* bd, const float* rd, float* yd) {
+  const int64_t PB = panel_block_bytes(QT), K = KB * 32;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> dx(M * KB);
+  std::vector<int32_t> sx(M * KB);
+  quantize_rows_q8(xd, M, ldx, K, xq.data(), dx.data(), sx.data());
+  // every pair (x_2j, x_2j+1) broadcast to a vector once, read by a plain load in the tiles
+  std::unique_ptr<__m256i[]> xb(new __m256i[M * K / 2]);
+  for (int64_t i = 0; i < M * K / 2; ++i) {
+    int16_t pair;
+    std::memcpy(&pair, xq.data() + 2 * i, 2);
+    xb[i] = _mm256_set1_epi16(pair);
+  }
+  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    float buf[4 * BLOCK];
+    for (int64_t nb = b0; nb < b1; ++nb) {
+      const uint8_t* wb = wd + nb * KB * PB;
+      const int64_t n0 = nb * BLOCK, nn = std::min(BLOCK, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t rows = std::min<int64_t>(4, M - m0);
+        const __m256i* xr = xb.get() + m0 * K / 2;
+        const float* dr = dx.data() + m0 * KB;
+        const int32_t* sr = sx.data() + m0 * KB;
+        for (int g = 0; g < 3; ++g) {
+          switch (rows) {
+            case 1: qtile_i8<QT, 1>(xr, K, dr, sr, wb, KB, g, buf); break;
+            case 2: qtile_i8<QT, 2>(xr, K, dr, sr, wb, KB, g, buf); break;
+            case 3: qtile_i8<QT, 3>(xr, K, dr, sr, wb, KB, g, buf); break;
+            default: qtile_i8<QT, 4>(xr, K, dr, sr, wb, KB, g, buf); break;
+          }
+        }
+        store_rows(buf, rows, nn, yd + m0 * N, N, n0, bd, rd ? rd + m0 * N : nullptr);
+      }
+    }
+  });
+}
+
 // A packed weight matrix as the kernels take it: float32 panels (qt 0) or GGUF blocks (qt: ggml's id).
 struct Weight {
   int64_t qt = 0, N = 0, K = 0, NB = 0;
+  bool act8 = false;  // int8 activations (qt | ACT8 from Python)
   const float* f = nullptr;
   const uint8_t* q = nullptr;
 };
 
+constexpr int64_t ACT8 = 256;
+
 Weight weight_of(const at::Tensor& packed, int64_t qt, int64_t N, const char* op) {
   Weight w;
+  w.act8 = (qt & ACT8) != 0 && qt != 0;
+  qt &= ~ACT8;
   w.qt = qt;
   w.N = N;
   if (qt == 0) {
@@ -943,6 +1078,13 @@ Weight weight_of(const at::Tensor& packed, int64_t qt, int64_t N, const char* op
 void matmul_into(const Weight& w, const float* xd, int64_t M, int64_t ldx, const float* bd, const float* rd,
                  float* yd) {
   const int64_t KB = w.K / 32;
+  if (w.act8) {
+    switch (w.qt) {
+      case QT_Q4_0: qlinear_i8_impl<QT_Q4_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd); return;
+      case QT_Q4_1: qlinear_i8_impl<QT_Q4_1>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd); return;
+      default: qlinear_i8_impl<QT_Q8_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd); return;
+    }
+  }
   switch (w.qt) {
     case 0: linear_impl(xd, M, ldx, w.f, w.NB, w.K, w.N, bd, rd, yd); break;
     case QT_Q4_0: qlinear_impl<QT_Q4_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd); break;
@@ -972,7 +1114,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, cons
 
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, int64_t qt, int64_t N,
                    const c10::optional<at::Tensor>& bias) {
-  check_qt(qt);
+  check_qt(qt & ~ACT8);
   return matmul_op(x, weight_of(packed, qt, N, "qlinear"), bias, "qlinear");
 }
 
