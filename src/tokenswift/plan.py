@@ -118,17 +118,32 @@ def chain_tree(q: Sequence[Sequence[float]], depth: int, siblings: int) -> tuple
     (a next-best candidate at some depth of the chain) -> (rank paths, expected accepted tokens).
 
     q[d][j] = P(the draw at depth d+1 is the rank-j candidate | the walk reached depth d)."""
+    return chain_trees(q, depth, (siblings,), clip=True)[0]
+
+
+def chain_trees(q: Sequence[Sequence[float]], depth: int, siblings: Sequence[int],
+                clip: bool = False) -> list[tuple[tuple[tuple[int, ...], ...], float]]:
+    """`chain_tree` for each count of siblings (ascending), the leaves ranked once: the trees of
+    more siblings extend those of fewer. A count beyond the leaves there are is left out (with
+    `clip`, it takes all of them)."""
     reach = [1.0]  # reach[d] = P(the walk is on the chain at depth d)
     for d in range(depth):
         reach.append(reach[-1] * (q[d][0] if d < len(q) else 0.0))
-    paths = [(0,) * d for d in range(1, depth + 1)]
+    chain = [(0,) * d for d in range(1, depth + 1)]
     leaves = sorted(((reach[d] * q[d][j], (0,) * d + (j,)) for d in range(min(depth, len(q)))
-                     for j in range(1, len(q[d])) if q[d][j] > 0), reverse=True)[:siblings]
-    paths += [p for _, p in leaves]
-    return tuple(sorted(paths, key=lambda p: (len(p), p))), sum(reach[1:]) + sum(w for w, _ in leaves)
+                     for j in range(1, len(q[d])) if q[d][j] > 0), reverse=True)
+    e_chain = sum(reach[1:])
+    out = []
+    for n in siblings:
+        if n > len(leaves) and not clip:
+            break
+        top = leaves[:n]
+        paths = tuple(sorted(chain + [p for _, p in top], key=lambda p: (len(p), p)))
+        out.append((paths, e_chain + sum(w for w, _ in top)))
+    return out
 
 
-@dataclass
+@dataclass(slots=True)
 class Plan:
     depth: int  # chained draft passes (0: no draft)
     paths: tuple[tuple[int, ...], ...]  # rank paths over the draft's candidates
@@ -207,6 +222,8 @@ class AutoPlanner:
         """Every plan considered, with its expected tokens and seconds."""
         c1, m = fit_line(self.costs, SLOPE_PRIOR)
         out: list[Plan] = []
+        gain = {k: self.ngram.mean(k) for k in self.ks if k}  # once per call: ~270 plans read them
+        t_tok = self.t_token
         for who in (None, *self.drafters):
             q = self.stats[who].q() if who is not None else []
             t = self.t_draft[who] if who is not None else None
@@ -215,16 +232,14 @@ class AutoPlanner:
                 reach_g = 1.0
                 for d in range(g):
                     reach_g *= q[d][0]
-                for n in (SIBLINGS if g else (0,)):
-                    paths, e_tree = chain_tree(q, g, n)
-                    if len(paths) - g < n:
-                        break  # no more siblings worth adding
+                for paths, e_tree in chain_trees(q, g, SIBLINGS if g else (0,)):  # no more siblings than leaves
+                    base = 1 + len(paths)
                     for k in self.ks:
-                        size = 1 + len(paths) + k * (self.n - 1)
+                        size = base + k * (self.n - 1)
                         if self.max_nodes is not None and size > self.max_nodes:
                             continue
-                        tokens = 1.0 + e_tree + (reach_g * self.ngram.mean(k) if k else 0.0)
-                        secs = g * draft + c1 + m * (size - 1) + self.t_token * tokens
+                        tokens = 1.0 + e_tree + (reach_g * gain[k] if k else 0.0)
+                        secs = g * draft + c1 + m * (size - 1) + t_tok * tokens
                         out.append(Plan(g, paths, k, tokens, secs, size, who))
         return out
 

@@ -940,7 +940,7 @@ void quantize_rows_q8(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t*
   });
 }
 
-// R (1 to 4) rows x 16 outputs (group g of the panel) over every block -> y[r * 48 + g * 16 ...]
+// R (1 to 8) rows x 16 outputs (group g of the panel) over every block -> y[r * 48 + g * 16 ...]
 template <int QT, int R>
 inline void qtile_i8(const __m256i* xb, int64_t K, const float* dx, const int32_t* sx, const uint8_t* wb, int64_t KB,
                      int g, float* y) {
@@ -1016,13 +1016,14 @@ void qlinear_i8_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd,
     std::memcpy(&pair, xq.data() + 2 * i, 2);
     xb[i] = _mm256_set1_epi16(pair);
   }
+  // up to 8 rows share each expanded code vector (the codes' unpacking is most of a row's work)
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-    float buf[4 * BLOCK];
+    float buf[8 * BLOCK];
     for (int64_t nb = b0; nb < b1; ++nb) {
       const uint8_t* wb = wd + nb * KB * PB;
       const int64_t n0 = nb * BLOCK, nn = std::min(BLOCK, N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int64_t rows = std::min<int64_t>(4, M - m0);
+      for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        const int64_t rows = std::min<int64_t>(8, M - m0);
         const __m256i* xr = xb.get() + m0 * K / 2;
         const float* dr = dx.data() + m0 * KB;
         const int32_t* sr = sx.data() + m0 * KB;
@@ -1031,7 +1032,11 @@ void qlinear_i8_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd,
             case 1: qtile_i8<QT, 1>(xr, K, dr, sr, wb, KB, g, buf); break;
             case 2: qtile_i8<QT, 2>(xr, K, dr, sr, wb, KB, g, buf); break;
             case 3: qtile_i8<QT, 3>(xr, K, dr, sr, wb, KB, g, buf); break;
-            default: qtile_i8<QT, 4>(xr, K, dr, sr, wb, KB, g, buf); break;
+            case 4: qtile_i8<QT, 4>(xr, K, dr, sr, wb, KB, g, buf); break;
+            case 5: qtile_i8<QT, 5>(xr, K, dr, sr, wb, KB, g, buf); break;
+            case 6: qtile_i8<QT, 6>(xr, K, dr, sr, wb, KB, g, buf); break;
+            case 7: qtile_i8<QT, 7>(xr, K, dr, sr, wb, KB, g, buf); break;
+            default: qtile_i8<QT, 8>(xr, K, dr, sr, wb, KB, g, buf); break;
           }
         }
         store_rows(buf, rows, nn, yd + m0 * N, N, n0, bd, rd ? rd + m0 * N : nullptr);
