@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from test_quant_weights import _raw
 from tokenswift import kernels
 from tokenswift.kernels import PackedLinear, QuantLinear
 
@@ -16,11 +17,7 @@ pytestmark = pytest.mark.skipif(not kernels.native(), reason=f"native kernels of
 
 def _blocks(w: torch.Tensor, qtype: str) -> tuple[QuantLinear, torch.Tensor]:
     """w [N, K] -> (QuantLinear, its dequantized float32 weights)."""
-    import gguf
-    import numpy as np
-
-    t = getattr(gguf.GGMLQuantizationType, qtype.upper())
-    raw = torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(w.numpy(), t)))
+    raw = _raw(w, qtype)
     return QuantLinear(raw, qtype, tuple(w.shape)), kernels.dequantize_reference(raw, qtype, tuple(w.shape))
 
 

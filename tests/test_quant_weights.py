@@ -31,15 +31,21 @@ def _raw(w: torch.Tensor, qtype: str) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.quantize(w.numpy(), t))
 
 
+def _case(qtype: str, shape: tuple[int, int], seed: int):
+    """Random weights [N, K], bias, 128 input rows, their blocks and the blocks' float32 weights."""
+    N, K = shape
+    g = torch.Generator().manual_seed(seed)
+    w, b = 0.05 * torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    x = torch.randn(128, K, generator=g)
+    raw = _raw(w, qtype)
+    return w, b, x, QuantLinear(raw, qtype, (N, K)), dequantize_reference(raw, qtype, (N, K))
+
+
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("shape", [(50, 64), (960, 576), (130, 1536)])
 def test_quant_linear_matches_reference_and_is_row_invariant(qtype, shape):
     N, K = shape
-    g = torch.Generator().manual_seed(1)
-    w, b = 0.05 * torch.randn(N, K, generator=g), torch.randn(N, generator=g)
-    x = torch.randn(128, K, generator=g)
-    ql = QuantLinear(_raw(w, qtype), qtype, (N, K))
-    wd = dequantize_reference(_raw(w, qtype), qtype, (N, K))
+    w, b, x, ql, wd = _case(qtype, shape, seed=1)
     assert torch.equal(ql.dense(), wd)  # the file's reference dequantization, bit for bit
     pl = PackedLinear(wd)
     for bias in (None, b):
@@ -58,12 +64,8 @@ def test_quant_linear_matches_reference_and_is_row_invariant(qtype, shape):
 @pytest.mark.parametrize("shape", [(50, 64), (960, 576), (130, 1536)])
 def test_int8_activations_match_their_reference_and_are_row_invariant(qtype, shape):
     N, K = shape
-    g = torch.Generator().manual_seed(2)
-    w, b = 0.05 * torch.randn(N, K, generator=g), torch.randn(N, generator=g)
-    x = torch.randn(128, K, generator=g)
+    w, b, x, ql, wd = _case(qtype, shape, seed=2)
     x[5, :32] = 0.0  # an all-zero block: scale 0, codes 0
-    ql = QuantLinear(_raw(w, qtype), qtype, (N, K))
-    wd = dequantize_reference(_raw(w, qtype), qtype, (N, K))
     ql.act8 = True
     for bias in (None, b):
         rows = torch.cat([ql.matmul(x[i : i + 1], bias) for i in range(x.shape[0])])

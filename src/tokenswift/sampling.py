@@ -128,13 +128,17 @@ def gumbel(seed: int, position: int, vocab: int) -> torch.Tensor:
 
     The draft and the walk both need the noise of the same few positions, so the latest ones
     are kept (read-only: callers add it to their logits, never write into it)."""
-    key = (seed, position, vocab)
-    hit = _NOISE.get(key)
+    return _kept(_NOISE, (seed, position, vocab), _gumbel)
+
+
+def _kept(store: dict, key: tuple[int, int, int], make) -> torch.Tensor:
+    """store[key], made by make(*key) on a miss; the oldest entry goes past _NOISE_KEEP."""
+    hit = store.get(key)
     if hit is None:
-        hit = _gumbel(seed, position, vocab)
-        if len(_NOISE) >= _NOISE_KEEP:
-            _NOISE.pop(next(iter(_NOISE)))
-        _NOISE[key] = hit
+        hit = make(*key)
+        if len(store) >= _NOISE_KEEP:
+            store.pop(next(iter(store)))
+        store[key] = hit
     return hit
 
 
@@ -159,14 +163,7 @@ def _to_gumbel(u: torch.Tensor) -> torch.Tensor:  # uniforms (float64) -> their 
 
 def uniforms(seed: int, position: int, vocab: int) -> torch.Tensor:
     """The uniforms [V] (float64) behind `gumbel(seed, position, vocab)`, kept like the noise."""
-    key = (seed, position, vocab)
-    hit = _UNIFORM.get(key)
-    if hit is None:
-        hit = _uniform(seed, position, vocab)
-        if len(_UNIFORM) >= _NOISE_KEEP:
-            _UNIFORM.pop(next(iter(_UNIFORM)))
-        _UNIFORM[key] = hit
-    return hit
+    return _kept(_UNIFORM, (seed, position, vocab), _uniform)
 
 
 _UNIFORM: dict[tuple[int, int, int], torch.Tensor] = {}

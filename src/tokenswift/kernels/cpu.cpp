@@ -688,11 +688,14 @@ inline void store_rows(const float* buf, int64_t rows, int64_t nn, float* y, int
   }
 }
 
-// The bias as float32 [N] (nullptr when absent), kept alive in `keep`
-inline const float* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t N, at::Tensor& keep, const char* op) {
-  if (!bias.has_value()) return nullptr;
-  keep = bias->contiguous();
-  TORCH_CHECK(keep.scalar_type() == at::kFloat && keep.numel() == N, op, ": bias must be float32 [N]");
+// An optional float32 vector of n elements (a bias, a norm's weight) as a pointer, nullptr when
+// absent; its contiguous copy is kept alive in `keep`. The error names the op and the vector.
+inline const float* vec_ptr(const c10::optional<at::Tensor>& t, int64_t n, at::Tensor& keep, const char* op,
+                            const char* name) {
+  if (!t.has_value()) return nullptr;
+  keep = t->contiguous();
+  TORCH_CHECK(keep.scalar_type() == at::kFloat && keep.numel() == n, op, ": ", name, " must be float32 of ", n,
+              " elements");
   return keep.data_ptr<float>();
 }
 
@@ -1108,7 +1111,7 @@ at::Tensor matmul_op(const at::Tensor& x, const Weight& w, const c10::optional<a
   shape.back() = w.N;
   at::Tensor y = at::empty({x2.size(0), w.N}, x.options());
   at::Tensor bc;
-  const float* bd = bias_ptr(bias, w.N, bc, op);
+  const float* bd = vec_ptr(bias, w.N, bc, op, "bias");
   matmul_into(w, x2.data_ptr<float>(), x2.size(0), x2.stride(0), bd, nullptr, y.data_ptr<float>());
   return y.view(shape);
 }
@@ -1240,13 +1243,6 @@ inline void rows_for(int64_t M, const F& f) {
   });
 }
 
-inline const float* opt_ptr(const c10::optional<at::Tensor>& t, int64_t n, at::Tensor& keep, const char* what) {
-  if (!t.has_value()) return nullptr;
-  keep = t->contiguous();
-  TORCH_CHECK(keep.scalar_type() == at::kFloat && keep.numel() == n, what, " must be float32 of ", n, " elements");
-  return keep.data_ptr<float>();
-}
-
 // x [..., n] -> rms-normed rows times w [n]
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "rms_norm: float32 expected");
@@ -1286,10 +1282,10 @@ at::Tensor attn_in(const at::Tensor& x, const at::Tensor& norm, double eps, cons
   TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "attn_in: q_norm and k_norm go together");
   TORCH_CHECK(kc.has_value() == vc.has_value(), "attn_in: kc and vc go together");
   at::Tensor xc = x.contiguous(), nc, bc, qnc, knc;
-  const float* nd = opt_ptr(norm, D, nc, "attn_in: norm");
-  const float* bd = bias_ptr(bias, N, bc, "attn_in");
-  const float* qn = opt_ptr(q_norm, Dh, qnc, "attn_in: q_norm");
-  const float* kn = opt_ptr(k_norm, Dh, knc, "attn_in: k_norm");
+  const float* nd = vec_ptr(norm, D, nc, "attn_in", "norm");
+  const float* bd = vec_ptr(bias, N, bc, "attn_in", "bias");
+  const float* qn = vec_ptr(q_norm, Dh, qnc, "attn_in", "q_norm");
+  const float* kn = vec_ptr(k_norm, Dh, knc, "attn_in", "k_norm");
   at::Tensor cc = cos.contiguous(), sc = sin.contiguous();
   const float* cd = cc.data_ptr<float>();
   const float* sd = sc.data_ptr<float>();
@@ -1369,10 +1365,10 @@ at::Tensor attn_out_mlp(const at::Tensor& x, const at::Tensor& att, const at::Te
   TORCH_CHECK(o.N == D && gu.K == D && gu.N % 2 == 0 && dn.K == I && dn.N == D && att.numel() == M * o.K,
               "attn_out_mlp: weight shapes do not fit x of width ", D);
   at::Tensor xc = x.contiguous(), ac = att.contiguous(), nc, b1, b2, b3;
-  const float* nd = opt_ptr(norm, D, nc, "attn_out_mlp: norm");
-  const float* bod = bias_ptr(bo, D, b1, "attn_out_mlp");
-  const float* bgd = bias_ptr(bgu, gu.N, b2, "attn_out_mlp");
-  const float* bdd = bias_ptr(bdn, D, b3, "attn_out_mlp");
+  const float* nd = vec_ptr(norm, D, nc, "attn_out_mlp", "norm");
+  const float* bod = vec_ptr(bo, D, b1, "attn_out_mlp", "bo");
+  const float* bgd = vec_ptr(bgu, gu.N, b2, "attn_out_mlp", "bgu");
+  const float* bdd = vec_ptr(bdn, D, b3, "attn_out_mlp", "bd");
   const float e = static_cast<float>(eps);
   at::Tensor x1 = at::empty({M, D}, x.options());
   float* x1d = x1.data_ptr<float>();
