@@ -85,29 +85,18 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm256_castps256_ps128(hsum8(a)));
 }
 
-// K/V element types, converted to float32 on load.
-inline void to_float(const float* src, float* dst, int n) { std::copy(src, src + n, dst); }
-inline void to_float(const c10::BFloat16* src, float* dst, int n) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  int i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
-    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-  }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-inline void to_float(const c10::Half* src, float* dst, int n) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  int i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-// Eight K/V elements as float32 lanes: float32 rows are read as they are, int8 rows (the draft's
-// quantized cache) are widened in registers; their per-row scales are applied to the scores and
-// the probabilities instead, so no dequantized copy is ever written.
+// Eight K/V elements as float32 lanes, widened in registers from the cache's own type, so no
+// converted copy is ever written: float32 rows are read as they are, float16 through F16C,
+// bfloat16 by a 16-bit shift (both exact), int8 rows (the draft's quantized cache) as integers
+// whose per-row scales are applied to the scores and the probabilities instead.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const c10::BFloat16* p) {
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
 inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
@@ -356,39 +345,26 @@ void chunk_partial(int R, const float* const* qp, int nk, const E* const* kp, co
   }
 }
 
-// Key/value pointers of one chunk: float32 and int8 rows in place (int8 with their scales
-// gathered), bfloat16/float16 rows converted into float32 scratch.
+// Key/value pointers of one chunk, rows in place (int8 with their scales gathered).
 template <typename KT>
 struct KVRows {
-  using E = std::conditional_t<std::is_same_v<KT, int8_t>, int8_t, float>;
-  std::vector<float> kbuf, vbuf, ks, vs;
-  std::vector<const E*> kp, vp;
+  std::vector<float> ks, vs;
+  std::vector<const KT*> kp, vp;
   // ksb/vsb: the scales of this (b, kh), stride sstr per key (int8 only)
-  void fill(const KT* kbase, const KT* vbase, int64_t kstride, int64_t vstride, const int64_t* idx, int n, int D,
+  void fill(const KT* kbase, const KT* vbase, int64_t kstride, int64_t vstride, const int64_t* idx, int n,
             const float* ksb = nullptr, const float* vsb = nullptr, int64_t kss = 0, int64_t vss = 0) {
     kp.resize(n);
     vp.resize(n);
-    if constexpr (std::is_same_v<KT, float> || std::is_same_v<KT, int8_t>) {
+    for (int j = 0; j < n; ++j) {
+      kp[j] = kbase + idx[j] * kstride;
+      vp[j] = vbase + idx[j] * vstride;
+    }
+    if constexpr (std::is_same_v<KT, int8_t>) {
+      ks.resize(n);
+      vs.resize(n);
       for (int j = 0; j < n; ++j) {
-        kp[j] = kbase + idx[j] * kstride;
-        vp[j] = vbase + idx[j] * vstride;
-      }
-      if constexpr (std::is_same_v<KT, int8_t>) {
-        ks.resize(n);
-        vs.resize(n);
-        for (int j = 0; j < n; ++j) {
-          ks[j] = ksb[idx[j] * kss];
-          vs[j] = vsb[idx[j] * vss];
-        }
-      }
-    } else {
-      kbuf.resize(static_cast<size_t>(n) * D);
-      vbuf.resize(static_cast<size_t>(n) * D);
-      for (int j = 0; j < n; ++j) {
-        to_float(kbase + idx[j] * kstride, kbuf.data() + static_cast<size_t>(j) * D, D);
-        to_float(vbase + idx[j] * vstride, vbuf.data() + static_cast<size_t>(j) * D, D);
-        kp[j] = kbuf.data() + static_cast<size_t>(j) * D;
-        vp[j] = vbuf.data() + static_cast<size_t>(j) * D;
+        ks[j] = ksb[idx[j] * kss];
+        vs[j] = vsb[idx[j] * vss];
       }
     }
   }
@@ -455,7 +431,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     for (int64_t it = begin; it < end; ++it) {
       const int64_t c = it % nfull, kh = (it / nfull) % KH, b = it / (nfull * KH);
       for (int64_t j = 0; j < chunk; ++j) idx[j] = c * chunk + j;
-      kv.fill(kd + b * ksb + kh * ksh, vd + b * vsb + kh * vsh, kss, vss, idx.data(), chunk, D, kbase_s(b, kh),
+      kv.fill(kd + b * ksb + kh * ksh, vd + b * vsb + kh * vsh, kss, vss, idx.data(), chunk, kbase_s(b, kh),
               vbase_s(b, kh), kcs, vcs);
       for (int64_t t = 0; t < T; ++t)
         for (int64_t g = 0; g < G; ++g) {
@@ -504,7 +480,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const int64_t tch = (cnt + chunk - 1) / chunk;
       for (int64_t c = 0; c < tch; ++c) {
         const int64_t c0 = c * chunk, nk = std::min(chunk, cnt - c0);
-        kv.fill(kd + b * ksb + kh * ksh, vd + b * vsb + kh * vsh, kss, vss, idx.data() + c0, nk, D, kbase_s(b, kh),
+        kv.fill(kd + b * ksb + kh * ksh, vd + b * vsb + kh * vsh, kss, vss, idx.data() + c0, nk, kbase_s(b, kh),
                 vbase_s(b, kh), kcs, vcs);
         chunk_partial(G, qp.data(), nk, kv.kp.data(), kv.vp.data(), kv.kscale(), kv.vscale(), D, s,
                       tail + c * G * P, iq ? q8p.data() : nullptr, iq ? qs.data() : nullptr);
