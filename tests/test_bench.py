@@ -12,7 +12,7 @@ import tokenswift
 from conftest import tiny_hf_model
 from tokenswift.bench import distinct_n, run_bench, table, write_csv, write_png
 from tokenswift.cli import main
-from tokenswift.config import PAPER_SAMPLING
+from tokenswift.config import PAPER_SAMPLING, RopeScaling
 
 
 @pytest.mark.parametrize("tokens, n, want", [
@@ -77,6 +77,26 @@ def test_bench_skips_missing_extras_and_names_bad_methods(tiny, monkeypatch):
         run_bench(tiny, [1, 2, 3], [4], ["ar", "fast"])
     with pytest.raises(ValueError, match="lengths must be positive"):
         run_bench(tiny, [1, 2, 3], [0], ["ar"])
+
+
+@pytest.mark.parametrize("kv, rope, want", [
+    (torch.float32, None, {"type_k": 0, "type_v": 0}),
+    (torch.float16, RopeScaling("yarn", 4.0, 8192), {"type_k": 1, "type_v": 1, "rope_scaling_type": 2,
+                                                      "rope_freq_scale": 0.25, "yarn_orig_ctx": 8192}),
+    (torch.bfloat16, RopeScaling("linear", 2.0), {"type_k": 30, "type_v": 30, "rope_scaling_type": 1,
+                                                   "rope_freq_scale": 0.5}),
+])
+def test_llamacpp_gets_our_kv_type_and_rope_scaling(kv, rope, want):
+    from types import SimpleNamespace
+
+    from tokenswift.bench import llamacpp_options
+
+    lm = SimpleNamespace(model=SimpleNamespace(kv_dtype=kv),
+                         config=SimpleNamespace(rope_scaling=rope, max_position_embeddings=8192))
+    assert llamacpp_options(lm) == want
+    lm.config.rope_scaling = RopeScaling("llama3", 8.0)
+    with pytest.raises(ValueError, match="RoPE scaling 'llama3'"):
+        llamacpp_options(lm)
 
 
 def test_a_failing_external_method_keeps_the_other_runs(tiny, monkeypatch):

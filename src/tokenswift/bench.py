@@ -206,6 +206,28 @@ def run_hf(lm: Any, prompt: list[int], lengths: list[int], name: str, sampling: 
     return cp.records, tokens, {}
 
 
+# ggml's type ids for the KV cache types both engines hold, and llama.h's RoPE scaling types
+GGML_KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}
+LLAMA_ROPE_SCALING = {"linear": 1, "yarn": 2}
+
+
+def llamacpp_options(lm: Any) -> dict[str, Any]:
+    """llama.cpp's settings for computing what `lm` computes: the same KV cache type (its own
+    default is float16) and the same RoPE scaling (YaRN or linear from the same original context)."""
+    kv = GGML_KV_TYPES.get(lm.model.kv_dtype)
+    if kv is None:
+        raise ValueError(f"llamacpp: no ggml type for kv_dtype {lm.model.kv_dtype}")
+    opts: dict[str, Any] = {"type_k": kv, "type_v": kv}
+    rs = lm.config.rope_scaling
+    if rs is not None and rs.kind in LLAMA_ROPE_SCALING and rs.factor != 1.0:
+        opts.update(rope_scaling_type=LLAMA_ROPE_SCALING[rs.kind], rope_freq_scale=1.0 / rs.factor)
+        if rs.kind == "yarn":
+            opts["yarn_orig_ctx"] = int(rs.original_max_position_embeddings or lm.config.max_position_embeddings)
+    elif rs is not None and rs.kind != "default":
+        raise ValueError(f"llamacpp: RoPE scaling {rs.kind!r} has no llama.cpp equivalent in the bench")
+    return opts
+
+
 def run_llamacpp(lm: Any, prompt: list[int], lengths: list[int], name: str, sampling: dict[str, Any],
                  progress: Callable[[str, int, int], None] | None = None) -> tuple[list[dict[str, Any]], list[int], dict]:
     import llama_cpp
@@ -217,7 +239,7 @@ def run_llamacpp(lm: Any, prompt: list[int], lengths: list[int], name: str, samp
     # seed and penalty window are the model's settings in llama-cpp-python, not generate()'s
     llm = llama_cpp.Llama(model_path=str(src), n_ctx=len(prompt) + total + 8, n_threads=os.cpu_count() or 1,
                           verbose=False, logits_all=False, seed=int(sampling.get("seed", 0)),
-                          last_n_tokens_size=int(sampling.get("penalty_window", 64)))
+                          last_n_tokens_size=int(sampling.get("penalty_window", 64)), **llamacpp_options(lm))
     cp = Checkpoints(lengths, name, "cpu")
     _reset_peak()
     start = time.perf_counter()
