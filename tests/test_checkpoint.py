@@ -216,3 +216,91 @@ def test_sigkill_at_random_moments_then_resume_is_identical(smollm, tmp_path):
 @pytest.mark.slow
 def test_sigkill_2000_tokens_three_times_then_resume_is_identical(smollm, tmp_path):
     _kill_and_resume(smollm, tmp_path, n=2000, kills=3, seed=2000, span=500)
+
+
+def _kv_run(lm, max_new: int, seed: int = 5, method: str = "tokenswift", **opts):
+    from tokenswift.checkpoint import model_fingerprint
+
+    return Checkpoint(options=dict(model="smollm2-135m", max_new_tokens=max_new, method=method, ignore_eos=True,
+                                   sampling=dict(SAMPLING, seed=seed), spec={}, **opts),
+                      prompt=PROMPT, prompt_ids=lm.encode(PROMPT), model_fingerprint=model_fingerprint(lm.config))
+
+
+def _cut(ck, lm, path, kv, at: int) -> None:
+    """Runs ck until it holds `at` tokens or more, then stops as a Ctrl-C would."""
+    from tokenswift.checkpoint import continue_run
+
+    steps = continue_run(ck, lm, path, every=8, kv=kv)
+    for _ in steps:
+        if len(ck.tokens) >= at:
+            break
+    steps.close()
+
+
+@pytest.mark.parametrize("method", ["ar", "tokenswift"])
+def test_kv_rows_beside_a_checkpoint_are_the_runs_own_and_a_resume_reads_them(smollm, tmp_path, monkeypatch, method):
+    """The rows saved are the bits the run's cache holds (those a prefill of the same text computes),
+    a resume loads all of them but the last token's, and writes the uninterrupted run's tokens."""
+    import torch
+
+    import tokenswift.checkpoint as cp
+    from tokenswift.cache import KVCache
+
+    want = smollm.generate(PROMPT, 60, method=method, seed=5, ignore_eos=True, **SAMPLING)
+    path, kv = tmp_path / "ck.json", tmp_path / "ck.json.kv"
+    ck = _kv_run(smollm, 60, method=method)
+    _cut(ck, smollm, path, kv, 25)
+    ck = Checkpoint.load(path)
+    ids = ck.prompt_ids + ck.tokens
+    m = smollm.model
+    ref = KVCache(m.cfg, capacity=len(ids) + 64, dtype=m.kv_dtype, rope_len=len(ck.prompt_ids) + 60)
+    m.prefill(torch.tensor([ids]), ref)
+    got = KVCache(m.cfg, capacity=len(ids) + 64, dtype=m.kv_dtype, rope_len=len(ck.prompt_ids) + 60)
+    n = cp.KVRows(kv, ck).load(torch.tensor(ids), got)
+    assert n == len(ids) - 1  # every committed token's row; the last one's K/V are not computed yet
+    assert torch.equal(got.k[:, :, :, :n], ref.k[:, :, :, :n]) and torch.equal(got.v[:, :, :, :n], ref.v[:, :, :, :n])
+
+    loaded = []
+    real = cp.KVRows.load
+    monkeypatch.setattr(cp.KVRows, "load", lambda self, t, c: loaded.append(real(self, t, c)) or loaded[-1])
+    steps = cp.continue_run(ck, smollm, path, every=8, kv=kv)
+    for _ in steps:
+        pass
+    assert ck.tokens == want.tokens and loaded == [len(ids) - 1]
+    assert not kv.exists()  # the run is over: its rows are removed
+
+
+def test_kv_rows_that_do_not_match_are_not_used(smollm, tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    import tokenswift.checkpoint as cp
+    from tokenswift.cache import KVCache
+
+    want = smollm.generate(PROMPT, 40, method="ar", seed=7, ignore_eos=True, **SAMPLING)
+    path, kv = tmp_path / "ck.json", tmp_path / "ck.json.kv"
+    ck = _kv_run(smollm, 40, seed=7, method="ar")
+    _cut(ck, smollm, path, kv, 20)
+    ck = Checkpoint.load(path)
+    ids = ck.prompt_ids + ck.tokens
+    m = smollm.model
+
+    def rows(c):
+        cache = KVCache(m.cfg, capacity=len(ids) + 40, dtype=m.kv_dtype, rope_len=len(ck.prompt_ids) + 40)
+        return cp.KVRows(kv, c).load(torch.tensor(ids), cache)
+
+    assert rows(ck) == len(ids) - 1
+    other = Checkpoint.load(path)
+    other.options["kv_dtype"] = "bfloat16"  # rows of another cache type
+    assert rows(other) == 0
+    # a row whose token differs (another continuation): the rows before it are still right
+    raw = bytearray(kv.read_bytes())
+    head = len(cp.KVRows.MAGIC) + 8 + int.from_bytes(raw[len(cp.KVRows.MAGIC):len(cp.KVRows.MAGIC) + 8], "little")
+    row = (len(raw) - head) // len(ids[:-1])
+    raw[head + 10 * row: head + 10 * row + 8] = np.int64(ids[10] + 1).tobytes()
+    kv.write_bytes(bytes(raw[: len(raw) - row // 2]))  # and a torn last row
+    assert rows(ck) == 10
+    steps = cp.continue_run(ck, smollm, path, every=8, kv=kv)
+    for _ in steps:
+        pass
+    assert ck.tokens == want.tokens

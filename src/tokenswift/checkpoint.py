@@ -139,39 +139,184 @@ def load_model_for(ck: Checkpoint, path: str | os.PathLike[str] | None = None) -
 
 
 def continue_run(ck: Checkpoint, lm: "LM", path: str | os.PathLike[str] | None = None,
-                 every: int = 256) -> Iterator["Step"]:
+                 every: int = 256, kv: str | os.PathLike[str] | None = None) -> Iterator["Step"]:
     """The steps that continue the checkpoint's run on `lm` (from `load_model_for`): each step's
     tokens are appended to `ck.tokens`, and `ck` is saved to `path` every `every` new tokens and
     when the iteration ends, however it ends (close the iterator on an early exit). Options are
-    checked now: a bad one raises here, before the first step."""
+    checked now: a bad one raises here, before the first step.
+
+    `kv`: a file for the committed tokens' keys and values (`KVRows`, the CLI's `<FILE>.kv`): read
+    back where it matches, so the resumed run prefills only what it lacks, and appended to at
+    every save. None keeps no rows."""
     o = ck.options
     spec = dict(o["spec"])
     if "full_kv_draft" in spec:  # written before draft_kv replaced it (a speed option: the text is the same)
         spec.setdefault("draft_kv", "full" if spec.pop("full_kv_draft") else "auto")
-    steps = iter(()) if ck.done else lm.steps(
-        ck.prompt_ids + ck.tokens, ck.max_new_tokens - len(ck.tokens), method=o["method"],
-        ignore_eos=o["ignore_eos"], **o["sampling"], **spec)
-    return _saving(ck, steps, path, every)
+    rows = None
+    if kv is not None and lm.model.tp is None:  # under tensor parallelism a rank holds some heads only
+        rows = KVRows(Path(kv), ck)
+        if not ck.done:
+            lm.model.kv_prefix = rows.load  # one use, by the run's prefill
+    try:
+        steps = iter(()) if ck.done else lm.steps(
+            ck.prompt_ids + ck.tokens, ck.max_new_tokens - len(ck.tokens), method=o["method"],
+            ignore_eos=o["ignore_eos"], **o["sampling"], **spec)
+    except BaseException:
+        lm.model.kv_prefix = None
+        raise
+    return _saving(ck, steps, path, every, rows, lm)
 
 
 def _saving(ck: Checkpoint, steps: Iterator["Step"], path: str | os.PathLike[str] | None,
-            every: int) -> Iterator["Step"]:
+            every: int, rows: "KVRows | None" = None, lm: "LM | None" = None) -> Iterator["Step"]:
     saved = len(ck.tokens)
+    kv, kv_len = None, 0  # the main cache and its committed length at the last step
+
+    def save() -> None:
+        if rows is not None and kv is not None:
+            rows.append(kv, kv_len, ck.prompt_ids + ck.tokens)
+        save_to(ck, path)
+
     try:
         for step in steps:
             ck.tokens.extend(step.tokens)
+            if step.kv is not None:
+                kv, kv_len = step.kv, step.kv.length
             if step.finished:
                 ck.finish_reason = step.stats.get("finish_reason")
             if path is not None and len(ck.tokens) - saved >= every:
-                save_to(ck, path)
+                save()
                 saved = len(ck.tokens)
             yield step
     finally:
+        if lm is not None:
+            lm.model.kv_prefix = None
         if path is not None:
-            save_to(ck, path)
+            save()
+        if rows is not None and ck.done:
+            rows.remove()  # the run is over: nothing will read them
         close = getattr(steps, "close", None)
         if close is not None:
             close()
+
+
+class KVRows:
+    """The keys and values of a run's committed text, beside its checkpoint (`<checkpoint>.kv`),
+    so that a resumed run reads them instead of recomputing them: a prefill of 80K tokens takes
+    most of an hour on two CPU cores, reading them back seconds. The cache's entries of committed
+    tokens never change, so rows are only appended, at every checkpoint save (about 23 KB a
+    token for SmolLM2 with a float16 cache). Row r is token r's id (int64) and then its K and V
+    for every layer, [2, layers, kv_heads, head_dim] in the cache's dtype, the same bits the run
+    computed. The header names what the rows depend on: the options that set the numerics, the
+    model's shape, the cache's dtype, shape and RoPE length. A file that does not match is
+    ignored, and only rows whose ids agree with the checkpoint's text are used, so a stale, torn
+    or foreign file costs a prefill, never a different token."""
+
+    MAGIC = b"tokenswift-kv v1"
+    NUMERICS = ("model", "dtype", "kv_dtype", "weights", "activations", "rope_scaling", "compile", "device")
+
+    def __init__(self, path: Path, ck: Checkpoint) -> None:
+        self.path, self.ck = path, ck
+        self.written: int | None = None  # rows known to be in the file and right; None: not checked
+
+    def _header(self, cache: Any) -> bytes:
+        L, _, KH, _, D = cache.k.shape
+        meta = {"numerics": {k: self.ck.options.get(k) for k in self.NUMERICS},
+                "fingerprint": self.ck.model_fingerprint, "dtype": str(cache.k.dtype).removeprefix("torch."),
+                "shape": [int(L), int(KH), int(D)], "rope_len": int(cache.rope_len)}
+        body = json.dumps(meta, sort_keys=True).encode("utf-8")
+        return self.MAGIC + len(body).to_bytes(8, "little") + body
+
+    @staticmethod
+    def _row_bytes(cache: Any) -> int:
+        L, _, KH, _, D = cache.k.shape
+        return 8 + 2 * L * KH * D * cache.k.element_size()
+
+    def _valid_rows(self, header: bytes, row: int, ids: list[int]) -> int:
+        """Rows of the file that match this header and agree with `ids`, 0 if none or no file."""
+        import numpy as np
+
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                if f.read(len(header)) != header:
+                    return 0
+        except OSError:
+            return 0
+        n = min((size - len(header)) // row, len(ids))
+        if n <= 0:
+            return 0
+        mm = np.memmap(self.path, dtype=np.uint8, mode="r", offset=len(header), shape=(n, row))
+        have = np.ascontiguousarray(mm[:, :8]).view(np.int64)[:, 0]
+        bad = np.flatnonzero(have != np.asarray(ids[:n], dtype=np.int64))
+        return int(bad[0]) if bad.size else n
+
+    def load(self, tokens: Any, cache: Any) -> int:
+        """Fills `cache` (empty) with the file's rows for the longest prefix of `tokens` ([T] ids)
+        it holds, leaving at least the last token to compute; returns how many (0: none)."""
+        import numpy as np
+        import torch
+
+        header, row = self._header(cache), self._row_bytes(cache)
+        ids = [int(t) for t in tokens.tolist()]
+        n = min(self._valid_rows(header, row, ids), len(ids) - 1)
+        self.written = max(n, 0)
+        if n <= 0:
+            return 0
+        L, _, KH, _, D = cache.k.shape
+        mm = np.memmap(self.path, dtype=np.uint8, mode="r", offset=len(header), shape=(n, row))
+        step = 1024
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            kv = torch.from_numpy(np.ascontiguousarray(mm[a:b, 8:])).view(cache.k.dtype).view(b - a, 2, L, KH, D)
+            cache.k[:, 0, :, a:b] = kv[:, 0].permute(1, 2, 0, 3)
+            cache.v[:, 0, :, a:b] = kv[:, 1].permute(1, 2, 0, 3)
+        cache.pos[:n] = torch.arange(n, device=cache.pos.device)
+        cache.length = n
+        return n
+
+    def append(self, cache: Any, length: int, ids: list[int]) -> None:
+        """Writes the rows of entries [written, length) of `cache`, whose tokens are `ids`."""
+        import numpy as np
+
+        header, row = self._header(cache), self._row_bytes(cache)
+        n = min(length, len(ids))
+        if self.written is None:  # a new run or a file not yet read: keep what of it is right
+            self.written = self._valid_rows(header, row, ids)
+        a = min(self.written, n)
+        try:
+            if a == 0:
+                with open(self.path, "wb") as f:
+                    f.write(header)
+            if n <= a:
+                return
+            k = cache.k[:, 0, :, a:n].permute(2, 0, 1, 3)  # [T, L, KH, D]
+            v = cache.v[:, 0, :, a:n].permute(2, 0, 1, 3)
+            kv = np.ascontiguousarray(_kv_bytes(k, v))  # [T, 2, L, KH, D] as bytes
+            out = np.empty((n - a, row), dtype=np.uint8)
+            out[:, :8] = np.asarray(ids[a:n], dtype=np.int64).view(np.uint8).reshape(n - a, 8)
+            out[:, 8:] = kv.reshape(n - a, -1)
+            with open(self.path, "r+b") as f:
+                f.seek(len(header) + a * row)
+                f.write(out.tobytes())
+                f.truncate()  # rows past these were another continuation's
+        except OSError as e:
+            raise ValueError(f"cannot write the checkpoint's KV rows {self.path}: {e.strerror or e}") from None
+        self.written = n
+
+    def remove(self) -> None:
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+
+
+def _kv_bytes(k: Any, v: Any) -> Any:
+    """[T, L, KH, D] twice -> [T, 2, L, KH, D] on the CPU, as a uint8 numpy view of its bytes."""
+    import torch
+
+    kv = torch.stack((k, v), dim=1).cpu().contiguous()
+    return kv.view(torch.uint8).numpy()
 
 
 def save_to(ck: Checkpoint, path: str | os.PathLike[str]) -> None:

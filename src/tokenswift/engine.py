@@ -35,6 +35,10 @@ class Step:
     tokens: list[int]  # tokens committed by this iteration, in order
     stats: dict[str, Any] = field(default_factory=dict)  # running totals after this iteration
     finished: bool = False
+    # the run's main cache as this step leaves it: its first `kv.length` entries are the keys and
+    # values of the committed text (prompt included) before the last token, and stay as they are
+    # for the rest of the run (a checkpoint saves them: `checkpoint.KVRows`). Read-only.
+    kv: KVCache | None = None
 
 
 class Timer:
@@ -104,7 +108,7 @@ def generate_ar(
         tok = _agree(model, int(sample(logits, penalty_window(history, p, sampling), [p], sampling)[0]))
         history[p] = tok
         finish = "eos" if tok in stop else ("length" if i == max_new_tokens - 1 else None)
-        yield Step([tok], _stats("ar", n0, i + 1, timer, finish, i + 1), finished=finish is not None)
+        yield Step([tok], _stats("ar", n0, i + 1, timer, finish, i + 1), finished=finish is not None, kv=cache)
         if finish is not None:
             return
         tok_buf.fill_(tok)
@@ -420,7 +424,7 @@ class SpeculativeRun:
         stop = set() if ignore_eos else set(eos_ids)
         st, c = self.st, self.c
         finish = "eos" if st.root in stop else ("length" if st.produced >= self.max_new else None)
-        yield Step([st.root], self.stats(finish), finished=finish is not None)
+        yield Step([st.root], self.stats(finish), finished=finish is not None, kv=st.main)
         if finish is not None:
             return
         clock = self.timer.now
@@ -460,7 +464,7 @@ class SpeculativeRun:
             if st.produced + len(new) >= self.max_new and finish is None:
                 new, finish = new[: self.max_new - st.produced], "length"
             st.produced += len(new)
-            yield Step(new, self.stats(finish), finished=finish is not None)
+            yield Step(new, self.stats(finish), finished=finish is not None, kv=st.main)
             if finish is not None:
                 return
 

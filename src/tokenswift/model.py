@@ -323,6 +323,9 @@ class Decoder(nn.Module):
         # next prefill of the same prompt into an empty cache of the same dtype and RoPE length:
         # the same computation, done once for every method a bench runs on that prompt.
         self.prefill_memo: dict | None = None
+        # set by a resumed run (`checkpoint.KVRows.load`): fills the next prefill's cache with the
+        # rows it holds for the prompt's first tokens, once; the prefill computes only the rest
+        self.kv_prefix: Callable[[torch.Tensor, KVCache], int] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -746,6 +749,12 @@ class Decoder(nn.Module):
         start = cache.length
         if start + T > cache.capacity:
             raise ValueError(f"prompt of {T} tokens does not fit the KV cache ({cache.capacity - start} free)")
+        load, self.kv_prefix = self.kv_prefix, None
+        if load is not None and start == 0 and B == 1 and taps is None and not return_all and type(cache) is KVCache:
+            n = load(tokens[0], cache)  # [0, n) now in the cache, n < T
+            if n:
+                log.info("resumed %d of the prompt's %d tokens from saved KV rows; prefilling %d", n, T, T - n)
+                return self.prefill(tokens[:, n:], cache, chunk)
         memo, key = self.prefill_memo, None
         if memo is not None and start == 0 and B == 1 and taps is None and not return_all and type(cache) is KVCache:
             key = (T, hash(tokens.cpu().numpy().tobytes()), cache.k.dtype, cache.rope_len, chunk)
