@@ -150,7 +150,7 @@ def test_ctrl_c_leaves_a_valid_checkpoint_and_exit_130(smollm, tmp_path):
     path = tmp_path / "ck.json"
     want = smollm.generate(PROMPT, 150, method="ar", seed=2, ignore_eos=True, **SAMPLING)
     proc = subprocess.Popen(_cli("--prompt", PROMPT, "--max-new-tokens", "150", "--seed", "2", *CLI_SAMPLING,
-                                 "--checkpoint", str(path), "--checkpoint-every", "7"),
+                                 "--checkpoint", str(path), "--checkpoint-every", "7", "--stats"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for_tokens(path, 7, proc)
     time.sleep(1.0)
@@ -165,6 +165,10 @@ def test_ctrl_c_leaves_a_valid_checkpoint_and_exit_130(smollm, tmp_path):
     # what was printed is what was saved: the save at exit holds every token written, not only the last
     # every-7 save
     assert out.decode() == smollm.decode(ck.tokens)
+    # --stats still reports the interrupted run: one JSON line, counting what it wrote
+    stats = json.loads(next(line for line in err.decode().splitlines() if line.startswith("{")))
+    assert stats["interrupted"] is True and stats["resumed_tokens"] == 0
+    assert 7 <= stats["new_tokens"] <= len(ck.tokens)
     r = subprocess.run(_cli("--resume", str(path), "--json"), capture_output=True, timeout=300)
     assert r.returncode == 0 and json.loads(r.stdout)["tokens"] == want.tokens
 

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--drafter", default="auto", metavar="auto|self|seq|none|PATH",
                     help=PARAMS["drafter"].help + "; or a seq drafter file (from train-drafter) to draft with")
     sp.add_argument("--no-ngrams", action="store_true", help="draft without n-gram reuse")
-    g.add_argument("--stats", action="store_true", help="print the run's stats as JSON on stderr at the end")
+    g.add_argument("--stats", action="store_true",
+                   help="print the run's stats as JSON on stderr at the end (also when interrupted)")
     _param_args(g, "ignore_eos")
     g.add_argument("--json", action="store_true", help="print one JSON object {tokens, text, stats} at the end")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -495,6 +496,12 @@ def _run_generate(args: argparse.Namespace, ck: Any, ck_path: Path | None) -> in
                 if bars:
                     bars("tokens", len(ck.tokens), ck.max_new_tokens,
                          {"tokens_per_s": stats.get("decode_tokens_per_s", 0)})
+    except KeyboardInterrupt:
+        # a long run stopped on purpose (one segment of a resumable job) still reports what it did
+        if args.stats:
+            out.flush()
+            sys.stderr.write("\n" + json.dumps(dict(stats, interrupted=True, resumed_tokens=resumed)) + "\n")
+        raise
     finally:
         if bars:
             bars.close()
