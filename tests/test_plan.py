@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokenswift.plan import STAT_WIDTH, AutoPlanner, NGramGain, RankStats, chain_tree, fit_line
+from tokenswift.plan import STAT_WIDTH, AutoPlanner, NGramGain, Plan, RankStats, chain_tree, fit_line
 
 Q = [[0.9, 0.05, 0.02], [0.5, 0.3], [0.4, 0.1]]
 # reach: depth 1 .9, depth 2 .45, depth 3 .18; siblings: (0,1) .27, (1,) .05, (2,) .02, (0,0,1) .045
@@ -160,3 +160,36 @@ def test_planner_explores_the_other_drafter():
     p.t_draft = {"seq": 0.003, "self": 0.05}
     used = {p.choose(4096 + i).drafter for i in range(40)}
     assert {"seq", "self"} <= used  # mostly seq, with the self-draft re-measured now and then
+
+
+def _observe(p, depth, size, verify_s, draft_s=0.0):
+    plan = Plan(depth, tuple((0,) * d for d in range(1, depth + 1)), 0, 1.0, 1.0, size, "self" if depth else None)
+    p.observe(plan, size, draft_s=draft_s, verify_s=verify_s, other_s=0.0, tokens=1)
+
+
+@pytest.mark.parametrize("gap, want", [
+    (1, 0.8 * 0.25 + 0.2 * 0.05),                   # measured every iteration: the moving average
+    (2, 0.8 * 0.95 * 0.25 + (1 - 0.76) * 0.05),     # one iteration without it: a little less kept
+    (200, 0.05),                                     # hundreds of iterations old: the new one, nearly
+])
+def test_a_running_cost_keeps_less_of_what_it_measured_long_ago(gap, want):
+    """A verify cost measured long ago (a shorter context, or while the cores were shared) is
+    mostly replaced by the next measurement: the old rule (x0.8 per measurement, however old)
+    kept a stale 5x cost in the plan for hundreds of iterations."""
+    p = AutoPlanner(4, ngram_n=4, max_k=0, max_nodes=None, explore_every=0)
+    p.iterations = 10
+    _observe(p, 0, 1, 0.25)
+    p.iterations += gap
+    _observe(p, 0, 1, 0.05)
+    assert p.costs[1] == pytest.approx(want, rel=1e-3)
+
+
+def test_a_drafters_cost_ages_by_iterations_too():
+    p = AutoPlanner(4, ngram_n=4, max_k=0, max_nodes=None, explore_every=0)
+    _observe(p, 4, 5, 0.1, draft_s=4 * 0.04)
+    for i in range(300):  # plain steps only: the draft cost is not measured again
+        p.iterations += 1
+        _observe(p, 0, 1, 0.05)
+    _observe(p, 2, 3, 0.1, draft_s=2 * 0.01)
+    assert p.t_draft["self"] == pytest.approx(0.01, rel=1e-4)
+    assert p.costs[1] == pytest.approx(0.05)

@@ -31,6 +31,13 @@ SIBLINGS = (0, 1, 2, 4, 8)  # sibling leaves considered per plan
 # the partial cache; the seq drafter's one block and reduced head).
 SLOPE_PRIOR = 0.05
 DRAFT_PRIOR = {"self": 0.35, "seq": 0.06}
+# Running costs: a measurement enters with weight COST_WEIGHT, and what was known before keeps
+# STALE of its weight for every iteration without a measurement of that cost. A trie size or a
+# drafter seen every iteration is the plain moving average; one seen last hundreds of iterations
+# ago (thousands of context entries shorter, or while another job held the cores) is mostly
+# replaced by the next measurement instead of pulling the plan for many more.
+COST_WEIGHT = 0.2
+STALE = 0.95
 
 
 class RankStats:
@@ -192,6 +199,7 @@ class AutoPlanner:
         self.t_draft: dict[str, float | None] = {d: None for d in self.drafters}
         self.ngram = NGramGain([k for k in self.ks if k > 0])
         self.costs: dict[int, float] = {}  # trie size -> verify seconds (running, measured)
+        self._seen: dict[Any, int] = {}  # cost key (trie size, or "draft:" + drafter) -> its last iteration
         self.t_token = 0.0  # per committed token: the walk's draws and the bookkeeping
         self.explore_every = explore_every
         self.margin = margin
@@ -206,15 +214,24 @@ class AutoPlanner:
                 tokens: int) -> None:
         """One iteration's measurements. `trie_size` is the trie actually verified: n-gram
         chains may be fewer than the plan allowed."""
-        a = 0.2
         if plan.depth:
-            per = draft_s / plan.depth
             old = self.t_draft[plan.drafter]
-            self.t_draft[plan.drafter] = per if old is None else (1 - a) * old + a * per
+            self.t_draft[plan.drafter] = self._blend("draft:" + plan.drafter, old, draft_s / plan.depth)
         T = trie_size
-        self.costs[T] = verify_s if T not in self.costs else (1 - a) * self.costs[T] + a * verify_s
+        self.costs[T] = self._blend(T, self.costs.get(T), verify_s)
         per_tok = other_s / max(tokens, 1)
+        a = COST_WEIGHT
         self.t_token = (1 - a) * self.t_token + a * per_tok if self.t_token else per_tok
+
+    def _blend(self, key: Any, old: float | None, new: float) -> float:
+        """The running cost `key` after measuring `new`: weighted by how recent `old` is."""
+        last = self._seen.get(key)
+        self._seen[key] = self.iterations
+        if old is None:
+            return new
+        age = max(1, self.iterations - last) if last is not None else 1
+        keep = (1 - COST_WEIGHT) * STALE ** (age - 1)
+        return keep * old + (1 - keep) * new
 
     # -- the choice ---------------------------------------------------------------------------
 
