@@ -193,3 +193,24 @@ def test_a_drafters_cost_ages_by_iterations_too():
     _observe(p, 2, 3, 0.1, draft_s=2 * 0.01)
     assert p.t_draft["self"] == pytest.approx(0.01, rel=1e-4)
     assert p.costs[1] == pytest.approx(0.05)
+
+
+def test_one_pass_timed_across_a_pause_moves_a_cost_by_at_most_its_outlier_bound():
+    """A run stopped for minutes mid-pass (SIGSTOP) times that pass at minutes: it raises the
+    estimate as a 4x pass would, and the next measurements bring it back."""
+    p = AutoPlanner(4, ngram_n=4, max_k=0, max_nodes=None, explore_every=0)
+    for _ in range(3):
+        p.iterations += 1
+        _observe(p, 0, 1, 0.05)
+    p.iterations += 1
+    _observe(p, 0, 1, 378.0)
+    assert p.costs[1] == pytest.approx(0.05 * (0.8 + 0.2 * 4))
+    for _ in range(10):
+        p.iterations += 1
+        _observe(p, 0, 1, 0.05)
+    assert p.costs[1] < 0.055
+    # a real rise is followed: each measurement may raise the estimate by up to 1.6x
+    for _ in range(20):
+        p.iterations += 1
+        _observe(p, 0, 1, 0.5)
+    assert p.costs[1] == pytest.approx(0.5, rel=0.03)

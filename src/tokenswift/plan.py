@@ -36,8 +36,11 @@ DRAFT_PRIOR = {"self": 0.35, "seq": 0.06}
 # drafter seen every iteration is the plain moving average; one seen last hundreds of iterations
 # ago (thousands of context entries shorter, or while another job held the cores) is mostly
 # replaced by the next measurement instead of pulling the plan for many more.
+# A measurement above OUTLIER x the estimate counts as OUTLIER x: a process stopped mid-step
+# (SIGSTOP, a suspended laptop, a swap storm) times one pass at minutes.
 COST_WEIGHT = 0.2
 STALE = 0.95
+OUTLIER = 4.0
 
 
 class RankStats:
@@ -229,6 +232,7 @@ class AutoPlanner:
         self._seen[key] = self.iterations
         if old is None:
             return new
+        new = min(new, OUTLIER * old)
         age = max(1, self.iterations - last) if last is not None else 1
         keep = (1 - COST_WEIGHT) * STALE ** (age - 1)
         return keep * old + (1 - keep) * new
