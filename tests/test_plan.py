@@ -31,9 +31,12 @@ def test_chain_tree_is_the_chain_plus_the_likeliest_siblings(depth, siblings, wa
 @pytest.mark.parametrize("points, want", [
     ({1: 10.0, 5: 14.0}, (10.0, 1.0)),
     ({1: 10.0, 3: 12.0, 5: 14.0}, (10.0, 1.0)),
-    ({1: 10.0, 5: 9.0}, (9.5, 0.0)),  # a bigger trie never costs less: slope 0, the mean
+    ({1: 10.0, 5: 9.0}, (10.0, 0.0)),  # a bigger trie never costs less: slope 0, c1 no less than c(1)
     ({5: 12.0}, (10.0, 0.5)),  # one size: the prior slope (here 0.05 of c1)
     ({1: 8.0}, (8.0, 0.4)),
+    # two big tries only, steep: the line would reach T = 1 below zero; c1 is held at
+    # max c(T)/T = 161/6 and the slope fits the rest with that intercept
+    ({5: 123.0, 6: 161.0}, (161 / 6, (4 * (123 - 161 / 6) + 5 * (161 - 161 / 6)) / 41)),
 ])
 def test_fit_line(points, want):
     c1, m = fit_line(points, 0.05)

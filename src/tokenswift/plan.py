@@ -120,7 +120,15 @@ def fit_line(points: dict[int, float], slope_prior: float) -> tuple[float, float
         c1 = my / (1 + slope_prior * mx)
         return c1, slope_prior * c1
     m = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var)
-    return max(my - m * mx, 1e-6), m
+    c1 = my - m * mx
+    # a pass of T tokens costs at most T one-token passes, so c1 >= c(T) / T: two big tries
+    # measured first (a resumed run's first chains at long context) must not extrapolate to a
+    # free plain step. Then the slope that fits best with that intercept.
+    floor = max(y / (x + 1) for x, y in zip(xs, ys))
+    if c1 < floor:
+        c1 = floor
+        m = max(0.0, sum(x * (y - c1) for x, y in zip(xs, ys)) / sum(x * x for x in xs))
+    return c1, m
 
 
 def chain_tree(q: Sequence[Sequence[float]], depth: int, siblings: int) -> tuple[tuple[tuple[int, ...], ...], float]:
