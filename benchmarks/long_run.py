@@ -11,12 +11,14 @@ prefills the text written so far). Each segment leaves DIR/segN.json: its wall t
 before and after, the child's peak RSS and the run's own stats (printed also when it is
 interrupted). Stop a segment with SIGTERM (or Ctrl-C): the checkpoint is saved and the segment
 recorded. A segment whose process was stopped (SIGSTOP) for a while can carry that time as
-"stopped_s", which the summary subtracts.
+"stopped_s", which the summary subtracts. A DIR holding run.json.gz instead of run.json (the
+checkpoint carried between machines, as in benchmarks/long_run_100k/) is unpacked first.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import resource
 import signal
@@ -103,6 +105,9 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=100_000)
     a, rest = ap.parse_known_args()
     d = a.dir
+    packed = d / "run.json.gz"  # a checkpoint carried in the repository between machines
+    if a.what != "start" and not (d / "run.json").exists() and packed.exists():
+        (d / "run.json").write_bytes(gzip.decompress(packed.read_bytes()))
     if a.what == "summary":
         print(json.dumps(summary(d), indent=1))
         return 0
