@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from tokenswift.bench import distinct_n
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "cdne.txt"
 DEFAULTS = ["--paper-defaults", "--ignore-eos", "--rope-scaling", "yarn:16", "--kv-dtype", "float16"]
@@ -74,11 +76,6 @@ def segment(d: Path, args: list[str]) -> int:
     return rc
 
 
-def distinct(toks: list[int], n: int) -> float:
-    grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
-    return len(set(grams)) / max(1, len(grams))
-
-
 def summary(d: Path) -> dict:
     ck = json.loads((d / "run.json").read_text(encoding="utf-8"))
     toks = ck["tokens"]
@@ -90,7 +87,7 @@ def summary(d: Path) -> dict:
         "wall_s": round(wall), "wall_h": round(wall / 3600, 2),
         "tokens_per_s": round(len(toks) / wall, 2) if wall else None,
         "peak_rss_gib": round(max(s["peak_rss_kib"] for s in segs) / 2**20, 2) if segs else None,
-        "distinct": {n: round(distinct(toks, n), 3) for n in (1, 2, 3, 4)},
+        "distinct": {n: round(distinct_n(toks, n), 3) for n in (1, 2, 3, 4)},
         "per_segment": [{"segment": s["segment"], "tokens": [s["tokens_before"], s["tokens_after"]],
                          "wall_s": s["wall_s"], "stopped_s": s.get("stopped_s", 0),
                          "decode_tokens_per_s": (s["stats"] or {}).get("decode_tokens_per_s"),

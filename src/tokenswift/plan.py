@@ -128,7 +128,7 @@ def fit_line(points: dict[int, float], slope_prior: float) -> tuple[float, float
     if c1 < floor:
         c1 = floor
         m = max(0.0, sum(x * (y - c1) for x, y in zip(xs, ys)) / sum(x * x for x in xs))
-    return c1, m
+    return max(c1, 1e-6), m
 
 
 def chain_tree(q: Sequence[Sequence[float]], depth: int, siblings: int) -> tuple[tuple[tuple[int, ...], ...], float]:
