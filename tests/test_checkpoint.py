@@ -294,6 +294,12 @@ def test_kv_rows_that_do_not_match_are_not_used(smollm, tmp_path, monkeypatch):
         return cp.KVRows(kv, c).load(torch.tensor(ids), cache)
 
     assert rows(ck) == len(ids) - 1
+    whole = KVCache(m.cfg, capacity=len(ids) + 40, dtype=m.kv_dtype, rope_len=len(ck.prompt_ids) + 40)
+    cp.KVRows(kv, ck).load(torch.tensor(ids), whole)
+    monkeypatch.setattr(cp.KVRows, "BLOCK", 7)  # read in blocks of 7 rows (the last one short): the same bits
+    blocks = KVCache(m.cfg, capacity=len(ids) + 40, dtype=m.kv_dtype, rope_len=len(ck.prompt_ids) + 40)
+    assert cp.KVRows(kv, ck).load(torch.tensor(ids), blocks) == len(ids) - 1
+    assert torch.equal(blocks.k, whole.k) and torch.equal(blocks.v, whole.v) and torch.equal(blocks.pos, whole.pos)
     other = Checkpoint.load(path)
     other.options["kv_dtype"] = "bfloat16"  # rows of another cache type
     assert rows(other) == 0

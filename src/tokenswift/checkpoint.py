@@ -214,6 +214,7 @@ class KVRows:
 
     MAGIC = b"tokenswift-kv v1"
     NUMERICS = ("model", "dtype", "kv_dtype", "weights", "activations", "rope_scaling", "compile", "device")
+    BLOCK = 1024  # rows read at a time by `load`
 
     def __init__(self, path: Path, ck: Checkpoint) -> None:
         self.path, self.ck = path, ck
@@ -246,8 +247,13 @@ class KVRows:
         n = min((size - len(header)) // row, len(ids))
         if n <= 0:
             return 0
-        mm = np.memmap(self.path, dtype=np.uint8, mode="r", offset=len(header), shape=(n, row))
-        have = np.ascontiguousarray(mm[:, :8]).view(np.int64)[:, 0]
+        # each row's id by a seek and a read: a memory map would count every touched page (one a
+        # row, rows being larger than a page) in the process's resident memory
+        have = np.empty(n, dtype=np.int64)
+        with open(self.path, "rb") as f:
+            for r in range(n):
+                f.seek(len(header) + r * row)
+                have[r] = int.from_bytes(f.read(8), "little", signed=True)
         bad = np.flatnonzero(have != np.asarray(ids[:n], dtype=np.int64))
         return int(bad[0]) if bad.size else n
 
@@ -264,13 +270,22 @@ class KVRows:
         if n <= 0:
             return 0
         L, _, KH, _, D = cache.k.shape
-        mm = np.memmap(self.path, dtype=np.uint8, mode="r", offset=len(header), shape=(n, row))
-        step = 1024
-        for a in range(0, n, step):
-            b = min(n, a + step)
-            kv = torch.from_numpy(np.ascontiguousarray(mm[a:b, 8:])).view(cache.k.dtype).view(b - a, 2, L, KH, D)
-            cache.k[:, 0, :, a:b] = kv[:, 0].permute(1, 2, 0, 3)
-            cache.v[:, 0, :, a:b] = kv[:, 1].permute(1, 2, 0, 3)
+        step = self.BLOCK
+        # a block of rows at a time through one buffer: a memory map of the whole file would keep
+        # its pages resident beside the cache they fill (1.8 GB at 80K tokens)
+        buf = np.empty((min(step, n), row), dtype=np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(len(header))
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                part = buf[:b - a]
+                if f.readinto(memoryview(part).cast("B")) != part.nbytes:  # cut short since checked
+                    n = a
+                    break
+                kv = torch.from_numpy(np.ascontiguousarray(part[:, 8:])).view(cache.k.dtype).view(b - a, 2, L, KH, D)
+                cache.k[:, 0, :, a:b] = kv[:, 0].permute(1, 2, 0, 3)
+                cache.v[:, 0, :, a:b] = kv[:, 1].permute(1, 2, 0, 3)
+        self.written = n
         cache.pos[:n] = torch.arange(n, device=cache.pos.device)
         cache.length = n
         return n
