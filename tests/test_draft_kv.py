@@ -28,7 +28,9 @@ def _prefilled(m, n: int) -> KVCache:
 
 
 @native
-def test_sync_quantizes_the_committed_entries_and_only_those(lm):
+@pytest.mark.parametrize("rows", [4096, 7])  # one block, and blocks of 7 entries (the last short)
+def test_sync_quantizes_the_committed_entries_and_only_those(lm, monkeypatch, rows):
+    monkeypatch.setattr(Q8KVCache, "SYNC_ROWS", rows)
     m = lm.model
     main = _prefilled(m, 90)
     q8 = Q8KVCache(m.cfg, main.capacity)
