@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tokenswift.plan import STAT_WIDTH, AutoPlanner, NGramGain, Plan, RankStats, chain_tree, fit_line
+from tokenswift.plan import (HOLD, STAT_WIDTH, AutoPlanner, Calibration, NGramGain, Plan, RankStats, chain_tree,
+                             fit_line)
 
 Q = [[0.9, 0.05, 0.02], [0.5, 0.3], [0.4, 0.1]]
 # reach: depth 1 .9, depth 2 .45, depth 3 .18; siblings: (0,1) .27, (1,) .05, (2,) .02, (0,0,1) .045
@@ -65,8 +66,8 @@ def test_ngram_gain_scores_matches_on_committed_text():
     assert gain.count == 4  # nothing scored twice
 
 
-def _planner(costs, draft_s, q0, q1=0.01, depth=6, max_k=0):
-    p = AutoPlanner(depth, ngram_n=4, max_k=max_k, max_nodes=None, explore_every=0)
+def _planner(costs, draft_s, q0, q1=0.01, depth=6, max_k=0, explore_every=0):
+    p = AutoPlanner(depth, ngram_n=4, max_k=max_k, max_nodes=None, explore_every=explore_every)
     p.costs = dict(costs)
     p.t_draft = {"self": draft_s}
     p.stats = {"self": RankStats(depth, [[q0, q1]], weight=1000, decay=1.0)}
@@ -110,17 +111,85 @@ def test_planner_extends_the_chain_with_ngrams_when_they_match():
     assert plan.ngram_k > 0 and plan.trie_size == 1 + len(plan.paths) + plan.ngram_k * 3
 
 
-def test_planner_explores_now_and_then():
+def test_planner_explores_ever_less_often_while_plain_steps_win():
+    """A draft now and then re-measures what drafting costs; while plain steps stay best the
+    interval doubles (5, 10, 20, 40 iterations), so a run where drafts cannot pay wastes little."""
+    p = _planner({1: 0.05, 5: 0.06}, 0.05, q0=0.3, explore_every=5)
+    drafted = [i for i in range(1, 101) if p.choose(1000 + i).draft]
+    assert p.explorations == 4 and drafted == [5, 15, 35, 75]
+
+
+def test_planner_explores_at_the_base_interval_again_once_a_draft_wins():
+    p = _planner({1: 0.05, 5: 0.06}, 0.05, q0=0.3, explore_every=5)
+    for i in range(40):
+        p.choose(1000 + i)  # explorations at 5, 15, 35: the interval is 40 now
+    p.t_draft = {"self": 0.001}  # drafts became cheap and couple well
+    p.stats = {"self": RankStats(6, [[0.95, 0.01]], weight=1000, decay=1.0)}
+    p._held = None  # (the held plain plan would be replanned within HOLD iterations anyway)
+    explored = []
+    for i in range(40, 100):
+        before = p.explorations
+        p.choose(1000 + i)
+        if p.explorations > before:
+            explored.append(p.iterations)
+    assert explored[:3] == [75, 80, 85]  # the next one as planned, then every 5 again
+
+
+def test_planner_recomputes_a_plain_plan_every_hold_iterations_only():
     p = _planner({1: 0.05, 5: 0.06}, 0.05, q0=0.3)
-    p.explore_every = 5
-    drafts = sum(p.choose(1000 + i).draft for i in range(50))
-    assert p.explorations == 10 and 0 < drafts <= 10
+    calls = []
+    plans = p.plans
+    p.plans = lambda: calls.append(p.iterations) or plans()
+    for i in range(3 * HOLD):
+        assert p.choose(1000 + i).plain
+    assert calls == [1, 1 + HOLD, 1 + 2 * HOLD]
+    # drafting plans are recomputed every iteration: their acceptance statistics move
+    d = _planner({1: 0.10, 9: 0.14}, 0.03, q0=0.97)
+    calls.clear()
+    plans = d.plans
+    d.plans = lambda: calls.append(d.iterations) or plans()
+    for i in range(5):
+        assert d.choose(4096 + i).draft
+    assert calls == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("obs, want", [
+    ([], 1.0),
+    ([(2, 0.1, 2.0, 0.1)] * 3, 1.0),  # too few observations: not applied yet
+    ([(2, 0.1, 2.0, 0.1)] * 6, 1.0),  # as expected
+    ([(1, 0.1, 2.0, 0.1)] * 6, 0.5),  # half the tokens
+    ([(2, 0.2, 2.0, 0.1)] * 6, 0.5),  # twice the time
+    # tokens weigh as tokens: 3 of 2 expected and 1 of 2 -> 4 of 4, in 2x the time
+    ([(3, 0.2, 2.0, 0.1), (1, 0.2, 2.0, 0.1)] * 3, 0.5),
+])
+def test_calibration_is_realized_over_expected_rate(obs, want):
+    c = Calibration(decay=1.0, min_weight=4)
+    for o in obs:
+        c.update(*o)
+    assert c.factor == pytest.approx(want)
+
+
+def test_planner_stops_drafting_when_drafts_give_less_than_expected():
+    """The model says a chain pays (its costs per trie size look flat), but the drafting
+    iterations really give 40 % of the tokens per second it expected (8 tokens/s against 20): after a few of them, plain
+    steps, whose estimate holds."""
+    p = _planner({1: 0.10, 9: 0.12}, 0.03, q0=0.95)
+    plan = p.choose(4096)
+    assert plan.draft and p.rate(plan) > 2 * 10
+    for i in range(5):
+        p.observe(plan, plan.trie_size, 0.0, plan.expected_seconds / 0.4, 0.0, plan.expected_tokens)
+        p.costs, p.t_draft = {1: 0.10, 9: 0.12}, {"self": 0.03}  # the parts the model sees stay as they were
+        p._seen.clear()
+        plan = p.choose(4096)
+    assert plan.plain
+    assert p.cal["spec"].factor == pytest.approx(0.4) and p.cal["plain"].factor == 1.0
 
 
 def test_planner_needs_a_clear_gain_to_leave_ar():
     # the best drafting plan is worth ~3 % more than AR on paper: within the noise margin, so AR
     p = _planner({1: 0.10, 2: 0.104}, 0.092, q0=1.0, depth=1)
     assert not p.choose(4096).draft
+    p = _planner({1: 0.10, 2: 0.104}, 0.092, q0=1.0, depth=1)
     p.margin = 0.0
     assert p.choose(4096).draft  # without the margin the estimate alone decides
 

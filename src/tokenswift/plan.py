@@ -15,6 +15,14 @@ is timed before the run starts, so short runs pay nothing for planning; until a 
 priors stand in (a flat-ish verify pass, a draft a third of a step). "g = 0, k = 0" is a plain
 AR step through the same loop, and a drafting plan must beat it by `margin`.
 
+The model can be wrong in ways its parts do not show (a verify cost per trie size measured long
+ago, a slope fitted through few sizes): so each kind of plan, plain or speculative, carries the
+ratio of the tokens per second its iterations really gave to what the model expected of them,
+and plans are compared at their calibrated rates. While plain steps win, the plan is recomputed
+every `HOLD` iterations only, and the drafts tried now and then to re-measure them come further
+and further apart (up to `EXPLORE_MAX` iterations), so that a run where speculation cannot pay
+costs little more than `ar`.
+
 The pure parts (best tree for a rank-probability table, its expected accepted length, cost
 interpolation) are functions with table-driven tests; `AutoPlanner` holds the running state.
 """
@@ -41,6 +49,15 @@ DRAFT_PRIOR = {"self": 0.35, "seq": 0.06}
 COST_WEIGHT = 0.2
 STALE = 0.95
 OUTLIER = 4.0
+# Calibration: decayed sums of realized and expected tokens and seconds per kind of plan, each
+# observation of that kind keeping CAL_DECAY of what was there; applied once CAL_MIN observations
+# (decayed) back it.
+CAL_DECAY = 0.9
+CAL_MIN = 4.0
+# Plain steps: the plan is recomputed every HOLD iterations; the exploration interval doubles up
+# to EXPLORE_MAX while plain steps stay best, and returns to `explore_every` when a draft wins.
+HOLD = 8
+EXPLORE_MAX = 512
 
 
 class RankStats:
@@ -107,6 +124,31 @@ class NGramGain:
         return self.gain.get(k, 0.0) / (self.count + self.prior)
 
 
+class Calibration:
+    """Realized over expected tokens per second for one kind of plan: the ratio of decayed sums
+    (tokens realized / expected) / (seconds realized / expected), so that iterations of 1 and 3
+    tokens weigh as tokens, not as ratios. 1.0 until `CAL_MIN` observations back it."""
+
+    def __init__(self, decay: float = CAL_DECAY, min_weight: float = CAL_MIN) -> None:
+        self.decay = decay
+        self.min_weight = min_weight
+        self.weight = 0.0
+        self.sums = [0.0, 0.0, 0.0, 0.0]  # tokens realized, expected; seconds realized, expected
+
+    def update(self, tokens: float, seconds: float, expected_tokens: float, expected_seconds: float) -> None:
+        d = self.decay
+        self.weight = self.weight * d + 1.0
+        for i, x in enumerate((tokens, expected_tokens, seconds, expected_seconds)):
+            self.sums[i] = self.sums[i] * d + x
+
+    @property
+    def factor(self) -> float:
+        tr, te, sr, se = self.sums
+        if self.weight < self.min_weight or min(tr, te, sr, se) <= 0:
+            return 1.0
+        return (tr / te) / (sr / se)
+
+
 def fit_line(points: dict[int, float], slope_prior: float) -> tuple[float, float]:
     """(c1, m) of the cost line c(T) = c1 + m·(T - 1) through measured (T, seconds) points:
     least squares with m >= 0 (a bigger trie never costs less); one point (or one size) gives
@@ -170,10 +212,16 @@ class Plan:
     expected_seconds: float  # per iteration
     trie_size: int  # root included
     drafter: str | None = None  # which drafter proposes the chain (None when depth is 0)
+    modelled: bool = True  # expected_* come from the cost model (not the first, unmeasured plan)
 
     @property
     def draft(self) -> bool:
         return self.depth > 0
+
+    @property
+    def plain(self) -> bool:
+        """A plain AR step: no draft, no n-gram chain."""
+        return self.depth == 0 and self.ngram_k == 0
 
     @property
     def width(self) -> int:
@@ -218,6 +266,12 @@ class AutoPlanner:
         self.explorations = 0
         self.choices: list[dict[str, Any]] = []  # plan changes: position + plan + why
         self._last_key: tuple | None = None
+        # realized / expected rate per kind of plan: "plain" steps and "spec" (drafts, n-grams)
+        self.cal = {"plain": Calibration(), "spec": Calibration()}
+        self._gap = explore_every  # iterations between explorations (grows while plain steps win)
+        self._next_explore = explore_every
+        self._held: Plan | None = None  # the plain plan held until _replan
+        self._replan = 0
 
     # -- measurements -------------------------------------------------------------------------
 
@@ -233,6 +287,10 @@ class AutoPlanner:
         per_tok = other_s / max(tokens, 1)
         a = COST_WEIGHT
         self.t_token = (1 - a) * self.t_token + a * per_tok if self.t_token else per_tok
+        if plan.modelled:
+            secs = draft_s + verify_s + other_s
+            self.cal["plain" if plan.plain else "spec"].update(tokens, secs, plan.expected_tokens,
+                                                               plan.expected_seconds)
 
     def _blend(self, key: Any, old: float | None, new: float) -> float:
         """The running cost `key` after measuring `new`: weighted by how recent `old` is."""
@@ -272,22 +330,32 @@ class AutoPlanner:
                         out.append(Plan(g, paths, k, tokens, secs, size, who))
         return out
 
+    def rate(self, plan: Plan) -> float:
+        """The plan's expected tokens per second, calibrated by what its kind really gave."""
+        return plan.rate * self.cal["plain" if plan.plain else "spec"].factor
+
     def choose(self, ctx: int) -> Plan:
         self.iterations += 1
         if not self.costs:  # nothing measured yet: a modest chain, to start measuring
             g = min(4, self.max_depth)
             who = self.drafters[0] if self.drafters else None
-            return Plan(g, tuple((0,) * d for d in range(1, g + 1)), 0, 1.0 + g, 1.0, 1 + g, who)
+            return Plan(g, tuple((0,) * d for d in range(1, g + 1)), 0, 1.0 + g, 1.0, 1 + g, who, modelled=False)
+        explore = bool(self.explore_every) and self.iterations >= self._next_explore
+        if self._held is not None and not explore and self.iterations < self._replan:
+            return self._held  # plain steps: nothing a plain step measures changes the plan quickly
         plans = self.plans()
-        best = max(plans, key=lambda p: p.rate)
-        ar = next(p for p in plans if p.depth == 0 and p.ngram_k == 0)
-        if best is not ar and best.rate < ar.rate * (1 + self.margin):
+        ar = next(p for p in plans if p.plain)
+        best = max(plans, key=self.rate)
+        if best is not ar and self.rate(best) < self.rate(ar) * (1 + self.margin):
             best = ar  # estimates are noisy: speculate only for a clear expected gain
-        if self.explore_every and self.iterations % self.explore_every == 0:
+        self._held, self._replan = (best, self.iterations + HOLD) if best is ar else (None, 0)
+        if explore:
             # measure a neighbour now and then: the cost curve and the acceptance statistics
-            # only learn from plans that run
+            # only learn from plans that run. While plain steps stay best, ever less often.
+            self._gap = min(2 * max(self._gap, self.explore_every), EXPLORE_MAX) if best is ar else self.explore_every
+            self._next_explore = self.iterations + self._gap
             self.explorations += 1
-            turn = (self.iterations // self.explore_every) % (3 + (len(self.drafters) > 1))
+            turn = self.explorations % (3 + (len(self.drafters) > 1))
             if turn == 3:  # another drafter's best chain
                 others = [p for p in plans if p.draft and p.drafter != best.drafter and p.ngram_k == 0]
             elif turn == 0 or not best.draft:
@@ -297,12 +365,13 @@ class AutoPlanner:
                 others = [p for p in plans if p.drafter == best.drafter and p.ngram_k == 0
                           and p.depth == max(1, min(self.max_depth, d))]
             if others:
-                return max(others, key=lambda p: p.rate)
+                return max(others, key=self.rate)
         key = (best.drafter, best.depth, len(best.paths), best.ngram_k)
         if key != self._last_key:
             self.choices.append({
                 "context": ctx, **best.describe(),
                 "why": {"ar_tokens_per_s": round(ar.rate, 2),
+                        "calibration": {k: round(c.factor, 3) for k, c in self.cal.items()},
                         "verify_ms": {str(T): round(1000 * c, 2) for T, c in sorted(self.costs.items())},
                         "draft_ms_per_token": {w: round(1000 * t, 2) if t is not None else None
                                                for w, t in self.t_draft.items()},
