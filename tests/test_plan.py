@@ -171,8 +171,8 @@ def test_calibration_is_realized_over_expected_rate(obs, want):
 
 def test_planner_stops_drafting_when_drafts_give_less_than_expected():
     """The model says a chain pays (its costs per trie size look flat), but the drafting
-    iterations really give 40 % of the tokens per second it expected (8 tokens/s against 20): after a few of them, plain
-    steps, whose estimate holds."""
+    iterations really give 40 % of the tokens per second it expected (8 tokens/s against 20):
+    after a few of them, plain steps, whose estimate holds."""
     p = _planner({1: 0.10, 9: 0.12}, 0.03, q0=0.95)
     plan = p.choose(4096)
     assert plan.draft and p.rate(plan) > 2 * 10

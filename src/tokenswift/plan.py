@@ -134,19 +134,16 @@ class Calibration:
         self.min_weight = min_weight
         self.weight = 0.0
         self.sums = [0.0, 0.0, 0.0, 0.0]  # tokens realized, expected; seconds realized, expected
+        self.factor = 1.0  # kept current by `update`: every plan the planner weighs reads it
 
     def update(self, tokens: float, seconds: float, expected_tokens: float, expected_seconds: float) -> None:
         d = self.decay
         self.weight = self.weight * d + 1.0
         for i, x in enumerate((tokens, expected_tokens, seconds, expected_seconds)):
             self.sums[i] = self.sums[i] * d + x
-
-    @property
-    def factor(self) -> float:
         tr, te, sr, se = self.sums
-        if self.weight < self.min_weight or min(tr, te, sr, se) <= 0:
-            return 1.0
-        return (tr / te) / (sr / se)
+        ok = self.weight >= self.min_weight and min(tr, te, sr, se) > 0
+        self.factor = (tr / te) / (sr / se) if ok else 1.0
 
 
 def fit_line(points: dict[int, float], slope_prior: float) -> tuple[float, float]:
@@ -224,6 +221,11 @@ class Plan:
         return self.depth == 0 and self.ngram_k == 0
 
     @property
+    def kind(self) -> str:
+        """What the planner calibrates it with: "plain" steps or "spec" (drafts, n-gram chains)."""
+        return "plain" if self.plain else "spec"
+
+    @property
     def width(self) -> int:
         """Candidates needed per drafted position."""
         return 1 + max((p[-1] for p in self.paths), default=0)
@@ -289,8 +291,7 @@ class AutoPlanner:
         self.t_token = (1 - a) * self.t_token + a * per_tok if self.t_token else per_tok
         if plan.modelled:
             secs = draft_s + verify_s + other_s
-            self.cal["plain" if plan.plain else "spec"].update(tokens, secs, plan.expected_tokens,
-                                                               plan.expected_seconds)
+            self.cal[plan.kind].update(tokens, secs, plan.expected_tokens, plan.expected_seconds)
 
     def _blend(self, key: Any, old: float | None, new: float) -> float:
         """The running cost `key` after measuring `new`: weighted by how recent `old` is."""
@@ -332,7 +333,7 @@ class AutoPlanner:
 
     def rate(self, plan: Plan) -> float:
         """The plan's expected tokens per second, calibrated by what its kind really gave."""
-        return plan.rate * self.cal["plain" if plan.plain else "spec"].factor
+        return plan.rate * self.cal[plan.kind].factor
 
     def choose(self, ctx: int) -> Plan:
         self.iterations += 1
