@@ -49,7 +49,10 @@ def test_atomic_write_replaces_whole_files(tmp_path):
 
 DAMAGED = [
     ("not json", b"{\"format\": ", "is damaged (not JSON"),
-    ("not utf-8", b"\xff\xfe\x00", "is damaged (not JSON"),
+    ("not utf-8", b"\xff\xfe\x00", "is damaged (not UTF-8 (bad byte at offset 0))"),
+    ("nested 200,000 deep", b"[" * 200_000, "is damaged (arrays or objects nested too deeply)"),
+    ("a 5,000-digit number", b'{"format": "tokenswift-checkpoint", "version": ' + b"9" * 5000 + b"}",
+     "is damaged (a number of more than 4300 digits)"),
     ("other json", json.dumps({"hello": 1}).encode(), "is not a tokenswift checkpoint"),
     ("future version", json.dumps({"format": "tokenswift-checkpoint", "version": 99}).encode(),
      "has version 99; this tokenswift reads 1"),
@@ -310,6 +313,43 @@ def test_kv_rows_that_do_not_match_are_not_used(smollm, tmp_path, monkeypatch):
     raw[head + 10 * row: head + 10 * row + 8] = np.int64(ids[10] + 1).tobytes()
     kv.write_bytes(bytes(raw[: len(raw) - row // 2]))  # and a torn last row
     assert rows(ck) == 10
+    steps = cp.continue_run(ck, smollm, path, every=8, kv=kv)
+    for _ in steps:
+        pass
+    assert ck.tokens == want.tokens
+
+
+def test_damaged_kv_rows_cost_a_prefill_never_a_different_token(smollm, tmp_path, monkeypatch):
+    """Rows whose K/V bytes were overwritten (their token ids intact) fail their checksums: a resume
+    uses the rows before the first damaged one, prefills the rest, and writes the uninterrupted
+    run's tokens."""
+    import torch
+
+    import tokenswift.checkpoint as cp
+    from tokenswift.cache import KVCache
+
+    want = smollm.generate(PROMPT, 40, method="ar", seed=9, ignore_eos=True, **SAMPLING)
+    path, kv = tmp_path / "ck.json", tmp_path / "ck.json.kv"
+    ck = _kv_run(smollm, 40, seed=9, method="ar")
+    _cut(ck, smollm, path, kv, 20)
+    ck = Checkpoint.load(path)
+    ids = ck.prompt_ids + ck.tokens
+    m = smollm.model
+    raw = bytearray(kv.read_bytes())
+    magic = len(cp.KVRows.MAGIC)
+    head = magic + 8 + int.from_bytes(raw[magic : magic + 8], "little")
+    n = len(ids) - 1  # rows: every committed token's but the last
+    row = (len(raw) - head) // n
+    assert head + n * row == len(raw)
+    kv_bytes = 2 * m.cfg.num_layers * m.cfg.num_kv_heads * m.cfg.head_dim * m.kv_dtype.itemsize
+    for r in range(10, n):  # a row's K and V are its last bytes, whatever stands before them
+        end = head + (r + 1) * row
+        raw[end - kv_bytes : end] = b"\x7b" * kv_bytes  # float16 57,184, float32 1.3e36: no cache holds those
+    kv.write_bytes(bytes(raw))
+    monkeypatch.setattr(cp.KVRows, "BLOCK", 7)  # damage in the middle of a block, and in blocks after it
+
+    cache = KVCache(m.cfg, capacity=len(ids) + 40, dtype=m.kv_dtype, rope_len=len(ck.prompt_ids) + 40)
+    assert cp.KVRows(kv, ck).load(torch.tensor(ids), cache) == 10
     steps = cp.continue_run(ck, smollm, path, every=8, kv=kv)
     for _ in steps:
         pass

@@ -9,7 +9,11 @@ behind."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -227,6 +231,9 @@ CHECKPOINTS = [
     ({"finish_reason": 5}, "checkpoint {p} is damaged: finish_reason must be one of None, eos, length, got 5"),
     ({"tokens": [10**9, 5], "finish_reason": "length"},
      "checkpoint {p} is damaged: tokens[0] = 1000000000 is outside the model's vocabulary [0, 49152)"),
+    ({"prompt_ids": []}, "checkpoint {p} is damaged: prompt_ids is empty: a prompt has at least one token"),
+    ({"options.chat": "yes"}, "checkpoint {p} is damaged: options.chat must be true or false, got 'yes'"),
+    ({"options.compile": 1}, "checkpoint {p} is damaged: options.compile must be true or false, got 1"),
 ]
 
 
@@ -263,3 +270,75 @@ def test_cuda_without_a_gpu_is_one_line(capsys):
         tokenswift.load(device="cuda")
     assert main(["generate", "--prompt", "hi", "--device", "cuda:1"]) == 2
     assert "device 'cuda:1': torch sees no CUDA GPU on this machine; use cpu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,data,msg", [
+    ("200,000 nested [", b"[" * 200_000, "checkpoint {p} is damaged (arrays or objects nested too deeply)"),
+    ("a 5,000-digit number", b'{"format": ' + b"7" * 5000 + b"}",
+     "checkpoint {p} is damaged (a number of more than 4300 digits)"),
+    ("/dev/zero", None, "{p} is not a tokenswift checkpoint: it is larger than 1 MiB"),
+])
+def test_resume_of_a_hostile_file_is_one_line(tmp_path, capsys, monkeypatch, name, data, msg):
+    import tokenswift.checkpoint as cp
+
+    monkeypatch.setattr(cp, "MAX_BYTES", 1 << 20)  # the bound on a checkpoint's size, made small
+    p = tmp_path / "run.json"
+    if data is None:
+        p = "/dev/zero"
+    else:
+        p.write_bytes(data)
+    code = main(["generate", "--resume", str(p)])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and msg.format(p=p) in lines[0], err
+
+
+# -- a checkpoint never replaces a file that is not the run's own ---------------------------------
+
+def _refused(capsys, argv, msg):
+    code = main(["generate", *argv])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and msg in lines[0], err
+
+
+def test_checkpoint_refuses_an_existing_file(tmp_path, capsys):
+    chapter = tmp_path / "ch.txt"
+    chapter.write_text("My chapter\n")
+    _refused(capsys, ["--prompt-file", str(chapter), "--max-new-tokens", "8", "--checkpoint", str(chapter)],
+             f"{chapter} exists and is not this run's checkpoint; it is left as it is")
+    assert chapter.read_text() == "My chapter\n"
+    fifo = tmp_path / "fifo"  # not a regular file (a device node likewise): never replaced
+    os.mkfifo(fifo)
+    _refused(capsys, ["--prompt", "hi", "--checkpoint", str(fifo)], f"{fifo} exists and is not this run's checkpoint")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ch.txt", "fifo"]
+
+
+def test_checkpoint_refuses_another_runs_checkpoint_and_resume_keeps_writing_its_own(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(_checkpoint()))
+    before = path.read_bytes()
+    _refused(capsys, ["--prompt", "hi", "--checkpoint", str(path)],
+             f"the checkpoint {path} exists and holds another run: continue it with --resume {path}")
+    other = tmp_path / "other.json"
+    other.write_text("notes")
+    _refused(capsys, ["--resume", str(path), "--checkpoint", str(other)], f"{other} exists and is not this run's")
+    assert path.read_bytes() == before and other.read_text() == "notes"
+    assert main(["generate", "--resume", str(path), "--json"]) == 0  # its own checkpoint: written on
+    out = json.loads(capsys.readouterr().out)
+    ck = json.loads(path.read_text())
+    assert len(out["tokens"]) == 2 and ck["tokens"] == out["tokens"] and ck["finish_reason"] == "length"
+
+
+def test_checkpoint_kv_refuses_a_foreign_file_beside_it(tmp_path, capsys):
+    path, kv = tmp_path / "run.json", tmp_path / "run.json.kv"
+    kv.write_bytes(b"my own data")
+    _refused(capsys, ["--prompt", "hi", "--checkpoint", str(path), "--checkpoint-kv"],
+             f"{kv} exists and is not a tokenswift KV file; it is left as it is")
+    assert not path.exists()
+    path.write_text(json.dumps(_checkpoint()))
+    _refused(capsys, ["--resume", str(path)], f"{kv} exists and is not a tokenswift KV file")
+    assert kv.read_bytes() == b"my own data"

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from .params import PARAMS, ParamError, is_int, short_repr
+from .params import PARAMS, ParamError, is_int, json_problem, short_repr
 
 if TYPE_CHECKING:
     from .api import LM
@@ -52,15 +53,20 @@ class Checkpoint:
     def load(cls, path: str | os.PathLike[str]) -> "Checkpoint":
         path = Path(path)
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as f:
+                raw = f.read(MAX_BYTES + 1)  # a bound: /dev/zero or a disk image is not read whole
         except FileNotFoundError:
             raise FileNotFoundError(f"checkpoint file not found: {path}") from None
         except IsADirectoryError:
             raise ValueError(f"checkpoint {path} is a directory") from None
+        except OSError as e:
+            raise ValueError(f"cannot read the checkpoint {path}: {e.strerror or e}") from None
+        if len(raw) > MAX_BYTES:
+            raise ValueError(f"{path} is not a tokenswift checkpoint: it is larger than {MAX_BYTES >> 20} MiB")
         try:
             data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"checkpoint {path} is damaged (not JSON: {e})") from None
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise ValueError(f"checkpoint {path} is damaged ({json_problem(e)})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"{path} is not a tokenswift checkpoint")
         if data.get("version") != VERSION:
@@ -74,6 +80,9 @@ class Checkpoint:
         for key in ("sampling", "spec"):
             if key in options and not isinstance(options[key], dict):
                 raise damaged(f"options.{key} must be an object, got {short_repr(options.get(key), 60)}")
+        for key in ("chat", "compile"):  # the others are checked by their parameter or by `load`
+            if key in options and not isinstance(options[key], bool):
+                raise damaged(f"options.{key} must be true or false, got {short_repr(options[key], 60)}")
         try:
             PARAMS["max_new_tokens"].check(options.get("max_new_tokens"))
         except ParamError as e:
@@ -86,6 +95,8 @@ class Checkpoint:
                 continue
             if not isinstance(v, list) or not all(is_int(t) and t >= 0 for t in v):
                 raise damaged(f"{key} must be a list of token ids (integers >= 0), got {short_repr(v, 60)}")
+            if key == "prompt_ids" and not v:  # a run never starts from nothing (an empty prompt is refused)
+                raise damaged("prompt_ids is empty: a prompt has at least one token")
         if data.get("finish_reason") not in FINISH_REASONS:
             raise damaged(f"finish_reason must be one of {', '.join(map(str, FINISH_REASONS))}, "
                           f"got {short_repr(data.get('finish_reason'), 60)}")
@@ -108,6 +119,46 @@ class Checkpoint:
 
 
 FINISH_REASONS = (None, "eos", "length")
+MAX_BYTES = 256 << 20  # a checkpoint holds a prompt (at most 64 MiB of text) and its run's token ids
+
+
+def claim(path: Path, own: Path | None = None, kv: Path | None = None) -> None:
+    """Refuses to write a run's checkpoint at `path` (and its KV rows at `kv`) where a file that is
+    not the run's own already stands: a checkpoint replaces its file (an atomic rename), so a
+    mistyped path would replace a chapter, a config, even a device node. `own`: the checkpoint
+    the run resumes, which it keeps writing. A KV file of ours is a cache checked row by row on
+    reading, so one that stands there already is the run's to extend or rewrite."""
+    if own is not None and _same_file(path, own):
+        pass
+    elif path.is_dir():
+        raise ValueError(f"cannot write the checkpoint {path}: is a directory")
+    elif os.path.lexists(path):
+        if _starts_with(path, b'{"format": "%s"' % FORMAT.encode()):
+            raise ValueError(f"the checkpoint {path} exists and holds another run: continue it with --resume {path}, "
+                             f"or give a path that does not exist")
+        raise ValueError(f"{path} exists and is not this run's checkpoint; it is left as it is: give a path "
+                         f"that does not exist")
+    if kv is not None and os.path.lexists(kv) and not _starts_with(kv, KVRows.FAMILY):
+        raise ValueError(f"{kv} exists and is not a tokenswift KV file; it is left as it is: move it, or give "
+                         f"--checkpoint another path")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    """Whether `path` is a regular file that begins with `prefix`."""
+    try:
+        if not path.is_file():
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(prefix)) == prefix
+    except OSError:
+        return False
 
 
 def load_model_for(ck: Checkpoint, path: str | os.PathLike[str] | None = None) -> "LM":
@@ -205,16 +256,19 @@ class KVRows:
     so that a resumed run reads them instead of recomputing them: a prefill of 80K tokens takes
     most of an hour on two CPU cores, reading them back seconds. The cache's entries of committed
     tokens never change, so rows are only appended, at every checkpoint save (about 23 KB a
-    token for SmolLM2 with a float16 cache). Row r is token r's id (int64) and then its K and V
-    for every layer, [2, layers, kv_heads, head_dim] in the cache's dtype, the same bits the run
-    computed. The header names what the rows depend on: the options that set the numerics, the
-    model's shape, the cache's dtype, shape and RoPE length. A file that does not match is
-    ignored, and only rows whose ids agree with the checkpoint's text are used, so a stale, torn
-    or foreign file costs a prefill, never a different token."""
+    token for SmolLM2 with a float16 cache). Row r is token r's id (int64), a CRC-32 of the
+    row's other bytes (uint32), then its K and V for every layer, [2, layers, kv_heads, head_dim]
+    in the cache's dtype, the same bits the run computed. The header names what the rows depend
+    on: the options that set the numerics, the model's shape, the cache's dtype, shape and RoPE
+    length. A file that does not match is ignored, and rows are used up to the first whose id
+    differs from the checkpoint's text or whose bytes fail their checksum, so a stale, torn,
+    damaged or foreign file costs a prefill from there, never a different token."""
 
-    MAGIC = b"tokenswift-kv v1"
+    FAMILY = b"tokenswift-kv"  # every version's files begin so: `claim` knows them
+    MAGIC = FAMILY + b" v2"  # v2: a checksum per row (v1 files are not read: a prefill instead)
     NUMERICS = ("model", "dtype", "kv_dtype", "weights", "activations", "rope_scaling", "compile", "device")
-    BLOCK = 1024  # rows read at a time by `load`
+    BLOCK = 1024  # rows read at a time
+    ID, CRC = 8, 4  # bytes of a row's token id and of its checksum, before its K and V
 
     def __init__(self, path: Path, ck: Checkpoint) -> None:
         self.path, self.ck = path, ck
@@ -228,64 +282,67 @@ class KVRows:
         body = json.dumps(meta, sort_keys=True).encode("utf-8")
         return self.MAGIC + len(body).to_bytes(8, "little") + body
 
-    @staticmethod
-    def _row_bytes(cache: Any) -> int:
+    @classmethod
+    def _row_bytes(cls, cache: Any) -> int:
         L, _, KH, _, D = cache.k.shape
-        return 8 + 2 * L * KH * D * cache.k.element_size()
+        return cls.ID + cls.CRC + 2 * L * KH * D * cache.k.element_size()
 
-    def _valid_rows(self, header: bytes, row: int, ids: list[int]) -> int:
-        """Rows of the file that match this header and agree with `ids`, 0 if none or no file."""
+    @classmethod
+    def _checksums(cls, rows: Any) -> Any:
+        """[n, row] uint8 -> [n] uint32: each row's CRC-32 over its id and its K/V bytes."""
         import numpy as np
 
+        kv = cls.ID + cls.CRC
+        return np.fromiter((zlib.crc32(r[kv:], zlib.crc32(r[: cls.ID])) for r in rows), dtype=np.uint32,
+                           count=len(rows))
+
+    def _scan(self, header: bytes, row: int, ids: list[int], cache: Any = None) -> int:
+        """How many rows from the first are right: in a file with this header, holding `ids`'
+        tokens in order, each with its checksum (0 if none or no file). With `cache`, their K/V
+        are copied into it as they are read, a block of rows at a time through one buffer: a
+        memory map of the whole file would keep its pages resident beside the cache they fill
+        (1.8 GB at 80K tokens)."""
+        import numpy as np
+        import torch
+
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                if f.read(len(header)) != header:
-                    return 0
+            f = open(self.path, "rb")
         except OSError:
             return 0
-        n = min((size - len(header)) // row, len(ids))
-        if n <= 0:
-            return 0
-        # each row's id by a seek and a read: a memory map would count every touched page (one a
-        # row, rows being larger than a page) in the process's resident memory
-        have = np.empty(n, dtype=np.int64)
-        with open(self.path, "rb") as f:
-            for r in range(n):
-                f.seek(len(header) + r * row)
-                have[r] = int.from_bytes(f.read(8), "little", signed=True)
-        bad = np.flatnonzero(have != np.asarray(ids[:n], dtype=np.int64))
-        return int(bad[0]) if bad.size else n
+        with f:
+            if f.read(len(header)) != header:
+                return 0
+            n = 0
+            buf = np.empty((min(self.BLOCK, max(len(ids), 1)), row), dtype=np.uint8)
+            while n < len(ids):
+                want = min(self.BLOCK, len(ids) - n)
+                got = (f.readinto(memoryview(buf[:want]).cast("B")) or 0) // row  # a torn last row is not one
+                part = buf[:got]
+                have = part[:, : self.ID].copy().view(np.int64)[:, 0]
+                crc = part[:, self.ID : self.ID + self.CRC].copy().view("<u4")[:, 0]
+                ok = (have == np.asarray(ids[n : n + got], dtype=np.int64)) & (crc == self._checksums(part))
+                good = int(np.argmin(ok)) if not ok.all() else got
+                if cache is not None and good:
+                    L, _, KH, _, D = cache.k.shape
+                    kv = torch.from_numpy(np.ascontiguousarray(part[:good, self.ID + self.CRC :]))
+                    kv = kv.view(cache.k.dtype).view(good, 2, L, KH, D)
+                    cache.k[:, 0, :, n : n + good] = kv[:, 0].permute(1, 2, 0, 3)
+                    cache.v[:, 0, :, n : n + good] = kv[:, 1].permute(1, 2, 0, 3)
+                n += good
+                if good < want:  # a wrong row, or the file's end
+                    break
+            return n
 
     def load(self, tokens: Any, cache: Any) -> int:
         """Fills `cache` (empty) with the file's rows for the longest prefix of `tokens` ([T] ids)
         it holds, leaving at least the last token to compute; returns how many (0: none)."""
-        import numpy as np
         import torch
 
-        header, row = self._header(cache), self._row_bytes(cache)
         ids = [int(t) for t in tokens.tolist()]
-        n = min(self._valid_rows(header, row, ids), len(ids) - 1)
-        self.written = max(n, 0)
+        n = self._scan(self._header(cache), self._row_bytes(cache), ids[:-1], cache)
+        self.written = n
         if n <= 0:
             return 0
-        L, _, KH, _, D = cache.k.shape
-        step = self.BLOCK
-        # a block of rows at a time through one buffer: a memory map of the whole file would keep
-        # its pages resident beside the cache they fill (1.8 GB at 80K tokens)
-        buf = np.empty((min(step, n), row), dtype=np.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(len(header))
-            for a in range(0, n, step):
-                b = min(n, a + step)
-                part = buf[:b - a]
-                if f.readinto(memoryview(part).cast("B")) != part.nbytes:  # cut short since checked
-                    n = a
-                    break
-                kv = torch.from_numpy(np.ascontiguousarray(part[:, 8:])).view(cache.k.dtype).view(b - a, 2, L, KH, D)
-                cache.k[:, 0, :, a:b] = kv[:, 0].permute(1, 2, 0, 3)
-                cache.v[:, 0, :, a:b] = kv[:, 1].permute(1, 2, 0, 3)
-        self.written = n
         cache.pos[:n] = torch.arange(n, device=cache.pos.device)
         cache.length = n
         return n
@@ -297,7 +354,7 @@ class KVRows:
         header, row = self._header(cache), self._row_bytes(cache)
         n = min(length, len(ids))
         if self.written is None:  # a new run or a file not yet read: keep what of it is right
-            self.written = self._valid_rows(header, row, ids)
+            self.written = self._scan(header, row, ids[:n])
         a = min(self.written, n)
         try:
             if a == 0:
@@ -309,8 +366,9 @@ class KVRows:
             v = cache.v[:, 0, :, a:n].permute(2, 0, 1, 3)
             kv = np.ascontiguousarray(_kv_bytes(k, v))  # [T, 2, L, KH, D] as bytes
             out = np.empty((n - a, row), dtype=np.uint8)
-            out[:, :8] = np.asarray(ids[a:n], dtype=np.int64).view(np.uint8).reshape(n - a, 8)
-            out[:, 8:] = kv.reshape(n - a, -1)
+            out[:, : self.ID] = np.asarray(ids[a:n], dtype=np.int64).view(np.uint8).reshape(n - a, self.ID)
+            out[:, self.ID + self.CRC :] = kv.reshape(n - a, -1)
+            out[:, self.ID : self.ID + self.CRC] = self._checksums(out).astype("<u4").view(np.uint8).reshape(n - a, -1)
             with open(self.path, "r+b") as f:
                 f.seek(len(header) + a * row)
                 f.write(out.tobytes())

@@ -420,7 +420,7 @@ def _refuse_options_with_resume(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .checkpoint import Checkpoint, save_to
+    from .checkpoint import Checkpoint, claim, save_to
 
     if args.checkpoint_every < 1:
         raise CliError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
@@ -436,6 +436,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if _rank() > 0:  # tensor parallel: rank 0 alone writes the checkpoint
         ck_path = None
     if ck_path is not None:  # from the first moment, so that a run killed while loading resumes too
+        claim(ck_path, own=args.resume,
+              kv=Path(f"{ck_path}.kv") if args.checkpoint_kv or args.resume is not None else None)
         save_to(ck, ck_path)
     old_term = _sigterm_as_interrupt()
     try:

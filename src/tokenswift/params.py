@@ -9,7 +9,9 @@ typed it (`--top-p`, `top_p`, `sampling.top_p` in a checkpoint) without rewritin
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -32,6 +34,21 @@ def short_repr(value: Any, limit: int = 80) -> str:
     """repr(value) cut to `limit` characters: an error message quotes a hostile value, not all of it."""
     shown = repr(value)
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def json_problem(e: BaseException) -> str:
+    """What is wrong with a JSON text that `json.loads` refused, in words for its author: Python's
+    parser stops on nesting deeper than its recursion limit and on integers of more than 4300
+    digits with errors that do not say "JSON"."""
+    if isinstance(e, RecursionError):
+        return "arrays or objects nested too deeply"
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 (bad byte at offset {e.start})"
+    if isinstance(e, json.JSONDecodeError):
+        return f"not JSON ({e.msg}: line {e.lineno} column {e.colno})"
+    if isinstance(e, ValueError) and "digits" in str(e):
+        return f"a number of more than {sys.get_int_max_str_digits()} digits"
+    return f"not JSON ({e})"
 
 
 def bad_value(param: str, want: str, value: Any) -> ParamError:
