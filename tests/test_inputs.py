@@ -342,3 +342,30 @@ def test_checkpoint_kv_refuses_a_foreign_file_beside_it(tmp_path, capsys):
     path.write_text(json.dumps(_checkpoint()))
     _refused(capsys, ["--resume", str(path)], f"{kv} exists and is not a tokenswift KV file")
     assert kv.read_bytes() == b"my own data"
+
+
+# -- prompts are read and tokenized within bounds --------------------------------------------------
+
+def test_prompt_file_that_never_ends_is_refused(capsys):
+    _refused(capsys, ["--prompt-file", "/dev/zero"], "prompt file /dev/zero is larger than 64 MiB")
+
+
+def test_a_long_prompt_is_refused_in_bounded_memory():
+    """20 MB of text against an 8K context: refused after one piece is counted, without tokenizing
+    it whole (which took 3.2 GB)."""
+    code = (
+        "import resource, tokenswift\n"
+        "lm = tokenswift.load(heads='none')\n"
+        "text = 'word ' * 4_000_000\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        "    lm.encode(text)\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    message, grown_kb = r.stdout.strip().splitlines()
+    assert message.startswith("prompt (more than ") and "longer than the model's context of 8192 tokens" in message
+    assert int(grown_kb) < 100 * 1024, f"peak RSS grew {int(grown_kb) >> 10} MiB"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
@@ -25,6 +26,9 @@ from .parallel import mirrored
 log = logging.getLogger("tokenswift")
 
 CHAT_ROLES = ("system", "user", "assistant")
+CONTEXT_HINT = "extend the context with RoPE scaling, e.g. yarn:4"
+PIECE_CHARS = 1 << 16  # characters of a long prompt tokenized at a time while it is counted
+PIECE_SLACK = 8  # tokens a cut between two pieces may add (a word tokenized in two parts)
 
 
 @dataclass
@@ -98,6 +102,7 @@ class LM:
         self._int4_lock = threading.Lock()
         self.heads = heads
         self.tokenizer = loaded.tokenizer
+        self._controls: re.Pattern[str] | None = None  # `_control_pattern`
         self.config = loaded.model.full_cfg  # the whole model's, also on one rank of tensor parallelism
         # Under tensor parallelism (parallel.py): whether this rank leads the others through
         # every step generator (the CLI), rather than each rank calling generate alike (SPMD).
@@ -129,9 +134,11 @@ class LM:
 
     # -- text <-> ids -------------------------------------------------------------------------
 
-    def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
+    def encode(self, prompt: str | Sequence[int], chat: bool = False, max_tokens: int | None = None) -> list[int]:
         """A prompt as token ids. `chat=True` wraps a string in the model's chat template as one
-        user message and adds the assistant turn's opening."""
+        user message and adds the assistant turn's opening (the message is text: control tokens
+        written in it stay text, see `encode_chat`). A text of more than `max_tokens` tokens
+        (default: the model's context) is refused without being tokenized whole."""
         if isinstance(prompt, (bytes, bytearray, memoryview)):
             raise ValueError("the prompt must be a str or a list of token ids, got bytes: decode it (UTF-8) first")
         if isinstance(prompt, str):
@@ -143,8 +150,8 @@ class LM:
             if chat:
                 if not getattr(self.tokenizer, "chat_template", None):
                     raise ValueError(f"model {self.name!r} has no chat template; drop --chat / chat=True")
-                return self._template_ids([{"role": "user", "content": prompt}])
-            return [int(t) for t in self.tokenizer(prompt).input_ids]
+                return self._template_ids([{"role": "user", "content": prompt}], max_tokens)
+            return self._text_ids(prompt, self._limit(max_tokens), control=True, bos=True)
         ids = [int(t) for t in prompt]
         if not ids:
             raise ValueError("the prompt is empty")
@@ -155,10 +162,14 @@ class LM:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
         return ids
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], max_tokens: int | None = None) -> list[int]:
         """A conversation as token ids: the model's chat template over all `messages` (each a dict
         with `role` system, user or assistant and a string `content`), plus the assistant turn's
-        opening so that the model writes the reply."""
+        opening so that the model writes the reply. A message's content is text: a control token
+        written in it (`<|im_end|>`, `<|endoftext|>`) is encoded as its characters, never as the
+        control token, so no message can end its turn or forge another role's (OpenAI's API reads
+        content the same way); the template's own markers are the control tokens. More than
+        `max_tokens` tokens (default: the model's context) are refused as in `encode`."""
         if self.tokenizer is None:
             raise ValueError(f"model {self.name!r} has no tokenizer files, so no chat template")
         if not getattr(self.tokenizer, "chat_template", None):
@@ -173,13 +184,80 @@ class LM:
             if not isinstance(m.get("content"), str):
                 raise ValueError(f"messages[{i}].content must be a string, got {m.get('content')!r}")
             _check_text(m["content"], f"messages[{i}].content")
-        return self._template_ids([{"role": m["role"], "content": m["content"]} for m in messages])
+        return self._template_ids([{"role": m["role"], "content": m["content"]} for m in messages], max_tokens)
 
-    def _template_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
+    def _limit(self, max_tokens: int | None) -> int:
+        return self.config.context_length if max_tokens is None else max_tokens
+
+    def _too_long(self, tokens: str, limit: int) -> ValueError:
+        ctx = self.config.context_length
+        if limit != ctx:
+            return ValueError(f"prompt ({tokens} tokens) is longer than max_tokens {limit}")
+        return ValueError(f"prompt ({tokens} tokens) is longer than the model's context of {ctx} tokens; shorten it "
+                          f"or {CONTEXT_HINT}")
+
+    def _text_ids(self, text: str, limit: int, control: bool, bos: bool) -> list[int]:
+        """`text`'s token ids, refused once they are more than `limit`. `control`: control tokens
+        written in the text are recognized (a raw prompt); else they are text. `bos`: the
+        tokenizer adds what it adds to a whole prompt (a BOS token). A text longer than one piece
+        is counted a piece at a time first: tokenizing 4 MB at once takes ~600 MB, and a text
+        of far more tokens than the context is refused after its first piece."""
+        split = {} if control else {"split_special_tokens": True}
+        # no character makes more than 4 tokens (one a UTF-8 byte), so a text that short fits
+        if len(text) > PIECE_CHARS and 4 * len(text) + PIECE_SLACK > limit:
+            n = 0
+            for k, a in enumerate(range(0, len(text), PIECE_CHARS), 1):
+                n += len(self.tokenizer(text[a : a + PIECE_CHARS], add_special_tokens=False, **split).input_ids)
+                if n - PIECE_SLACK * k > limit:
+                    raise self._too_long(f"more than {n - PIECE_SLACK * k}", limit)
+        ids = [int(t) for t in self.tokenizer(text, add_special_tokens=bos, **split).input_ids]
+        if len(ids) > limit:
+            raise self._too_long(str(len(ids)), limit)
+        return ids
+
+    def _template_ids(self, messages: list[dict[str, str]], max_tokens: int | None) -> list[int]:
+        limit = self._limit(max_tokens)
+        markers = self._control_pattern()
+        if not any(markers.search(m["content"]) for m in messages):
+            # the usual case: the template's text tokenized as transformers' apply_chat_template does
+            return self._text_ids(self._render(messages), limit, control=True, bos=False)
+        # Control tokens written in the messages: each becomes a placeholder the template cannot
+        # mistake for its own markers; the rendered text is cut at the template's markers, which
+        # alone become control tokens, and the text between them (placeholders back as the
+        # characters they hid) is tokenized as text.
+        used = set().union(*(m["content"] for m in messages), self.tokenizer.chat_template)
+        mark = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in used)  # a private-use character
+        hidden: list[str] = []
+
+        def hide(m: re.Match[str]) -> str:
+            hidden.append(m.group(0))
+            return f"{mark}{len(hidden) - 1}{mark}"
+
+        rendered = self._render([{**m, "content": markers.sub(hide, m["content"])} for m in messages])
+        back = re.compile(f"{mark}(\\d+){mark}")
+        ids: list[int] = []
+        at = 0
+        for m in [*markers.finditer(rendered), None]:
+            text = back.sub(lambda h: hidden[int(h.group(1))], rendered[at : None if m is None else m.start()])
+            if text:
+                ids += self._text_ids(text, limit - len(ids), control=False, bos=False)
+            if m is not None:
+                ids.append(int(self.tokenizer.convert_tokens_to_ids(m.group(0))))
+                at = m.end()
+        if len(ids) > limit:
+            raise self._too_long(str(len(ids)), limit)
+        return ids
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _control_pattern(self) -> re.Pattern[str]:
+        """A regex of the tokenizer's control tokens (its special added tokens), longest first."""
+        if self._controls is None:
+            words = sorted({t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special},
+                           key=len, reverse=True)
+            self._controls = re.compile("|".join(map(re.escape, words)) or "(?!)")
+        return self._controls
 
     def decode(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:
@@ -246,14 +324,12 @@ class LM:
         P["ignore_eos"].check(ignore_eos)
         ids = self.encode(prompt, chat=chat)
         ctx = self.config.context_length
-        hint = "extend the context with RoPE scaling, e.g. yarn:4"
         if len(ids) >= ctx:
-            raise ValueError(f"prompt ({len(ids)} tokens) is longer than the model's context of {ctx} tokens; "
-                             f"shorten it or {hint}")
+            raise self._too_long(str(len(ids)), ctx)
         if len(ids) + max_new_tokens > ctx:
             raise ParamError("max_new_tokens", f"prompt ({len(ids)} tokens) + ",
                              f" ({max_new_tokens}) exceeds the model's context of {ctx} tokens; lower ",
-                             f" to {ctx - len(ids)} or {hint}")
+                             f" to {ctx - len(ids)} or {CONTEXT_HINT}")
         need = (len(ids) + max_new_tokens) * self.kv_bytes_per_token
         copy = 0  # the draft's int8 copy of the cache
         if method == "tokenswift" and len(ids) + max_new_tokens > draft_budget:

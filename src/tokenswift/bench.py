@@ -23,6 +23,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -571,7 +572,7 @@ class BenchSetup:
                               weights=weights, activations=activations)
         chars = 8 * prefix  # encode only what the prefix needs (whole books take minutes)
         while True:
-            ids = lm.encode(text[:chars])
+            ids = lm.encode(text[:chars], max_tokens=sys.maxsize)  # the bench cuts the prompt itself
             if len(ids) > prefix or chars >= len(text):
                 break
             chars *= 2

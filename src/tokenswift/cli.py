@@ -310,26 +310,36 @@ def _bench_defaults() -> tuple[str, ...]:
     return DEFAULT_METHODS
 
 
+MAX_PROMPT_BYTES = 64 << 20  # more text than any model's context holds (~15M tokens of English)
+
+
 def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is not None:
         text = args.prompt
     elif args.prompt_file is not None:
         path: Path = args.prompt_file
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                data = f.read(MAX_PROMPT_BYTES + 1)  # /dev/zero never ends
         except FileNotFoundError:
             raise CliError(f"prompt file not found: {path}") from None
         except IsADirectoryError:
             raise CliError(f"prompt file is a directory: {path}") from None
         except OSError as e:
             raise CliError(f"cannot read prompt file {path}: {e.strerror}") from None
+        if len(data) > MAX_PROMPT_BYTES:
+            raise CliError(f"prompt file {path} is larger than {MAX_PROMPT_BYTES >> 20} MiB, the most a prompt "
+                           f"may be")
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise CliError(f"prompt file {path} is not UTF-8 (bad byte at offset {e.start})") from None
     elif not sys.stdin.isatty():
+        data = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
+        if len(data) > MAX_PROMPT_BYTES:
+            raise CliError(f"the prompt on stdin is larger than {MAX_PROMPT_BYTES >> 20} MiB, the most a prompt may be")
         try:
-            text = sys.stdin.buffer.read().decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise CliError(f"stdin is not UTF-8 (bad byte at offset {e.start})") from None
     else:
