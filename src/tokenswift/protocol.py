@@ -87,8 +87,11 @@ def param_error(e: ParamError, max_field: str) -> ApiError:
 
 def _loc_path(loc: Sequence[Any]) -> str:
     """pydantic's error location as a field path, without "body" and union-member tags."""
-    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))]
-    return ".".join(parts)
+    return ".".join(str(p) for p in loc if p != "body" and not _is_tag(p))
+
+
+def _is_tag(p: Any) -> bool:
+    return isinstance(p, str) and ("[" in p or p in _TYPE_TAGS)
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -104,7 +107,18 @@ def validation_error(err: dict[str, Any]) -> ApiError:
     param = path.split(".")[0]
     if err.get("type") == "missing":
         return ApiError(400, f"{path} is required", param)
+    loc = list(err.get("loc", ()))
+    tag = next((i for i, p in enumerate(loc) if _is_tag(p)), None)
+    if tag is not None:  # a field of several types, none of which took the value: say which it takes
+        field = _loc_path(loc[:tag])
+        want = _UNIONS.get(field.split(".")[-1], "of another type")
+        return ApiError(400, f"{field} must be {want}, got {short_repr(err.get('input'))}", param)
     return ApiError(400, f"{path}: {err.get('msg')}, got {short_repr(err.get('input'))}", param)
+
+
+# what a field of several types takes, for the message when a value is none of them
+_UNIONS = {"prompt": "a string, a list of one string or a list of token ids (integers)",
+           "stop": "a string or a list of strings", "content": "a string or a list of text parts"}
 
 
 # -- requests -> jobs --------------------------------------------------------------------------
@@ -235,12 +249,14 @@ def schemas() -> Any:
 
     from pydantic import BaseModel, ConfigDict, create_model
 
+    # strict: a field takes its own JSON type only ("8" is not a number, true is not 1, "yes" not
+    # true), as OpenAI's API does; a number without a fraction is still a float
     class StreamOptions(BaseModel):
-        model_config = ConfigDict(extra="ignore")
+        model_config = ConfigDict(extra="ignore", strict=True)
         include_usage: bool | None = None
 
     class Base(BaseModel):
-        model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields are accepted and ignored
+        model_config = ConfigDict(extra="ignore", strict=True)  # unknown OpenAI fields are accepted and ignored
         model: str | None = None
         stop: str | list[str] | None = None
         n: int | None = None
@@ -256,7 +272,7 @@ def schemas() -> Any:
         prompt: str | list[int] | list[str]
 
     class Message(BaseModel):
-        model_config = ConfigDict(extra="ignore")
+        model_config = ConfigDict(extra="ignore", strict=True)
         role: str
         content: str | list[dict[str, Any]] | None = None
 

@@ -23,6 +23,7 @@ import time
 from typing import Any, Sequence
 
 from .api import LM
+from .params import json_problem
 from .protocol import ApiError, chunk, completion_body, prepare, schemas, sse, usage, validation_error
 from .scheduler import Busy, Job, Scheduler
 
@@ -44,10 +45,10 @@ async def _reply(scope: Any, receive: Any, send: Any, err: ApiError) -> None:
 class BearerAuth:
     """ASGI middleware: every path but /health (the API, /docs and /openapi.json alike) needs
     `Authorization: Bearer KEY`. Plain ASGI, so that streaming responses and their disconnect
-    handling pass through untouched. The key is compared as UTF-8 bytes with the header's bytes."""
+    handling pass through untouched. The key (ASCII) is compared with the header's bytes."""
 
     def __init__(self, app: Any, key: str) -> None:
-        self.app, self.key = app, key.encode("utf-8")
+        self.app, self.key = app, key.encode("ascii")
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] != "/health":
@@ -153,7 +154,9 @@ def create_app(lm: LM, names: Sequence[str] = (), api_key: str | None = None, qu
             return error_response(request, exc.__cause__.error)
         detail = str(exc.detail)
         if exc.status_code == 400 and detail == "There was an error parsing the body":
-            detail = "malformed JSON in the request body: it must be UTF-8 encoded JSON"  # FastAPI's words say less
+            # FastAPI's words say less than the parser's error it wraps
+            detail = f"malformed JSON in the request body: {json_problem(exc.__cause__)}" if exc.__cause__ else \
+                "malformed JSON in the request body: it must be UTF-8 encoded JSON"
         return error_response(request, ApiError(exc.status_code, detail))
 
     @app.post("/v1/completions")
@@ -277,13 +280,17 @@ def error_response(request: Any, err: ApiError) -> Any:
 
 
 def check_api_key(key: str, name: str = "api_key") -> None:
-    """An API key must be non-empty printable text with no spaces (it travels in an HTTP header;
-    clients send it UTF-8 encoded). `name`: how the caller's user set it."""
+    """An API key must be non-empty printable ASCII with no spaces: it travels in an HTTP header,
+    which HTTP clients (the openai client among them) send as ASCII only, so a key with any other
+    character could never be sent. `name`: how the caller's user set it."""
     if not key:
         raise ValueError(f"{name} is empty: give a key, or leave it out to serve without one")
     bad = next((c for c in key if c.isspace() or not c.isprintable()), None)
     if bad is not None:
         raise ValueError(f"{name} must not contain spaces or control characters, got {bad!r} in it")
+    bad = next((c for c in key if not c.isascii()), None)
+    if bad is not None:
+        raise ValueError(f"{name} must be ASCII (HTTP clients send headers as ASCII), got {bad!r} in it")
 
 
 def bind(host: str, port: int) -> socket.socket:
