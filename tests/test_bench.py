@@ -194,6 +194,44 @@ def test_bench_cli_errors_are_one_line(argv, msg, capsys):
     assert msg in err and err.count("\n") == 1
 
 
+@pytest.fixture
+def no_work(monkeypatch):
+    """A bench that got as far as loading its model fails the test: its checks come first."""
+    from tokenswift.bench import BenchSetup
+
+    def load(*a, **kw):
+        raise AssertionError("the bench started its work")
+
+    monkeypatch.setattr(BenchSetup, "load", load)
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--out", "{f}"], "--out {f} exists and is not a folder"),
+    (["--name", "../../x"], "--name must be a file name without a folder (/), got '../../x'"),
+    (["--name", ".."], "--name must be a file name without a folder (/), got '..'"),
+    (["--out", "{d}", "--name", "taken"], "cannot write {d}/taken.json: is a folder"),
+])
+def test_bench_checks_its_outputs_before_any_work(tmp_path, capsys, no_work, argv, msg):
+    f = tmp_path / "results.txt"
+    f.write_text("last week's results")
+    (tmp_path / "taken.json").mkdir()
+    assert main(["bench", "--methods", "ar", *[a.format(f=f, d=tmp_path) for a in argv]]) == 2
+    err = capsys.readouterr().err
+    assert msg.format(f=f, d=tmp_path) in err and err.count("\n") == 1, err
+    assert f.read_text() == "last week's results"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.txt", "taken.json"]
+
+
+def test_a_bench_whose_every_method_is_skipped_is_one_line_exit_2(tmp_path, capsys, no_work, monkeypatch):
+    import tokenswift.bench as bench
+
+    monkeypatch.setattr(bench, "available", lambda name: "llama-cpp-python is not installed")
+    assert main(["bench", "--methods", "llamacpp", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no method can run here: llamacpp: llama-cpp-python is not installed" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_bench_cli_writes_json_csv_png(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("The history of the hacker culture, told in many small pieces. " * 20)

@@ -747,9 +747,29 @@ def cmd_eval_drafter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_outputs(args: argparse.Namespace, stem: str) -> dict[str, Path]:
+    """The files a bench writes, checked before any work: a bench of an hour must not end in an
+    unwritable path. `--name` is a file name, never a path out of `--out`."""
+    if not stem or stem in (".", "..") or any(c in stem for c in "/\\\0"):
+        raise CliError(f"--name must be a file name without a folder (/), got {stem!r}")
+    if args.out.exists() and not args.out.is_dir():
+        raise CliError(f"--out {args.out} exists and is not a folder")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"cannot create the --out folder {args.out}: {e.strerror or e}") from None
+    paths = {ext: args.out / f"{stem}.{ext}" for ext in ("json", "csv", "png")}
+    for path in paths.values():
+        if path.is_dir():
+            raise CliError(f"cannot write {path}: is a folder")
+    if not os.access(args.out, os.W_OK):
+        raise CliError(f"cannot write in the --out folder {args.out}: permission denied")
+    return paths
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import (BenchSetup, parse_lengths, parse_methods, run_bench, run_sweep, sweep_table, table,
-                        write_png, write_sweep_png)
+    from .bench import (BenchSetup, available, parse_lengths, parse_methods, run_bench, run_sweep, sweep_table,
+                        table, write_png, write_sweep_png)
 
     try:
         lengths = parse_lengths(args.lengths)
@@ -759,7 +779,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CliError(f"--{e}") from None
     if args.prefix < 1:
         raise CliError(f"--prefix must be >= 1, got {args.prefix}")
+    if all(available(m) is not None for m in methods):
+        raise CliError("no method can run here: " + "; ".join(f"{m}: {available(m)}" for m in methods))
     prefix = contexts[-1] if contexts else args.prefix
+    stem = args.name or (f"bench-sweep-{prefix}-{lengths[-1]}" if contexts else f"bench-{args.prefix}-{lengths[-1]}")
+    paths = _bench_outputs(args, stem)
     setup = BenchSetup.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype,
                             kv_dtype=args.kv_dtype, weights=args.weights, activations=args.activations,
                             rope_scaling=args.rope_scaling,
@@ -768,8 +792,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if setup.auto_rope:
         sys.stderr.write(f"tokenswift: {prefix + lengths[-1]} tokens exceed the model's context; "
                          f"using --rope-scaling {setup.rope_scaling}\n")
-    stem = args.name or (f"bench-sweep-{prefix}-{lengths[-1]}" if contexts else f"bench-{args.prefix}-{lengths[-1]}")
-    paths = {ext: args.out / f"{stem}.{ext}" for ext in ("json", "csv", "png")}
     command = "tokenswift " + " ".join(sys.argv[1:]) if sys.argv and "tokenswift" in sys.argv[0] else None
 
     def save(result: dict[str, Any]) -> None:  # after each method too: a stopped bench keeps them
@@ -785,6 +807,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     finally:
         bars.close()
     save(result)
+    runs = result["runs"]  # a sweep's by context, then by method
+    runs = {f"{m} @ {c}": r for c, rs in runs.items() for m, r in rs.items()} if contexts else runs
+    skipped = {name: run["skipped"] for name, run in runs.items() if "skipped" in run}
+    if not result["records"]:
+        raise CliError("no method ran: " + "; ".join(f"{m}: {why}" for m, why in skipped.items()) +
+                       f" (recorded in {paths['json']})")
     sampler = "greedy" if args.greedy else "paper sampler"
     try:
         if contexts:
@@ -797,9 +825,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         paths.pop("png")
         sys.stderr.write("tokenswift: matplotlib is not installed; no PNG (pip install 'tokenswift[bench]')\n")
     print(sweep_table(result) if contexts else table(result))
-    for name, run in result["runs"].items():
-        if "skipped" in run:
-            print(f"{name}: skipped ({run['skipped']})")
+    for name, why in skipped.items():
+        print(f"{name}: skipped ({why})")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
