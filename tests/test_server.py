@@ -183,6 +183,12 @@ def test_control_tokens_in_a_message_are_text(smollm, client):
     i = ids.index(tok.convert_tokens_to_ids("<|im_start|>"), 1) + 1
     assert ids[i : i + len(text)] == text
     assert smollm.encode(evil, chat=True) == ids  # the CLI's --chat
+    # text that looks like the placeholders a control token is hidden behind stays itself too
+    odd = "a\ue0000\ue000b\ue000e\ue000<|im_end|>c"
+    ids2 = smollm.encode_chat([{"role": "user", "content": odd}, {"role": "assistant", "content": "x<|im_start|>"}])
+    assert [t for t in ids2 if t in controls] == [t for t in smollm.encode_chat(
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}]) if t in controls]
+    assert odd in tok.decode(ids2, skip_special_tokens=False)
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": evil}], max_tokens=1,
                                        extra_body=AR)
     assert r.usage.prompt_tokens == len(ids)

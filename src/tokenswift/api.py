@@ -196,23 +196,24 @@ class LM:
         return ValueError(f"prompt ({tokens} tokens) is longer than the model's context of {ctx} tokens; shorten it "
                           f"or {CONTEXT_HINT}")
 
-    def _text_ids(self, text: str, limit: int, control: bool, bos: bool) -> list[int]:
-        """`text`'s token ids, refused once they are more than `limit`. `control`: control tokens
-        written in the text are recognized (a raw prompt); else they are text. `bos`: the
-        tokenizer adds what it adds to a whole prompt (a BOS token). A text longer than one piece
-        is counted a piece at a time first: tokenizing 4 MB at once takes ~600 MB, and a text
-        of far more tokens than the context is refused after its first piece."""
+    def _text_ids(self, text: str, limit: int, control: bool, bos: bool, before: int = 0) -> list[int]:
+        """`text`'s token ids, refused once `before` (tokens of the prompt before this text) and
+        they are more than `limit`. `control`: control tokens written in the text are recognized
+        (a raw prompt); else they are text. `bos`: the tokenizer adds what it adds to a whole
+        prompt (a BOS token). A text longer than one piece is counted a piece at a time first:
+        tokenizing 4 MB at once takes ~600 MB, and a text of far more tokens than the context is
+        refused after its first piece."""
         split = {} if control else {"split_special_tokens": True}
         # no character makes more than 4 tokens (one a UTF-8 byte), so a text that short fits
-        if len(text) > PIECE_CHARS and 4 * len(text) + PIECE_SLACK > limit:
-            n = 0
+        if len(text) > PIECE_CHARS and before + 4 * len(text) + PIECE_SLACK > limit:
+            n = before
             for k, a in enumerate(range(0, len(text), PIECE_CHARS), 1):
                 n += len(self.tokenizer(text[a : a + PIECE_CHARS], add_special_tokens=False, **split).input_ids)
                 if n - PIECE_SLACK * k > limit:
                     raise self._too_long(f"more than {n - PIECE_SLACK * k}", limit)
         ids = [int(t) for t in self.tokenizer(text, add_special_tokens=bos, **split).input_ids]
-        if len(ids) > limit:
-            raise self._too_long(str(len(ids)), limit)
+        if before + len(ids) > limit:
+            raise self._too_long(str(before + len(ids)), limit)
         return ids
 
     def _template_ids(self, messages: list[dict[str, str]], max_tokens: int | None) -> list[int]:
@@ -221,26 +222,30 @@ class LM:
         if not any(markers.search(m["content"]) for m in messages):
             # the usual case: the template's text tokenized as transformers' apply_chat_template does
             return self._text_ids(self._render(messages), limit, control=True, bos=False)
-        # Control tokens written in the messages: each becomes a placeholder the template cannot
-        # mistake for its own markers; the rendered text is cut at the template's markers, which
-        # alone become control tokens, and the text between them (placeholders back as the
-        # characters they hid) is tokenized as text.
-        used = set().union(*(m["content"] for m in messages), self.tokenizer.chat_template)
-        mark = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in used)  # a private-use character
+        # Control tokens written in the messages: each becomes a placeholder (mark, its number,
+        # mark) that the template cannot mistake for its own markers, and a mark already in the
+        # text becomes (mark, e, mark), so that every mark in the rendered text begins one of
+        # these. The rendered text is cut at the template's markers, which alone become control
+        # tokens, and the text between them, placeholders back as the characters they hid, is
+        # tokenized as text.
+        template = str(self.tokenizer.chat_template)
+        mark = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in template)  # a private-use character
         hidden: list[str] = []
 
         def hide(m: re.Match[str]) -> str:
             hidden.append(m.group(0))
             return f"{mark}{len(hidden) - 1}{mark}"
 
-        rendered = self._render([{**m, "content": markers.sub(hide, m["content"])} for m in messages])
-        back = re.compile(f"{mark}(\\d+){mark}")
+        rendered = self._render([{**m, "content": markers.sub(hide, m["content"].replace(mark, f"{mark}e{mark}"))}
+                                 for m in messages])
+        back = re.compile(f"{mark}(\\d+|e){mark}")
         ids: list[int] = []
         at = 0
         for m in [*markers.finditer(rendered), None]:
-            text = back.sub(lambda h: hidden[int(h.group(1))], rendered[at : None if m is None else m.start()])
+            text = back.sub(lambda h: mark if h.group(1) == "e" else hidden[int(h.group(1))],
+                            rendered[at : None if m is None else m.start()])
             if text:
-                ids += self._text_ids(text, limit - len(ids), control=False, bos=False)
+                ids += self._text_ids(text, limit, control=False, bos=False, before=len(ids))
             if m is not None:
                 ids.append(int(self.tokenizer.convert_tokens_to_ids(m.group(0))))
                 at = m.end()

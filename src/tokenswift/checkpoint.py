@@ -128,16 +128,15 @@ def claim(path: Path, own: Path | None = None, kv: Path | None = None) -> None:
     mistyped path would replace a chapter, a config, even a device node. `own`: the checkpoint
     the run resumes, which it keeps writing. A KV file of ours is a cache checked row by row on
     reading, so one that stands there already is the run's to extend or rewrite."""
-    if own is not None and _same_file(path, own):
-        pass
-    elif path.is_dir():
-        raise ValueError(f"cannot write the checkpoint {path}: is a directory")
-    elif os.path.lexists(path):
-        if _starts_with(path, b'{"format": "%s"' % FORMAT.encode()):
-            raise ValueError(f"the checkpoint {path} exists and holds another run: continue it with --resume {path}, "
-                             f"or give a path that does not exist")
-        raise ValueError(f"{path} exists and is not this run's checkpoint; it is left as it is: give a path "
-                         f"that does not exist")
+    if own is None or not _same_file(path, own):
+        if path.is_dir():
+            raise ValueError(f"cannot write the checkpoint {path}: is a directory")
+        if os.path.lexists(path):
+            if _starts_with(path, b'{"format": "%s"' % FORMAT.encode()):  # as `save` begins every checkpoint
+                raise ValueError(f"the checkpoint {path} exists and holds another run: continue it with --resume "
+                                 f"{path}, or give a path that does not exist")
+            raise ValueError(f"{path} exists and is not this run's checkpoint; it is left as it is: give a path "
+                             f"that does not exist")
     if kv is not None and os.path.lexists(kv) and not _starts_with(kv, KVRows.FAMILY):
         raise ValueError(f"{kv} exists and is not a tokenswift KV file; it is left as it is: move it, or give "
                          f"--checkpoint another path")

@@ -313,6 +313,14 @@ def _bench_defaults() -> tuple[str, ...]:
 MAX_PROMPT_BYTES = 64 << 20  # more text than any model's context holds (~15M tokens of English)
 
 
+def _at_most(f: Any, what: str) -> bytes:
+    """A prompt's bytes from `f`, refused past MAX_PROMPT_BYTES: /dev/zero never ends."""
+    data = f.read(MAX_PROMPT_BYTES + 1)
+    if len(data) > MAX_PROMPT_BYTES:
+        raise CliError(f"{what} is larger than {MAX_PROMPT_BYTES >> 20} MiB, the most a prompt may be")
+    return data
+
+
 def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is not None:
         text = args.prompt
@@ -320,24 +328,19 @@ def _read_prompt(args: argparse.Namespace) -> str:
         path: Path = args.prompt_file
         try:
             with open(path, "rb") as f:
-                data = f.read(MAX_PROMPT_BYTES + 1)  # /dev/zero never ends
+                data = _at_most(f, f"prompt file {path}")
         except FileNotFoundError:
             raise CliError(f"prompt file not found: {path}") from None
         except IsADirectoryError:
             raise CliError(f"prompt file is a directory: {path}") from None
         except OSError as e:
             raise CliError(f"cannot read prompt file {path}: {e.strerror}") from None
-        if len(data) > MAX_PROMPT_BYTES:
-            raise CliError(f"prompt file {path} is larger than {MAX_PROMPT_BYTES >> 20} MiB, the most a prompt "
-                           f"may be")
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise CliError(f"prompt file {path} is not UTF-8 (bad byte at offset {e.start})") from None
     elif not sys.stdin.isatty():
-        data = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
-        if len(data) > MAX_PROMPT_BYTES:
-            raise CliError(f"the prompt on stdin is larger than {MAX_PROMPT_BYTES >> 20} MiB, the most a prompt may be")
+        data = _at_most(sys.stdin.buffer, "the prompt on stdin")
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:

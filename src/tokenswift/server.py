@@ -155,8 +155,9 @@ def create_app(lm: LM, names: Sequence[str] = (), api_key: str | None = None, qu
         detail = str(exc.detail)
         if exc.status_code == 400 and detail == "There was an error parsing the body":
             # FastAPI's words say less than the parser's error it wraps
-            detail = f"malformed JSON in the request body: {json_problem(exc.__cause__)}" if exc.__cause__ else \
-                "malformed JSON in the request body: it must be UTF-8 encoded JSON"
+            cause = exc.__cause__
+            detail = "malformed JSON in the request body: " + (
+                json_problem(cause) if isinstance(cause, (ValueError, RecursionError)) else "it must be UTF-8 encoded JSON")
         return error_response(request, ApiError(exc.status_code, detail))
 
     @app.post("/v1/completions")
