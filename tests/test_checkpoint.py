@@ -277,6 +277,26 @@ def test_kv_rows_beside_a_checkpoint_are_the_runs_own_and_a_resume_reads_them(sm
     assert not kv.exists()  # the run is over: its rows are removed
 
 
+def _cut_ar_run(smollm, tmp_path, seed: int):
+    """A 40-token ar run with --checkpoint-kv's rows, stopped after 20: the uninterrupted run's
+    result, the checkpoint's and rows' paths, and the checkpoint as saved."""
+    want = smollm.generate(PROMPT, 40, method="ar", seed=seed, ignore_eos=True, **SAMPLING)
+    path, kv = tmp_path / "ck.json", tmp_path / "ck.json.kv"
+    _cut(_kv_run(smollm, 40, seed=seed, method="ar"), smollm, path, kv, 20)
+    return want, path, kv, Checkpoint.load(path)
+
+
+def _kv_layout(raw: bytes, rows: int) -> tuple[int, int]:
+    """A KV file's header length and row length, given how many rows it holds."""
+    from tokenswift.checkpoint import KVRows
+
+    magic = len(KVRows.MAGIC)
+    head = magic + 8 + int.from_bytes(raw[magic : magic + 8], "little")
+    row = (len(raw) - head) // rows
+    assert head + rows * row == len(raw)
+    return head, row
+
+
 def test_kv_rows_that_do_not_match_are_not_used(smollm, tmp_path, monkeypatch):
     import numpy as np
     import torch
@@ -284,11 +304,7 @@ def test_kv_rows_that_do_not_match_are_not_used(smollm, tmp_path, monkeypatch):
     import tokenswift.checkpoint as cp
     from tokenswift.cache import KVCache
 
-    want = smollm.generate(PROMPT, 40, method="ar", seed=7, ignore_eos=True, **SAMPLING)
-    path, kv = tmp_path / "ck.json", tmp_path / "ck.json.kv"
-    ck = _kv_run(smollm, 40, seed=7, method="ar")
-    _cut(ck, smollm, path, kv, 20)
-    ck = Checkpoint.load(path)
+    want, path, kv, ck = _cut_ar_run(smollm, tmp_path, seed=7)
     ids = ck.prompt_ids + ck.tokens
     m = smollm.model
 
@@ -308,8 +324,7 @@ def test_kv_rows_that_do_not_match_are_not_used(smollm, tmp_path, monkeypatch):
     assert rows(other) == 0
     # a row whose token differs (another continuation): the rows before it are still right
     raw = bytearray(kv.read_bytes())
-    head = len(cp.KVRows.MAGIC) + 8 + int.from_bytes(raw[len(cp.KVRows.MAGIC):len(cp.KVRows.MAGIC) + 8], "little")
-    row = (len(raw) - head) // len(ids[:-1])
+    head, row = _kv_layout(raw, len(ids) - 1)
     raw[head + 10 * row: head + 10 * row + 8] = np.int64(ids[10] + 1).tobytes()
     kv.write_bytes(bytes(raw[: len(raw) - row // 2]))  # and a torn last row
     assert rows(ck) == 10
@@ -328,19 +343,12 @@ def test_damaged_kv_rows_cost_a_prefill_never_a_different_token(smollm, tmp_path
     import tokenswift.checkpoint as cp
     from tokenswift.cache import KVCache
 
-    want = smollm.generate(PROMPT, 40, method="ar", seed=9, ignore_eos=True, **SAMPLING)
-    path, kv = tmp_path / "ck.json", tmp_path / "ck.json.kv"
-    ck = _kv_run(smollm, 40, seed=9, method="ar")
-    _cut(ck, smollm, path, kv, 20)
-    ck = Checkpoint.load(path)
+    want, path, kv, ck = _cut_ar_run(smollm, tmp_path, seed=9)
     ids = ck.prompt_ids + ck.tokens
     m = smollm.model
     raw = bytearray(kv.read_bytes())
-    magic = len(cp.KVRows.MAGIC)
-    head = magic + 8 + int.from_bytes(raw[magic : magic + 8], "little")
     n = len(ids) - 1  # rows: every committed token's but the last
-    row = (len(raw) - head) // n
-    assert head + n * row == len(raw)
+    head, row = _kv_layout(raw, n)
     kv_bytes = 2 * m.cfg.num_layers * m.cfg.num_kv_heads * m.cfg.head_dim * m.kv_dtype.itemsize
     for r in range(10, n):  # a row's K and V are its last bytes, whatever stands before them
         end = head + (r + 1) * row
