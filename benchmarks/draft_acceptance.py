@@ -1,13 +1,23 @@
 """How often the self-draft's chain matches the target, by depth, at long context: for each
 context C, `ar` writes N tokens after the first C tokens of a held-out text (paper sampler), then
 every draft configuration (weights x draft cache: a partial cache of B entries, the whole
-context in int8, or the whole float cache) drafts a chain of `--depth` tokens from
-each root position of that text, teacher-forced, with the engine's own `SelfDrafter` (the
-same partial cache, refreshed when its recent window fills, and the same coupled draws). A
-drafted token counts when it and every token before it in its chain equal the target's.
+context in int8, the whole float cache, or the per-query sparse view) drafts a chain of
+`--depth` tokens from each root position of that text, teacher-forced, with the engine's own
+`SelfDrafter` (the same partial cache, refreshed when its recent window fills, and the same
+coupled draws). A drafted token counts when it and every token before it in its chain equal the
+target's.
 
     python benchmarks/draft_acceptance.py --contexts 2048,8192,16384,32768 --new 256 \\
         --budgets 1024,2048,4096,int8,full --weights int4,float
+
+The sparse view (`SparseKV`): `sparse-SCORER:B`, B entries per KV head (or `B%` of the context)
+chosen afresh by every draft query, beside 16 sinks and the last 64 entries; SCORER is exact
+(the oracle), int8, int4 or dimsR (the R largest query dimensions). Each row then also gives the
+KV bytes one drafted token reads (scoring every key, then the chosen rows in full), against a
+step's (every K and V in the cache's dtype):
+
+    python benchmarks/draft_acceptance.py --contexts 16384,32768 --new 64 --depth 1 --weights float \\
+        --budgets sparse-exact:1%,sparse-exact:2%,sparse-exact:5%,sparse-exact:10%,sparse-int8:5%,...
 
 One prefill of the largest context serves every context (the cache of a prefix is the first C
 entries of the longer one), so one RoPE scaling holds for the whole run (the one the bench's
@@ -59,6 +69,22 @@ def chain_matches(drafter: SelfDrafter, main: KVCache, history: torch.Tensor, tr
     return [roots, *matched]
 
 
+def sparse_bytes(model, scorer: str, C: int, budget: int, sinks: int, recent: int) -> int:
+    """KV bytes a draft pass at context C reads over the sparse view: every key scored (exact: the
+    key itself; int8: D bytes + a float32 scale; int4: D/2 bytes + a scale per 32; dims:R: R
+    values of a dimension-major copy), then K and V of the sinks + budget + recent rows in the
+    cache's dtype. scorer "step": what a target step reads, every K and V."""
+    cfg = model.cfg
+    D, e = cfg.head_dim, model.kv_dtype.itemsize
+    heads = cfg.num_layers * cfg.num_kv_heads
+    if scorer == "step":
+        return heads * C * 2 * D * e
+    per_key = {"exact": D * e, "int8": D + 4, "int4": D // 2 + 4 * max(1, D // 32)}.get(scorer)
+    if per_key is None:  # dims:R
+        per_key = int(scorer.split(":")[1]) * e
+    return heads * (C * per_key + min(C, sinks + budget + recent) * 2 * D * e)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -71,6 +97,7 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=1, help="draft from every stride-th root")
     ap.add_argument("--sinks", type=int, default=16)
     ap.add_argument("--rope-scaling", default=None)
+    ap.add_argument("--kv-dtype", default="auto", help="the main cache's element type (auto: the weights')")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="draft_acceptance.json")
@@ -87,7 +114,8 @@ def main() -> None:
         while probe.config.context_length * factor < contexts[0] + N:
             factor *= 2
         rope = f"yarn:{factor}"
-    lm = tokenswift.load(args.model, heads="none", rope_scaling=rope) if rope else probe
+    lm = tokenswift.load(args.model, heads="none", rope_scaling=rope, kv_dtype=args.kv_dtype) \
+        if rope or args.kv_dtype != "auto" else probe
     target = lm.model
     int4 = lm.int4
     text = Path(default_text()).read_text(encoding="utf-8")
@@ -120,23 +148,38 @@ def main() -> None:
         print(f"context {C}: ar {N} tokens in {time.perf_counter() - t0:.0f} s", flush=True)
         for w in args.weights.split(","):
             draft = int4 if w == "int4" else target
+            if draft is None:  # a model kept as GGUF blocks has no int4 copy: its own blocks are as small
+                print(f"  {w}: no int4 copy of {args.model} (draft_weights auto builds none for it)", flush=True)
+                continue
             for b in args.budgets.split(","):
                 # a number: the partial cache of that many entries; full / int8: the whole context
-                # through the main cache / its int8 copy (from the first root on: budget 64)
-                kv = b if b in ("full", "int8") else "partial"
-                budget = 64 if kv != "partial" else int(b)
-                d = SelfDrafter(target, draft, None, s, budget, args.sinks, kv, depth, rope_len=need)
+                # through the main cache / its int8 copy (from the first root on: budget 64);
+                # sparse-SCORER:B the sparse view
+                kv = b if b in ("full", "int8") else "sparse" if b.startswith("sparse-") else "partial"
+                scorer, kv_bytes = "int8", None
+                if kv == "sparse":
+                    scorer, _, size = b.removeprefix("sparse-").partition(":")
+                    scorer = scorer.replace("dims", "dims:") if scorer.startswith("dims") else scorer
+                    budget = round(C * float(size[:-1]) / 100) if size.endswith("%") else int(size)
+                    kv_bytes = sparse_bytes(target, scorer, C, budget, args.sinks, 64)
+                else:
+                    budget = 64 if kv != "partial" else int(b)
+                d = SelfDrafter(target, draft, None, s, budget, args.sinks, kv, depth, rope_len=need, scorer=scorer)
                 t0 = time.perf_counter()
                 roots, *m = chain_matches(d, main_cache, history.clone(), truth, C, N, depth, args.stride)
                 rate = [x / roots for x in m]
                 cond = [m[0] / roots] + [m[i] / m[i - 1] if m[i - 1] else 0.0 for i in range(1, depth)]
                 r = dict(context=C, weights=w, budget=b, roots=roots, matched=m, rate=rate, conditional=cond,
                          tokens_per_draft=sum(rate), refreshes=d.refreshes, seconds=time.perf_counter() - t0)
+                if kv_bytes is not None:
+                    r.update(entries=budget, kv_bytes=kv_bytes, step_kv_bytes=sparse_bytes(target, "step", C, 0, 0, 0))
                 results.append(r)
+                read = (f"  KV read {kv_bytes / 2**20:.1f} MiB a drafted token "
+                        f"({kv_bytes / r['step_kv_bytes']:.3f} of a step's)" if kv_bytes is not None else "")
                 print(f"  {w:5s} budget {b:>5s}: depth-1 {rate[0]:.3f}  conditional "
                       + " ".join(f"{c:.2f}" for c in cond)
                       + f"  drafted tokens accepted per chain {sum(rate):.2f}  refreshes {d.refreshes}"
-                      + f"  ({r['seconds']:.0f} s)", flush=True)
+                      + f"{read}  ({r['seconds']:.0f} s)", flush=True)
         Path(args.out).write_text(json.dumps(dict(rope=rope, new=N, depth=depth, results=results), indent=1))
 
 

@@ -122,3 +122,117 @@ def test_the_memory_check_counts_the_int8_copy(lm, monkeypatch):
     lm.steps(prompt, 800, draft_budget=64, draft_kv="partial", ignore_eos=True)
     with pytest.raises(ParamError, match="needs a KV cache of"):
         lm.steps(prompt, 800, draft_budget=64, ignore_eos=True)
+
+
+# -- the per-query sparse view (SparseKV, the torch reference) ------------------------------------
+
+def _rows_attended(view, m, main, tok: int, n: int) -> list[torch.Tensor]:
+    """Runs one draft pass over the view at entry n; returns, per layer, the rows each KV head
+    attended to ([KVH, s+B+r] sorted entry indices), read off the gather."""
+    from tokenswift.cache import SparseKV
+
+    seen = []
+    real = SparseKV.attend
+
+    def spy(self, li, q, S):
+        out = real(self, li, q, S)
+        seen.append(self.reads)
+        return out
+
+    SparseKV.attend = spy
+    try:
+        view.attach(main, n)
+        h = m(torch.tensor([[tok]]), torch.tensor([[n]]), view)[0, -1]
+    finally:
+        SparseKV.attend = real
+    main.truncate(n)
+    return h, seen
+
+
+@pytest.mark.parametrize("scorer", ["exact", "int8", "int4", "dims:8"])
+def test_a_budget_past_the_context_attends_to_every_entry_as_the_main_cache(lm, scorer):
+    from tokenswift.cache import SparseKV
+
+    m = lm.model
+    main = _prefilled(m, 200)
+    view = SparseKV(m.cfg, budget=500, sinks=4, recent=8, scorer=scorer)
+    h, reads = _rows_attended(view, m, main, 11, 200)
+    ref = m(torch.tensor([[11]]), torch.tensor([[200]]), main)[0, -1]
+    main.truncate(200)
+    assert reads == [201] * m.cfg.num_layers
+    assert torch.allclose(h, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_the_exact_scorer_attends_to_the_sinks_recent_and_the_top_budget_by_its_query(lm):
+    """One layer's choice, recomputed by hand: the group's summed softmax over the competing
+    entries, its top B, then attention over sinks + those + the recent window; the pass's output
+    for that layer equals attention over exactly those rows."""
+    from tokenswift.cache import SparseKV
+    from tokenswift.model import _attention_plain
+
+    m = lm.model
+    cfg = m.cfg
+    main = _prefilled(m, 300)
+    view = SparseKV(cfg, budget=20, sinks=4, recent=8, scorer="exact")
+    view.attach(main, 300)
+    S = 301  # the query's own K/V at entry 300
+    main.length = S
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, cfg.num_heads, cfg.head_dim, generator=g) * 0.5
+    out = view.attend(0, q, S)
+    KH, G, D = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    keys, vals = main.k[0, 0, :, :S], main.v[0, 0, :, :S]
+    a, b = 4, S - 8
+    w = torch.softmax(q[0, 0].view(KH, G, D) @ keys[:, a:b].transpose(-1, -2), dim=-1).sum(1)  # [KVH, M]
+    rows = [sorted([*range(a), *(int(i) + a for i in w[h].topk(20).indices), *range(b, S)]) for h in range(KH)]
+    assert view.reads == 4 + 20 + 8
+    want = torch.cat([_attention_plain(q[:, :, h * G:(h + 1) * G], keys[h, rows[h]][None, None],
+                                       vals[h, rows[h]][None, None], None, None, 0, None) for h in range(KH)], -1)
+    assert torch.allclose(out, want, atol=1e-6)
+    main.truncate(300)
+
+
+@pytest.mark.parametrize("scorer", ["int8", "int4"])
+def test_the_score_copy_holds_the_committed_keys_quantized(lm, scorer):
+    from tokenswift.cache import SparseKV
+
+    m = lm.model
+    main = _prefilled(m, 120)
+    view = SparseKV(m.cfg, budget=16, scorer=scorer)
+    view.attach(main, 60)
+    view.attach(main, 120)  # the second attach adds [60, 120)
+    k = main.k[:, 0, :, :120].float()  # [L, KVH, 120, Dh]
+    deq = (view.kq[:, :, :120].float().unflatten(-1, (view.ks.shape[-1], -1)) * view.ks[:, :, :120, :, None]).flatten(-2)
+    step = k.abs().amax(-1, keepdim=True) / (127 if scorer == "int8" else 7)  # the coarsest scale of a row
+    assert (deq - k).abs().max() <= step.max() / 2 + 1e-6
+    assert view.synced == 120
+
+
+def test_bad_sparse_scorers_are_named(lm):
+    from tokenswift.cache import SparseKV
+
+    for bad in ("int2", "dims", "dims:0", "dims:x", "exact:3"):
+        with pytest.raises(ValueError, match=f"sparse draft scorer must be exact, int8, int4 or dims:R .*got '{bad}'"):
+            SparseKV(lm.model.cfg, budget=16, scorer=bad)
+
+
+@pytest.mark.parametrize("scorer", ["exact", "int4", "dims:8"])
+def test_drafting_over_the_sparse_view_writes_the_ar_tokens(lm, monkeypatch, scorer):
+    """The view changes what the draft proposes, never the text: greedy and seeded sampling write
+    ar's tokens past the budget (a context of 117 against a budget of 64), drafting every
+    iteration (static chains), and the draft read sinks + budget + recent entries a pass."""
+    from tokenswift import engine
+
+    real = engine.SelfDrafter
+
+    def sparse(*a, **kw):  # the engine's self-draft, over the sparse view
+        return real(*a[:6], "sparse", *a[7:], **kw, scorer=scorer)
+
+    monkeypatch.setattr(engine, "SelfDrafter", sparse)
+    prompt = [i % 90 + 3 for i in range(117)]
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, min_p=0.1, penalty=1.2, seed=5)):
+        want = lm.generate(prompt, 60, method="ar", ignore_eos=True, **kw).tokens
+        got = lm.generate(prompt, 60, draft_budget=64, sinks=4, tree="1,1,1", ignore_eos=True, draft_weights="float",
+                          **kw)
+        assert got.tokens == want
+        assert got.stats["draft_kv"] == "sparse" and got.stats["draft_kv_max"] == 4 + 64 + 64

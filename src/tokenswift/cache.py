@@ -17,6 +17,8 @@ class KVCache:
     ordered = True
     # K/V stored as int8 rows with float32 scales (`Q8KVCache`)
     quantized = False
+    # a view whose every query attends to entries of its own choosing (`SparseKV`)
+    sparse = False
 
     def __init__(
         self,
@@ -207,3 +209,127 @@ class DraftCache(KVCache):
         self.k[:, :, :, self.length : self.length + n] = main.k[:, :, :, start : start + n]
         self.v[:, :, :, self.length : self.length + n] = main.v[:, :, :, start : start + n]
         self.length += n
+
+
+class SparseKV:
+    """The self-draft's per-query sparse view of the main cache: at every draft pass, each layer's
+    KV head attends to the first `sinks` entries, the last `recent` ones (the draft's own new
+    entries among them) and the `budget` others that its own current query scores highest. A
+    selection taken once goes stale within a few steps under YaRN's diffuse attention (DESIGN.md:
+    0.93 agreement from 6% of the keys chosen per query at 16K, 0.77 when kept 8 steps), so it is
+    taken afresh for every query, from a cheap score of every key:
+
+    - "exact": the query against the keys themselves (the oracle: it reads every key in full);
+    - "int8" / "int4": against a copy of the keys, int8 per row or 4-bit per 32 values, with
+      float32 scales (a quarter / an eighth of float32 keys);
+    - "dims:R": against the R dimensions where the query group's |q| is largest (SparQ), of
+      the keys themselves.
+
+    A KV head's score of an entry sums its query group's softmax weights over the scored entries.
+    The view holds the main cache (`attach`): its entries, positions and length are main's, and a
+    draft pass writes its K/V there as on the main cache (truncated away afterwards). This is the
+    torch reference: it gathers the chosen rows, so it measures agreement, not speed."""
+
+    ordered = False  # attention mixes positions per head: no sliding-window masks
+    quantized = False
+    sparse = True
+    SCORERS = ("exact", "int8", "int4", "dims")
+    GROUP = 32  # values a 4-bit scale covers (a whole row where head_dim is not a multiple)
+
+    def __init__(self, cfg: ModelConfig, budget: int, sinks: int = 16, recent: int = 64, scorer: str = "int8") -> None:
+        kind, _, r = scorer.partition(":")
+        if kind not in self.SCORERS or (kind == "dims") != bool(r) or (r and not (r.isdigit() and 0 < int(r) <= cfg.head_dim)):
+            raise ValueError(f"sparse draft scorer must be exact, int8, int4 or dims:R (R in [1, {cfg.head_dim}]), "
+                             f"got {scorer!r}")
+        self.cfg, self.budget, self.sinks, self.recent = cfg, budget, sinks, recent
+        self.scorer, self.dims = kind, int(r) if r else 0
+        self.group = self.GROUP if cfg.head_dim % self.GROUP == 0 else cfg.head_dim
+        self.main: KVCache | None = None
+        self.kq: torch.Tensor | None = None  # [L, KVH, C, Dh] int8: the score copy of the keys
+        self.ks: torch.Tensor | None = None  # [L, KVH, C, Dh / GROUP or 1] float32 scales
+        self.synced = 0  # main entries [0, synced) are in the copy
+        self.reads = 0  # entries the last pass attended to, per KV head
+
+    def attach(self, main: KVCache, N: int) -> None:
+        """Views `main`, whose entries [0, N) are committed: the copy catches up with them."""
+        self.main = main
+        if self.scorer not in ("int8", "int4"):
+            return
+        L, _, KH, C, D = main.k.shape
+        if self.kq is None or self.kq.shape[2] < C:
+            groups = D // self.group if self.scorer == "int4" else 1
+            self.kq = torch.empty(L, KH, C, D, dtype=torch.int8, device=main.k.device)
+            self.ks = torch.empty(L, KH, C, groups, dtype=torch.float32, device=main.k.device)
+            self.synced = 0
+        a = min(self.synced, N)
+        for b in range(a, N, Q8KVCache.SYNC_ROWS):
+            e = min(N, b + Q8KVCache.SYNC_ROWS)
+            self.kq[:, :, b:e], self.ks[:, :, b:e] = self._quantize(main.k[:, 0, :, b:e].float())
+        self.synced = N
+
+    def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., Dh] float32 -> (int8 [..., Dh], scales [..., groups]): round(x / scale)."""
+        if self.scorer == "int8":
+            q, s = kernels.quantize_q8_reference(x)
+            return q, s[..., None]
+        g = x.unflatten(-1, (-1, self.group))  # [..., groups, group]
+        s = g.abs().amax(-1) / 7.0
+        r = torch.where(s[..., None] > 0, g / s[..., None], torch.zeros_like(g))
+        return r.round().clamp(-8, 7).to(torch.int8).flatten(-2), s
+
+    # the main cache's state, which a pass over the view reads and advances
+    k = property(lambda self: self.main.k)
+    v = property(lambda self: self.main.v)
+    pos = property(lambda self: self.main.pos)
+    capacity = property(lambda self: self.main.capacity)
+    batch = property(lambda self: self.main.batch)
+    rope_len = property(lambda self: self.main.rope_len)
+
+    @property
+    def length(self) -> int:
+        return self.main.length
+
+    @length.setter
+    def length(self, n: int) -> None:
+        self.main.length = n
+
+    def truncate(self, n: int) -> None:
+        self.main.truncate(n)
+
+    def _scores(self, li: int, qg: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """qg [KVH, G, Dh] -> approximate scores [KVH, G, b - a] of entries [a, b)."""
+        keys = self.main.k[li, 0, :, a:b]  # [KVH, M, Dh]
+        if self.scorer == "exact":
+            return qg @ keys.to(qg.dtype).transpose(-1, -2)
+        if self.scorer == "dims":
+            top = qg.abs().sum(1).topk(self.dims, dim=-1).indices  # [KVH, R]: the group's largest |q| dims
+            qd = qg.gather(2, top[:, None].expand(-1, qg.shape[1], -1))  # [KVH, G, R]
+            kd = keys.gather(2, top[:, None].expand(-1, keys.shape[1], -1))  # [KVH, M, R]
+            return qd @ kd.to(qg.dtype).transpose(-1, -2)
+        q, s = self.kq[li, :, a:b], self.ks[li, :, a:b]  # [KVH, M, Dh], [KVH, M, groups]
+        deq = (q.float().unflatten(-1, (s.shape[-1], -1)) * s[..., None]).flatten(-2)  # [KVH, M, Dh]
+        return qg @ deq.to(qg.dtype).transpose(-1, -2)
+
+    def attend(self, li: int, q: torch.Tensor, S: int) -> torch.Tensor:
+        """Layer li's attention for one query q [1, 1, H, Dh] (scaled) over entries [0, S) of
+        main (the query's own K/V written at S-1): sinks + recent + the top `budget` by score.
+        -> [1, 1, H*Dh]."""
+        from .model import _attention_plain
+
+        _, T, H, D = q.shape
+        if T != 1:
+            raise ValueError(f"the sparse draft view takes one query a pass, got {T}")
+        KH = self.cfg.num_kv_heads
+        s, r = min(self.sinks, S), min(self.recent, S)
+        a, b = s, S - r  # the entries that compete for the budget
+        keys, vals = self.main.k[li, 0, :, :S], self.main.v[li, 0, :, :S]  # [KVH, S, Dh]
+        if b - a > self.budget:
+            qg = q[0, 0].view(KH, H // KH, D)  # [KVH, G, Dh]
+            w = torch.softmax(self._scores(li, qg, a, b).float(), dim=-1).sum(1)  # [KVH, M]
+            idx = w.topk(self.budget, dim=-1).indices.sort(dim=-1).values + a  # [KVH, B]
+            every = torch.arange(S, device=keys.device)
+            rows = torch.cat((every[:s].expand(KH, -1), idx, every[b:S].expand(KH, -1)), dim=1)  # [KVH, s+B+r]
+            g = rows[..., None].expand(-1, -1, D)
+            keys, vals = keys.gather(1, g), vals.gather(1, g)
+        self.reads = keys.shape[1]
+        return _attention_plain(q, keys[None].to(q.dtype), vals[None].to(q.dtype), None, None, 0, None)

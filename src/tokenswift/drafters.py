@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from . import kernels
-from .cache import DraftCache, KVCache, Q8KVCache
+from .cache import DraftCache, KVCache, Q8KVCache, SparseKV
 from .config import SamplingConfig
 from .heads import DraftHeads, base_draft_logits
 from .model import Decoder, _attention_plain, attention_path
@@ -65,9 +65,10 @@ class SelfDrafter:
         sampling: SamplingConfig,
         budget: int,
         sinks: int,
-        kv: str,  # draft_kv: "auto", "int8", "partial" or "full"
+        kv: str,  # draft_kv: "auto", "int8", "partial", "full", or "sparse" (`SparseKV`, torch reference)
         max_depth: int,
         rope_len: int,
+        scorer: str = "int8",  # kv "sparse": how each query scores every key (SparseKV.SCORERS)
     ) -> None:
         cfg = target.cfg
         self.target = target
@@ -79,6 +80,8 @@ class SelfDrafter:
         self.rope_len = rope_len
         self.cache: DraftCache | None = None
         self.q8: Q8KVCache | None = None  # built when the context first passes the budget
+        # kv "sparse": every draft query attends to sinks + its top `budget` entries + a recent window
+        self.sparse = SparseKV(cfg, budget, sinks, max(64, max_depth + 1), scorer) if self.kv == "sparse" else None
         self.probs: torch.Tensor | None = None
         if self.kv == "partial":
             self.cache = DraftCache(cfg, budget=budget, sinks=sinks, extra=max_depth + 1, dtype=target.kv_dtype,
@@ -98,6 +101,9 @@ class SelfDrafter:
         """The cache the draft attends to at root position N, and its length to restore."""
         if N <= self.budget or self.kv == "full":
             return main, N
+        if self.kv == "sparse":
+            self.sparse.attach(main, N)
+            return self.sparse, N
         if self.kv == "int8":
             if self.q8 is None:
                 self.q8 = Q8KVCache(self.target.cfg, main.capacity, device=main.k.device, rope_len=self.rope_len)
@@ -120,7 +126,10 @@ class SelfDrafter:
     def _step(self, cache: KVCache, token: int, position: int) -> torch.Tensor:  # -> hidden [D]
         self.tok.fill_(token)
         self.pos.fill_(position)
-        self.max_reads = max(self.max_reads, cache.length + 1)
+        reads = cache.length + 1
+        if cache.sparse:
+            reads = min(reads, cache.sinks + cache.budget + cache.recent)
+        self.max_reads = max(self.max_reads, reads)
         return self.model(self.tok, self.pos, cache)[0, -1]
 
     def propose(self, main: KVCache, history: torch.Tensor, N: int, root: int, depth: int, width: int,

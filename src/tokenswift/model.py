@@ -659,8 +659,8 @@ class Decoder(nn.Module):
         H, KH = cfg.num_heads, cfg.num_kv_heads
         x = self.embed_rows(tokens)  # [B, T, D]
         # ... and with attention in the same call: a plain cache, no window, no probabilities out
-        whole = (native_layers and cache is not None and not cache.quantized and attn_probs is None and full is None
-                 and not window_masks)
+        whole = (native_layers and cache is not None and not cache.quantized and not cache.sparse
+                 and attn_probs is None and full is None and not window_masks)
         for li, L in enumerate(self.layers):
             if whole:
                 att = kernels.attn_block(x, L.attn_norm, cfg.rms_norm_eps, L.wqkv, L.bqkv, L.q_norm, L.k_norm, cos,
@@ -686,6 +686,11 @@ class Decoder(nn.Module):
                         att = kernels.attention(qs, keys, vals, block, k_scale=ks, v_scale=vs)
                     else:  # the torch paths: a dequantized copy (slow; not the draft's normal route)
                         keys, vals = cache.dequantized(li, S, qs.dtype)
+                elif cache is not None and cache.sparse:  # the draft's per-query sparse view (SparseKV)
+                    if not direct:
+                        cache.k[li, :, :, n:S] = k.transpose(1, 2)
+                        cache.v[li, :, :, n:S] = v.transpose(1, 2)
+                    att = cache.attend(li, qs, S)
                 elif cache is not None:
                     if not direct:
                         cache.k[li, :, :, n:S] = k.transpose(1, 2)
