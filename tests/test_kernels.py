@@ -97,6 +97,60 @@ def test_attention_reads_strided_cache_views():
     assert torch.equal(out, kernels.attention(q, view.contiguous(), view.contiguous()))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("R", [1, 7, 256, 257, 700])  # on and off the chunk boundaries
+def test_attention_over_listed_rows_equals_attention_over_their_copy_bitwise(dtype, R):
+    """Each KV head reads its own rows of a cache layer in place (the sparse draft's choice): the
+    same bits as `attention` over a gathered copy of those rows, the values of the reference."""
+    H, KH, S, D = 9, 3, 1500, 64
+    cache = torch.randn(2, 1, KH, S + 20, D).to(dtype)  # [L, B, KH, capacity, D]: strided views of it
+    k, v = cache[0, :, :, :S], cache[1, :, :, :S]
+    g = torch.Generator().manual_seed(R)
+    q = torch.randn(1, 1, H, D, generator=g) * 0.3
+    rows = torch.stack([torch.randperm(S - 1, generator=g)[: R - 1].sort().values for _ in range(KH)])
+    rows = torch.cat([rows, torch.full((KH, 1), S - 1)], 1)  # the query's own entry last, as a draft's
+    out = kernels.attention_rows(q, k, v, rows)
+    G = H // KH
+    for h in range(KH):
+        kk, vv = k[:, h : h + 1, rows[h]], v[:, h : h + 1, rows[h]]
+        one = kernels.attention(q[:, :, h * G : (h + 1) * G].contiguous(), kk.contiguous(), vv.contiguous())
+        assert torch.equal(out[..., h * G * D : (h + 1) * G * D], one), f"KV head {h}"
+        ref = kernels.attention_reference(q[:, :, h * G : (h + 1) * G], kk.float(), vv.float())
+        assert torch.allclose(one, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("S,budget", [(3000, 150), (700, 1), (400, 320)])
+def test_sparse_select_takes_the_top_budget_by_the_groups_softmax_over_int8_scores(S, budget):
+    """The chosen entries are a top-`budget` set of the weights recomputed in float64 from the
+    same integer scores (ties aside), ascending and distinct, inside [a, b)."""
+    H, KH, D = 9, 3, 64
+    G, a, b = H // KH, 16, S - 64
+    g = torch.Generator().manual_seed(S)
+    keys = torch.randn(1, KH, S, D, generator=g)
+    kq, ks = _q8(keys)
+    q = torch.randn(1, 1, H, D, generator=g) * 0.4
+    idx = kernels.sparse_select_i8(q, kq[0], ks[0], a, b, budget)
+    assert idx.shape == (KH, budget) and idx.dtype == torch.int64
+    q8, qs = kernels.quantize_q8_reference(q[0, 0].view(KH, G, D))
+    dots = q8.double() @ kq[0, :, a:b].double().transpose(-1, -2)  # [KH, G, M]
+    w = torch.softmax(dots * qs.double()[..., None] * ks[0, :, None, a:b].double(), -1).sum(1)  # [KH, M]
+    for h in range(KH):
+        chosen = idx[h] - a
+        assert (chosen[1:] > chosen[:-1]).all() and chosen.min() >= 0 and chosen.max() < b - a
+        rest = torch.ones(b - a, dtype=torch.bool)
+        rest[chosen] = False
+        if rest.any():
+            assert w[h, chosen].min() >= w[h, rest].max() * (1 - 1e-5)
+
+
+def test_attention_over_listed_rows_names_bad_rows():
+    q, k, v = _qkv(1, 1, 4, 2, 10, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="a row lies outside k"):
+        kernels.attention_rows(q, k, v, torch.tensor([[0, 10], [1, 2]]))
+    with pytest.raises(RuntimeError, match=r"rows must be contiguous int64 \[KH, R >= 1\]"):
+        kernels.attention_rows(q, k, v, torch.tensor([[0, 1]]))
+
+
 def _q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, KH, S, D] -> int8 rows, scales [B, KH, S]
     q = torch.empty(x.shape, dtype=torch.int8)
     s = torch.empty(x.shape[:3])

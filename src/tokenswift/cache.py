@@ -307,14 +307,18 @@ class SparseKV:
             kd = keys.gather(2, top[:, None].expand(-1, keys.shape[1], -1))  # [KVH, M, R]
             return qd @ kd.to(qg.dtype).transpose(-1, -2)
         q, s = self.kq[li, :, a:b], self.ks[li, :, a:b]  # [KVH, M, Dh], [KVH, M, groups]
+        if self.scorer == "int8":  # the query rows rounded to int8 too: the native kernel's integer scores
+            q8, qs = kernels.quantize_q8_reference(qg.float())  # [KVH, G, Dh], [KVH, G]
+            dots = q8.double() @ q.double().transpose(-1, -2)  # [KVH, G, M], exact integers
+            return (dots.float() * qs[..., None] * s[:, None, :, 0]).to(qg.dtype)
         deq = (q.float().unflatten(-1, (s.shape[-1], -1)) * s[..., None]).flatten(-2)  # [KVH, M, Dh]
         return qg @ deq.to(qg.dtype).transpose(-1, -2)
 
-    def attend(self, li: int, q: torch.Tensor, S: int) -> torch.Tensor:
-        """Layer li's attention for one query q [1, 1, H, Dh] (scaled) over entries [0, S) of
-        main (the query's own K/V written at S-1): sinks + recent + the top `budget` by score.
-        -> [1, 1, H*Dh]."""
-        from .model import _attention_plain
+    def select(self, li: int, q: torch.Tensor, S: int) -> torch.Tensor:
+        """The entries of [0, S) layer li's KV heads attend to for the query q [1, 1, H, Dh]
+        (scaled): sinks + the top `budget` of the rest by score + the recent window, ascending.
+        -> rows [KVH, R] int64."""
+        from .model import attention_path
 
         _, T, H, D = q.shape
         if T != 1:
@@ -322,14 +326,27 @@ class SparseKV:
         KH = self.cfg.num_kv_heads
         s, r = min(self.sinks, S), min(self.recent, S)
         a, b = s, S - r  # the entries that compete for the budget
-        keys, vals = self.main.k[li, 0, :, :S], self.main.v[li, 0, :, :S]  # [KVH, S, Dh]
-        if b - a > self.budget:
+        every = torch.arange(S, device=q.device)
+        if b - a <= self.budget:
+            return every.expand(KH, -1).contiguous()
+        if self.scorer == "int8" and D % 32 == 0 and attention_path(q.device, q.dtype, D) == "native":
+            idx = kernels.sparse_select_i8(q, self.kq[li], self.ks[li, :, :, 0], a, b, self.budget)  # [KVH, B]
+        else:
             qg = q[0, 0].view(KH, H // KH, D)  # [KVH, G, Dh]
             w = torch.softmax(self._scores(li, qg, a, b).float(), dim=-1).sum(1)  # [KVH, M]
             idx = w.topk(self.budget, dim=-1).indices.sort(dim=-1).values + a  # [KVH, B]
-            every = torch.arange(S, device=keys.device)
-            rows = torch.cat((every[:s].expand(KH, -1), idx, every[b:S].expand(KH, -1)), dim=1)  # [KVH, s+B+r]
-            g = rows[..., None].expand(-1, -1, D)
-            keys, vals = keys.gather(1, g), vals.gather(1, g)
-        self.reads = keys.shape[1]
-        return _attention_plain(q, keys[None].to(q.dtype), vals[None].to(q.dtype), None, None, 0, None)
+        return torch.cat((every[:s].expand(KH, -1), idx, every[b:S].expand(KH, -1)), dim=1)  # [KVH, s+B+r]
+
+    def attend(self, li: int, q: torch.Tensor, S: int) -> torch.Tensor:
+        """Layer li's attention for one query q [1, 1, H, Dh] (scaled) over the entries `select`
+        chooses of main's [0, S) (the query's own K/V written at S-1), read in place by the
+        native kernel, else gathered. -> [1, 1, H*Dh]."""
+        from .model import _attention_plain, attention_path
+
+        rows = self.select(li, q, S)  # [KVH, R]
+        self.reads = rows.shape[1]
+        keys, vals = self.main.k[li, :, :, :S], self.main.v[li, :, :, :S]  # [1, KVH, S, Dh]
+        if attention_path(q.device, q.dtype, q.shape[-1]) == "native":
+            return kernels.attention_rows(q, keys, vals, rows)
+        g = rows[None, :, :, None].expand(-1, -1, -1, q.shape[-1])
+        return _attention_plain(q, keys.gather(2, g).to(q.dtype), vals.gather(2, g).to(q.dtype), None, None, 0, None)

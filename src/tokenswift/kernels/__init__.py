@@ -4,6 +4,10 @@
   bfloat16 or float16 K/V, read in place, or int8 K/V with per-row scales: the draft's copy of
   the cache), split by fixed chunks of each row's visible keys and merged in a fixed order, so
   that every row's bits equal a one-token pass's.
+- `attention_rows`: one token's attention over a list of rows per KV head, read in place (the
+  sparse draft's per-query selection), with `attention`'s arithmetic over those rows.
+- `sparse_select_i8`: the sparse draft's choice of those rows, scored against an int8 copy of
+  the keys by integer dot products.
 - `quantize_q8`: K/V rows to int8 with one float32 scale per row, in place into a cache. Over
   int8 keys the scores are integer dot products with the query rows quantized the same way.
 - `PackedLinear`: a float32 weight matrix packed into 48-output panels; each output is one FMA
@@ -132,6 +136,33 @@ def attention(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # [B, T, H*D] (and [B, T, H] log-sum-exp)
     out, l = torch.ops.tokenswift.attention(q, k, v, mask, chunk, lse, k_scale, v_scale)
     return (out, l) if lse else out
+
+
+def attention_rows(
+    q: torch.Tensor,  # [1, 1, H, D] float32, already scaled
+    k: torch.Tensor,  # [1, KH, S, D] float32/bfloat16/float16, last dim contiguous (a cache layer, in place)
+    v: torch.Tensor,  # [1, KH, S, D]
+    rows: torch.Tensor,  # [KH, R] int64: the entries each KV head attends to, in the order they are merged
+    chunk: int = CHUNK,
+) -> torch.Tensor:  # [1, 1, H*D]
+    """One token's attention in which each KV head reads only its listed rows, in place (the
+    sparse draft's): `attention`'s arithmetic over those rows, so it equals `attention` over a
+    gathered copy of them bit for bit."""
+    return torch.ops.tokenswift.attention_rows(q, k, v, rows, chunk)
+
+
+def sparse_select_i8(
+    q: torch.Tensor,  # [1, 1, H, D] float32, already scaled
+    kq: torch.Tensor,  # [KH, S, D] int8: a layer of the keys' int8 copy (D % 32 == 0)
+    ks: torch.Tensor,  # [KH, S] float32: their row scales
+    a: int,
+    b: int,
+    budget: int,
+) -> torch.Tensor:  # [KH, budget] int64, ascending
+    """The sparse draft's choice among entries [a, b): per KV head, the query group's int8 rows
+    score the int8 keys (integer dot products, as `attention` over int8 keys), each row's softmax
+    is summed over the group, and the top `budget` entries by that weight are returned."""
+    return torch.ops.tokenswift.sparse_select_i8(q, kq, ks, a, b, budget)
 
 
 def quantize_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:

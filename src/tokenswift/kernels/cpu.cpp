@@ -372,6 +372,27 @@ struct KVRows {
   const float* vscale() const { return vs.empty() ? nullptr : vs.data(); }
 };
 
+// One row's output: the merge of its nc chunk partials (m, l, o[D] each, `part(c)`) in chunk order,
+// into dst[D]; returns the row's log-sum-exp.
+template <typename F>
+inline float merge_partials(int64_t nc, const F& part, int64_t D, float* dst) {
+  float M = -std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < nc; ++c) M = std::max(M, part(c)[0]);
+  float L = 0.0f;
+  std::fill(dst, dst + D, 0.0f);
+  for (int64_t c = 0; c < nc; ++c) {
+    const float* pc = part(c);
+    const float w = std::exp(pc[0] - M);
+    L += pc[1] * w;
+    __m256 wv = _mm256_set1_ps(w);
+    for (int64_t d = 0; d < D; d += 8)
+      _mm256_storeu_ps(dst + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(pc + 2 + d), _mm256_loadu_ps(dst + d)));
+  }
+  __m256 Lv = _mm256_set1_ps(L);
+  for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(dst + d, _mm256_div_ps(_mm256_loadu_ps(dst + d), Lv));
+  return M + std::log(L);
+}
+
 // Partial layout: per (row, chunk) D + 2 floats: m, l, o[D].
 template <typename KT>
 void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask,
@@ -492,26 +513,71 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         auto part = [&](int64_t c) -> const float* {
           return c < nfull ? pbase + (c * GT + r) * P : tail + ((c - nfull) * G + g) * P;
         };
-        const int64_t nc = nfull + tch;
-        float M = -std::numeric_limits<float>::infinity();
-        for (int64_t c = 0; c < nc; ++c) M = std::max(M, part(c)[0]);
-        float L = 0.0f;
-        float* dst = od + (b * T + t) * H * D + (kh * G + g) * D;
-        std::fill(dst, dst + D, 0.0f);
-        for (int64_t c = 0; c < nc; ++c) {
-          const float* pc = part(c);
-          const float w = std::exp(pc[0] - M);
-          L += pc[1] * w;
-          __m256 wv = _mm256_set1_ps(w);
-          for (int64_t d = 0; d < D; d += 8)
-            _mm256_storeu_ps(dst + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(pc + 2 + d), _mm256_loadu_ps(dst + d)));
-        }
-        __m256 Lv = _mm256_set1_ps(L);
-        for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(dst + d, _mm256_div_ps(_mm256_loadu_ps(dst + d), Lv));
-        if (ld) ld[(b * T + t) * H + kh * G + g] = M + std::log(L);
+        const float l = merge_partials(nfull + tch, part, D, od + (b * T + t) * H * D + (kh * G + g) * D);
+        if (ld) ld[(b * T + t) * H + kh * G + g] = l;
       }
     }
   });
+}
+
+// One token's attention (q [1, 1, H, D], scaled) in which each KV head reads its own list of key
+// rows (rows [KH, R]: entry indices into k/v [1, KH, S, D]) in place: chunks of `chunk` rows by
+// ordinal in the list, merged in order. The arithmetic of `attention` over the listed rows, so a
+// gathered copy of them gives the same bits. The sparse draft's attention (`SparseKV`).
+template <typename KT>
+void attention_rows_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
+                         int64_t chunk, at::Tensor& out) {
+  const int64_t H = q.size(2), D = q.size(3), KH = k.size(1), G = H / KH, R = rows.size(1), P = D + 2;
+  const int64_t nc = (R + chunk - 1) / chunk;
+  const float* qd = q.data_ptr<float>();
+  const KT* kd = k.data_ptr<KT>();
+  const KT* vd = v.data_ptr<KT>();
+  const int64_t* rd = rows.data_ptr<int64_t>();
+  const int64_t qsh = q.stride(2), ksh = k.stride(1), kss = k.stride(2), vsh = v.stride(1), vss = v.stride(2);
+  std::vector<float> parts(static_cast<size_t>(KH * nc * G * P));  // [KH, nc, G, P]
+  at::parallel_for(0, KH * nc, 1, [&](int64_t begin, int64_t end) {
+    KVRows<KT> kv;
+    std::vector<const float*> qp(G);
+    static thread_local Scratch s_buf;
+    float* s = s_buf.get(static_cast<size_t>(G) * ((chunk + 7) & ~7));
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t c = it % nc, kh = it / nc, c0 = c * chunk;
+      const int nk = static_cast<int>(std::min(chunk, R - c0));
+      kv.fill(kd + kh * ksh, vd + kh * vsh, kss, vss, rd + kh * R + c0, nk);
+      for (int64_t g = 0; g < G; ++g) qp[g] = qd + (kh * G + g) * qsh;
+      chunk_partial(static_cast<int>(G), qp.data(), nk, kv.kp.data(), kv.vp.data(), nullptr, nullptr,
+                    static_cast<int>(D), s, parts.data() + it * G * P);
+    }
+  });
+  float* od = out.data_ptr<float>();
+  for (int64_t kh = 0; kh < KH; ++kh)
+    for (int64_t g = 0; g < G; ++g)
+      merge_partials(nc, [&](int64_t c) -> const float* { return parts.data() + ((kh * nc + c) * G + g) * P; }, D,
+                     od + (kh * G + g) * D);
+}
+
+at::Tensor attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
+                          int64_t chunk) {
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && q.size(1) == 1, "attention_rows: q must be [1, 1, H, D]");
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "attention_rows: q must be float32");
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.size(0) == 1 && v.sizes() == k.sizes(), "attention_rows: k/v [1,KH,S,D]");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "attention_rows: k and v dtypes differ");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "attention_rows: last dim must be contiguous");
+  const int64_t H = q.size(2), D = q.size(3), KH = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(3) == D && D % 8 == 0 && H % KH == 0, "attention_rows: shapes disagree");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 2 && rows.size(0) == KH && rows.size(1) >= 1 &&
+                  rows.is_contiguous(),
+              "attention_rows: rows must be contiguous int64 [KH, R >= 1]");
+  TORCH_CHECK(chunk >= 8 && chunk % 8 == 0, "attention_rows: chunk must be a positive multiple of 8");
+  TORCH_CHECK(rows.min().item<int64_t>() >= 0 && rows.max().item<int64_t>() < S, "attention_rows: a row lies outside k");
+  at::Tensor out = at::empty({1, 1, H * D}, q.options());
+  switch (k.scalar_type()) {
+    case at::kFloat: attention_rows_impl<float>(q, k, v, rows, chunk, out); break;
+    case at::kBFloat16: attention_rows_impl<c10::BFloat16>(q, k, v, rows, chunk, out); break;
+    case at::kHalf: attention_rows_impl<c10::Half>(q, k, v, rows, chunk, out); break;
+    default: TORCH_CHECK(false, "attention_rows: K/V must be float32, bfloat16 or float16");
+  }
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -558,6 +624,84 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
     default: TORCH_CHECK(false, "attention: K/V must be float32, bfloat16, float16 or int8");
   }
   return {out, lse};
+}
+
+// The sparse draft's choice for one query (q [1, 1, H, D], scaled) in one layer: each KV head's
+// G query rows, quantized to int8 as `attention` quantizes them over int8 keys, score the int8
+// keys kq [KH, >= b, D] (row scales ks [KH, >= b]) of entries [a, b) by integer dot products;
+// each row's softmax over those entries, summed over the group, weighs an entry; the top
+// `budget` of them by weight come back ascending, [KH, budget] int64.
+at::Tensor sparse_select_i8(const at::Tensor& q, const at::Tensor& kq, const at::Tensor& ks, int64_t a, int64_t b,
+                            int64_t budget) {
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && q.size(1) == 1 && q.scalar_type() == at::kFloat && q.stride(3) == 1,
+              "sparse_select_i8: q must be float32 [1, 1, H, D]");
+  TORCH_CHECK(kq.dim() == 3 && kq.scalar_type() == at::kChar && kq.stride(2) == 1,
+              "sparse_select_i8: kq must be int8 [KH, S, D], last dim contiguous");
+  TORCH_CHECK(ks.dim() == 2 && ks.scalar_type() == at::kFloat && ks.size(0) == kq.size(0) && ks.size(1) == kq.size(1),
+              "sparse_select_i8: ks must be float32 [KH, S]");
+  const int64_t H = q.size(2), D = q.size(3), KH = kq.size(0), G = H / KH, M = b - a;
+  TORCH_CHECK(kq.size(2) == D && D % 32 == 0 && H % KH == 0, "sparse_select_i8: shapes disagree (D % 32 == 0)");
+  TORCH_CHECK(0 <= a && a < b && b <= kq.size(1) && 1 <= budget && budget <= M,
+              "sparse_select_i8: need 0 <= a < b <= S and 1 <= budget <= b - a");
+  const float* qd = q.data_ptr<float>();
+  const int8_t* kd = kq.data_ptr<int8_t>();
+  const float* sd = ks.data_ptr<float>();
+  const int64_t kh_s = kq.stride(0), k_s = kq.stride(1), sh_s = ks.stride(0), s_s = ks.stride(1);
+  std::vector<int8_t> q8(H * D);
+  std::vector<float> qs(H);
+  for (int64_t h = 0; h < H; ++h) qs[h] = quantize_row(qd + h * q.stride(2), D, q8.data() + h * D);
+  // scores [KH, G, M], four keys at a time, in blocks of entries the two threads share
+  std::vector<float> sc(static_cast<size_t>(KH * G * M));
+  constexpr int64_t SPAN = 1024;
+  const int64_t spans = (M + SPAN - 1) / SPAN;
+  at::parallel_for(0, KH * spans, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t kh = it / spans, j0 = (it % spans) * SPAN, j1 = std::min(M, j0 + SPAN);
+      const int8_t* qr[3];
+      for (int64_t g0 = 0; g0 < G; g0 += 3) {
+        const int rr = static_cast<int>(std::min<int64_t>(3, G - g0));
+        for (int r = 0; r < 3; ++r) qr[r] = q8.data() + (kh * G + g0 + std::min(r, rr - 1)) * D;
+        for (int64_t j = j0; j < j1; j += 4) {
+          const int8_t* kj[4];
+          for (int t = 0; t < 4; ++t) kj[t] = kd + kh * kh_s + (a + std::min(j + t, j1 - 1)) * k_s;
+          float tmp[3][4];
+          float* sr[3] = {tmp[0], tmp[1], tmp[2]};
+          switch (rr) {
+            case 1: scores_i8<1>(qr, kj, static_cast<int>(D), sr); break;
+            case 2: scores_i8<2>(qr, kj, static_cast<int>(D), sr); break;
+            default: scores_i8<3>(qr, kj, static_cast<int>(D), sr); break;
+          }
+          for (int r = 0; r < rr; ++r)
+            for (int t = 0; t < 4 && j + t < j1; ++t)
+              sc[((kh * G + g0 + r) * M) + j + t] = tmp[r][t] * qs[kh * G + g0 + r] * sd[kh * sh_s + (a + j + t) * s_s];
+        }
+      }
+    }
+  });
+  at::Tensor out = at::empty({KH, budget}, at::TensorOptions().dtype(at::kLong));
+  int64_t* od = out.data_ptr<int64_t>();
+  at::parallel_for(0, KH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(M);
+    std::vector<int64_t> idx(M);
+    for (int64_t kh = begin; kh < end; ++kh) {
+      std::fill(w.begin(), w.end(), 0.0f);
+      for (int64_t g = 0; g < G; ++g) {  // each row's softmax, added to the group's weights
+        float* sr = sc.data() + (kh * G + g) * M;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < M; ++j) m = std::max(m, sr[j]);
+        float l = 0.0f;
+        for (int64_t j = 0; j < M; ++j) l += (sr[j] = std::exp(sr[j] - m));
+        const float inv = 1.0f / l;
+        for (int64_t j = 0; j < M; ++j) w[j] += sr[j] * inv;
+      }
+      for (int64_t j = 0; j < M; ++j) idx[j] = j;
+      std::nth_element(idx.begin(), idx.begin() + budget, idx.end(),
+                       [&](int64_t x, int64_t y) { return w[x] > w[y] || (w[x] == w[y] && x < y); });
+      std::sort(idx.begin(), idx.begin() + budget);
+      for (int64_t i = 0; i < budget; ++i) od[kh * budget + i] = a + idx[i];
+    }
+  });
+  return out;
 }
 
 // x [B, KH, T, D] float32 -> q int8 and scale [B, KH, T], written in place (views of a cache):
@@ -1368,6 +1512,8 @@ at::Tensor attn_out_mlp(const at::Tensor& x, const at::Tensor& att, const at::Te
 TORCH_LIBRARY(tokenswift, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, int chunk, bool want_lse, Tensor? k_scale=None, "
         "Tensor? v_scale=None) -> (Tensor, Tensor)");
+  m.def("attention_rows(Tensor q, Tensor k, Tensor v, Tensor rows, int chunk) -> Tensor");
+  m.def("sparse_select_i8(Tensor q, Tensor kq, Tensor ks, int a, int b, int budget) -> Tensor");
   m.def("quantize_q8(Tensor x, Tensor(a!) q, Tensor(b!) scale) -> ()");
   m.def("pack_linear(Tensor w) -> Tensor");
   m.def("linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
@@ -1387,6 +1533,8 @@ TORCH_LIBRARY(tokenswift, m) {
 
 TORCH_LIBRARY_IMPL(tokenswift, CPU, m) {
   m.impl("attention", &attention);
+  m.impl("attention_rows", &attention_rows);
+  m.impl("sparse_select_i8", &sparse_select_i8);
   m.impl("quantize_q8", &quantize_q8);
   m.impl("pack_linear", &pack_linear);
   m.impl("linear", &linear);
