@@ -650,8 +650,9 @@ at::Tensor sparse_select_i8(const at::Tensor& q, const at::Tensor& kq, const at:
   std::vector<int8_t> q8(H * D);
   std::vector<float> qs(H);
   for (int64_t h = 0; h < H; ++h) qs[h] = quantize_row(qd + h * q.stride(2), D, q8.data() + h * D);
-  // scores [KH, G, M], four keys at a time, in blocks of entries the two threads share
-  std::vector<float> sc(static_cast<size_t>(KH * G * M));
+  // scores [KH, G, Mp] (rows padded to 8 with -inf), four keys at a time, in spans the threads share
+  const int64_t Mp = (M + 7) & ~int64_t{7};
+  std::vector<float> sc(static_cast<size_t>(KH * G * Mp), -std::numeric_limits<float>::infinity());
   constexpr int64_t SPAN = 1024;
   const int64_t spans = (M + SPAN - 1) / SPAN;
   at::parallel_for(0, KH * spans, 1, [&](int64_t begin, int64_t end) {
@@ -673,26 +674,43 @@ at::Tensor sparse_select_i8(const at::Tensor& q, const at::Tensor& kq, const at:
           }
           for (int r = 0; r < rr; ++r)
             for (int t = 0; t < 4 && j + t < j1; ++t)
-              sc[((kh * G + g0 + r) * M) + j + t] = tmp[r][t] * qs[kh * G + g0 + r] * sd[kh * sh_s + (a + j + t) * s_s];
+              sc[(kh * G + g0 + r) * Mp + j + t] = tmp[r][t] * qs[kh * G + g0 + r] * sd[kh * sh_s + (a + j + t) * s_s];
         }
       }
     }
   });
+  // each row's softmax, in place
+  at::parallel_for(0, KH * G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* sr = sc.data() + r * Mp;
+      __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int64_t j = 0; j < Mp; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sr + j));
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, mx);
+      float m = lanes[0];
+      for (float l : lanes) m = std::max(m, l);
+      __m256 mv = _mm256_set1_ps(m), lv = _mm256_setzero_ps();
+      for (int64_t j = 0; j < Mp; j += 8) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv));
+        _mm256_storeu_ps(sr + j, e);
+        lv = _mm256_add_ps(lv, e);
+      }
+      const __m256 inv = _mm256_set1_ps(1.0f / hsum(lv));
+      for (int64_t j = 0; j < Mp; j += 8) _mm256_storeu_ps(sr + j, _mm256_mul_ps(_mm256_loadu_ps(sr + j), inv));
+    }
+  });
+  // per KV head: the group's weights, and their top `budget` entries
   at::Tensor out = at::empty({KH, budget}, at::TensorOptions().dtype(at::kLong));
   int64_t* od = out.data_ptr<int64_t>();
   at::parallel_for(0, KH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> w(M);
+    std::vector<float> w(Mp);
     std::vector<int64_t> idx(M);
     for (int64_t kh = begin; kh < end; ++kh) {
       std::fill(w.begin(), w.end(), 0.0f);
-      for (int64_t g = 0; g < G; ++g) {  // each row's softmax, added to the group's weights
-        float* sr = sc.data() + (kh * G + g) * M;
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < M; ++j) m = std::max(m, sr[j]);
-        float l = 0.0f;
-        for (int64_t j = 0; j < M; ++j) l += (sr[j] = std::exp(sr[j] - m));
-        const float inv = 1.0f / l;
-        for (int64_t j = 0; j < M; ++j) w[j] += sr[j] * inv;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* sr = sc.data() + (kh * G + g) * Mp;
+        for (int64_t j = 0; j < Mp; j += 8)
+          _mm256_storeu_ps(w.data() + j, _mm256_add_ps(_mm256_loadu_ps(w.data() + j), _mm256_loadu_ps(sr + j)));
       }
       for (int64_t j = 0; j < M; ++j) idx[j] = j;
       std::nth_element(idx.begin(), idx.begin() + budget, idx.end(),
