@@ -703,8 +703,7 @@ at::Tensor sparse_select_i8(const at::Tensor& q, const at::Tensor& kq, const at:
   at::Tensor out = at::empty({KH, budget}, at::TensorOptions().dtype(at::kLong));
   int64_t* od = out.data_ptr<int64_t>();
   at::parallel_for(0, KH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> w(Mp);
-    std::vector<int64_t> idx(M);
+    std::vector<float> w(Mp), sel(M);
     for (int64_t kh = begin; kh < end; ++kh) {
       std::fill(w.begin(), w.end(), 0.0f);
       for (int64_t g = 0; g < G; ++g) {
@@ -712,11 +711,17 @@ at::Tensor sparse_select_i8(const at::Tensor& q, const at::Tensor& kq, const at:
         for (int64_t j = 0; j < Mp; j += 8)
           _mm256_storeu_ps(w.data() + j, _mm256_add_ps(_mm256_loadu_ps(w.data() + j), _mm256_loadu_ps(sr + j)));
       }
-      for (int64_t j = 0; j < M; ++j) idx[j] = j;
-      std::nth_element(idx.begin(), idx.begin() + budget, idx.end(),
-                       [&](int64_t x, int64_t y) { return w[x] > w[y] || (w[x] == w[y] && x < y); });
-      std::sort(idx.begin(), idx.begin() + budget);
-      for (int64_t i = 0; i < budget; ++i) od[kh * budget + i] = a + idx[i];
+      // the budget-th largest weight, then the entries above it and, in entry order, enough of those
+      // equal to it: ascending without a sort
+      std::copy(w.begin(), w.begin() + M, sel.begin());
+      std::nth_element(sel.begin(), sel.begin() + (M - budget), sel.end());
+      const float thr = sel[M - budget];
+      int64_t above = 0;
+      for (int64_t j = 0; j < M; ++j) above += w[j] > thr;
+      int64_t ties = budget - above, n = 0;
+      int64_t* dst = od + kh * budget;
+      for (int64_t j = 0; j < M && n < budget; ++j)
+        if (w[j] > thr || (w[j] == thr && ties-- > 0)) dst[n++] = a + j;
     }
   });
   return out;
