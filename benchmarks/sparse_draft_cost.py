@@ -10,7 +10,6 @@ included; the step is `ar`'s. Run it alone on the machine.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
@@ -19,16 +18,7 @@ import torch
 import tokenswift
 from tokenswift.bench import default_text
 from tokenswift.cache import KVCache, SparseKV
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()  # warm
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+from verify_cost import median_ms  # this folder's: the scripts run as python benchmarks/NAME.py
 
 
 def main() -> None:
