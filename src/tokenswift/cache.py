@@ -227,8 +227,10 @@ class SparseKV:
 
     A KV head's score of an entry sums its query group's softmax weights over the scored entries.
     The view holds the main cache (`attach`): its entries, positions and length are main's, and a
-    draft pass writes its K/V there as on the main cache (truncated away afterwards). This is the
-    torch reference: it gathers the chosen rows, so it measures agreement, not speed."""
+    draft pass writes its K/V there as on the main cache (truncated away afterwards). Where
+    attention runs natively, the int8 scorer's choice and the attention over the chosen rows are
+    native kernels (`sparse_select_i8`, `attention_rows`); elsewhere, and for the other scorers,
+    torch computes the scores and gathers the rows (a reference for agreement, not for speed)."""
 
     ordered = False  # attention mixes positions per head: no sliding-window masks
     quantized = False
