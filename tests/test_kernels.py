@@ -119,30 +119,6 @@ def test_attention_over_listed_rows_equals_attention_over_their_copy_bitwise(dty
         assert torch.allclose(one, ref, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("S,budget", [(3000, 150), (700, 1), (400, 320)])
-def test_sparse_select_takes_the_top_budget_by_the_groups_softmax_over_int8_scores(S, budget):
-    """The chosen entries are a top-`budget` set of the weights recomputed in float64 from the
-    same integer scores (ties aside), ascending and distinct, inside [a, b)."""
-    H, KH, D = 9, 3, 64
-    G, a, b = H // KH, 16, S - 64
-    g = torch.Generator().manual_seed(S)
-    keys = torch.randn(1, KH, S, D, generator=g)
-    kq, ks = _q8(keys)
-    q = torch.randn(1, 1, H, D, generator=g) * 0.4
-    idx = kernels.sparse_select_i8(q, kq[0], ks[0], a, b, budget)
-    assert idx.shape == (KH, budget) and idx.dtype == torch.int64
-    q8, qs = kernels.quantize_q8_reference(q[0, 0].view(KH, G, D))
-    dots = q8.double() @ kq[0, :, a:b].double().transpose(-1, -2)  # [KH, G, M]
-    w = torch.softmax(dots * qs.double()[..., None] * ks[0, :, None, a:b].double(), -1).sum(1)  # [KH, M]
-    for h in range(KH):
-        chosen = idx[h] - a
-        assert (chosen[1:] > chosen[:-1]).all() and chosen.min() >= 0 and chosen.max() < b - a
-        rest = torch.ones(b - a, dtype=torch.bool)
-        rest[chosen] = False
-        if rest.any():
-            assert w[h, chosen].min() >= w[h, rest].max() * (1 - 1e-5)
-
-
 def test_attention_over_listed_rows_names_bad_rows():
     q, k, v = _qkv(1, 1, 4, 2, 10, 16, torch.float32)
     with pytest.raises(RuntimeError, match="a row lies outside k"):
@@ -261,3 +237,55 @@ def test_fallback_when_disabled():
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "TOKENSWIFT_NATIVE=0", "fused"]
     assert "native CPU kernels off: TOKENSWIFT_NATIVE=0" in r.stderr
+
+
+@pytest.mark.parametrize("S,budget,dims", [(3000, 150, 16), (700, 1, 8), (400, 320, 64), (9000, 2000, 16), (99, 5, 4)])
+def test_sparse_select_dims_equals_its_reference(S, budget, dims):
+    """The native choice from the dimension-major int8 copy is `SparseKV`'s torch reference's
+    entry for entry (the same integers, the same float products, ties to the earlier entry), with
+    the sinks before and the recent window after; spans off 32 and past 4,096 entries included."""
+    from tokenswift.cache import SparseKV
+    from tokenswift.config import ModelConfig
+
+    H, KH, D = 9, 3, 64
+    cfg = ModelConfig(arch="llama", vocab_size=32, hidden_size=H * D, intermediate_size=8, num_layers=1, num_heads=H,
+                      num_kv_heads=KH, head_dim=D)
+    g = torch.Generator().manual_seed(S + dims)
+    view = SparseKV(cfg, budget=budget, sinks=16, recent=64 if S > 200 else 8, scorer=f"dims:{dims}")
+
+    class Main:  # what attach reads of a cache
+        k = torch.randn(1, 1, KH, S + 5, D, generator=g).to(torch.float16)
+    view.attach(Main, S)
+    q = torch.randn(1, 1, H, D, generator=g) * 0.6
+    q[0, 0, :, 5] *= 6  # a dominant dimension, as RoPE's low frequencies give
+    a, b = view.sinks, S - view.recent
+    rows = kernels.sparse_select_dims(q, view.kq[0], view.ks[0, :, :, 0], a, b, S, budget, dims)
+    assert rows.shape == (KH, a + budget + S - b)
+    assert torch.equal(rows[:, :a], torch.arange(a).expand(KH, -1))
+    assert torch.equal(rows[:, a + budget :], torch.arange(b, S).expand(KH, -1))
+    w = view.dims_scores(0, q[0, 0].view(KH, H // KH, D), a, b)  # [KH, M]
+    ref = torch.sort(w, dim=-1, descending=True, stable=True).indices[:, :budget].sort(-1).values + a
+    assert torch.equal(rows[:, a : a + budget], ref)
+
+
+def test_sparse_select_dims_breaks_ties_by_the_earlier_entry():
+    """Entries with equal keys score equal: the earlier ones are taken (as the reference's stable sort)."""
+    from tokenswift.cache import SparseKV
+    from tokenswift.config import ModelConfig
+
+    H, KH, D, S = 4, 2, 32, 600
+    cfg = ModelConfig(arch="llama", vocab_size=32, hidden_size=H * D, intermediate_size=8, num_layers=1, num_heads=H,
+                      num_kv_heads=KH, head_dim=D)
+    view = SparseKV(cfg, budget=37, sinks=4, recent=8, scorer="dims:8")
+
+    class Main:
+        k = torch.randn(1, 1, KH, 20, D).repeat(1, 1, 1, 30, 1)  # each key 30 times
+    view.attach(Main, S)
+    q = torch.randn(1, 1, H, D)
+    rows = kernels.sparse_select_dims(q, view.kq[0], view.ks[0, :, :, 0], 4, S - 8, S, 37, 8)
+    w = view.dims_scores(0, q[0, 0].view(KH, H // KH, D), 4, S - 8)
+    for h in range(KH):
+        # the 37 best: whole copies of the best keys, then the earliest copies of the next
+        order = torch.sort(w[h], descending=True, stable=True).indices[:37].sort().values + 4
+        assert torch.equal(rows[h, 4:41], order)
+        assert len(set(w[h, rows[h, 4:41] - 4].tolist())) < 37  # ties were there to break

@@ -310,3 +310,20 @@ def test_the_embedded_model_loads_in_200_mb():
     kind, mib = r.stdout.split()
     print(f"embedded model: RSS grows {mib} MiB")
     assert kind == "mixed" and int(mib) <= 200
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_a_subset_of_rows_gives_the_full_matrixs_outputs_at_them(qtype):
+    """`subset(ids)`: the rows alone, still blocks (the draft's head over part of the vocabulary):
+    its outputs are the whole matrix's at those rows, bit for bit, for 1 and 5 input rows; the
+    float panels' subset likewise."""
+    w, b, x, ql, wd = _case(qtype, (300, 96), seed=7)
+    ids = torch.tensor([0, 1, 47, 48, 49, 95, 96, 150, 299])
+    sub = ql.subset(ids)
+    assert sub.shape == (9, 96) and torch.equal(sub.dense(), wd[ids])
+    for M in (1, 5):
+        assert torch.equal(sub.matmul(x[:M]), ql.matmul(x[:M])[:, ids])
+    pl = PackedLinear(wd)
+    assert torch.equal(pl.subset(ids).matmul(x[:3]), pl.matmul(x[:3])[:, ids])
+    with pytest.raises(RuntimeError, match=r"row 300 outside \[0, 300\)"):
+        ql.subset(torch.tensor([3, 300]))

@@ -6,8 +6,8 @@
   that every row's bits equal a one-token pass's.
 - `attention_rows`: one token's attention over a list of rows per KV head, read in place (the
   sparse draft's per-query selection), with `attention`'s arithmetic over those rows.
-- `sparse_select_i8`: the sparse draft's choice of those rows, scored against an int8 copy of
-  the keys by integer dot products.
+- `sparse_select_dims`: the sparse draft's choice of those rows, scored by the query group's
+  largest dimensions against an int8 copy of the keys kept dimension-major.
 - `quantize_q8`: K/V rows to int8 with one float32 scale per row, in place into a cache. Over
   int8 keys the scores are integer dot products with the query rows quantized the same way.
 - `PackedLinear`: a float32 weight matrix packed into 48-output panels; each output is one FMA
@@ -151,18 +151,21 @@ def attention_rows(
     return torch.ops.tokenswift.attention_rows(q, k, v, rows, chunk)
 
 
-def sparse_select_i8(
+def sparse_select_dims(
     q: torch.Tensor,  # [1, 1, H, D] float32, already scaled
-    kq: torch.Tensor,  # [KH, S, D] int8: a layer of the keys' int8 copy (D % 32 == 0)
-    ks: torch.Tensor,  # [KH, S] float32: their row scales
+    kt: torch.Tensor,  # [KH, D, >= S] int8: a layer of the keys' int8 copy, dimension-major
+    ks: torch.Tensor,  # [KH, >= S] float32: their row scales
     a: int,
     b: int,
+    S: int,
     budget: int,
-) -> torch.Tensor:  # [KH, budget] int64, ascending
-    """The sparse draft's choice among entries [a, b): per KV head, the query group's int8 rows
-    score the int8 keys (integer dot products, as `attention` over int8 keys), each row's softmax
-    is summed over the group, and the top `budget` entries by that weight are returned."""
-    return torch.ops.tokenswift.sparse_select_i8(q, kq, ks, a, b, budget)
+    dims: int,
+) -> torch.Tensor:  # [KH, a + budget + S - b] int64, ascending
+    """The sparse draft's rows: entries [0, a), the top `budget` of [a, b) and [b, S), per KV head.
+    The top by the `dims` scorer (`SparseKV`): the `dims` dimensions where the query group's |q|
+    is largest, integer dot products with the query rounded to 7 bits, each row's softmax summed
+    over the group."""
+    return torch.ops.tokenswift.sparse_select_dims(q, kt, ks, a, b, S, budget, dims)
 
 
 def quantize_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
@@ -225,6 +228,10 @@ class PackedLinear:
         N, K = self.shape
         return self.packed.transpose(1, 2).reshape(-1, K)[:N].contiguous()
 
+    def subset(self, ids: torch.Tensor) -> "PackedLinear":
+        """The rows ids [n] (int64) alone: its outputs are this matrix's at those rows."""
+        return PackedLinear(self.packed[ids // 48, :, ids % 48])
+
 
 def linear_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w^T + b in float64, rounded to float32."""
@@ -274,6 +281,14 @@ class QuantLinear:
 
     def dense(self) -> torch.Tensor:  # [N, K]
         return self.rows(torch.arange(self.shape[0]))
+
+    def subset(self, ids: torch.Tensor) -> "QuantLinear":
+        """The rows ids [n] (int64) alone, still blocks: its outputs are this matrix's at those rows."""
+        sub = object.__new__(QuantLinear)
+        sub.qtype, sub.shape, sub.dtype, sub.device, sub.act8 = self.qtype, (int(ids.numel()), self.shape[1]), \
+            self.dtype, self.device, self.act8
+        sub.packed = torch.ops.tokenswift.pack_q_rows(self.packed, QTYPES[self.qtype], self.shape[0], ids)
+        return sub
 
 
 def dequantize_reference(raw: torch.Tensor, qtype: str, shape: tuple[int, int]) -> torch.Tensor:

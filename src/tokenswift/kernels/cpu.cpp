@@ -368,6 +368,15 @@ struct KVRows {
       }
     }
   }
+  // rows scattered over the cache (a sparse list): their lines asked for before they are read, so
+  // that the misses overlap (`bytes` a row)
+  void prefetch(int64_t bytes) const {
+    for (size_t j = 0; j < kp.size(); ++j)
+      for (int64_t o = 0; o < bytes; o += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(kp[j]) + o, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(vp[j]) + o, _MM_HINT_T0);
+      }
+  }
   const float* kscale() const { return ks.empty() ? nullptr : ks.data(); }
   const float* vscale() const { return vs.empty() ? nullptr : vs.data(); }
 };
@@ -544,6 +553,7 @@ void attention_rows_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
       const int64_t c = it % nc, kh = it / nc, c0 = c * chunk;
       const int nk = static_cast<int>(std::min(chunk, R - c0));
       kv.fill(kd + kh * ksh, vd + kh * vsh, kss, vss, rd + kh * R + c0, nk);
+      kv.prefetch(D * static_cast<int64_t>(sizeof(KT)));
       for (int64_t g = 0; g < G; ++g) qp[g] = qd + (kh * G + g) * qsh;
       chunk_partial(static_cast<int>(G), qp.data(), nk, kv.kp.data(), kv.vp.data(), nullptr, nullptr,
                     static_cast<int>(D), s, parts.data() + it * G * P);
@@ -626,102 +636,180 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
   return {out, lse};
 }
 
-// The sparse draft's choice for one query (q [1, 1, H, D], scaled) in one layer: each KV head's
-// G query rows, quantized to int8 as `attention` quantizes them over int8 keys, score the int8
-// keys kq [KH, >= b, D] (row scales ks [KH, >= b]) of entries [a, b) by integer dot products;
-// each row's softmax over those entries, summed over the group, weighs an entry; the top
-// `budget` of them by weight come back ascending, [KH, budget] int64.
-at::Tensor sparse_select_i8(const at::Tensor& q, const at::Tensor& kq, const at::Tensor& ks, int64_t a, int64_t b,
-                            int64_t budget) {
+// 32 entries [j, j+32) of one KV head against a query's 7-bit codes (four to an int32 of qpat)
+// over `dims` dims of the dimension-major copy (rows base + dm[i] * ld): integer dot products
+// with the keys offset to unsigned bytes for maddubs, four dims at a time (their bytes
+// interleaved in registers), out[32] in entry order.
+inline void dims_block32(const int8_t* base, int64_t ld, const int64_t* dm, int64_t nq, const int32_t* qpat,
+                         int64_t j, int32_t* out) {
+  const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+  for (int64_t t = 0; t < nq; ++t) {
+    const __m256i A = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + dm[4 * t] * ld + j));
+    const __m256i B = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + dm[4 * t + 1] * ld + j));
+    const __m256i C = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + dm[4 * t + 2] * ld + j));
+    const __m256i E = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + dm[4 * t + 3] * ld + j));
+    // per 128-bit lane: its entries 0-7 (lo) / 8-15 (hi), the four dims' bytes side by side
+    const __m256i ab0 = _mm256_unpacklo_epi8(A, B), ab1 = _mm256_unpackhi_epi8(A, B);
+    const __m256i ce0 = _mm256_unpacklo_epi8(C, E), ce1 = _mm256_unpackhi_epi8(C, E);
+    const __m256i z[4] = {_mm256_unpacklo_epi16(ab0, ce0), _mm256_unpackhi_epi16(ab0, ce0),
+                          _mm256_unpacklo_epi16(ab1, ce1), _mm256_unpackhi_epi16(ab1, ce1)};
+    const __m256i qv = _mm256_set1_epi32(qpat[t]);
+    for (int r = 0; r < 4; ++r)  // (k + 128) as unsigned bytes times the signed codes
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_xor_si256(z[r], flip), qv), ones));
+  }
+  // z[r] held entries 4r..4r+3 in its low lane and 16+4r.. in its high lane: back to entry order
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute2x128_si256(acc[0], acc[1], 0x20));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8), _mm256_permute2x128_si256(acc[2], acc[3], 0x20));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), _mm256_permute2x128_si256(acc[0], acc[1], 0x31));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 24), _mm256_permute2x128_si256(acc[2], acc[3], 0x31));
+}
+
+// The sparse draft's rows for one query (q [1, 1, H, D], scaled) in one layer, scored against an
+// int8 copy of the keys kept dimension-major (kt [KH, D, >= S]: row d holds dim d of every entry;
+// ks [KH, >= S] the entries' row scales), as SparQ scores keys by the query's largest dimensions.
+// Per KV head the group's query rows are summed (one query a KV head: its top entries are what
+// the group's summed softmax keeps, nearly — DESIGN.md), its `dims` largest |values| rounded to
+// 7 bits (scale max/64), and every entry of [a, b) scored by an integer dot product over those
+// dims (`dims_block32`) times its row scale. Rows out: [0, a) (sinks), the top `budget` of
+// [a, b) by score (ties: the earlier entry), then [b, S) (the recent window), ascending:
+// [KH, a + budget + S - b] int64, equal to `SparseKV`'s torch reference entry for entry. The top
+// `budget` come from a floor estimated on a sample of the scores, then an exact choice among the
+// entries above it: one pass over the scores, no sort of them all.
+at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& ks, int64_t a, int64_t b,
+                              int64_t S, int64_t budget, int64_t dims) {
   TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && q.size(1) == 1 && q.scalar_type() == at::kFloat && q.stride(3) == 1,
-              "sparse_select_i8: q must be float32 [1, 1, H, D]");
-  TORCH_CHECK(kq.dim() == 3 && kq.scalar_type() == at::kChar && kq.stride(2) == 1,
-              "sparse_select_i8: kq must be int8 [KH, S, D], last dim contiguous");
-  TORCH_CHECK(ks.dim() == 2 && ks.scalar_type() == at::kFloat && ks.size(0) == kq.size(0) && ks.size(1) == kq.size(1),
-              "sparse_select_i8: ks must be float32 [KH, S]");
-  const int64_t H = q.size(2), D = q.size(3), KH = kq.size(0), G = H / KH, M = b - a;
-  TORCH_CHECK(kq.size(2) == D && D % 32 == 0 && H % KH == 0, "sparse_select_i8: shapes disagree (D % 32 == 0)");
-  TORCH_CHECK(0 <= a && a < b && b <= kq.size(1) && 1 <= budget && budget <= M,
-              "sparse_select_i8: need 0 <= a < b <= S and 1 <= budget <= b - a");
+              "sparse_select_dims: q must be float32 [1, 1, H, D]");
+  TORCH_CHECK(kt.dim() == 3 && kt.scalar_type() == at::kChar && kt.stride(2) == 1,
+              "sparse_select_dims: kt must be int8 [KH, D, S], last dim contiguous");
+  TORCH_CHECK(ks.dim() == 2 && ks.scalar_type() == at::kFloat && ks.size(0) == kt.size(0) && ks.stride(1) == 1 &&
+                  ks.size(1) >= kt.size(2),
+              "sparse_select_dims: ks must be float32 [KH, S], last dim contiguous");
+  const int64_t H = q.size(2), D = q.size(3), KH = kt.size(0), G = H / KH, M = b - a;
+  TORCH_CHECK(kt.size(1) == D && H % KH == 0 && dims % 4 == 0 && 4 <= dims && dims <= D,
+              "sparse_select_dims: shapes disagree (dims a multiple of 4 in [4, D])");
+  TORCH_CHECK(0 <= a && a < b && b <= S && S <= kt.size(2) && 1 <= budget && budget <= M,
+              "sparse_select_dims: need 0 <= a < b <= S <= entries and 1 <= budget <= b - a");
   const float* qd = q.data_ptr<float>();
-  const int8_t* kd = kq.data_ptr<int8_t>();
+  const int8_t* kd = kt.data_ptr<int8_t>();
   const float* sd = ks.data_ptr<float>();
-  const int64_t kh_s = kq.stride(0), k_s = kq.stride(1), sh_s = ks.stride(0), s_s = ks.stride(1);
-  std::vector<int8_t> q8(H * D);
-  std::vector<float> qs(H);
-  for (int64_t h = 0; h < H; ++h) qs[h] = quantize_row(qd + h * q.stride(2), D, q8.data() + h * D);
-  // scores [KH, G, Mp] (rows padded to 8 with -inf), four keys at a time, in spans the threads share
-  const int64_t Mp = (M + 7) & ~int64_t{7};
-  std::vector<float> sc(static_cast<size_t>(KH * G * Mp), -std::numeric_limits<float>::infinity());
-  constexpr int64_t SPAN = 1024;
+  const int64_t qh_s = q.stride(2), kt_h = kt.stride(0), kt_d = kt.stride(1), ks_h = ks.stride(0);
+  const int64_t nq = dims / 4;
+  // per KV head: the group's summed query, its dims, their 7-bit codes (four to an int32 pattern)
+  // and the offset the unsigned keys add (128 times the codes' sum)
+  std::vector<int64_t> dim(KH * dims);
+  std::vector<int32_t> qpat(KH * nq);
+  std::vector<int8_t> q7(KH * dims);
+  std::vector<int32_t> corr(KH);
+  for (int64_t kh = 0; kh < KH; ++kh) {
+    std::vector<float> qm(qd + kh * G * qh_s, qd + kh * G * qh_s + D);
+    for (int64_t g = 1; g < G; ++g)
+      for (int64_t d = 0; d < D; ++d) qm[d] += qd[(kh * G + g) * qh_s + d];
+    std::vector<int64_t> order(D);
+    for (int64_t d = 0; d < D; ++d) order[d] = d;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return std::fabs(qm[x]) > std::fabs(qm[y]); });
+    std::sort(order.begin(), order.begin() + dims);
+    std::copy(order.begin(), order.begin() + dims, dim.begin() + kh * dims);
+    float amax = 0.0f;
+    for (int64_t i = 0; i < dims; ++i) amax = std::max(amax, std::fabs(qm[dim[kh * dims + i]]));
+    const float sc = amax / 64.0f;
+    int8_t* code = q7.data() + kh * dims;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < dims; ++i) {
+      code[i] = sc > 0.0f ? static_cast<int8_t>(std::nearbyint(qm[dim[kh * dims + i]] / sc)) : 0;
+      sum += code[i];
+    }
+    for (int64_t t = 0; t < nq; ++t) std::memcpy(&qpat[kh * nq + t], code + 4 * t, 4);
+    corr[kh] = 128 * sum;
+  }
+  // scores [KH, M] (scratch kept per thread between calls)
+  constexpr int64_t SPAN = 4096;
   const int64_t spans = (M + SPAN - 1) / SPAN;
+  constexpr int64_t STRIDE = 16;  // every 16th score goes to a sample as well (see below)
+  const int64_t ns = (M + STRIDE - 1) / STRIDE;
+  static thread_local Scratch sc_buf;
+  float* sc = sc_buf.get(static_cast<size_t>(KH * (M + ns)));
+  float* smp = sc + KH * M;  // [KH, ns]
   at::parallel_for(0, KH * spans, 1, [&](int64_t begin, int64_t end) {
+    alignas(32) int32_t dot[32];
     for (int64_t it = begin; it < end; ++it) {
       const int64_t kh = it / spans, j0 = (it % spans) * SPAN, j1 = std::min(M, j0 + SPAN);
-      const int8_t* qr[3];
-      for (int64_t g0 = 0; g0 < G; g0 += 3) {
-        const int rr = static_cast<int>(std::min<int64_t>(3, G - g0));
-        for (int r = 0; r < 3; ++r) qr[r] = q8.data() + (kh * G + g0 + std::min(r, rr - 1)) * D;
-        for (int64_t j = j0; j < j1; j += 4) {
-          const int8_t* kj[4];
-          for (int t = 0; t < 4; ++t) kj[t] = kd + kh * kh_s + (a + std::min(j + t, j1 - 1)) * k_s;
-          float tmp[3][4];
-          float* sr[3] = {tmp[0], tmp[1], tmp[2]};
-          switch (rr) {
-            case 1: scores_i8<1>(qr, kj, static_cast<int>(D), sr); break;
-            case 2: scores_i8<2>(qr, kj, static_cast<int>(D), sr); break;
-            default: scores_i8<3>(qr, kj, static_cast<int>(D), sr); break;
-          }
-          for (int r = 0; r < rr; ++r)
-            for (int t = 0; t < 4 && j + t < j1; ++t)
-              sc[(kh * G + g0 + r) * Mp + j + t] = tmp[r][t] * qs[kh * G + g0 + r] * sd[kh * sh_s + (a + j + t) * s_s];
+      const int8_t* base = kd + kh * kt_h + a;
+      const int64_t* dm = dim.data() + kh * dims;
+      const float* srow = sd + kh * ks_h + a;
+      float* out = sc + kh * M;
+      const __m256i off = _mm256_set1_epi32(corr[kh]);
+      int64_t j = j0;
+      for (; j + 32 <= j1; j += 32) {
+        dims_block32(base, kt_d, dm, nq, qpat.data() + kh * nq, j, dot);
+        for (int r = 0; r < 4; ++r) {
+          const __m256i d = _mm256_load_si256(reinterpret_cast<const __m256i*>(dot + 8 * r));
+          _mm256_storeu_ps(out + j + 8 * r,
+                           _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d, off)), _mm256_loadu_ps(srow + j + 8 * r)));
         }
+        smp[kh * ns + j / STRIDE] = out[j], smp[kh * ns + j / STRIDE + 1] = out[j + STRIDE];
+      }
+      for (; j < j1; ++j) {  // the last entries, one at a time: the same integers
+        int32_t d = 0;
+        for (int64_t i = 0; i < dims; ++i) d += q7[kh * dims + i] * base[dm[i] * kt_d + j];
+        out[j] = static_cast<float>(d) * srow[j];
+        if (j % STRIDE == 0) smp[kh * ns + j / STRIDE] = out[j];
       }
     }
   });
-  // each row's softmax, in place
-  at::parallel_for(0, KH * G, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      float* sr = sc.data() + r * Mp;
-      __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-      for (int64_t j = 0; j < Mp; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sr + j));
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, mx);
-      float m = lanes[0];
-      for (float l : lanes) m = std::max(m, l);
-      __m256 mv = _mm256_set1_ps(m), lv = _mm256_setzero_ps();
-      for (int64_t j = 0; j < Mp; j += 8) {
-        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv));
-        _mm256_storeu_ps(sr + j, e);
-        lv = _mm256_add_ps(lv, e);
-      }
-      const __m256 inv = _mm256_set1_ps(1.0f / hsum(lv));
-      for (int64_t j = 0; j < Mp; j += 8) _mm256_storeu_ps(sr + j, _mm256_mul_ps(_mm256_loadu_ps(sr + j), inv));
+  // per KV head, a floor below its budget-th score, from the sample of every 16th: the score a
+  // quarter more than its share of the sample (plus 8) beats. Every entry at or above it is a
+  // candidate; were there fewer than `budget`, all entries are
+  std::vector<float> floor_(KH);
+  at::parallel_for(0, KH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t kh = begin; kh < end; ++kh) {
+      float* sm = smp + kh * ns;
+      const int64_t k = std::min(ns - 1, budget * ns / M + budget * ns / M / 4 + 8);
+      std::nth_element(sm, sm + k, sm + ns, std::greater<float>());
+      floor_[kh] = sm[k];
     }
   });
-  // per KV head: the group's weights, and their top `budget` entries
-  at::Tensor out = at::empty({KH, budget}, at::TensorOptions().dtype(at::kLong));
+  std::vector<std::vector<int64_t>> cands(KH * spans);
+  auto gather = [&](int64_t it, float fl) {  // span it's entries scoring >= fl, in entry order
+    const int64_t kh = it / spans, j0 = (it % spans) * SPAN, j1 = std::min(M, j0 + SPAN);
+    const float* w = sc + kh * M;
+    const __m256 l = _mm256_set1_ps(fl);
+    std::vector<int64_t>& c = cands[it];
+    c.clear();
+    int64_t j = j0;
+    for (; j + 8 <= j1; j += 8)
+      for (int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(w + j), l, _CMP_GE_OQ)); m; m &= m - 1)
+        c.push_back(j + __builtin_ctz(m));
+    for (; j < j1; ++j)
+      if (w[j] >= fl) c.push_back(j);
+  };
+  at::parallel_for(0, KH * spans, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) gather(it, floor_[it / spans]);
+  });
+  // per KV head: the candidates in entry order, the budget-th of them by (score desc, entry asc),
+  // and out go those at or before it in that order, still in entry order
+  const int64_t R = a + budget + (S - b);
+  at::Tensor out = at::empty({KH, R}, at::TensorOptions().dtype(at::kLong));
   int64_t* od = out.data_ptr<int64_t>();
   at::parallel_for(0, KH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> w(Mp), sel(M);
+    std::vector<int64_t> all, nth;
     for (int64_t kh = begin; kh < end; ++kh) {
-      std::fill(w.begin(), w.end(), 0.0f);
-      for (int64_t g = 0; g < G; ++g) {
-        const float* sr = sc.data() + (kh * G + g) * Mp;
-        for (int64_t j = 0; j < Mp; j += 8)
-          _mm256_storeu_ps(w.data() + j, _mm256_add_ps(_mm256_loadu_ps(w.data() + j), _mm256_loadu_ps(sr + j)));
+      all.clear();
+      for (int64_t sp = 0; sp < spans; ++sp) all.insert(all.end(), cands[kh * spans + sp].begin(), cands[kh * spans + sp].end());
+      if (static_cast<int64_t>(all.size()) < budget) {  // the sample's floor was too high: every entry
+        all.resize(M);
+        for (int64_t j = 0; j < M; ++j) all[j] = j;
       }
-      // the budget-th largest weight, then the entries above it and, in entry order, enough of those
-      // equal to it: ascending without a sort
-      std::copy(w.begin(), w.begin() + M, sel.begin());
-      std::nth_element(sel.begin(), sel.begin() + (M - budget), sel.end());
-      const float thr = sel[M - budget];
-      int64_t above = 0;
-      for (int64_t j = 0; j < M; ++j) above += w[j] > thr;
-      int64_t ties = budget - above, n = 0;
-      int64_t* dst = od + kh * budget;
-      for (int64_t j = 0; j < M && n < budget; ++j)
-        if (w[j] > thr || (w[j] == thr && ties-- > 0)) dst[n++] = a + j;
+      const float* w = sc + kh * M;
+      auto before = [&](int64_t x, int64_t y) { return w[x] > w[y] || (w[x] == w[y] && x < y); };
+      nth = all;
+      std::nth_element(nth.begin(), nth.begin() + (budget - 1), nth.end(), before);
+      const int64_t cut = nth[budget - 1];
+      int64_t* dst = od + kh * R;
+      for (int64_t i = 0; i < a; ++i) *dst++ = i;
+      for (int64_t j : all)
+        if (!before(cut, j)) *dst++ = a + j;
+      for (int64_t i = b; i < S; ++i) *dst++ = i;
     }
   });
   return out;
@@ -1269,6 +1357,41 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, int64_t qt, in
   return matmul_op(x, weight_of(packed, qt, N, "qlinear"), bias, "qlinear");
 }
 
+// Panels of the rows idx of a packed matrix (packed [NB, KB, PB], N rows), as `pack_q` would pack
+// those rows of the file: each block's bytes of a row move from its place in its panel to the
+// row's new place. The draft's head over a subset of the vocabulary: its outputs are the full
+// head's at those rows, bit for bit (each output one FMA chain over K, whatever its panel).
+at::Tensor pack_q_rows(const at::Tensor& packed, int64_t qt, int64_t N, const at::Tensor& idx) {
+  check_qt(qt);
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.size(2) == panel_block_bytes(qt) && packed.size(0) == (N + BLOCK - 1) / BLOCK,
+              "pack_q_rows: packed must be pack_q's panels of N rows");
+  TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong && idx.numel() >= 1, "pack_q_rows: idx int64 [n >= 1]");
+  at::Tensor ic = idx.contiguous();
+  const int64_t* id = ic.data_ptr<int64_t>();
+  const int64_t n = ic.numel(), KB = packed.size(1), PB = packed.size(2), NB = (n + BLOCK - 1) / BLOCK;
+  for (int64_t r = 0; r < n; ++r) TORCH_CHECK(0 <= id[r] && id[r] < N, "pack_q_rows: row ", id[r], " outside [0, ", N, ")");
+  // a row's bytes in a panel block: its scale (and Q4_1's min), then one byte per code column
+  const int64_t codes_at = qt == QT_Q4_1 ? 192 : 96, ncodes = qt == QT_Q8_0 ? 32 : 16;
+  at::Tensor out = at::zeros({NB, KB, PB}, packed.options());
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t nb = b0; nb < b1; ++nb)
+      for (int64_t i = 0; i < BLOCK && nb * BLOCK + i < n; ++i) {
+        const int64_t sb = id[nb * BLOCK + i] / BLOCK, si = id[nb * BLOCK + i] % BLOCK;
+        for (int64_t kb = 0; kb < KB; ++kb) {
+          const uint8_t* s = src + (sb * KB + kb) * PB;
+          uint8_t* o = dst + (nb * KB + kb) * PB;
+          std::memcpy(o + 2 * i, s + 2 * si, 2);
+          if (qt == QT_Q4_1) std::memcpy(o + 2 * (BLOCK + i), s + 2 * (BLOCK + si), 2);
+          for (int64_t k = 0; k < ncodes; ++k) o[codes_at + k * BLOCK + i] = s[codes_at + k * BLOCK + si];
+        }
+      }
+  });
+  return out;
+}
+
 // Rows `idx` of the dequantized weight ([n] int64 in 0..N-1 -> [n, K] float32): the embedding
 // lookup of a tied or quantized table, and the dense read-back.
 template <int QT>
@@ -1536,13 +1659,14 @@ TORCH_LIBRARY(tokenswift, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, int chunk, bool want_lse, Tensor? k_scale=None, "
         "Tensor? v_scale=None) -> (Tensor, Tensor)");
   m.def("attention_rows(Tensor q, Tensor k, Tensor v, Tensor rows, int chunk) -> Tensor");
-  m.def("sparse_select_i8(Tensor q, Tensor kq, Tensor ks, int a, int b, int budget) -> Tensor");
+  m.def("sparse_select_dims(Tensor q, Tensor kt, Tensor ks, int a, int b, int S, int budget, int dims) -> Tensor");
   m.def("quantize_q8(Tensor x, Tensor(a!) q, Tensor(b!) scale) -> ()");
   m.def("pack_linear(Tensor w) -> Tensor");
   m.def("linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
   m.def("pack_q(Tensor raw, int qtype, int k) -> Tensor");
   m.def("qlinear(Tensor x, Tensor packed, int qtype, int n, Tensor? bias) -> Tensor");
   m.def("qrows(Tensor packed, int qtype, int n, Tensor idx) -> Tensor");
+  m.def("pack_q_rows(Tensor packed, int qtype, int n, Tensor idx) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("attn_in(Tensor x, Tensor norm, float eps, Tensor w, int qtype, int n, Tensor? bias, Tensor? q_norm, "
         "Tensor? k_norm, Tensor cos, Tensor sin, int heads, int kv_heads, float q_scale, Tensor(a!)? kc, "
@@ -1557,13 +1681,14 @@ TORCH_LIBRARY(tokenswift, m) {
 TORCH_LIBRARY_IMPL(tokenswift, CPU, m) {
   m.impl("attention", &attention);
   m.impl("attention_rows", &attention_rows);
-  m.impl("sparse_select_i8", &sparse_select_i8);
+  m.impl("sparse_select_dims", &sparse_select_dims);
   m.impl("quantize_q8", &quantize_q8);
   m.impl("pack_linear", &pack_linear);
   m.impl("linear", &linear);
   m.impl("pack_q", &pack_q);
   m.impl("qlinear", &qlinear);
   m.impl("qrows", &qrows);
+  m.impl("pack_q_rows", &pack_q_rows);
   m.impl("rms_norm", &rms_norm);
   m.impl("attn_in", &attn_in);
   m.impl("attn_block", &attn_block);
