@@ -12,7 +12,8 @@ target's.
 
 The sparse view (`SparseKV`): `sparse-SCORER:B`, B entries per KV head (or `B%` of the context)
 chosen afresh by every draft query, beside 16 sinks and the last 64 entries; SCORER is exact
-(the oracle), int8, int4 or dimsR (the R largest query dimensions). Each row then also gives the
+(the oracle), int8, int4 or dimsR (the R largest query dimensions of an int8 dimension-major copy:
+the shipped scorer, R = 16). Each row then also gives the
 KV bytes one drafted token reads (scoring every key, then the chosen rows in full), against a
 step's (every K and V in the cache's dtype):
 
@@ -21,8 +22,9 @@ step's (every K and V in the cache's dtype):
 
 One prefill of the largest context serves every context (the cache of a prefix is the first C
 entries of the longer one), so one RoPE scaling holds for the whole run (the one the bench's
-sweep would choose for the largest context unless `--rope-scaling` says otherwise). Not a
-timing: it may run beside other work.
+sweep would choose for the largest context unless `--rope-scaling` says otherwise);
+`--prefill-cache FILE` keeps its K/V rows for the next run. Not a timing: it may run beside other
+work.
 """
 
 from __future__ import annotations
@@ -40,6 +42,28 @@ from tokenswift.cache import KVCache
 from tokenswift.config import SamplingConfig
 from tokenswift.drafters import SelfDrafter
 from tokenswift.sampling import penalty_window, sample
+
+
+def prefill_cached(lm, prompt: torch.Tensor, cache: KVCache, path: str | None, rope: str | None) -> str:
+    """Prefills `prompt` [C] into `cache`, or loads the K/V rows a run with the same model, RoPE
+    scaling, cache dtype and tokens saved at `path` (torch.save; a 32K prefill takes 8-12 minutes
+    on 2 cores). -> how the rows came."""
+    m = lm.model
+    meta = dict(model=lm.name, rope=rope, kv_dtype=str(m.kv_dtype), ids=prompt.tolist())
+    C = prompt.numel()
+    if path and Path(path).exists():
+        saved = torch.load(path)
+        if saved["meta"] == meta:
+            cache.k[:, :, :, :C] = saved["k"]
+            cache.v[:, :, :, :C] = saved["v"]
+            cache.pos[:C] = torch.arange(C)
+            cache.length = C
+            return f"K/V of {C} tokens read from {path}"
+    t0 = time.perf_counter()
+    m.prefill(prompt.unsqueeze(0), cache)
+    if path:
+        torch.save(dict(meta=meta, k=cache.k[:, :, :, :C].clone(), v=cache.v[:, :, :, :C].clone()), path)
+    return f"prefill {C} tokens: {time.perf_counter() - t0:.0f} s"
 
 
 def chain_matches(drafter: SelfDrafter, main: KVCache, history: torch.Tensor, truth: torch.Tensor, C: int, N: int,
@@ -72,7 +96,7 @@ def chain_matches(drafter: SelfDrafter, main: KVCache, history: torch.Tensor, tr
 def sparse_bytes(model, scorer: str, C: int, budget: int, sinks: int, recent: int) -> int:
     """KV bytes a draft pass at context C reads over the sparse view: every key scored (exact: the
     key itself; int8: D bytes + a float32 scale; int4: D/2 bytes + a scale per 32; dims:R: R
-    values of a dimension-major copy), then K and V of the sinks + budget + recent rows in the
+    int8 values of a dimension-major copy and a row scale), then K and V of the sinks + budget + recent rows in the
     cache's dtype. scorer "step": what a target step reads, every K and V."""
     cfg = model.cfg
     D, e = cfg.head_dim, model.kv_dtype.itemsize
@@ -80,8 +104,8 @@ def sparse_bytes(model, scorer: str, C: int, budget: int, sinks: int, recent: in
     if scorer == "step":
         return heads * C * 2 * D * e
     per_key = {"exact": D * e, "int8": D + 4, "int4": D // 2 + 4 * max(1, D // 32)}.get(scorer)
-    if per_key is None:  # dims:R
-        per_key = int(scorer.split(":")[1]) * e
+    if per_key is None:  # dims:R: R int8 values and a row scale
+        per_key = int(scorer.split(":")[1]) + 4
     return heads * (C * per_key + min(C, sinks + budget + recent) * 2 * D * e)
 
 
@@ -101,6 +125,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="draft_acceptance.json")
+    ap.add_argument("--prefill-cache", default=None,
+                    help="a file for the largest context's K/V rows: written after a prefill, read by later runs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -127,10 +153,8 @@ def main() -> None:
         chars *= 2
     s = SamplingConfig(**dict(PAPER_SAMPLING, seed=args.seed))
     main_cache = KVCache(target.cfg, capacity=need, dtype=target.kv_dtype, rope_len=need)
-    t0 = time.perf_counter()
     prompt = torch.as_tensor(ids[: contexts[0]], dtype=torch.int64)
-    target.prefill(prompt.unsqueeze(0), main_cache)
-    print(f"rope {rope}; prefill {contexts[0]} tokens: {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"rope {rope}; {prefill_cached(lm, prompt, main_cache, args.prefill_cache, rope)}", flush=True)
     results = []
     tok = torch.empty(1, 1, dtype=torch.int64)
     pos = torch.empty(1, 1, dtype=torch.int64)

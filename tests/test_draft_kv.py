@@ -193,8 +193,9 @@ def test_the_exact_scorer_attends_to_the_sinks_recent_and_the_top_budget_by_its_
     main.truncate(300)
 
 
-@pytest.mark.parametrize("scorer", ["int8", "int4"])
+@pytest.mark.parametrize("scorer", ["int8", "int4", "dims:8"])
 def test_the_score_copy_holds_the_committed_keys_quantized(lm, scorer):
+    """int8 / int4 copies row by row; dims: the int8 copy dimension-major ([L, KVH, Dh, C])."""
     from tokenswift.cache import SparseKV
 
     m = lm.model
@@ -203,8 +204,9 @@ def test_the_score_copy_holds_the_committed_keys_quantized(lm, scorer):
     view.attach(main, 60)
     view.attach(main, 120)  # the second attach adds [60, 120)
     k = main.k[:, 0, :, :120].float()  # [L, KVH, 120, Dh]
-    deq = (view.kq[:, :, :120].float().unflatten(-1, (view.ks.shape[-1], -1)) * view.ks[:, :, :120, :, None]).flatten(-2)
-    step = k.abs().amax(-1, keepdim=True) / (127 if scorer == "int8" else 7)  # the coarsest scale of a row
+    kq = view.kq[:, :, :, :120].transpose(2, 3) if scorer.startswith("dims") else view.kq[:, :, :120]
+    deq = (kq.float().unflatten(-1, (view.ks.shape[-1], -1)) * view.ks[:, :, :120, :, None]).flatten(-2)
+    step = k.abs().amax(-1, keepdim=True) / (7 if scorer == "int4" else 127)  # the coarsest scale of a row
     assert (deq - k).abs().max() <= step.max() / 2 + 1e-6
     assert view.synced == 120
 
@@ -212,7 +214,7 @@ def test_the_score_copy_holds_the_committed_keys_quantized(lm, scorer):
 def test_bad_sparse_scorers_are_named(lm):
     from tokenswift.cache import SparseKV
 
-    for bad in ("int2", "dims", "dims:0", "dims:x", "exact:3"):
+    for bad in ("int2", "dims", "dims:0", "dims:x", "dims:6", "dims:68", "exact:3"):
         with pytest.raises(ValueError, match=f"sparse draft scorer must be exact, int8, int4 or dims:R .*got '{bad}'"):
             SparseKV(lm.model.cfg, budget=16, scorer=bad)
 
@@ -237,3 +239,56 @@ def test_drafting_over_the_sparse_view_writes_the_ar_tokens(lm, monkeypatch, sco
                           **kw)
         assert got.tokens == want
         assert got.stats["draft_kv"] == "sparse" and got.stats["draft_kv_max"] == 4 + 64 + 64
+
+
+# -- the draft's head over part of the vocabulary (DraftVocab) ------------------------------------
+
+@native
+def test_the_draft_vocab_gives_the_heads_logits_at_its_ids_and_learns_the_texts_tokens(smollm):
+    """Ids below the base and the text's own tokens: there the full head's logits bit for bit,
+    -inf elsewhere; new tokens of the text join at the next rebuild (every REBUILD of them)."""
+    m = smollm.model
+    V = m.cfg.vocab_size
+    vocab = drafters.DraftVocab(m, 1000)
+    history = torch.tensor([5, 40000, 41000, 5, 999])
+    vocab.see(history, 5)
+    h = torch.randn(1, m.cfg.hidden_size)
+    got, want = vocab.logits(h).clone(), m.logits(h)
+    inside = torch.zeros(V, dtype=torch.bool)
+    inside[:1000] = True
+    inside[[40000, 41000]] = True
+    assert torch.equal(got[0, inside], want[0, inside])
+    assert torch.isneginf(got[0, ~inside]).all()
+    more = torch.arange(20000, 20000 + drafters.DraftVocab.REBUILD)
+    vocab.see(torch.cat([history, more]), 5 + len(more) - 1)  # one short of a rebuild
+    assert torch.isneginf(vocab.logits(h)[0, 20000])
+    vocab.see(torch.cat([history, more]), 5 + len(more))
+    assert torch.equal(vocab.logits(h)[0, more], m.logits(h)[0, more]) and vocab.rebuilds == 2
+
+
+@native
+@pytest.mark.parametrize("kv", ["full", "sparse"])
+def test_drafting_over_part_of_the_vocabulary_writes_the_ar_tokens(lm, monkeypatch, kv):
+    """A draft that can propose only the ids below 24 and the text's own tokens (of 128) changes
+    speed only: greedy and seeded sampling write ar's tokens, chains drafted every iteration,
+    over the main cache and over the sparse view past a 64-entry budget."""
+    from test_speculative import _force_costs
+    from tokenswift import engine
+
+    real = engine.SelfDrafter
+    made = []
+
+    def spy(*a, **kw):
+        made.append(real(*a, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(engine, "SelfDrafter", spy)
+    _force_costs(monkeypatch, drafts_pay=True)
+    prompt = [i * 7 % 90 + 3 for i in range(100)]
+    for kw in (dict(temperature=0.0), dict(temperature=0.8, top_p=0.9, penalty=1.1, seed=3)):
+        want = lm.generate(prompt, 200, method="ar", ignore_eos=True, **kw).tokens
+        got = lm.generate(prompt, 200, ignore_eos=True, draft_vocab=24, draft_kv=kv, draft_budget=64,
+                          draft_weights="float", **kw)
+        assert got.tokens == want
+        assert got.stats["accepted_draft_tokens"] > 20 and got.stats["draft_kv"] == kv
+        assert made[-1].vocab is not None and made[-1].vocab.rebuilds >= 1

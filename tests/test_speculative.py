@@ -299,7 +299,7 @@ def test_walk_is_distribution_exact_and_the_per_leaf_rule_is_not():
 SAMPLERS = {"greedy": dict(temperature=0.0), "paper": dict(PAPER_SAMPLING, seed=7)}
 # heads, ngrams, the draft's cache past the budget (budget 64 < context for partial and int8)
 # (the int8 copy needs the native kernels; without them test_draft_kv checks that it is refused)
-PAST_BUDGET = ["partial", "int8"] if kernels.native() else ["partial"]
+PAST_BUDGET = ["partial", "int8", "sparse"] if kernels.native() else ["partial"]
 COMBOS = [*itertools.product([True, False], [True, False], PAST_BUDGET), (True, True, "full")]
 
 

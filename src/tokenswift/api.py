@@ -296,6 +296,7 @@ class LM:
         use_ngrams: bool = P["use_ngrams"].default,
         use_heads: bool = P["use_heads"].default,
         draft_kv: str = P["draft_kv"].default,
+        draft_vocab: int = P["draft_vocab"].default,
         max_nodes: int | None = P["max_nodes"].default,
         draft_weights: str = P["draft_weights"].default,
         drafter: str = P["drafter"].default,
@@ -306,7 +307,7 @@ class LM:
         cache, n-grams extend them, the model verifies), "ar" (plain decoding) or "ngram" (n-gram
         drafts only). Every method writes the same tokens for the same seed; the speculation
         options (gamma, tree, ngram_topk, ngram_n, draft_budget, sinks, use_ngrams, use_heads,
-        draft_kv, max_nodes, draft_weights, drafter; ranges in params.py) change only the speed. `tree` "auto" (default) plans each
+        draft_kv, draft_vocab, max_nodes, draft_weights, drafter; ranges in params.py) change only the speed. `tree` "auto" (default) plans each
         iteration by measured cost; a static shape such as "1,3,3,3" drafts the paper's way
         (one draft pass + the draft heads)."""
         call = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -319,7 +320,8 @@ class LM:
                top_k: int, top_p: float, min_p: float, eta: float, penalty: float, penalty_window: int,
                ignore_eos: bool, min_keep: int, chat: bool, gamma: int, tree: str | Sequence, ngram_topk: int,
                ngram_n: int, draft_budget: int, sinks: int, use_ngrams: bool, use_heads: bool,
-               draft_kv: str, max_nodes: int | None, draft_weights: str, drafter: str) -> Iterator[Step]:
+               draft_kv: str, draft_vocab: int, max_nodes: int | None, draft_weights: str,
+               drafter: str) -> Iterator[Step]:
         sampling = SamplingConfig(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, min_keep=min_keep, eta=eta,
             penalty=penalty, penalty_window=penalty_window, seed=seed,
@@ -339,8 +341,9 @@ class LM:
         copy = 0  # the draft's int8 copy of the cache
         if method == "tokenswift" and len(ids) + max_new_tokens > draft_budget:
             P["draft_kv"].check(draft_kv)
-            if draft_kv == "int8" or (draft_kv == "auto" and resolve_draft_kv("auto", self.model) == "int8"):
-                copy = (len(ids) + max_new_tokens) * Q8KVCache.bytes_per_token(self.model.cfg)
+            kv = resolve_draft_kv(draft_kv, self.model) if draft_kv == "auto" else draft_kv
+            if kv in ("int8", "sparse"):  # sparse: the keys alone
+                copy = (len(ids) + max_new_tokens) * Q8KVCache.bytes_per_token(self.model.cfg) // (1 + (kv == "sparse"))
         have = available_memory(self.model.device)
         if have is not None and need + copy > have:
             plus = f" and its int8 copy for the draft {copy / 2**30:.1f} GiB" if copy else ""
@@ -351,7 +354,7 @@ class LM:
             return generate_ar(self.model, ids, max_new_tokens, sampling, self.eos_token_ids, ignore_eos)
         spec = SpecConfig(gamma=gamma, tree=tree if isinstance(tree, str) else tuple(tree), ngram_topk=ngram_topk,
                           ngram_n=ngram_n, draft_budget=draft_budget, sinks=sinks, use_ngrams=use_ngrams,
-                          use_heads=use_heads, draft_kv=draft_kv, max_nodes=max_nodes,
+                          use_heads=use_heads, draft_kv=draft_kv, draft_vocab=draft_vocab, max_nodes=max_nodes,
                           draft_weights=draft_weights, drafter=drafter)
         # the int4 copy is built only for a run that drafts with it
         int4 = self.int4 if spec.draft_weights != "float" and self_drafts(method, spec, max_new_tokens) else None

@@ -8,7 +8,8 @@ tokens, peak memory, and whether the tokens equal `ar`'s. The library returns re
 
 Methods: `ar`; `tokenswift` (auto trie) and its ablations `tokenswift-paper` (static tree
 1,3,3,3 with n-gram top-20, the paper's setting), `tokenswift-noheads`, `tokenswift-nongrams`,
-`tokenswift-fullkv`, `tokenswift-self` (the int4 self-draft alone), `tokenswift-seq` (the seq
+`tokenswift-fullkv`, `tokenswift-partial`, `tokenswift-sparse` (`--draft-kv sparse
+--draft-vocab 16384`), `tokenswift-self` (the int4 self-draft alone), `tokenswift-seq` (the seq
 drafter alone); `ngram` (prompt lookup); when installed, `hf` (transformers generate)
 and `hf-lookup` (its prompt_lookup_num_tokens=10), both given one logits processor that is
 our whole sampler (windowed penalty included), so they sample the same distribution with
@@ -44,6 +45,8 @@ OURS = {
     "tokenswift-nongrams": dict(method="tokenswift", use_ngrams=False),
     "tokenswift-fullkv": dict(method="tokenswift", draft_kv="full"),
     "tokenswift-partial": dict(method="tokenswift", draft_kv="partial"),
+    # the per-query sparse draft view, its head over the first 16K ids and the text's own tokens
+    "tokenswift-sparse": dict(method="tokenswift", draft_kv="sparse", draft_vocab=16384),
     "tokenswift-self": dict(method="tokenswift", drafter="self"),  # the int4 self-draft alone
     "tokenswift-seq": dict(method="tokenswift", drafter="seq"),  # the seq drafter alone
     "ngram": dict(method="ngram"),

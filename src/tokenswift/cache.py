@@ -222,15 +222,19 @@ class SparseKV:
     - "exact": the query against the keys themselves (the oracle: it reads every key in full);
     - "int8" / "int4": against a copy of the keys, int8 per row or 4-bit per 32 values, with
       float32 scales (a quarter / an eighth of float32 keys);
-    - "dims:R": against the R dimensions where the query group's |q| is largest (SparQ), of
-      the keys themselves.
+    - "dims:R": against the R dimensions where the query group's |q| is largest (SparQ's
+      choice), of an int8 copy of the keys (per-row scales) kept dimension-major, so that those
+      R rows of the copy are all a pass reads; each query row's values there rounded to 7 bits.
+      What the native `sparse_select_dims` computes (the shipped scorer: R = Dh/4).
 
-    A KV head's score of an entry sums its query group's softmax weights over the scored entries.
+    A KV head's weight of an entry sums its query group's softmax weights over the scored entries.
+
     The view holds the main cache (`attach`): its entries, positions and length are main's, and a
     draft pass writes its K/V there as on the main cache (truncated away afterwards). Where
-    attention runs natively, the int8 scorer's choice and the attention over the chosen rows are
-    native kernels (`sparse_select_i8`, `attention_rows`); elsewhere, and for the other scorers,
-    torch computes the scores and gathers the rows (a reference for agreement, not for speed)."""
+    attention runs natively, the dims scorer's choice and the attention over the chosen rows are
+    native kernels (`sparse_select_dims`, `attention_rows`, the rows read in place); elsewhere, and
+    for the other scorers, torch computes the scores and gathers the rows (reference code, not
+    for speed)."""
 
     ordered = False  # attention mixes positions per head: no sliding-window masks
     quantized = False
@@ -240,14 +244,15 @@ class SparseKV:
 
     def __init__(self, cfg: ModelConfig, budget: int, sinks: int = 16, recent: int = 64, scorer: str = "int8") -> None:
         kind, _, r = scorer.partition(":")
-        if kind not in self.SCORERS or (kind == "dims") != bool(r) or (r and not (r.isdigit() and 0 < int(r) <= cfg.head_dim)):
-            raise ValueError(f"sparse draft scorer must be exact, int8, int4 or dims:R (R in [1, {cfg.head_dim}]), "
-                             f"got {scorer!r}")
+        if (kind not in self.SCORERS or (kind == "dims") != bool(r)
+                or (r and not (r.isdigit() and 0 < int(r) <= cfg.head_dim and int(r) % 4 == 0))):
+            raise ValueError(f"sparse draft scorer must be exact, int8, int4 or dims:R (R a multiple of 4 in "
+                             f"[4, {cfg.head_dim}]), got {scorer!r}")
         self.cfg, self.budget, self.sinks, self.recent = cfg, budget, sinks, recent
         self.scorer, self.dims = kind, int(r) if r else 0
         self.group = self.GROUP if cfg.head_dim % self.GROUP == 0 else cfg.head_dim
         self.main: KVCache | None = None
-        self.kq: torch.Tensor | None = None  # [L, KVH, C, Dh] int8: the score copy of the keys
+        self.kq: torch.Tensor | None = None  # the score copy of the keys: [L, KVH, C, Dh]; dims [L, KVH, Dh, C]
         self.ks: torch.Tensor | None = None  # [L, KVH, C, Dh / GROUP or 1] float32 scales
         self.synced = 0  # main entries [0, synced) are in the copy
         self.reads = 0  # entries the last pass attended to, per KV head
@@ -255,23 +260,29 @@ class SparseKV:
     def attach(self, main: KVCache, N: int) -> None:
         """Views `main`, whose entries [0, N) are committed: the copy catches up with them."""
         self.main = main
-        if self.scorer not in ("int8", "int4"):
+        if self.scorer == "exact":
             return
         L, _, KH, C, D = main.k.shape
-        if self.kq is None or self.kq.shape[2] < C:
+        cap = self.kq.shape[3 if self.scorer == "dims" else 2] if self.kq is not None else -1
+        if cap < C:
             groups = D // self.group if self.scorer == "int4" else 1
-            self.kq = torch.empty(L, KH, C, D, dtype=torch.int8, device=main.k.device)
+            shape = (L, KH, D, C) if self.scorer == "dims" else (L, KH, C, D)
+            self.kq = torch.empty(shape, dtype=torch.int8, device=main.k.device)
             self.ks = torch.empty(L, KH, C, groups, dtype=torch.float32, device=main.k.device)
             self.synced = 0
         a = min(self.synced, N)
         for b in range(a, N, Q8KVCache.SYNC_ROWS):
             e = min(N, b + Q8KVCache.SYNC_ROWS)
-            self.kq[:, :, b:e], self.ks[:, :, b:e] = self._quantize(main.k[:, 0, :, b:e].float())
+            q, self.ks[:, :, b:e] = self._quantize(main.k[:, 0, :, b:e].float())  # [L, KVH, n, Dh]
+            if self.scorer == "dims":
+                self.kq[:, :, :, b:e] = q.transpose(2, 3)
+            else:
+                self.kq[:, :, b:e] = q
         self.synced = N
 
     def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [..., Dh] float32 -> (int8 [..., Dh], scales [..., groups]): round(x / scale)."""
-        if self.scorer == "int8":
+        if self.scorer in ("int8", "dims"):
             q, s = kernels.quantize_q8_reference(x)
             return q, s[..., None]
         g = x.unflatten(-1, (-1, self.group))  # [..., groups, group]
@@ -303,13 +314,8 @@ class SparseKV:
         keys = self.main.k[li, 0, :, a:b]  # [KVH, M, Dh]
         if self.scorer == "exact":
             return qg @ keys.to(qg.dtype).transpose(-1, -2)
-        if self.scorer == "dims":
-            top = qg.abs().sum(1).topk(self.dims, dim=-1).indices  # [KVH, R]: the group's largest |q| dims
-            qd = qg.gather(2, top[:, None].expand(-1, qg.shape[1], -1))  # [KVH, G, R]
-            kd = keys.gather(2, top[:, None].expand(-1, keys.shape[1], -1))  # [KVH, M, R]
-            return qd @ kd.to(qg.dtype).transpose(-1, -2)
         q, s = self.kq[li, :, a:b], self.ks[li, :, a:b]  # [KVH, M, Dh], [KVH, M, groups]
-        if self.scorer == "int8":  # the query rows rounded to int8 too: the native kernel's integer scores
+        if self.scorer == "int8":  # the query rows rounded to int8 too, as `attention` over int8 keys
             q8, qs = kernels.quantize_q8_reference(qg.float())  # [KVH, G, Dh], [KVH, G]
             dots = q8.double() @ q.double().transpose(-1, -2)  # [KVH, G, M], exact integers
             return (dots.float() * qs[..., None] * s[:, None, :, 0]).to(qg.dtype)
@@ -328,16 +334,36 @@ class SparseKV:
         KH = self.cfg.num_kv_heads
         s, r = min(self.sinks, S), min(self.recent, S)
         a, b = s, S - r  # the entries that compete for the budget
+        native = attention_path(q.device, q.dtype, D) == "native"
+        if self.scorer == "dims" and native and b - a > self.budget:  # sinks, chosen and recent in one call
+            return kernels.sparse_select_dims(q, self.kq[li], self.ks[li, :, :, 0], a, b, S, self.budget, self.dims)
         every = torch.arange(S, device=q.device)
         if b - a <= self.budget:
             return every.expand(KH, -1).contiguous()
-        if self.scorer == "int8" and D % 32 == 0 and attention_path(q.device, q.dtype, D) == "native":
-            idx = kernels.sparse_select_i8(q, self.kq[li], self.ks[li, :, :, 0], a, b, self.budget)  # [KVH, B]
+        if self.scorer == "dims":
+            w = self.dims_weights(li, q[0, 0].view(KH, H // KH, D).float(), a, b)  # [KVH, M]
+            idx = torch.sort(w, dim=-1, descending=True, stable=True).indices[:, : self.budget].sort(-1).values + a
         else:
             qg = q[0, 0].view(KH, H // KH, D)  # [KVH, G, Dh]
             w = torch.softmax(self._scores(li, qg, a, b).float(), dim=-1).sum(1)  # [KVH, M]
             idx = w.topk(self.budget, dim=-1).indices.sort(dim=-1).values + a  # [KVH, B]
         return torch.cat((every[:s].expand(KH, -1), idx, every[b:S].expand(KH, -1)), dim=1)  # [KVH, s+B+r]
+
+    def dims_weights(self, li: int, qg: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """The dims scorer's weights of entries [a, b) for qg [KVH, G, Dh] float32 -> [KVH, M]
+        float64: the scores `sparse_select_dims` computes (the group's R dims, each row rounded
+        to 7 bits, exact integer dot products times the same float32 scales), each row's softmax
+        in float64, summed over the group."""
+        KH, G, D = qg.shape
+        mass = qg.abs().double().sum(1)  # [KVH, Dh]
+        top = torch.sort(mass, dim=-1, descending=True, stable=True).indices[:, : self.dims].sort(-1).values
+        qsel = qg.gather(2, top[:, None].expand(-1, G, -1))  # [KVH, G, R]
+        qs = qsel.abs().amax(-1) / 64.0  # [KVH, G]
+        q7 = torch.where(qs[..., None] > 0, qsel / qs[..., None], torch.zeros_like(qsel)).round()
+        keys = self.kq[li][:, :, a:b].gather(1, top[..., None].expand(-1, -1, b - a))  # [KVH, R, M]
+        dots = q7.double() @ keys.double()  # [KVH, G, M], exact
+        s = (dots.float() * self.ks[li, :, a:b, 0][:, None]) * qs[..., None]
+        return torch.softmax(s.double(), dim=-1).sum(1)
 
     def attend(self, li: int, q: torch.Tensor, S: int) -> torch.Tensor:
         """Layer li's attention for one query q [1, 1, H, Dh] (scaled) over the entries `select`

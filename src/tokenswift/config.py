@@ -354,9 +354,12 @@ class SpecConfig:
     # token in attention alone on a 2-core CPU)
     draft_budget: int = PARAMS["draft_budget"].default
     sinks: int = PARAMS["sinks"].default
-    # the cache the self-draft attends to past draft_budget entries: "int8" (a quantized copy of
-    # the whole cache), "partial" (the paper's selection), "full" (the cache itself), "auto"
+    # the cache the self-draft attends to past draft_budget entries: "sparse" (per query, from an
+    # int8 copy of a quarter of the key dims: SparseKV), "int8" (a quantized copy of the whole
+    # cache), "partial" (the paper's selection), "full" (the cache itself), "auto"
     draft_kv: str = PARAMS["draft_kv"].default
+    # the draft's chains draw from ids below this and the text's own tokens (DraftVocab); 0: all
+    draft_vocab: int = PARAMS["draft_vocab"].default
     max_nodes: int | None = PARAMS["max_nodes"].default  # cap on trie nodes (root included); None = no cap
     # the self-draft's weights: "int4" (the model's int4 copy), "float" (its own weights, the
     # paper's), "auto" (int4 where the model has an int4 copy)

@@ -26,7 +26,7 @@ from . import kernels
 from .cache import DraftCache, KVCache, Q8KVCache, SparseKV
 from .config import SamplingConfig
 from .heads import DraftHeads, base_draft_logits
-from .model import Decoder, _attention_plain, attention_path
+from .model import Decoder, _attention_plain, attention_path, linear
 from .params import ParamError
 from .ngram import NGramFeeder, NGramTable
 from .sampling import coupled_candidates, penalty_window
@@ -45,15 +45,88 @@ class Proposal:
 def resolve_draft_kv(kv: str, draft: Decoder) -> str:
     """draft_kv "auto" -> "int8" where the draft's attention takes the native CPU kernel (the one
     that reads int8 K/V; elsewhere each pass would dequantize the whole copy), else "partial"; an
-    explicit "int8" there is an error."""
+    explicit "int8" or "sparse" there is an error (off the native kernels each pass would run
+    torch's reference code)."""
     path = attention_path(draft.device, draft.dtype, draft.cfg.head_dim)
     if kv == "auto":
         return "int8" if path == "native" else "partial"
-    if kv == "int8" and path != "native":
-        why = kernels.why_not() or f"attention takes torch's {path} kernel here"
-        raise ParamError("draft_kv", "", f" 'int8' needs the native CPU kernels ({why}); use ",
+    if kv in ("int8", "sparse") and (path != "native" or draft.cfg.head_dim % 4):
+        why = kernels.why_not() or (f"attention takes torch's {path} kernel here" if path != "native"
+                                    else f"head_dim {draft.cfg.head_dim} is not a multiple of 4")
+        raise ParamError("draft_kv", "", f" '{kv}' needs the native CPU kernels ({why}); use ",
                          " 'partial' or 'full'")
     return kv
+
+
+# draft_kv "sparse": the entries each KV head's query chooses, as a share of the context, by context
+# (benchmarks/draft_acceptance.py: coupled depth-1 agreement against B); between rows, the lower row's
+SPARSE_SHARES = ((0, 0.05),)
+
+
+def sparse_budget(n: int, draft_budget: int) -> int:
+    """Entries a sparse draft pass chooses per KV head at context n (besides sinks and recent): its
+    share of the context, and at least a quarter of draft_budget (the context up to which the
+    draft reads every entry: a choice much smaller than that is too coarse to pay)."""
+    share = [f for c, f in SPARSE_SHARES if c <= n][-1]
+    return max(draft_budget // 4, round(share * n))
+
+
+def sparse_scorer(head_dim: int) -> str:
+    """The shipped scorer: a quarter of the key dimensions, at least 4 (SparseKV "dims")."""
+    return f"dims:{max(4, head_dim // 16 * 4)}"
+
+
+class DraftVocab:
+    """The self-draft's LM head over part of the vocabulary (as FR-Spec's): the ids below `base`
+    — a BPE vocabulary numbers its tokens roughly by how often its corpus had them (SmolLM2's
+    first 16,384 of 49,152 cover 0.93 of held-out cdne text) — and every token the text so far
+    holds (with them, 0.95). Its rows are the model's own head's, so its logits are the full
+    head's at those ids, bit for bit; a token outside is never proposed (the target still
+    verifies over the whole vocabulary, so this changes speed only). The head is rebuilt once
+    `REBUILD` new tokens of the text have joined the set."""
+
+    REBUILD = 64
+
+    def __init__(self, model: Decoder, base: int) -> None:
+        V = model.cfg.vocab_size
+        self.model = model
+        self.member = torch.zeros(V, dtype=torch.bool)  # [V]
+        self.member[: min(base, V)] = True
+        self.pending = 1  # tokens of the text not in the head yet (1: build at the first use)
+        self.seen = 0  # history [0, seen) has been looked at
+        self.ids: torch.Tensor | None = None  # [n] int64, ascending: the head's rows
+        self.head = None
+        self.full = torch.empty(1, V, dtype=torch.float32, device=model.device)  # [1, V]
+        self.rebuilds = 0
+
+    @staticmethod
+    def fits(model: Decoder) -> bool:
+        """A head this can take rows of (GGUF blocks, native float panels, a plain matrix)."""
+        head = model.lm_head
+        return model.head_rows is None and (isinstance(head, (kernels.QuantLinear, kernels.PackedLinear))
+                                            or (isinstance(head, torch.Tensor) and not head.is_mkldnn))
+
+    def see(self, history: torch.Tensor, n: int) -> None:
+        """history [0, n) is committed text: its tokens join the set."""
+        if n > self.seen:
+            t = history[self.seen : n]
+            new = t[~self.member[t]].unique()
+            self.member[new] = True
+            self.pending += int(new.numel())
+            self.seen = n
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [1, D] -> [1, V], -inf outside the set
+        if self.pending >= (1 if self.head is None else self.REBUILD):
+            self.ids = self.member.nonzero().squeeze(1)
+            head = self.model.lm_head
+            rows = self.ids.to(self.model.device)
+            self.head = head.subset(rows) if not isinstance(head, torch.Tensor) else head[rows]
+            self.pending = 0
+            self.rebuilds += 1
+        sub = linear(self.model.final_norm(hidden), self.head, None).float()  # [1, n]
+        self.full.fill_(float("-inf"))
+        self.full.index_copy_(1, self.ids, sub)
+        return self.full
 
 
 class SelfDrafter:
@@ -68,7 +141,8 @@ class SelfDrafter:
         kv: str,  # draft_kv: "auto", "int8", "partial", "full", or "sparse" (`SparseKV`, torch reference)
         max_depth: int,
         rope_len: int,
-        scorer: str = "int8",  # kv "sparse": how each query scores every key (SparseKV.SCORERS)
+        scorer: str | None = None,  # kv "sparse": how each query scores every key (SparseKV.SCORERS); None: shipped
+        vocab: int = 0,  # chains draw from the ids below this and the text's own tokens (DraftVocab); 0: all
     ) -> None:
         cfg = target.cfg
         self.target = target
@@ -81,8 +155,11 @@ class SelfDrafter:
         self.cache: DraftCache | None = None
         self.q8: Q8KVCache | None = None  # built when the context first passes the budget
         # kv "sparse": every draft query attends to sinks + its top `budget` entries + a recent window
-        self.sparse = SparseKV(cfg, budget, sinks, max(64, max_depth + 1), scorer) if self.kv == "sparse" else None
+        self.sparse = (SparseKV(cfg, budget, sinks, max(64, max_depth + 1), scorer or sparse_scorer(cfg.head_dim))
+                       if self.kv == "sparse" else None)
+        self.fixed_budget = scorer is not None  # a measurement's own budget; else sparse_budget per context
         self.probs: torch.Tensor | None = None
+        self.vocab = (DraftVocab(draft, vocab) if 0 < vocab < cfg.vocab_size and DraftVocab.fits(draft) else None)
         if self.kv == "partial":
             self.cache = DraftCache(cfg, budget=budget, sinks=sinks, extra=max_depth + 1, dtype=target.kv_dtype,
                                     device=target.device, rope_len=rope_len)
@@ -102,6 +179,8 @@ class SelfDrafter:
         if N <= self.budget or self.kv == "full":
             return main, N
         if self.kv == "sparse":
+            if not self.fixed_budget:
+                self.sparse.budget = sparse_budget(N, self.budget)
             self.sparse.attach(main, N)
             return self.sparse, N
         if self.kv == "int8":
@@ -155,10 +234,12 @@ class SelfDrafter:
             return Proposal(cands)
         cands: list[list[int]] = []
         tok = root
+        if self.vocab is not None:
+            self.vocab.see(history, N + 1)
         for d in range(depth):
             p = N + 1 + d  # the position this pass predicts
             h = self._step(cache, tok, p - 1)
-            logits = self.model.logits(h.unsqueeze(0))  # [1, V]
+            logits = self.vocab.logits(h.unsqueeze(0)) if self.vocab is not None else self.model.logits(h.unsqueeze(0))
             win = penalty_window(history, p, s)
             win = win.to(dev) if win is not None else None
             row = coupled_candidates(logits, win, [p], s, max(1, width))[0]

@@ -269,7 +269,7 @@ class SpeculativeRun:
             self.planner.ngram.done = n0  # score generated text only: the prompt's n-grams would match themselves
         self.drafter = SelfDrafter(model, draft_model, heads if self.use_heads else None, sampling,
                                    spec.draft_budget, spec.sinks, self.draft_kv, depth,
-                                   rope_len=run_len) if draft_model is not None else None
+                                   rope_len=run_len, vocab=spec.draft_vocab) if draft_model is not None else None
         if self.drafter is not None:
             self.drafter.prepare(main, n0)
         self.plan: Plan | None = None

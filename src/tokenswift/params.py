@@ -183,11 +183,17 @@ _LIST: list[Param] = [
               flag="--draft-budget"),
         Param("sinks", int, 16, "an integer in [0, 1024]", "first KV entries the draft cache always keeps",
               ok=lambda v: 0 <= v <= 1024),
-        Param("draft_kv", str, "auto", "one of auto, int8, partial, full",
-              "the KV cache the self-draft attends to beyond --draft-budget entries: int8 (an int8 copy of the "
-              "whole cache), partial (--draft-budget entries chosen by attention score), full (the cache itself), "
-              "auto = int8 where the native CPU kernels run, else partial (default auto)", flag="--draft-kv",
-              choices=("auto", "int8", "partial", "full")),
+        Param("draft_kv", str, "auto", "one of auto, sparse, int8, partial, full",
+              "the KV cache the self-draft attends to beyond --draft-budget entries: sparse (per draft query and KV "
+              "head, the entries its own query scores highest on an int8 copy of a quarter of the key dimensions, "
+              "with sinks and the recent window), int8 (an int8 copy of the whole cache), partial (--draft-budget "
+              "entries chosen by attention score), full (the cache itself), auto = int8 where the native CPU "
+              "kernels run, else partial (default auto)", flag="--draft-kv",
+              choices=("auto", "sparse", "int8", "partial", "full")),
+        Param("draft_vocab", int, 0, f"an integer in [0, {MAX_BUDGET}]",
+              "the self-draft's chains propose only the token ids below this and the tokens of the text so far "
+              "(a head of fewer rows); 0 = the whole vocabulary (default 0)", ok=lambda v: 0 <= v <= MAX_BUDGET,
+              flag="--draft-vocab"),
         Param("max_nodes", int, None, "None or an integer in [1, 4096]", "cap on trie nodes, root included",
               ok=lambda v: 1 <= v <= 4096, nullable=True),
         Param("draft_weights", str, "auto", "one of auto, int4, float",

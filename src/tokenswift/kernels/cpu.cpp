@@ -636,14 +636,17 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
   return {out, lse};
 }
 
-// 32 entries [j, j+32) of one KV head against a query's 7-bit codes (four to an int32 of qpat)
-// over `dims` dims of the dimension-major copy (rows base + dm[i] * ld): integer dot products
-// with the keys offset to unsigned bytes for maddubs, four dims at a time (their bytes
-// interleaved in registers), out[32] in entry order.
+// 32 entries [j, j+32) of one KV head against GG query rows' 7-bit codes (four to an int32 of
+// qpat, row g's at qpat[g * nq]) over `dims` dims of the dimension-major copy (rows base + dm[i] *
+// ld): integer dot products with the keys offset to unsigned bytes for maddubs, four dims at a
+// time (their bytes interleaved in registers once for all rows), out[g][32] in entry order.
+template <int GG>
 inline void dims_block32(const int8_t* base, int64_t ld, const int64_t* dm, int64_t nq, const int32_t* qpat,
-                         int64_t j, int32_t* out) {
+                         int64_t j, int32_t (*out)[32]) {
   const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(static_cast<char>(0x80));
-  __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+  __m256i acc[GG][4];
+  for (int g = 0; g < GG; ++g)
+    for (int r = 0; r < 4; ++r) acc[g][r] = _mm256_setzero_si256();
   for (int64_t t = 0; t < nq; ++t) {
     const __m256i A = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + dm[4 * t] * ld + j));
     const __m256i B = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + dm[4 * t + 1] * ld + j));
@@ -652,30 +655,36 @@ inline void dims_block32(const int8_t* base, int64_t ld, const int64_t* dm, int6
     // per 128-bit lane: its entries 0-7 (lo) / 8-15 (hi), the four dims' bytes side by side
     const __m256i ab0 = _mm256_unpacklo_epi8(A, B), ab1 = _mm256_unpackhi_epi8(A, B);
     const __m256i ce0 = _mm256_unpacklo_epi8(C, E), ce1 = _mm256_unpackhi_epi8(C, E);
-    const __m256i z[4] = {_mm256_unpacklo_epi16(ab0, ce0), _mm256_unpackhi_epi16(ab0, ce0),
-                          _mm256_unpacklo_epi16(ab1, ce1), _mm256_unpackhi_epi16(ab1, ce1)};
-    const __m256i qv = _mm256_set1_epi32(qpat[t]);
-    for (int r = 0; r < 4; ++r)  // (k + 128) as unsigned bytes times the signed codes
-      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_xor_si256(z[r], flip), qv), ones));
+    const __m256i z[4] = {_mm256_xor_si256(_mm256_unpacklo_epi16(ab0, ce0), flip),
+                          _mm256_xor_si256(_mm256_unpackhi_epi16(ab0, ce0), flip),
+                          _mm256_xor_si256(_mm256_unpacklo_epi16(ab1, ce1), flip),
+                          _mm256_xor_si256(_mm256_unpackhi_epi16(ab1, ce1), flip)};  // k + 128, unsigned
+    for (int g = 0; g < GG; ++g) {
+      const __m256i qv = _mm256_set1_epi32(qpat[g * nq + t]);
+      for (int r = 0; r < 4; ++r)
+        acc[g][r] = _mm256_add_epi32(acc[g][r], _mm256_madd_epi16(_mm256_maddubs_epi16(z[r], qv), ones));
+    }
   }
   // z[r] held entries 4r..4r+3 in its low lane and 16+4r.. in its high lane: back to entry order
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute2x128_si256(acc[0], acc[1], 0x20));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8), _mm256_permute2x128_si256(acc[2], acc[3], 0x20));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), _mm256_permute2x128_si256(acc[0], acc[1], 0x31));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 24), _mm256_permute2x128_si256(acc[2], acc[3], 0x31));
+  for (int g = 0; g < GG; ++g) {
+    const __m256i* c = acc[g];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[g]), _mm256_permute2x128_si256(c[0], c[1], 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[g] + 8), _mm256_permute2x128_si256(c[2], c[3], 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[g] + 16), _mm256_permute2x128_si256(c[0], c[1], 0x31));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[g] + 24), _mm256_permute2x128_si256(c[2], c[3], 0x31));
+  }
 }
 
 // The sparse draft's rows for one query (q [1, 1, H, D], scaled) in one layer, scored against an
 // int8 copy of the keys kept dimension-major (kt [KH, D, >= S]: row d holds dim d of every entry;
 // ks [KH, >= S] the entries' row scales), as SparQ scores keys by the query's largest dimensions.
-// Per KV head the group's query rows are summed (one query a KV head: its top entries are what
-// the group's summed softmax keeps, nearly — DESIGN.md), its `dims` largest |values| rounded to
-// 7 bits (scale max/64), and every entry of [a, b) scored by an integer dot product over those
-// dims (`dims_block32`) times its row scale. Rows out: [0, a) (sinks), the top `budget` of
-// [a, b) by score (ties: the earlier entry), then [b, S) (the recent window), ascending:
-// [KH, a + budget + S - b] int64, equal to `SparseKV`'s torch reference entry for entry. The top
-// `budget` come from a floor estimated on a sample of the scores, then an exact choice among the
-// entries above it: one pass over the scores, no sort of them all.
+// Per KV head: the `dims` dims where the group's sum of |q| is largest; each query row's values
+// there rounded to 7 bits (scale max|q|/64); every entry of [a, b) scored by integer dot products
+// (`dims_block32`), times its row scale and the query's; each row's softmax over those entries,
+// summed over the group, weighs an entry. Rows out: [0, a) (sinks), the top `budget` of [a, b) by
+// weight (ties: the earlier entry), then [b, S) (the recent window), ascending: [KH, a + budget +
+// S - b] int64. The top `budget` come from a floor estimated on every 16th weight, then an exact
+// choice (`nth_element`) among the entries above it: no sort of them all.
 at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& ks, int64_t a, int64_t b,
                               int64_t S, int64_t budget, int64_t dims) {
   TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && q.size(1) == 1 && q.scalar_type() == at::kFloat && q.stride(3) == 1,
@@ -686,8 +695,8 @@ at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const a
                   ks.size(1) >= kt.size(2),
               "sparse_select_dims: ks must be float32 [KH, S], last dim contiguous");
   const int64_t H = q.size(2), D = q.size(3), KH = kt.size(0), G = H / KH, M = b - a;
-  TORCH_CHECK(kt.size(1) == D && H % KH == 0 && dims % 4 == 0 && 4 <= dims && dims <= D,
-              "sparse_select_dims: shapes disagree (dims a multiple of 4 in [4, D])");
+  TORCH_CHECK(kt.size(1) == D && H % KH == 0 && G <= 8 && dims % 4 == 0 && 4 <= dims && dims <= D,
+              "sparse_select_dims: shapes disagree (at most 8 query rows a KV head; dims a multiple of 4 in [4, D])");
   TORCH_CHECK(0 <= a && a < b && b <= S && S <= kt.size(2) && 1 <= budget && budget <= M,
               "sparse_select_dims: need 0 <= a < b <= S <= entries and 1 <= budget <= b - a");
   const float* qd = q.data_ptr<float>();
@@ -695,71 +704,155 @@ at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const a
   const float* sd = ks.data_ptr<float>();
   const int64_t qh_s = q.stride(2), kt_h = kt.stride(0), kt_d = kt.stride(1), ks_h = ks.stride(0);
   const int64_t nq = dims / 4;
-  // per KV head: the group's summed query, its dims, their 7-bit codes (four to an int32 pattern)
-  // and the offset the unsigned keys add (128 times the codes' sum)
+  // per KV head: its dims; per query row: 7-bit codes (four to an int32 pattern), scale, and the
+  // offset the unsigned keys add (128 times the codes' sum)
   std::vector<int64_t> dim(KH * dims);
-  std::vector<int32_t> qpat(KH * nq);
-  std::vector<int8_t> q7(KH * dims);
-  std::vector<int32_t> corr(KH);
+  std::vector<int32_t> qpat(KH * G * nq);
+  std::vector<int8_t> q7(KH * G * dims);
+  std::vector<float> qsc(KH * G);
+  std::vector<int32_t> corr(KH * G);
   for (int64_t kh = 0; kh < KH; ++kh) {
-    std::vector<float> qm(qd + kh * G * qh_s, qd + kh * G * qh_s + D);
-    for (int64_t g = 1; g < G; ++g)
-      for (int64_t d = 0; d < D; ++d) qm[d] += qd[(kh * G + g) * qh_s + d];
+    std::vector<double> mass(D, 0.0);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < D; ++d) mass[d] += std::fabs(double(qd[(kh * G + g) * qh_s + d]));
     std::vector<int64_t> order(D);
     for (int64_t d = 0; d < D; ++d) order[d] = d;
-    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return std::fabs(qm[x]) > std::fabs(qm[y]); });
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return mass[x] > mass[y]; });
     std::sort(order.begin(), order.begin() + dims);
     std::copy(order.begin(), order.begin() + dims, dim.begin() + kh * dims);
-    float amax = 0.0f;
-    for (int64_t i = 0; i < dims; ++i) amax = std::max(amax, std::fabs(qm[dim[kh * dims + i]]));
-    const float sc = amax / 64.0f;
-    int8_t* code = q7.data() + kh * dims;
-    int32_t sum = 0;
-    for (int64_t i = 0; i < dims; ++i) {
-      code[i] = sc > 0.0f ? static_cast<int8_t>(std::nearbyint(qm[dim[kh * dims + i]] / sc)) : 0;
-      sum += code[i];
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qr = qd + (kh * G + g) * qh_s;
+      float amax = 0.0f;
+      for (int64_t i = 0; i < dims; ++i) amax = std::max(amax, std::fabs(qr[dim[kh * dims + i]]));
+      const float sc = amax / 64.0f;
+      int8_t* code = q7.data() + (kh * G + g) * dims;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < dims; ++i) {
+        code[i] = sc > 0.0f ? static_cast<int8_t>(std::nearbyint(qr[dim[kh * dims + i]] / sc)) : 0;
+        sum += code[i];
+      }
+      for (int64_t t = 0; t < nq; ++t) std::memcpy(&qpat[(kh * G + g) * nq + t], code + 4 * t, 4);
+      qsc[kh * G + g] = sc;
+      corr[kh * G + g] = 128 * sum;
     }
-    for (int64_t t = 0; t < nq; ++t) std::memcpy(&qpat[kh * nq + t], code + 4 * t, 4);
-    corr[kh] = 128 * sum;
   }
-  // scores [KH, M] (scratch kept per thread between calls)
-  constexpr int64_t SPAN = 4096;
-  const int64_t spans = (M + SPAN - 1) / SPAN;
-  constexpr int64_t STRIDE = 16;  // every 16th score goes to a sample as well (see below)
-  const int64_t ns = (M + STRIDE - 1) / STRIDE;
+  // scores [KH, G, M] and a sample [KH, ns] (scratch kept per thread between calls); per span
+  // each row's max, then its sum of exps
+  constexpr int64_t SPAN = 4096, STRIDE = 16;
+  const int64_t spans = (M + SPAN - 1) / SPAN, ns = (M + STRIDE - 1) / STRIDE;
   static thread_local Scratch sc_buf;
-  float* sc = sc_buf.get(static_cast<size_t>(KH * (M + ns)));
-  float* smp = sc + KH * M;  // [KH, ns]
+  float* sc = sc_buf.get(static_cast<size_t>(KH * (G * M + ns)));
+  float* smp = sc + KH * G * M;
+  std::vector<float> part(static_cast<size_t>(KH * spans * G));
   at::parallel_for(0, KH * spans, 1, [&](int64_t begin, int64_t end) {
-    alignas(32) int32_t dot[32];
+    alignas(32) int32_t dot[8][32];
     for (int64_t it = begin; it < end; ++it) {
       const int64_t kh = it / spans, j0 = (it % spans) * SPAN, j1 = std::min(M, j0 + SPAN);
       const int8_t* base = kd + kh * kt_h + a;
       const int64_t* dm = dim.data() + kh * dims;
+      const int32_t* qp = qpat.data() + kh * G * nq;
       const float* srow = sd + kh * ks_h + a;
-      float* out = sc + kh * M;
-      const __m256i off = _mm256_set1_epi32(corr[kh]);
+      __m256 mx[8];
+      for (int64_t g = 0; g < G; ++g) mx[g] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
       int64_t j = j0;
       for (; j + 32 <= j1; j += 32) {
-        dims_block32(base, kt_d, dm, nq, qpat.data() + kh * nq, j, dot);
-        for (int r = 0; r < 4; ++r) {
-          const __m256i d = _mm256_load_si256(reinterpret_cast<const __m256i*>(dot + 8 * r));
-          _mm256_storeu_ps(out + j + 8 * r,
-                           _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d, off)), _mm256_loadu_ps(srow + j + 8 * r)));
+        for (int64_t g0 = 0; g0 < G; g0 += 4) {  // up to four rows a call: their accumulators stay in registers
+          switch (std::min<int64_t>(4, G - g0)) {
+            case 1: dims_block32<1>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
+            case 2: dims_block32<2>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
+            case 3: dims_block32<3>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
+            default: dims_block32<4>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
+          }
         }
-        smp[kh * ns + j / STRIDE] = out[j], smp[kh * ns + j / STRIDE + 1] = out[j + STRIDE];
+        for (int64_t g = 0; g < G; ++g) {
+          const __m256i off = _mm256_set1_epi32(corr[kh * G + g]);
+          const __m256 qs = _mm256_set1_ps(qsc[kh * G + g]);
+          for (int r = 0; r < 4; ++r) {
+            const __m256i d = _mm256_load_si256(reinterpret_cast<const __m256i*>(dot[g] + 8 * r));
+            const __m256 s = _mm256_mul_ps(
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d, off)), _mm256_loadu_ps(srow + j + 8 * r)), qs);
+            _mm256_storeu_ps(sc + (kh * G + g) * M + j + 8 * r, s);
+            mx[g] = _mm256_max_ps(mx[g], s);
+          }
+        }
       }
-      for (; j < j1; ++j) {  // the last entries, one at a time: the same integers
-        int32_t d = 0;
-        for (int64_t i = 0; i < dims; ++i) d += q7[kh * dims + i] * base[dm[i] * kt_d + j];
-        out[j] = static_cast<float>(d) * srow[j];
-        if (j % STRIDE == 0) smp[kh * ns + j / STRIDE] = out[j];
+      float tail[8];
+      for (int64_t g = 0; g < G; ++g) tail[g] = -std::numeric_limits<float>::infinity();
+      for (; j < j1; ++j)  // the last entries, one at a time: the same integers
+        for (int64_t g = 0; g < G; ++g) {
+          int32_t d = 0;
+          const int8_t* code = q7.data() + (kh * G + g) * dims;
+          for (int64_t i = 0; i < dims; ++i) d += code[i] * base[dm[i] * kt_d + j];
+          const float s = (static_cast<float>(d) * srow[j]) * qsc[kh * G + g];
+          sc[(kh * G + g) * M + j] = s;
+          tail[g] = std::max(tail[g], s);
+        }
+      for (int64_t g = 0; g < G; ++g) {
+        alignas(32) float l[8];
+        _mm256_store_ps(l, mx[g]);
+        float m = tail[g];
+        for (float x : l) m = std::max(m, x);
+        part[(kh * spans + it % spans) * G + g] = m;
       }
     }
   });
-  // per KV head, a floor below its budget-th score, from the sample of every 16th: the score a
-  // quarter more than its share of the sample (plus 8) beats. Every entry at or above it is a
-  // candidate; were there fewer than `budget`, all entries are
+  // exp(s - the row's max) in place, each span's sum of them
+  std::vector<float> rmax(KH * G, -std::numeric_limits<float>::infinity());
+  for (int64_t kh = 0; kh < KH; ++kh)
+    for (int64_t sp = 0; sp < spans; ++sp)
+      for (int64_t g = 0; g < G; ++g) rmax[kh * G + g] = std::max(rmax[kh * G + g], part[(kh * spans + sp) * G + g]);
+  at::parallel_for(0, KH * spans, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t kh = it / spans, j0 = (it % spans) * SPAN, j1 = std::min(M, j0 + SPAN);
+      for (int64_t g = 0; g < G; ++g) {
+        float* sr = sc + (kh * G + g) * M;
+        const __m256 mv = _mm256_set1_ps(rmax[kh * G + g]);
+        __m256 lv = _mm256_setzero_ps();
+        int64_t j = j0;
+        for (; j + 8 <= j1; j += 8) {
+          const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv));
+          _mm256_storeu_ps(sr + j, e);
+          lv = _mm256_add_ps(lv, e);
+        }
+        float l = hsum(lv);
+        for (; j < j1; ++j) {
+          sr[j] = std::exp(sr[j] - rmax[kh * G + g]);
+          l += sr[j];
+        }
+        part[(kh * spans + it % spans) * G + g] = l;
+      }
+    }
+  });
+  std::vector<float> inv(KH * G);
+  for (int64_t kh = 0; kh < KH; ++kh)
+    for (int64_t g = 0; g < G; ++g) {
+      float l = 0.0f;
+      for (int64_t sp = 0; sp < spans; ++sp) l += part[(kh * spans + sp) * G + g];
+      inv[kh * G + g] = 1.0f / l;
+    }
+  // weights (the group's summed softmax) in the first row's place; every 16th into the sample
+  at::parallel_for(0, KH * spans, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t kh = it / spans, j0 = (it % spans) * SPAN, j1 = std::min(M, j0 + SPAN);
+      float* w = sc + kh * G * M;
+      int64_t j = j0;
+      for (; j + 8 <= j1; j += 8) {
+        __m256 x = _mm256_mul_ps(_mm256_loadu_ps(w + j), _mm256_set1_ps(inv[kh * G]));
+        for (int64_t g = 1; g < G; ++g)
+          x = _mm256_add_ps(x, _mm256_mul_ps(_mm256_loadu_ps(w + g * M + j), _mm256_set1_ps(inv[kh * G + g])));
+        _mm256_storeu_ps(w + j, x);
+      }
+      for (; j < j1; ++j) {
+        float x = w[j] * inv[kh * G];
+        for (int64_t g = 1; g < G; ++g) x += w[g * M + j] * inv[kh * G + g];
+        w[j] = x;
+      }
+      for (int64_t k = (j0 + STRIDE - 1) / STRIDE * STRIDE; k < j1; k += STRIDE) smp[kh * ns + k / STRIDE] = w[k];
+    }
+  });
+  // per KV head, a floor below its budget-th weight, from the sample: the weight a quarter more
+  // than its share of the sample (plus 8) beats. Every entry at or above it is a candidate; were
+  // there fewer than `budget`, all entries are
   std::vector<float> floor_(KH);
   at::parallel_for(0, KH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t kh = begin; kh < end; ++kh) {
@@ -770,23 +863,23 @@ at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const a
     }
   });
   std::vector<std::vector<int64_t>> cands(KH * spans);
-  auto gather = [&](int64_t it, float fl) {  // span it's entries scoring >= fl, in entry order
-    const int64_t kh = it / spans, j0 = (it % spans) * SPAN, j1 = std::min(M, j0 + SPAN);
-    const float* w = sc + kh * M;
-    const __m256 l = _mm256_set1_ps(fl);
-    std::vector<int64_t>& c = cands[it];
-    c.clear();
-    int64_t j = j0;
-    for (; j + 8 <= j1; j += 8)
-      for (int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(w + j), l, _CMP_GE_OQ)); m; m &= m - 1)
-        c.push_back(j + __builtin_ctz(m));
-    for (; j < j1; ++j)
-      if (w[j] >= fl) c.push_back(j);
-  };
   at::parallel_for(0, KH * spans, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t it = begin; it < end; ++it) gather(it, floor_[it / spans]);
+    for (int64_t it = begin; it < end; ++it) {  // span it's entries weighing >= the floor, in entry order
+      const int64_t kh = it / spans, j0 = (it % spans) * SPAN, j1 = std::min(M, j0 + SPAN);
+      const float* w = sc + kh * G * M;
+      const float fl = floor_[kh];
+      const __m256 l = _mm256_set1_ps(fl);
+      std::vector<int64_t>& c = cands[it];
+      c.clear();
+      int64_t j = j0;
+      for (; j + 8 <= j1; j += 8)
+        for (int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(w + j), l, _CMP_GE_OQ)); m; m &= m - 1)
+          c.push_back(j + __builtin_ctz(m));
+      for (; j < j1; ++j)
+        if (w[j] >= fl) c.push_back(j);
+    }
   });
-  // per KV head: the candidates in entry order, the budget-th of them by (score desc, entry asc),
+  // per KV head: the candidates in entry order, the budget-th of them by (weight desc, entry asc),
   // and out go those at or before it in that order, still in entry order
   const int64_t R = a + budget + (S - b);
   at::Tensor out = at::empty({KH, R}, at::TensorOptions().dtype(at::kLong));
@@ -800,7 +893,7 @@ at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const a
         all.resize(M);
         for (int64_t j = 0; j < M; ++j) all[j] = j;
       }
-      const float* w = sc + kh * M;
+      const float* w = sc + kh * G * M;
       auto before = [&](int64_t x, int64_t y) { return w[x] > w[y] || (w[x] == w[y] && x < y); };
       nth = all;
       std::nth_element(nth.begin(), nth.begin() + (budget - 1), nth.end(), before);
