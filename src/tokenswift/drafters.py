@@ -250,9 +250,10 @@ class SelfDrafter:
         return Proposal(cands)
 
     def prepare(self, main: KVCache, N: int) -> None:
-        """Builds the int8 copy of a prompt longer than the budget now, so that the first draft's
-        time (which the planner learns the draft's cost from) is a draft's, not the copy's."""
-        if self.kv == "int8" and N > self.budget:
+        """Builds the int8 copy (or the sparse view's key copy) of a prompt longer than the budget
+        now, so that the first draft's time (which the planner learns the draft's cost from) is a
+        draft's, not the copy's."""
+        if self.kv in ("int8", "sparse") and N > self.budget:
             self._cache_for(main, N, 0)
 
     def committed(self, main: KVCache, start: int, n: int) -> None:
