@@ -107,7 +107,7 @@ def test_auto_takes_the_int8_copy_only_where_attention_runs_natively(lm, monkeyp
 
 
 def test_bad_draft_kv_is_named(lm):
-    with pytest.raises(ParamError, match=r"draft_kv must be one of auto, int8, partial, full, got 'int4'"):
+    with pytest.raises(ParamError, match=r"draft_kv must be one of auto, sparse, int8, partial, full, got 'int4'"):
         lm.generate(list(range(3, 40)), 20, draft_kv="int4")
 
 
@@ -122,9 +122,13 @@ def test_the_memory_check_counts_the_int8_copy(lm, monkeypatch):
     lm.steps(prompt, 800, draft_budget=64, draft_kv="partial", ignore_eos=True)
     with pytest.raises(ParamError, match="needs a KV cache of"):
         lm.steps(prompt, 800, draft_budget=64, ignore_eos=True)
+    lm.steps(prompt, 800, draft_budget=64, draft_kv="sparse", ignore_eos=True)  # its copy holds keys alone: half
+    monkeypatch.setattr(api, "available_memory", lambda device: kv + n * Q8KVCache.bytes_per_token(lm.model.cfg) // 2 - 1)
+    with pytest.raises(ParamError, match="needs a KV cache of"):
+        lm.steps(prompt, 800, draft_budget=64, draft_kv="sparse", ignore_eos=True)
 
 
-# -- the per-query sparse view (SparseKV, the torch reference) ------------------------------------
+# -- the per-query sparse view (SparseKV) ------------------------------------
 
 def _rows_attended(view, m, main, tok: int, n: int) -> list[torch.Tensor]:
     """Runs one draft pass over the view at entry n; returns, per layer, the rows each KV head
@@ -292,6 +296,7 @@ def test_drafting_over_part_of_the_vocabulary_writes_the_ar_tokens(lm, monkeypat
         assert got.tokens == want
         assert got.stats["accepted_draft_tokens"] > 20 and got.stats["draft_kv"] == kv
         assert made[-1].vocab is not None and made[-1].vocab.rebuilds >= 1
+        assert 24 < got.stats["draft_vocab"] < lm.config.vocab_size
 
 
 @native

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import logging
+
 import torch
 
 from . import kernels
@@ -31,6 +33,9 @@ from .params import ParamError
 from .ngram import NGramFeeder, NGramTable
 from .sampling import coupled_candidates, penalty_window
 from .seqdraft import SeqDraftModel
+
+
+log = logging.getLogger("tokenswift")
 
 
 @dataclass
@@ -138,7 +143,7 @@ class SelfDrafter:
         sampling: SamplingConfig,
         budget: int,
         sinks: int,
-        kv: str,  # draft_kv: "auto", "int8", "partial", "full", or "sparse" (`SparseKV`, torch reference)
+        kv: str,  # draft_kv: "auto", "int8", "partial", "full", or "sparse" (`SparseKV`)
         max_depth: int,
         rope_len: int,
         scorer: str | None = None,  # kv "sparse": how each query scores every key (SparseKV.SCORERS); None: shipped
@@ -160,6 +165,9 @@ class SelfDrafter:
         self.fixed_budget = scorer is not None  # a measurement's own budget; else sparse_budget per context
         self.probs: torch.Tensor | None = None
         self.vocab = (DraftVocab(draft, vocab) if 0 < vocab < cfg.vocab_size and DraftVocab.fits(draft) else None)
+        if 0 < vocab < cfg.vocab_size and self.vocab is None:
+            log.warning("draft_vocab %d is ignored: the %s draft's head cannot be cut to part of the vocabulary "
+                        "(draft_weights float can)", vocab, "int4" if draft is not target else "model's")
         if self.kv == "partial":
             self.cache = DraftCache(cfg, budget=budget, sinks=sinks, extra=max_depth + 1, dtype=target.kv_dtype,
                                     device=target.device, rope_len=rope_len)

@@ -404,6 +404,8 @@ class SpeculativeRun:
             "other_seconds": max(0.0, out["decode_seconds"] - c.t_draft - c.t_verify - c.t_walk),
             "draft_kv": d.kv if d else None,
             "draft_kv_max": d.max_reads if d else 0,
+            # ids the chains could propose (draft_vocab: the head's rows), 0 for the whole vocabulary
+            "draft_vocab": int(d.vocab.ids.numel()) if d and d.vocab is not None and d.vocab.ids is not None else 0,
             "draft_refresh_kv_total": d.refresh_reads if d else 0,
             "draft_refreshes": d.refreshes if d else 0,
             "heads": d.heads.num_heads if d is not None and d.heads is not None else 0,
