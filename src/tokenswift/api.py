@@ -12,8 +12,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from .config import RopeScaling, SamplingConfig, SpecConfig
-from .cache import Q8KVCache
-from .drafters import resolve_draft_kv
+from .cache import Q8KVCache, SparseKV
+from .drafters import resolve_draft_kv, sparse_scorer
 from .engine import Step, generate_ar, generate_speculative, self_drafts
 from .heads import DraftHeads, resolve_heads
 from .seqdraft import SeqDraftModel, resolve_seq_drafter
@@ -342,8 +342,10 @@ class LM:
         if method == "tokenswift" and len(ids) + max_new_tokens > draft_budget:
             P["draft_kv"].check(draft_kv)
             kv = resolve_draft_kv(draft_kv, self.model) if draft_kv == "auto" else draft_kv
-            if kv in ("int8", "sparse"):  # sparse: the keys alone
-                copy = (len(ids) + max_new_tokens) * Q8KVCache.bytes_per_token(self.model.cfg) // (1 + (kv == "sparse"))
+            cfg = self.model.cfg
+            per_token = {"int8": Q8KVCache.bytes_per_token(cfg),
+                         "sparse": SparseKV.bytes_per_token(cfg, sparse_scorer(cfg.head_dim))}.get(kv, 0)
+            copy = (len(ids) + max_new_tokens) * per_token
         have = available_memory(self.model.device)
         if have is not None and need + copy > have:
             plus = f" and its int8 copy for the draft {copy / 2**30:.1f} GiB" if copy else ""

@@ -257,6 +257,18 @@ class SparseKV:
         self.synced = 0  # main entries [0, synced) are in the copy
         self.reads = 0  # entries the last pass attended to, per KV head
 
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, scorer: str) -> int:
+        """What the score copy of `scorer` ("exact", "int8", "int4" or "dims:R") holds a token."""
+        kind, D = scorer.partition(":")[0], cfg.head_dim
+        if kind == "exact":
+            return 0
+        if kind == "int4":  # 4-bit values, a scale per GROUP (a row's one where Dh is not a multiple)
+            per_head = D // 2 + 4 * (D // SparseKV.GROUP if D % SparseKV.GROUP == 0 else 1)
+        else:  # int8 values and a row scale, row- or dimension-major
+            per_head = D + 4
+        return cfg.num_layers * cfg.num_kv_heads * per_head
+
     def attach(self, main: KVCache, N: int) -> None:
         """Views `main`, whose entries [0, N) are committed: the copy catches up with them."""
         self.main = main

@@ -99,7 +99,7 @@ class DraftVocab:
         self.member[: min(base, V)] = True
         self.pending = 1  # tokens of the text not in the head yet (1: build at the first use)
         self.seen = 0  # history [0, seen) has been looked at
-        self.ids: torch.Tensor | None = None  # [n] int64, ascending: the head's rows
+        self.ids: torch.Tensor | None = None  # [n] int64 on the model's device, ascending: the head's rows
         self.head = None
         self.full = torch.empty(1, V, dtype=torch.float32, device=model.device)  # [1, V]
         self.rebuilds = 0
@@ -122,10 +122,9 @@ class DraftVocab:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [1, D] -> [1, V], -inf outside the set
         if self.pending >= (1 if self.head is None else self.REBUILD):
-            self.ids = self.member.nonzero().squeeze(1)
+            self.ids = self.member.nonzero().squeeze(1).to(self.model.device)
             head = self.model.lm_head
-            rows = self.ids.to(self.model.device)
-            self.head = head.subset(rows) if not isinstance(head, torch.Tensor) else head[rows]
+            self.head = head.subset(self.ids) if not isinstance(head, torch.Tensor) else head[self.ids]
             self.pending = 0
             self.rebuilds += 1
         sub = linear(self.model.final_norm(hidden), self.head, None).float()  # [1, n]
@@ -164,10 +163,13 @@ class SelfDrafter:
                        if self.kv == "sparse" else None)
         self.fixed_budget = scorer is not None  # a measurement's own budget; else sparse_budget per context
         self.probs: torch.Tensor | None = None
-        self.vocab = (DraftVocab(draft, vocab) if 0 < vocab < cfg.vocab_size and DraftVocab.fits(draft) else None)
-        if 0 < vocab < cfg.vocab_size and self.vocab is None:
-            log.warning("draft_vocab %d is ignored: the %s draft's head cannot be cut to part of the vocabulary "
-                        "(draft_weights float can)", vocab, "int4" if draft is not target else "model's")
+        self.vocab: DraftVocab | None = None
+        if 0 < vocab < cfg.vocab_size:
+            if DraftVocab.fits(draft):
+                self.vocab = DraftVocab(draft, vocab)
+            else:
+                log.warning("draft_vocab %d is ignored: the %s draft's head cannot be cut to part of the vocabulary "
+                            "(draft_weights float can)", vocab, "int4" if draft is not target else "model's")
         if self.kv == "partial":
             self.cache = DraftCache(cfg, budget=budget, sinks=sinks, extra=max_depth + 1, dtype=target.kv_dtype,
                                     device=target.device, rope_len=rope_len)
