@@ -85,13 +85,14 @@ def test_auto_takes_the_int8_copy_past_the_budget_and_the_tokens_stay_ar(lm):
     assert st["draft_kv"] == "int8" and st["draft_refreshes"] == 0 and st["draft_kv_max"] > 120
 
 
-def test_int8_without_the_native_kernels_is_a_named_error(lm, monkeypatch):
+@pytest.mark.parametrize("kv", ["int8", "sparse"])
+def test_int8_without_the_native_kernels_is_a_named_error(lm, monkeypatch, kv):
     monkeypatch.setattr(kernels, "native", lambda: False)
     monkeypatch.setattr(kernels, "why_not", lambda: "TOKENSWIFT_NATIVE=0")
     assert drafters.resolve_draft_kv("auto", lm.model) == "partial"
-    with pytest.raises(ParamError, match=r"draft_kv 'int8' needs the native CPU kernels \(TOKENSWIFT_NATIVE=0\); "
+    with pytest.raises(ParamError, match=rf"draft_kv '{kv}' needs the native CPU kernels \(TOKENSWIFT_NATIVE=0\); "
                                          r"use draft_kv 'partial' or 'full'"):
-        lm.generate(list(range(3, 40)), 20, draft_kv="int8", tree="1,3,3,3", ignore_eos=True)
+        lm.generate(list(range(3, 40)), 20, draft_kv=kv, tree="1,3,3,3", ignore_eos=True)
 
 
 @native
@@ -223,6 +224,7 @@ def test_bad_sparse_scorers_are_named(lm):
             SparseKV(lm.model.cfg, budget=16, scorer=bad)
 
 
+@native  # draft_kv "sparse" is refused without the native kernels (test_int8_without_the_native_kernels_...)
 @pytest.mark.parametrize("scorer", ["exact", "int4", "dims:8"])
 def test_drafting_over_the_sparse_view_writes_the_ar_tokens(lm, monkeypatch, scorer):
     """The view changes what the draft proposes, never the text: greedy and seeded sampling write
