@@ -553,7 +553,17 @@ void attention_rows_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
       const int64_t c = it % nc, kh = it / nc, c0 = c * chunk;
       const int nk = static_cast<int>(std::min(chunk, R - c0));
       kv.fill(kd + kh * ksh, vd + kh * vsh, kss, vss, rd + kh * R + c0, nk);
-      kv.prefetch(D * static_cast<int64_t>(sizeof(KT)));
+      if (it == begin) kv.prefetch(D * static_cast<int64_t>(sizeof(KT)));
+      if (it + 1 < end) {  // the next chunk's rows are asked for while this one is worked
+        const int64_t n1 = (it + 1) / nc, r1 = ((it + 1) % nc) * chunk, e1 = std::min(R, r1 + chunk);
+        for (int64_t i = r1; i < e1; ++i) {
+          const int64_t row = rd[n1 * R + i];
+          for (int64_t o = 0; o < D * static_cast<int64_t>(sizeof(KT)); o += 64) {
+            _mm_prefetch(reinterpret_cast<const char*>(kd + n1 * ksh + row * kss) + o, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(vd + n1 * vsh + row * vss) + o, _MM_HINT_T0);
+          }
+        }
+      }
       for (int64_t g = 0; g < G; ++g) qp[g] = qd + (kh * G + g) * qsh;
       chunk_partial(static_cast<int>(G), qp.data(), nk, kv.kp.data(), kv.vp.data(), nullptr, nullptr,
                     static_cast<int>(D), s, parts.data() + it * G * P);
@@ -579,7 +589,15 @@ at::Tensor attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Te
                   rows.is_contiguous(),
               "attention_rows: rows must be contiguous int64 [KH, R >= 1]");
   TORCH_CHECK(chunk >= 8 && chunk % 8 == 0, "attention_rows: chunk must be a positive multiple of 8");
-  TORCH_CHECK(rows.min().item<int64_t>() >= 0 && rows.max().item<int64_t>() < S, "attention_rows: a row lies outside k");
+  {  // a plain scan: two torch reductions cost more than this kernel's work at 4K rows
+    const int64_t* rd = rows.data_ptr<int64_t>();
+    int64_t lo = 0, hi = 0;
+    for (int64_t i = 0; i < rows.numel(); ++i) {
+      lo = std::min(lo, rd[i]);
+      hi = std::max(hi, rd[i]);
+    }
+    TORCH_CHECK(lo >= 0 && hi < S, "attention_rows: a row lies outside k");
+  }
   at::Tensor out = at::empty({1, 1, H * D}, q.options());
   switch (k.scalar_type()) {
     case at::kFloat: attention_rows_impl<float>(q, k, v, rows, chunk, out); break;
@@ -697,8 +715,8 @@ at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const a
   const int64_t H = q.size(2), D = q.size(3), KH = kt.size(0), G = H / KH, M = b - a;
   TORCH_CHECK(kt.size(1) == D && H % KH == 0 && G <= 8 && dims % 4 == 0 && 4 <= dims && dims <= D,
               "sparse_select_dims: shapes disagree (at most 8 query rows a KV head; dims a multiple of 4 in [4, D])");
-  TORCH_CHECK(0 <= a && a < b && b <= S && S <= kt.size(2) && 1 <= budget && budget <= M,
-              "sparse_select_dims: need 0 <= a < b <= S <= entries and 1 <= budget <= b - a");
+  TORCH_CHECK(0 <= a && a < b && b <= S && S <= kt.size(2) && 1 <= budget && budget <= M && M < (int64_t(1) << 32),
+              "sparse_select_dims: need 0 <= a < b <= S <= entries, 1 <= budget <= b - a < 2^32");
   const float* qd = q.data_ptr<float>();
   const int8_t* kd = kt.data_ptr<int8_t>();
   const float* sd = ks.data_ptr<float>();
@@ -736,14 +754,19 @@ at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const a
       corr[kh * G + g] = 128 * sum;
     }
   }
-  // scores [KH, G, M] and a sample [KH, ns] (scratch kept per thread between calls); per span
-  // each row's max, then its sum of exps
-  constexpr int64_t SPAN = 4096, STRIDE = 16;
+  // Two passes over the entries, each span of them (its rows' scores: 24 KB) worked while in the
+  // cache. Pass one: the span's scores, then in place their exps from the span's own max, each
+  // row's span max and sum, and every 16th exp of each row into a sample. Between: each row's
+  // max and softmax sum from the spans', so a span's exps times a factor per (span, row) are the
+  // softmax; the sample's weights give a floor below the budget-th weight. Pass two: each entry's
+  // weight (the group's summed softmax) and the entries at or above the floor, in entry order.
+  // Only the exps cross the passes (G x M floats: before, the scores crossed four passes).
+  constexpr int64_t SPAN = 2048, STRIDE = 16;
   const int64_t spans = (M + SPAN - 1) / SPAN, ns = (M + STRIDE - 1) / STRIDE;
   static thread_local Scratch sc_buf;
-  float* sc = sc_buf.get(static_cast<size_t>(KH * (G * M + ns)));
+  float* sc = sc_buf.get(static_cast<size_t>(KH * G * (M + ns)));  // exps [KH, G, M], sample [KH, G, ns]
   float* smp = sc + KH * G * M;
-  std::vector<float> part(static_cast<size_t>(KH * spans * G));
+  std::vector<float> pmax(static_cast<size_t>(KH * spans * G)), psum(static_cast<size_t>(KH * spans * G));
   at::parallel_for(0, KH * spans, 1, [&](int64_t begin, int64_t end) {
     alignas(32) int32_t dot[8][32];
     for (int64_t it = begin; it < end; ++it) {
@@ -756,6 +779,11 @@ at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const a
       for (int64_t g = 0; g < G; ++g) mx[g] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
       int64_t j = j0;
       for (; j + 32 <= j1; j += 32) {
+        // the copy's rows are `dims` streams read 32 bytes at a time: more than the hardware
+        // prefetchers follow (in a model the layer's copy comes from memory, and the choice ran at
+        // a fifth of its bandwidth), so each line is asked for 1 KB ahead
+        if (((a + j) & 63) == 0 && j + 1024 < j1)
+          for (int64_t i = 0; i < dims; ++i) _mm_prefetch(reinterpret_cast<const char*>(base + dm[i] * kt_d + j + 1024), _MM_HINT_T0);
         for (int64_t g0 = 0; g0 < G; g0 += 4) {  // up to four rows a call: their accumulators stay in registers
           switch (std::min<int64_t>(4, G - g0)) {
             case 1: dims_block32<1>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
@@ -792,116 +820,123 @@ at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const a
         _mm256_store_ps(l, mx[g]);
         float m = tail[g];
         for (float x : l) m = std::max(m, x);
-        part[(kh * spans + it % spans) * G + g] = m;
-      }
-    }
-  });
-  // exp(s - the row's max) in place, each span's sum of them
-  std::vector<float> rmax(KH * G, -std::numeric_limits<float>::infinity());
-  for (int64_t kh = 0; kh < KH; ++kh)
-    for (int64_t sp = 0; sp < spans; ++sp)
-      for (int64_t g = 0; g < G; ++g) rmax[kh * G + g] = std::max(rmax[kh * G + g], part[(kh * spans + sp) * G + g]);
-  at::parallel_for(0, KH * spans, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t kh = it / spans, j0 = (it % spans) * SPAN, j1 = std::min(M, j0 + SPAN);
-      for (int64_t g = 0; g < G; ++g) {
         float* sr = sc + (kh * G + g) * M;
-        const __m256 mv = _mm256_set1_ps(rmax[kh * G + g]);
+        const __m256 mv = _mm256_set1_ps(m);
         __m256 lv = _mm256_setzero_ps();
-        int64_t j = j0;
-        for (; j + 8 <= j1; j += 8) {
-          const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv));
-          _mm256_storeu_ps(sr + j, e);
+        int64_t i = j0;
+        for (; i + 8 <= j1; i += 8) {
+          const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + i), mv));
+          _mm256_storeu_ps(sr + i, e);
           lv = _mm256_add_ps(lv, e);
         }
-        float l = hsum(lv);
-        for (; j < j1; ++j) {
-          sr[j] = std::exp(sr[j] - rmax[kh * G + g]);
-          l += sr[j];
+        float sum = hsum(lv);
+        for (; i < j1; ++i) {
+          sr[i] = std::exp(sr[i] - m);
+          sum += sr[i];
         }
-        part[(kh * spans + it % spans) * G + g] = l;
+        pmax[it * G + g] = m;
+        psum[it * G + g] = sum;
+        float* sm = smp + (kh * G + g) * ns;
+        for (int64_t k = (j0 + STRIDE - 1) / STRIDE * STRIDE; k < j1; k += STRIDE) sm[k / STRIDE] = sr[k];
       }
     }
   });
-  std::vector<float> inv(KH * G);
+  // factor[kh, span, g]: exp(span max - row max) / the row's softmax sum
+  std::vector<float> factor(static_cast<size_t>(KH * spans * G));
   for (int64_t kh = 0; kh < KH; ++kh)
     for (int64_t g = 0; g < G; ++g) {
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t sp = 0; sp < spans; ++sp) m = std::max(m, pmax[(kh * spans + sp) * G + g]);
       float l = 0.0f;
-      for (int64_t sp = 0; sp < spans; ++sp) l += part[(kh * spans + sp) * G + g];
-      inv[kh * G + g] = 1.0f / l;
-    }
-  // weights (the group's summed softmax) in the first row's place; every 16th into the sample
-  at::parallel_for(0, KH * spans, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t kh = it / spans, j0 = (it % spans) * SPAN, j1 = std::min(M, j0 + SPAN);
-      float* w = sc + kh * G * M;
-      int64_t j = j0;
-      for (; j + 8 <= j1; j += 8) {
-        __m256 x = _mm256_mul_ps(_mm256_loadu_ps(w + j), _mm256_set1_ps(inv[kh * G]));
-        for (int64_t g = 1; g < G; ++g)
-          x = _mm256_add_ps(x, _mm256_mul_ps(_mm256_loadu_ps(w + g * M + j), _mm256_set1_ps(inv[kh * G + g])));
-        _mm256_storeu_ps(w + j, x);
+      for (int64_t sp = 0; sp < spans; ++sp) {
+        const int64_t x = (kh * spans + sp) * G + g;
+        factor[x] = std::exp(pmax[x] - m);
+        l += psum[x] * factor[x];
       }
-      for (; j < j1; ++j) {
-        float x = w[j] * inv[kh * G];
-        for (int64_t g = 1; g < G; ++g) x += w[g * M + j] * inv[kh * G + g];
-        w[j] = x;
-      }
-      for (int64_t k = (j0 + STRIDE - 1) / STRIDE * STRIDE; k < j1; k += STRIDE) smp[kh * ns + k / STRIDE] = w[k];
+      for (int64_t sp = 0; sp < spans; ++sp) factor[(kh * spans + sp) * G + g] /= l;
     }
-  });
   // per KV head, a floor below its budget-th weight, from the sample: the weight a quarter more
   // than its share of the sample (plus 8) beats. Every entry at or above it is a candidate; were
   // there fewer than `budget`, all entries are
   std::vector<float> floor_(KH);
   at::parallel_for(0, KH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sw(static_cast<size_t>(ns));
     for (int64_t kh = begin; kh < end; ++kh) {
-      float* sm = smp + kh * ns;
+      for (int64_t k = 0; k < ns; ++k) {
+        const float* f = factor.data() + (kh * spans + k * STRIDE / SPAN) * G;
+        float x = 0.0f;
+        for (int64_t g = 0; g < G; ++g) x += smp[(kh * G + g) * ns + k] * f[g];
+        sw[k] = x;
+      }
       const int64_t k = std::min(ns - 1, budget * ns / M + budget * ns / M / 4 + 8);
-      std::nth_element(sm, sm + k, sm + ns, std::greater<float>());
-      floor_[kh] = sm[k];
+      std::nth_element(sw.begin(), sw.begin() + k, sw.end(), std::greater<float>());
+      floor_[kh] = sw[k];
     }
   });
-  std::vector<std::vector<int64_t>> cands(KH * spans);
+  // weights of every entry (pass two); a candidate goes out as one integer key, its weight's bits
+  // (a weight is >= 0, so its bits order as it does) over the complement of its entry: keys order
+  // as (weight desc, entry asc) and the choice below compares integers
+  auto key = [](float w, int64_t j) {
+    uint32_t bits;
+    std::memcpy(&bits, &w, 4);
+    return (static_cast<uint64_t>(bits) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(j));
+  };
+  std::vector<std::vector<uint64_t>> cands(KH * spans);
+  auto weigh = [&](int64_t kh, int64_t sp, int64_t j0, int64_t j1, float fl, std::vector<uint64_t>& c) {
+    const float* e = sc + kh * G * M;
+    const float* f = factor.data() + (kh * spans + sp) * G;
+    const __m256 l = _mm256_set1_ps(fl);
+    alignas(32) float x8[8];
+    int64_t j = j0;
+    for (; j + 8 <= j1; j += 8) {
+      __m256 x = _mm256_mul_ps(_mm256_loadu_ps(e + j), _mm256_set1_ps(f[0]));
+      for (int64_t g = 1; g < G; ++g)
+        x = _mm256_add_ps(x, _mm256_mul_ps(_mm256_loadu_ps(e + g * M + j), _mm256_set1_ps(f[g])));
+      int m = _mm256_movemask_ps(_mm256_cmp_ps(x, l, _CMP_GE_OQ));
+      if (m) {
+        _mm256_store_ps(x8, x);
+        for (; m; m &= m - 1) {
+          const int r = __builtin_ctz(m);
+          c.push_back(key(x8[r], j + r));
+        }
+      }
+    }
+    for (; j < j1; ++j) {
+      float x = e[j] * f[0];
+      for (int64_t g = 1; g < G; ++g) x += e[g * M + j] * f[g];
+      if (x >= fl) c.push_back(key(x, j));
+    }
+  };
   at::parallel_for(0, KH * spans, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t it = begin; it < end; ++it) {  // span it's entries weighing >= the floor, in entry order
-      const int64_t kh = it / spans, j0 = (it % spans) * SPAN, j1 = std::min(M, j0 + SPAN);
-      const float* w = sc + kh * G * M;
-      const float fl = floor_[kh];
-      const __m256 l = _mm256_set1_ps(fl);
-      std::vector<int64_t>& c = cands[it];
-      c.clear();
-      int64_t j = j0;
-      for (; j + 8 <= j1; j += 8)
-        for (int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(w + j), l, _CMP_GE_OQ)); m; m &= m - 1)
-          c.push_back(j + __builtin_ctz(m));
-      for (; j < j1; ++j)
-        if (w[j] >= fl) c.push_back(j);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t kh = it / spans, sp = it % spans, j0 = sp * SPAN, j1 = std::min(M, j0 + SPAN);
+      cands[it].clear();
+      weigh(kh, sp, j0, j1, floor_[kh], cands[it]);
     }
   });
-  // per KV head: the candidates in entry order, the budget-th of them by (weight desc, entry asc),
-  // and out go those at or before it in that order, still in entry order
+  // per KV head: the candidates in entry order, the budget-th largest key among them, and out go
+  // those at or above it, still in entry order
   const int64_t R = a + budget + (S - b);
   at::Tensor out = at::empty({KH, R}, at::TensorOptions().dtype(at::kLong));
   int64_t* od = out.data_ptr<int64_t>();
   at::parallel_for(0, KH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> all, nth;
+    std::vector<uint64_t> all, nth;
     for (int64_t kh = begin; kh < end; ++kh) {
       all.clear();
-      for (int64_t sp = 0; sp < spans; ++sp) all.insert(all.end(), cands[kh * spans + sp].begin(), cands[kh * spans + sp].end());
+      for (int64_t sp = 0; sp < spans; ++sp)
+        all.insert(all.end(), cands[kh * spans + sp].begin(), cands[kh * spans + sp].end());
       if (static_cast<int64_t>(all.size()) < budget) {  // the sample's floor was too high: every entry
-        all.resize(M);
-        for (int64_t j = 0; j < M; ++j) all[j] = j;
+        all.clear();
+        for (int64_t sp = 0; sp < spans; ++sp)
+          weigh(kh, sp, sp * SPAN, std::min(M, (sp + 1) * SPAN), -std::numeric_limits<float>::infinity(), all);
       }
-      const float* w = sc + kh * G * M;
-      auto before = [&](int64_t x, int64_t y) { return w[x] > w[y] || (w[x] == w[y] && x < y); };
       nth = all;
-      std::nth_element(nth.begin(), nth.begin() + (budget - 1), nth.end(), before);
-      const int64_t cut = nth[budget - 1];
+      std::nth_element(nth.begin(), nth.begin() + (budget - 1), nth.end(), std::greater<uint64_t>());
+      const uint64_t cut = nth[budget - 1];
       int64_t* dst = od + kh * R;
       for (int64_t i = 0; i < a; ++i) *dst++ = i;
-      for (int64_t j : all)
-        if (!before(cut, j)) *dst++ = a + j;
+      for (const uint64_t k : all)
+        if (k >= cut) *dst++ = a + (0xFFFFFFFFu - static_cast<uint32_t>(k));
       for (int64_t i = b; i < S; ++i) *dst++ = i;
     }
   });
