@@ -336,3 +336,61 @@ def test_bench_cli_context_sweep(tmp_path, capsys):
     assert (out / "bench-sweep-48-8.png").exists()
     with open(out / "bench-sweep-48-8.csv") as f:
         assert {r["context"] for r in csv.DictReader(f)} == {"24", "48"}
+
+
+def test_a_sweep_saves_each_contexts_prefill_and_a_later_sweep_reads_it(tiny, tmp_path, monkeypatch):
+    """`--prefill-kv`: the first sweep computes each context's prefill and saves its rows; a later
+    one reads them (its prefill passes then cover only each prompt's last token) and writes the
+    same tokens; rows saved under other numerics are not read."""
+    import tokenswift.bench as bench
+
+    m = tiny.model
+    torch.manual_seed(3)
+    prompt = torch.randint(0, 96, (80,)).tolist()
+    opts = bench.numerics(tiny, None)
+    sampling = dict(PAPER_SAMPLING, seed=4)
+    written, inside, passes = [], [], []
+    real_ours, real_prefill, real_forward = bench.run_ours, type(m).prefill, type(m).forward
+
+    def ours(*a, **kw):
+        recs, toks, stats = real_ours(*a, **kw)
+        written.append(toks)
+        return recs, toks, stats
+
+    def prefill(self, t, c, *a, **kw):
+        inside.append(1)
+        try:
+            return real_prefill(self, t, c, *a, **kw)
+        finally:
+            inside.pop()
+
+    def forward(self, t, *a, **kw):
+        if inside:
+            passes.append(t.shape[1])
+        return real_forward(self, t, *a, **kw)
+
+    monkeypatch.setattr(bench, "run_ours", ours)
+    monkeypatch.setattr(type(m), "prefill", prefill)
+    monkeypatch.setattr(type(m), "forward", forward)
+    first = bench.run_sweep(tiny, prompt, [40, 80], [10], ["ar", "tokenswift"], sampling, kv_dir=tmp_path, options=opts)
+    assert {C: p["rows_read"] for C, p in first["prefills"].items()} == {"40": 0, "80": 0}
+    assert sum(passes) == 40 + 80  # each context prefilled once, every method took the copy
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and all(f.startswith("prefill-") and f.endswith(".kv") for f in files)
+    passes.clear()
+    again = bench.run_sweep(tiny, prompt, [40, 80], [10], ["ar", "tokenswift"], sampling, kv_dir=tmp_path, options=opts)
+    assert {C: p["rows_read"] for C, p in again["prefills"].items()} == {"40": 39, "80": 79}
+    assert passes == [1, 1]  # the last token of each prompt; the rest came from the files
+    assert len(written) == 8 and written[:4] == written[4:] and all(len(t) == 10 for t in written)
+    assert all(r["same_as_ar"] for r in again["records"])
+    other = bench.run_sweep(tiny, prompt, [40], [10], ["ar"], sampling, kv_dir=tmp_path, options=dict(opts, kv_dtype="x"))
+    assert other["prefills"]["40"]["rows_read"] == 0
+
+
+def test_bench_cli_prefill_kv_needs_contexts(tmp_path, capsys, no_work):
+    assert main(["bench", "--prefill-kv", str(tmp_path), "--lengths", "8"]) == 2
+    assert "--prefill-kv" in capsys.readouterr().err
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["bench", "--prefill-kv", str(f), "--contexts", "8", "--lengths", "8"]) == 2
+    assert "must be a folder" in capsys.readouterr().err

@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -345,10 +346,52 @@ def _result(records: list[dict[str, Any]], runs: dict[str, Any], lengths: list[i
     return out
 
 
+def numerics(lm: Any, rope_scaling: str | None) -> dict[str, Any]:
+    """What a prompt's K/V rows depend on, for the header of a saved prefill (`KVRows.NUMERICS`)."""
+    m = lm.model
+    return {"model": lm.name, "dtype": str(m.dtype).removeprefix("torch."),
+            "kv_dtype": str(m.kv_dtype).removeprefix("torch."), "weights": m.quantized or "float",
+            "activations": m.activations, "rope_scaling": rope_scaling, "compile": False, "device": str(m.device)}
+
+
+def prefill_rows(lm: Any, prompt: list[int], run_len: int, kv_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """The prompt's prefill for a sweep context, read from `kv_dir` where an earlier run saved
+    it (the rows of `--checkpoint-kv`'s format: `checkpoint.KVRows`, which checks the numerics,
+    the model's shape, the cache's dtype and RoPE length, each row's token and checksum), else
+    computed and saved there. Either way it lands in the model's prefill memo, so every method
+    of the context starts from it. -> {"prefill_seconds", "rows_read", "kv_file"}."""
+    from .cache import KVCache
+    from .checkpoint import Checkpoint, KVRows, model_fingerprint
+
+    m = lm.model
+    C = len(prompt)
+    digest = format(zlib.crc32(torch.tensor(prompt, dtype=torch.int64).numpy().tobytes()), "08x")
+    path = Path(kv_dir) / f"prefill-{C}-{digest}.kv"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot make the prefill folder {path.parent}: {e.strerror or e}") from None
+    ck = Checkpoint(options=dict(options), prompt="", prompt_ids=list(prompt), model_fingerprint=model_fingerprint(m.cfg))
+    rows = KVRows(path, ck)
+    cache = KVCache(m.cfg, capacity=C, dtype=m.kv_dtype, device=m.device, rope_len=run_len)
+    m.kv_prefix = rows.load
+    t0 = time.perf_counter()
+    try:
+        m.prefill(torch.tensor(prompt, dtype=torch.int64, device=m.device).unsqueeze(0), cache)
+    finally:
+        m.kv_prefix = None
+    seconds = time.perf_counter() - t0
+    read = rows.written or 0  # set by the load: the rows the file held for this prompt
+    if read < C:
+        rows.append(cache, C, list(prompt))
+    return {"prefill_seconds": seconds, "rows_read": read, "kv_file": str(path)}
+
+
 def run_sweep(lm: Any, prompt: list[int], contexts: Sequence[int], lengths: Sequence[int], methods: Sequence[str],
               sampling: dict[str, Any] | None = None,
               progress: Callable[[str, int, int], None] | None = None,
-              on_context: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+              on_context: Callable[[dict[str, Any]], None] | None = None,
+              kv_dir: Path | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The context sweep: for each context C, the first C tokens of `prompt` as the prompt, then
     every method side by side as in `run_bench` (same seed, compared with `ar` at that context).
     Records carry `context`; `on_context` gets the result so far after each context.
@@ -356,7 +399,8 @@ def run_sweep(lm: Any, prompt: list[int], contexts: Sequence[int], lengths: Sequ
     The prompt is prefilled once per context and every method starts from a copy of that cache
     (`Decoder.prefill_memo`: the same computation, so the same bits): at 100K a prefill is most
     of an hour here. So a method's `prefill_seconds` after the first is a copy's; the sweep's
-    figures are decode speeds."""
+    figures are decode speeds. With `kv_dir`, each context's prefill is read from there or saved
+    there (`prefill_rows`; `options`: its numerics), for later sweeps."""
     contexts = sorted({int(c) for c in contexts})
     if not contexts or contexts[0] < 1 or contexts[-1] > len(prompt):
         raise ValueError(f"contexts must lie in [1, {len(prompt)}] (the prompt's tokens), got {contexts}")
@@ -364,7 +408,7 @@ def run_sweep(lm: Any, prompt: list[int], contexts: Sequence[int], lengths: Sequ
     if model is not None:
         model.prefill_memo = {}
     try:
-        return _sweep(lm, prompt, contexts, lengths, methods, sampling, progress, on_context)
+        return _sweep(lm, prompt, contexts, lengths, methods, sampling, progress, on_context, kv_dir, options)
     finally:
         if model is not None:
             model.prefill_memo = None
@@ -372,12 +416,17 @@ def run_sweep(lm: Any, prompt: list[int], contexts: Sequence[int], lengths: Sequ
 
 def _sweep(lm: Any, prompt: list[int], contexts: list[int], lengths: Sequence[int], methods: Sequence[str],
            sampling: dict[str, Any] | None, progress: Callable[[str, int, int], None] | None,
-           on_context: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+           on_context: Callable[[dict[str, Any]], None] | None, kv_dir: Path | None = None,
+           options: dict[str, Any] | None = None) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     runs: dict[str, Any] = {}
+    prefills: dict[str, Any] = {}
     out: dict[str, Any] = {}
     for C in contexts:
         step = (lambda name, done, total, C=C: progress(f"{name} @ {C}", done, total)) if progress else None
+        if kv_dir is not None and getattr(lm, "model", None) is not None:
+            prefills[str(C)] = prefill_rows(lm, prompt[:C], C + max(lengths), kv_dir, options or {})
+            log.info("context %d: %d of its rows read from %s", C, prefills[str(C)]["rows_read"], kv_dir)
         res = run_bench(lm, prompt[:C], lengths, methods, sampling, progress=step)
         for r in res["records"]:
             r["context"] = C
@@ -386,6 +435,8 @@ def _sweep(lm: Any, prompt: list[int], contexts: list[int], lengths: Sequence[in
         out = {"sweep": True, "contexts": [c for c in contexts if c <= C], "records": list(records),
                "runs": dict(runs), "lengths": res["lengths"], "methods": res["methods"], "sampling": res["sampling"],
                "prompt_tokens": C}
+        if prefills:
+            out["prefills"] = dict(prefills)
         if C != contexts[-1]:
             out["partial"] = True
             if on_context is not None:

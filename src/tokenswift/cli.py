@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context sweep: for each C, the first C tokens of the text as the prompt (instead of "
                         "--prefix), then the methods side by side; e.g. 4096,16384,32768,65536,100000 with "
                         "--lengths 1024")
+    b.add_argument("--prefill-kv", type=Path, default=None, metavar="DIR",
+                   help="with --contexts: read each context's prefill from K/V rows an earlier sweep saved in DIR "
+                        "(--checkpoint-kv's format, checked against the model, numerics and tokens), else compute "
+                        "and save them there; a 64K prefill takes most of an hour on 2 CPU cores, reading it seconds")
     b.add_argument("--methods", default=",".join(_bench_defaults()),
                    help="comma-separated, from: " + ", ".join(_bench_methods()) + f" (default {','.join(_bench_defaults())})")
     b.add_argument("--seed", type=_int("--seed"), default=0, help="sampling seed (default 0)")
@@ -771,7 +775,7 @@ def _bench_outputs(args: argparse.Namespace, stem: str) -> dict[str, Path]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import (BenchSetup, available, parse_lengths, parse_methods, run_bench, run_sweep, sweep_table,
+    from .bench import (BenchSetup, available, numerics, parse_lengths, parse_methods, run_bench, run_sweep, sweep_table,
                         table, write_png, write_sweep_png)
 
     try:
@@ -782,6 +786,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CliError(f"--{e}") from None
     if args.prefix < 1:
         raise CliError(f"--prefix must be >= 1, got {args.prefix}")
+    if args.prefill_kv is not None and not contexts:
+        raise CliError(f"--prefill-kv {args.prefill_kv} needs --contexts (it keeps a sweep's prefills)")
+    if args.prefill_kv is not None and args.prefill_kv.exists() and not args.prefill_kv.is_dir():
+        raise CliError(f"--prefill-kv must be a folder, got the file {args.prefill_kv}")
     if all(available(m) is not None for m in methods):
         raise CliError("no method can run here: " + "; ".join(f"{m}: {available(m)}" for m in methods))
     prefix = contexts[-1] if contexts else args.prefix
@@ -804,7 +812,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         if contexts:
             result = run_sweep(setup.lm, setup.prompt, contexts, lengths, methods, setup.sampling, progress=bars,
-                               on_context=save)
+                               on_context=save, kv_dir=args.prefill_kv,
+                               options=numerics(setup.lm, setup.rope_scaling))
         else:
             result = run_bench(setup.lm, setup.prompt, lengths, methods, setup.sampling, progress=bars, on_method=save)
     finally:

@@ -755,13 +755,9 @@ class Decoder(nn.Module):
         if start + T > cache.capacity:
             raise ValueError(f"prompt of {T} tokens does not fit the KV cache ({cache.capacity - start} free)")
         load, self.kv_prefix = self.kv_prefix, None
-        if load is not None and start == 0 and B == 1 and taps is None and not return_all and type(cache) is KVCache:
-            n = load(tokens[0], cache)  # [0, n) now in the cache, n < T
-            if n:
-                log.info("resumed %d of the prompt's %d tokens from saved KV rows; prefilling %d", n, T, T - n)
-                return self.prefill(tokens[:, n:], cache, chunk)
+        whole = start == 0 and B == 1 and taps is None and not return_all and type(cache) is KVCache
         memo, key = self.prefill_memo, None
-        if memo is not None and start == 0 and B == 1 and taps is None and not return_all and type(cache) is KVCache:
+        if memo is not None and whole:
             key = (T, hash(tokens.cpu().numpy().tobytes()), cache.k.dtype, cache.rope_len, chunk)
             hit = memo.get(key)
             if hit is not None and torch.equal(hit[0], tokens):
@@ -771,6 +767,16 @@ class Decoder(nn.Module):
                 cache.pos[:T] = pos
                 cache.length = T
                 return last.clone()
+        if load is not None and whole:
+            n = load(tokens[0], cache)  # [0, n) now in the cache, n < T
+            if n:
+                log.info("read %d of the prompt's %d tokens' K/V from saved rows; prefilling %d", n, T, T - n)
+                last = self.prefill(tokens[:, n:], cache, chunk)
+                if key is not None:  # what the rows and the rest gave is this prompt's prefill
+                    memo.clear()
+                    memo[key] = (tokens.clone(), cache.k[:, :, :, :T].clone(), cache.v[:, :, :, :T].clone(),
+                                 cache.pos[:T].clone(), last.clone())
+                return last
         out = torch.empty(B, T, self.cfg.hidden_size, dtype=self.dtype, device=self.device) if return_all else None
         last = None
         i = 0
