@@ -152,9 +152,12 @@ def _wait_for_tokens(path, n: int, proc: subprocess.Popen, timeout: float = 120)
 def test_ctrl_c_leaves_a_valid_checkpoint_and_exit_130(smollm, tmp_path):
     path = tmp_path / "ck.json"
     want = smollm.generate(PROMPT, 150, method="ar", seed=2, ignore_eos=True, **SAMPLING)
+    # SIGINT as a terminal's Ctrl-C finds it: a suite started in the background (`cmd &` in a
+    # script) hands its children SIGINT ignored, and a CLI run that way rightly keeps ignoring it
     proc = subprocess.Popen(_cli("--prompt", PROMPT, "--max-new-tokens", "150", "--seed", "2", *CLI_SAMPLING,
                                  "--checkpoint", str(path), "--checkpoint-every", "7", "--stats"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_tokens(path, 7, proc)
     time.sleep(1.0)
     assert proc.poll() is None
