@@ -8,6 +8,12 @@ and V once (the memory floor of one-token attention).
 The cache holds random K/V (the cost does not depend on the values); positions past the model's
 trained context only extend the RoPE table. Medians of `--repeats` passes, 2 threads unless
 `--threads` says otherwise. Run it alone on the machine.
+
+Per context it also prints the ceiling these costs put on a chain draft: with each drafted
+token accepted with probability `--acceptance` (given its parent was) and costing
+`--draft-cost` of a one-token pass, a chain of d drafts gives 1 + a + ... + a^d tokens for
+pass(d + 1) + d * cost, and the best d gives the most any such draft can reach against `ar`
+(the walk, sampling and bookkeeping taken as free); also with a free draft (cost 0).
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ap.add_argument("--acceptance", type=float, default=0.87, help="per-depth acceptance of a chained draft")
+    ap.add_argument("--draft-cost", type=float, default=0.25, help="a drafted token's cost, share of a one-token pass")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -66,6 +74,7 @@ def main() -> None:
         t_read = median_ms(read, args.repeats)
         print(f"{C:7d} read K+V once: {t_read:.1f} ms", flush=True)
         one = one_att = None
+        passes: dict[int, float] = {}
         for T in tokens:
             x = torch.randint(0, cfg.vocab_size, (1, T))
             pos = torch.arange(C, C + T).unsqueeze(0)
@@ -90,8 +99,29 @@ def main() -> None:
             t_att = median_ms(attention, args.repeats)
             one = one or t_full
             one_att = one_att or t_att
+            passes[T] = t_full / one
             print(f"{C:7d} {T:2d} {t_full:8.1f} {t_full / one:6.2f} {t_att:12.1f} {t_att / one_att:6.2f} "
                   f"{t_att / t_read:7.2f}", flush=True)
+        for c in (args.draft_cost, 0.0):
+            d, x = ceiling(passes, args.acceptance, c)
+            print(f"{C:7d} ceiling at acceptance {args.acceptance}, draft {c} of a pass: {x:.2f}x ar (chain of {d})",
+                  flush=True)
+
+
+def ceiling(passes: dict[int, float], a: float, cost: float) -> tuple[int, float]:
+    """(chain depth, speedup) of the best chain under the measured pass costs (relative to one
+    token's; linear between the sizes measured, none beyond the largest)."""
+    sizes = sorted(passes)
+    best = (0, 1.0 / passes.get(1, 1.0))
+    for d in range(1, sizes[-1]):
+        T = d + 1
+        lo = max(s for s in sizes if s <= T)
+        hi = min(s for s in sizes if s >= T)
+        rel = passes[lo] if hi == lo else passes[lo] + (passes[hi] - passes[lo]) * (T - lo) / (hi - lo)
+        x = sum(a**i for i in range(d + 1)) / (rel + d * cost)
+        if x > best[1]:
+            best = (d, x)
+    return best
 
 
 if __name__ == "__main__":

@@ -74,10 +74,26 @@ def _planner(costs, draft_s, q0, q1=0.01, depth=6, max_k=0, explore_every=0):
     return p
 
 
-def test_planner_starts_with_a_modest_chain_before_measuring_anything():
+def test_planner_measures_a_plain_step_then_a_modest_chain_before_planning():
     p = AutoPlanner(8, ngram_n=4, max_k=20, max_nodes=None)
     plan = p.choose(100)
-    assert (plan.depth, plan.ngram_k, plan.trie_size) == (4, 0, 5)
+    assert plan.plain and not plan.modelled
+    p.observe(plan, 1, 0.0, 0.03, 0.001, 1)
+    plan = p.choose(101)
+    assert (plan.depth, plan.ngram_k, plan.trie_size, plan.modelled) == (4, 0, 5, False)
+    p.observe(plan, 5, 0.04, 0.05, 0.001, 3)
+    assert p.choose(102).modelled  # both costs seen: planned from here on
+
+
+def test_planner_takes_a_measured_trie_size_at_its_own_cost():
+    # the sizes run: 1 node at 36 ms, 5 at 86, 6 at 99 (16K context, Zen 3); a line through them
+    # puts a plain step at ~33 ms, but 1 node was measured: a plain plan costs what it measured
+    p = _planner({1: 0.03627, 5: 0.08555, 6: 0.09924}, 0.028, q0=0.95)
+    plain = next(q for q in p.plans() if q.plain)
+    assert plain.expected_seconds == pytest.approx(0.03627 + p.t_token)
+    unmeasured = next(q for q in p.plans() if q.trie_size == 3 and q.depth == 2)
+    c1, m = fit_line(p.costs, 0.05)
+    assert unmeasured.expected_seconds == pytest.approx(2 * 0.028 + c1 + 2 * m + p.t_token * unmeasured.expected_tokens)
 
 
 def test_planner_picks_ar_when_drafts_cannot_pay_for_themselves():
@@ -196,9 +212,10 @@ def test_planner_needs_a_clear_gain_to_leave_ar():
 
 def test_planner_observes_the_trie_it_verified():
     p = AutoPlanner(4, ngram_n=4, max_k=8, max_nodes=None)
-    plan = p.choose(10)
+    p.observe(p.choose(10), 1, draft_s=0.0, verify_s=0.03, other_s=0.001, tokens=1)
+    plan = p.choose(11)  # a chain of 4: n-gram chains may give fewer nodes than the plan allowed
     p.observe(plan, 3, draft_s=0.04, verify_s=0.1, other_s=0.01, tokens=2)
-    assert p.costs == {3: 0.1} and p.t_draft == {"self": pytest.approx(0.01)}
+    assert p.costs == {1: 0.03, 3: 0.1} and p.t_draft == {"self": pytest.approx(0.01)}
 
 
 def test_ngram_gain_is_shrunk_toward_zero_until_it_has_evidence():
