@@ -25,9 +25,11 @@ def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(hf_model, path, arch: str, extra_tensor: str | None = None, qtype: str | None = None) -> None:
+def write_gguf(hf_model, path, arch: str, extra_tensor: str | None = None, qtype=None) -> None:
     """The model as a GGUF file, llama.cpp's way; `qtype` ("Q4_0", "Q4_1", "Q8_0") quantizes every
-    matrix whose width is a multiple of 32 (the embedding included), by gguf's own quantizer."""
+    matrix whose width is a multiple of 32 (the embedding included), by gguf's own quantizer. A
+    callable `qtype(gguf_name, array)` decides per tensor: None (float32), a type name (quantized
+    from the array) or (type name, uint8 rows [N, row bytes]): those blocks as they are."""
     import gguf
 
     c = hf_model.config
@@ -70,8 +72,11 @@ def write_gguf(hf_model, path, arch: str, extra_tensor: str | None = None, qtype
                 a = _llamacpp_permute(a, c.num_attention_heads)
             if arch == "llama" and rest == "self_attn.k_proj.weight":
                 a = _llamacpp_permute(a, c.num_key_value_heads)
-        if qtype and a.ndim == 2 and a.shape[1] % 32 == 0:
-            t = getattr(gguf.GGMLQuantizationType, qtype)
+        want = qtype(g, a) if callable(qtype) else qtype if a.ndim == 2 and a.shape[1] % 32 == 0 else None
+        if isinstance(want, tuple):
+            w.add_tensor(g, want[1], raw_dtype=getattr(gguf.GGMLQuantizationType, want[0]))
+        elif want:
+            t = getattr(gguf.GGMLQuantizationType, want)
             w.add_tensor(g, gguf.quants.quantize(np.ascontiguousarray(a), t), raw_dtype=t)
         else:
             w.add_tensor(g, np.ascontiguousarray(a))

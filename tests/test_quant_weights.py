@@ -1,4 +1,4 @@
-"""GGUF Q4_0/Q4_1/Q8_0 weights kept as blocks (`--weights`): the native kernel against the float
+"""GGUF weights kept as blocks (Q4_0/Q4_1/Q8_0, Q5_0/Q5_1 and the K-quants Q4_K/Q5_K/Q6_K) (`--weights`): the native kernel against the float
 kernel on the dequantized matrix (bit for bit) and a float64 reference, row invariance, the
 loader's choices, and quantization of float checkpoints at load."""
 
@@ -16,7 +16,7 @@ import torch
 from conftest import tiny_hf_model
 from test_loading import write_gguf
 from tokenswift import kernels
-from tokenswift.kernels import PackedLinear, QuantLinear, dequantize_reference, linear_reference
+from tokenswift.kernels import PackedLinear, QuantLinear, QuantStack, dequantize_reference, linear_reference
 from tokenswift.loading import load_model
 from tokenswift.params import ParamError
 from tokenswift.quant import Blocks
@@ -24,6 +24,13 @@ from tokenswift.quant import Blocks
 pytestmark = pytest.mark.skipif(not kernels.native(), reason=f"native kernels off: {kernels.why_not()}")
 
 QTYPES = ["q4_0", "q4_1", "q8_0"]
+# the types a Q4_K_M / Q5_K_M / Q6_K file mixes in: the gguf package cannot quantize the K-quants,
+# so their tests take random valid blocks (random codes and scale bytes, finite float16 scales)
+MORE_QTYPES = ["q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
+KQUANTS = ("q4_k", "q5_k", "q6_k")
+# byte offsets of a block's float16 fields (d, and m or dmin)
+F16_FIELDS = {"q4_0": (0,), "q4_1": (0, 2), "q8_0": (0,), "q5_0": (0,), "q5_1": (0, 2), "q4_k": (0, 2),
+              "q5_k": (0, 2), "q6_k": (208,), "q2_k": (80, 82)}
 
 
 def _raw(w: torch.Tensor, qtype: str) -> torch.Tensor:
@@ -31,18 +38,38 @@ def _raw(w: torch.Tensor, qtype: str) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.quantize(w.numpy(), t))
 
 
+def _random_raw(qtype: str, N: int, K: int, seed: int) -> torch.Tensor:
+    """N rows of K inputs as random valid `qtype` blocks: uint8 [N, row bytes]."""
+    t = getattr(gguf.GGMLQuantizationType, qtype.upper())
+    inputs, nbytes = gguf.GGML_QUANT_SIZES[t]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(N, K // inputs, nbytes), dtype=np.uint8)
+    for at in F16_FIELDS[qtype]:
+        scale = rng.uniform(2e-4, 2e-3, size=(N, K // inputs)) * rng.choice([-1, 1], size=(N, K // inputs))
+        raw[:, :, at : at + 2] = scale.astype(np.float16).view(np.uint8).reshape(N, K // inputs, 2)
+    return torch.from_numpy(raw.reshape(N, -1))
+
+
 def _case(qtype: str, shape: tuple[int, int], seed: int):
-    """Random weights [N, K], bias, 128 input rows, their blocks and the blocks' float32 weights."""
+    """Random weights [N, K], bias, 128 input rows, their blocks and the blocks' float32 weights
+    (random blocks for the types beyond the first three: `w` is None)."""
     N, K = shape
     g = torch.Generator().manual_seed(seed)
     w, b = 0.05 * torch.randn(N, K, generator=g), torch.randn(N, generator=g)
     x = torch.randn(128, K, generator=g)
-    raw = _raw(w, qtype)
+    if qtype in QTYPES:
+        raw = _raw(w, qtype)
+    else:
+        raw, w = _random_raw(qtype, N, K, seed), None
     return w, b, x, QuantLinear(raw, qtype, (N, K)), dequantize_reference(raw, qtype, (N, K))
 
 
-@pytest.mark.parametrize("qtype", QTYPES)
-@pytest.mark.parametrize("shape", [(50, 64), (960, 576), (130, 1536)])
+def _shapes(qtypes, small, kquant):
+    return [(q, s) for q in qtypes for s in (kquant if q in KQUANTS else small)]
+
+
+@pytest.mark.parametrize("qtype, shape", _shapes(QTYPES + MORE_QTYPES, [(50, 64), (960, 576), (130, 1536)],
+                                                 [(50, 256), (300, 768), (130, 1536)]))
 def test_quant_linear_matches_reference_and_is_row_invariant(qtype, shape):
     N, K = shape
     w, b, x, ql, wd = _case(qtype, shape, seed=1)
@@ -117,18 +144,21 @@ def test_int8_activations_need_q4_blocks():
         load_model("smollm2-135m", activations="int4")
 
 
-@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("qtype", QTYPES + MORE_QTYPES)
 def test_quant_rows_are_the_dequantized_rows(qtype):
-    w = 0.1 * torch.randn(100, 96)
-    ql = QuantLinear(_raw(w, qtype), qtype, (100, 96))
+    K = 512 if qtype in KQUANTS else 96
+    raw = _raw(0.1 * torch.randn(100, K), qtype) if qtype in QTYPES else _random_raw(qtype, 100, K, seed=4)
+    ql = QuantLinear(raw, qtype, (100, K))
     ids = torch.tensor([[0, 99, 47], [48, 48, 5]])
-    assert torch.equal(ql.rows(ids), dequantize_reference(_raw(w, qtype), qtype, (100, 96))[ids])
+    assert torch.equal(ql.rows(ids), dequantize_reference(raw, qtype, (100, K))[ids])
 
 
 def test_quant_linear_bad_inputs_name_the_problem():
     raw = _raw(torch.randn(8, 64), "q8_0")
-    with pytest.raises(ValueError, match="type 'q6_k'"):
-        QuantLinear(raw, "q6_k", (8, 64))
+    with pytest.raises(ValueError, match="type 'q3_k'"):
+        QuantLinear(raw, "q3_k", (8, 64))
+    with pytest.raises(RuntimeError, match="do not hold 64 inputs"):  # K-quants: whole blocks of 256
+        QuantLinear(raw, "q4_k", (8, 64))
     with pytest.raises(RuntimeError, match="do not hold 96 inputs"):
         QuantLinear(raw, "q8_0", (8, 96))
     ql = QuantLinear(raw, "q8_0", (8, 64))
@@ -159,6 +189,70 @@ def test_gguf_blocks_give_the_dequantized_models_logits_bitwise(tmp_path, kind, 
     assert torch.equal(_logits(kept.model, toks), _logits(flat.model, toks))
     # and the rows of a 40-token pass are one-token passes' (row invariance through the model)
     assert torch.equal(_logits(kept.model, toks[:, :1]), _logits(kept.model, toks)[:, :1])
+
+
+# a Q4_K_M-style mix (llama.cpp's choice per tensor, on a model every matrix of which is 256-wide):
+# Q4_K mostly, Q6_K for v, down and the head, Q5_0 for k in layer 1 and Q5_1 for its up projection
+# (a gate/up stack of two types), Q5_K for layer 0's gate
+def _kmix(name: str, a: np.ndarray):
+    if a.ndim != 2:
+        return None
+    layer1 = name.startswith("blk.1.")
+    qt = ("q6_k" if name.endswith(("attn_v.weight", "ffn_down.weight")) or name == "output.weight"
+          else "q5_0" if layer1 and name.endswith("attn_k.weight")
+          else "q5_1" if layer1 and name.endswith("ffn_up.weight")
+          else "q5_k" if name == "blk.0.ffn_gate.weight" else "q4_k")
+    seed = sum(map(ord, name))
+    return qt.upper(), _random_raw(qt, a.shape[0], a.shape[1], seed).numpy()
+
+
+@pytest.mark.parametrize("kind,arch", [("llama", "llama"), ("qwen2", "qwen2")])
+def test_a_k_quant_mix_gives_the_dequantized_models_logits_bitwise(tmp_path, kind, arch):
+    """Every matrix kept as blocks, fused ones of two types as a `QuantStack`: logits equal the
+    same file loaded as floats, and a 40-token pass's first row equals a one-token pass."""
+    hf = tiny_hf_model(kind, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=64)
+    path = tmp_path / "kmix.gguf"
+    write_gguf(hf, path, arch, qtype=_kmix)
+    kept = load_model(path, device="cpu")
+    flat = load_model(path, device="cpu", weights="float")
+    m = kept.model
+    assert m.quantized == "mixed" and all(isinstance(w, QuantLinear) for w in m.matrices())
+    assert isinstance(m.layers[0].wqkv, QuantStack) and m.layers[0].wqkv.qtype == "q4_k+q4_k+q6_k"
+    assert m.layers[1].wqkv.qtype == "q4_k+q5_0+q6_k" and m.layers[1].w_gate_up.qtype == "q4_k+q5_1"
+    assert m.layers[0].w_gate_up.qtype == "q5_k+q4_k" and m.lm_head.qtype == "q6_k" and m.embed.qtype == "q4_k"
+    assert torch.equal(m.layers[1].wqkv.dense(), flat.model.layers[1].wqkv.dense())
+    toks = torch.randint(0, hf.config.vocab_size, (1, 40))
+    assert torch.equal(_logits(m, toks), _logits(flat.model, toks))
+    assert torch.equal(_logits(m, toks[:, :1]), _logits(m, toks)[:, :1])
+
+
+def test_block_types_the_kernel_does_not_keep_are_named_and_a_file_too_big_is_refused(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from tokenswift import loading
+
+    hf = tiny_hf_model("llama", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=64)
+    path = tmp_path / "q2k.gguf"
+    mix = lambda name, a: (("Q2_K", _random_raw("q2_k", a.shape[0], a.shape[1], 5).numpy())  # noqa: E731
+                           if name.endswith("ffn_down.weight") else _kmix(name, a))
+    write_gguf(hf, path, "llama", qtype=mix)
+    with caplog.at_level(logging.INFO, logger="tokenswift"):
+        m = load_model(path, device="cpu").model
+    assert not isinstance(m.layers[0].w_down, QuantLinear) and isinstance(m.layers[0].wo, QuantLinear)
+    assert "q2k.gguf: Q2_K tensors are dequantized to float32 at load (1.0 MiB; blocks the kernel keeps: " \
+           "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)" in caplog.text
+    blocks, floats = loading.gguf_memory(__import__("gguf").GGUFReader(str(path)), keep=True)
+    assert floats["q2_k"] == 4 * 2 * 256 * 512 and blocks["q6_k"] > 0
+    need = sum(blocks.values()) + sum(floats.values())
+    monkeypatch.setattr(loading, "available_memory", lambda device: need - 1)
+    with pytest.raises(ValueError, match=r"^q2k\.gguf needs [0-9.]+ MiB of memory \(Q4_K [0-9.]+ MiB as blocks, .*Q6_K "
+                                         r"[0-9.]+ MiB as blocks, F32 [0-9.]+ MiB as float32, Q2_K 1\.0 MiB as float32\) "
+                                         r"and [0-9.]+ MiB are available$"):
+        load_model(path, device="cpu")
+    monkeypatch.setattr(loading, "available_memory", lambda device: need)
+    load_model(path, device="cpu")
 
 
 def test_gguf_matrices_the_kernel_cannot_keep_are_dequantized(tmp_path):
@@ -312,15 +406,15 @@ def test_the_embedded_model_loads_in_200_mb():
     assert kind == "mixed" and int(mib) <= 200
 
 
-@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("qtype", QTYPES + MORE_QTYPES)
 def test_a_subset_of_rows_gives_the_full_matrixs_outputs_at_them(qtype):
     """`subset(ids)`: the rows alone, still blocks (the draft's head over part of the vocabulary):
     its outputs are the whole matrix's at those rows, bit for bit, for 1 and 5 input rows; the
     float panels' subset likewise."""
-    w, b, x, ql, wd = _case(qtype, (300, 96), seed=7)
+    w, b, x, ql, wd = _case(qtype, (300, 256 if qtype in KQUANTS else 96), seed=7)
     ids = torch.tensor([0, 1, 47, 48, 49, 95, 96, 150, 299])
     sub = ql.subset(ids)
-    assert sub.shape == (9, 96) and torch.equal(sub.dense(), wd[ids])
+    assert sub.shape == (9, wd.shape[1]) and torch.equal(sub.dense(), wd[ids])
     for M in (1, 5):
         assert torch.equal(sub.matmul(x[:M]), ql.matmul(x[:M])[:, ids])
     pl = PackedLinear(wd)

@@ -17,7 +17,7 @@ from .drafters import resolve_draft_kv, sparse_scorer
 from .engine import Step, generate_ar, generate_speculative, self_drafts
 from .heads import DraftHeads, resolve_heads
 from .seqdraft import SeqDraftModel, resolve_seq_drafter
-from .loading import DEFAULT_MODEL, load_model
+from .loading import DEFAULT_MODEL, available_memory, load_model
 from .model import Decoder
 from .params import PARAMS as P
 from .params import ParamError
@@ -65,20 +65,6 @@ class TextStream:
         after = self._decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
         return after[len(before) :]
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes a new allocation can take on `device` (None where this cannot be read)."""
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0])
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, RuntimeError, ValueError):
-        pass
-    return None
 
 
 def _check_text(text: str, what: str) -> None:

@@ -168,7 +168,7 @@ def load_model(
                                             f"({kernels.why_not()})")
         quantized = False
     if kind == "gguf":
-        cfg, tensors, has_tokenizer = read_gguf(path, keep=quantized)
+        cfg, tensors, has_tokenizer = read_gguf(path, keep=quantized, check_memory=dev.type == "cpu")
     else:
         cfg, tensors = read_hf_dir(path)
     if override is not None:
@@ -358,10 +358,68 @@ def read_gguf_metadata(reader: Any) -> dict[str, Any]:
     return meta
 
 
-def read_gguf(path: Path, keep: bool = False) -> tuple[ModelConfig, dict[str, "torch.Tensor | Blocks"], bool]:
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can take on `device` (None where this cannot be read)."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        pass
+    return None
+
+
+# bits a weight the kernel's panels hold per block type (kernels/cpu.cpp's layouts)
+PANEL_BITS = {"q4_0": 4.5, "q4_1": 5.0, "q5_0": 8.5, "q5_1": 9.0, "q8_0": 8.5, "q4_k": 5.5, "q5_k": 9.5, "q6_k": 9.0}
+FLOAT_TYPES = ("f32", "f16", "bf16", "f64")
+
+
+def gguf_memory(reader: Any, keep: bool) -> tuple[dict[str, int], dict[str, int]]:
+    """What a GGUF file's tensors take once loaded -> (bytes per block type kept as blocks, bytes
+    per type dequantized to float32)."""
+    blocks: dict[str, int] = {}
+    floats: dict[str, int] = {}
+    for t in reader.tensors:
+        qt = t.tensor_type.name.lower()
+        n = int(np.prod([int(x) for x in t.shape]))
+        if keep and qt in KEPT_QTYPES and t.data.ndim == 2:
+            blocks[qt] = blocks.get(qt, 0) + int(n * PANEL_BITS[qt] / 8)
+        else:
+            floats[qt] = floats.get(qt, 0) + 4 * n
+    return blocks, floats
+
+
+def check_gguf_memory(path: Path, reader: Any, keep: bool) -> None:
+    """Names the block types dequantized at load (the load log), and refuses a file whose
+    tensors would not fit in the memory available, with one line naming the types and bytes."""
+    blocks, floats = gguf_memory(reader, keep)
+    dequant = sorted(q for q in floats if q not in FLOAT_TYPES)
+    if dequant:
+        log.info("%s: %s tensors are dequantized to float32 at load (%s; blocks the kernel keeps: %s)",
+                 path.name, ", ".join(q.upper() for q in dequant), _size(sum(floats[q] for q in dequant)),
+                 ", ".join(q.upper() for q in KEPT_QTYPES) if keep else "none here")
+    need = sum(blocks.values()) + sum(floats.values())
+    have = available_memory(torch.device("cpu"))
+    if have is not None and need > have:
+        parts = [f"{q.upper()} {_size(b)} as blocks" for q, b in sorted(blocks.items())]
+        parts += [f"{q.upper()} {_size(b)} as float32" for q, b in sorted(floats.items())]
+        raise ValueError(f"{path.name} needs {_size(need)} of memory ({', '.join(parts)}) and {_size(have)} "
+                         f"are available")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def read_gguf(path: Path, keep: bool = False,
+              check_memory: bool = False) -> tuple[ModelConfig, dict[str, "torch.Tensor | Blocks"], bool]:
     """-> (config, HF-named float32 tensors, whether the file carries a tokenizer). With `keep`,
     matrices in a block format the native kernel multiplies (KEPT_QTYPES) come as `Blocks`, the
-    file's bytes (a view of the memory-mapped file until the model repacks them)."""
+    file's bytes (a view of the memory-mapped file until the model repacks them). With
+    `check_memory`, a file that would not fit in the memory available is refused first."""
     import gguf
 
     try:
@@ -369,6 +427,8 @@ def read_gguf(path: Path, keep: bool = False) -> tuple[ModelConfig, dict[str, "t
     except Exception as e:
         raise ValueError(f"cannot read GGUF file {path}: {e}") from None
     meta = read_gguf_metadata(reader)
+    if check_memory:
+        check_gguf_memory(path, reader, keep)
     if not meta.get(f"{meta.get('general.architecture')}.vocab_size") and "tokenizer.ggml.tokens.count" in meta:
         meta[f"{meta.get('general.architecture')}.vocab_size"] = meta["tokenizer.ggml.tokens.count"]
     names = {t.name for t in reader.tensors}

@@ -25,7 +25,7 @@ from torch import nn
 from .cache import KVCache
 from . import kernels
 from .config import ModelConfig
-from .kernels import PackedLinear, QuantLinear
+from .kernels import PackedLinear, QuantLinear, QuantStack
 from .quant import Blocks, Int4Weight
 
 log = logging.getLogger("tokenswift")
@@ -338,7 +338,7 @@ class Decoder(nn.Module):
     @property
     def quantized(self) -> str | None:
         """The block type of the weight matrices kept quantized ("q4_1", ...; "mixed"), or None."""
-        kinds = {w.qtype for w in self.matrices() if isinstance(w, QuantLinear)}
+        kinds = {q for w in self.matrices() if isinstance(w, QuantLinear) for q in w.qtype.split("+")}
         return None if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
 
     @property
@@ -410,14 +410,19 @@ class Decoder(nn.Module):
             return t
 
         def keep(owner: nn.Module, attr: str, parts: list[torch.Tensor | Blocks]) -> bool:
-            """GGUF blocks of one type for every part of a (fused) matrix: held as they are (the
-            float parameter is dropped before it is ever written). Else False: copy floats."""
-            if not all(isinstance(p, Blocks) for p in parts) or len({p.qtype for p in parts}) != 1:
+            """GGUF blocks for every part of a (fused) matrix: held as they are (the float
+            parameter is dropped before it is ever written), parts of different types as a
+            `QuantStack`. Else False: copy floats."""
+            if not all(isinstance(p, Blocks) for p in parts):
                 return False
             if not meta:
-                b = parts[0] if len(parts) == 1 else Blocks.cat(parts)
+                if len({p.qtype for p in parts}) == 1:
+                    b = parts[0] if len(parts) == 1 else Blocks.cat(parts)
+                    w = QuantLinear(b.tensor(), b.qtype, b.shape)
+                else:
+                    w = QuantStack([QuantLinear(p.tensor(), p.qtype, p.shape) for p in parts])
                 del owner._parameters[attr]
-                object.__setattr__(owner, attr, QuantLinear(b.tensor(), b.qtype, b.shape))
+                object.__setattr__(owner, attr, w)
             return True
 
         D, I, Dh = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim

@@ -155,4 +155,5 @@ class Blocks:
         return Blocks(qtype, tuple(w.shape), gguf.quants.quantize(w.detach().float().numpy(), t))
 
 
-KEPT_QTYPES = ("q4_0", "q4_1", "q8_0")  # GGUF block formats the native kernel multiplies as they are
+# GGUF block formats the native kernel multiplies as they are (kernels.QTYPES)
+KEPT_QTYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")

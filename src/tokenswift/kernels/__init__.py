@@ -239,15 +239,15 @@ def linear_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = 
     return y.float()
 
 
-# ggml's type ids and sizes of the block formats `QuantLinear` keeps (32 inputs a block)
-QTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 8}
+# ggml's type ids of the block formats `QuantLinear` keeps (cpu.cpp's panel layouts)
+QTYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
 ACT8 = 256  # added to a type id: the kernel rounds the activations to int8 (cpu.cpp's qlinear_i8_impl)
-BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
 
 
 class QuantLinear:
-    """A weight [N, K] held as GGUF blocks (`raw`: the file's rows, uint8 [N, K/32 * block
-    bytes]), repacked into the kernel's panels at the same size. `matmul` is x @ W^T + b with W
+    """A weight [N, K] held as GGUF blocks (`raw`: the file's rows, uint8 [N, row bytes]),
+    repacked into the kernel's panels at about the same size (the K-quants' per-256 fields
+    repeated per 32 inputs, and 5- and 6-bit codes a byte each: cpu.cpp). `matmul` is x @ W^T + b with W
     the file's dequantized float32 weights, each output one FMA chain over K (as `PackedLinear`);
     `rows(ids)` dequantizes rows (an embedding lookup)."""
 
@@ -289,6 +289,55 @@ class QuantLinear:
             self.dtype, self.device, self.act8
         sub.packed = torch.ops.tokenswift.pack_q_rows(self.packed, QTYPES[self.qtype], self.shape[0], ids)
         return sub
+
+
+MIXED = 512  # the type id of a `QuantStack` (cpu.cpp's Weight::parts)
+
+
+class QuantStack(QuantLinear):
+    """A fused matrix (q/k/v, gate/up) whose parts are blocks of different types, as K-quant
+    mixes have them (Q4_K_M: Q4_K q and k, Q6_K v in some layers). The parts' panels lie one after
+    another in one buffer behind a small header, and one call multiplies them all, each output by
+    its part's kernel: the same bits as each part alone, and as the dequantized fused matrix."""
+
+    def __init__(self, parts: list[QuantLinear]) -> None:
+        K = parts[0].shape[1]
+        if any(p.shape[1] != K for p in parts) or any(isinstance(p, QuantStack) for p in parts):
+            raise ValueError("a stack takes block matrices of one width")
+        head = 16 + 24 * len(parts)
+        at = (head + 63) // 64 * 64  # panels 64-byte aligned
+        offsets = []
+        for p in parts:
+            offsets.append(at)
+            at += p.packed.numel()
+        buf = torch.empty(at, dtype=torch.uint8, device=parts[0].device)
+        header = [len(parts), K] + [x for p, o in zip(parts, offsets) for x in (QTYPES[p.qtype], p.shape[0], o)]
+        buf[:head] = torch.tensor(header, dtype=torch.int64).view(torch.uint8)
+        self.parts = []
+        for p, o in zip(parts, offsets):
+            n = p.packed.numel()
+            buf[o : o + n] = p.packed.view(-1)
+            q = object.__new__(QuantLinear)  # the part, its panels a view of the stack's buffer
+            q.qtype, q.shape, q.dtype, q.device, q.act8 = p.qtype, p.shape, p.dtype, p.device, False
+            q.packed = buf[o : o + n].view(p.packed.shape)
+            self.parts.append(q)
+        self.packed = buf
+        self.qtype = "+".join(p.qtype for p in parts)
+        self.shape = (sum(p.shape[0] for p in parts), K)
+        self.dtype, self.device, self.act8 = torch.float32, parts[0].device, False
+
+    @property
+    def qt(self) -> int:
+        return MIXED
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.dense()[ids]
+
+    def dense(self) -> torch.Tensor:
+        return torch.cat([p.dense() for p in self.parts])
+
+    def subset(self, ids: torch.Tensor) -> "QuantLinear":
+        raise NotImplementedError("a stack of block types has no row subset (only LM heads are cut)")
 
 
 def dequantize_reference(raw: torch.Tensor, qtype: str, shape: tuple[int, int]) -> torch.Tensor:

@@ -1078,119 +1078,256 @@ void linear_impl(const float* xd, int64_t M, int64_t ldx, const float* wd, int64
 }
 
 // ---------------------------------------------------------------------------------------------
-// quantized linear: GGUF blocks of 32 inputs (Q4_0, Q4_1, Q8_0), kept at their size
+// quantized linear: GGUF blocks kept at about their size (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the
+// K-quants Q4_K, Q5_K, Q6_K)
 // ---------------------------------------------------------------------------------------------
 //
-// A block's weights are w = d*q + m (Q4_1), d*(q - 8) (Q4_0), d*q (Q8_0), d and m float16. The
-// products d*q are exact in float32 (11 bits times at most 8), so fma(q, d, m) with m = -8d for
-// Q4_0 and 0 for Q8_0 rounds exactly where the file's reference dequantization rounds: every
-// weight is the float32 value a dequantized checkpoint holds. Each output is then one FMA chain
-// over k = 0..K-1 as in `linear`, so the result equals `linear` on the dequantized weights bit
-// for bit, whatever the number of rows.
+// Every type's weight is w = d*q + m or w = d*q for an integer code q, with d and m made from the
+// file's float16 fields and small integer scales:
+//   Q4_0 d*(q-8), Q4_1 d*q + m, Q5_0 d*(q-16), Q5_1 d*q + m, Q8_0 d*q (d, m float16 a block of 32);
+//   Q4_K, Q5_K: (d*sc)*q - (dmin*mn), sc and mn 6-bit per 32 inputs, d and dmin float16 per 256;
+//   Q6_K: (d*sc)*(q-32), sc int8 per 16 inputs, d float16 per 256.
+// d*sc is exact in float32 (11 bits times at most 8), and so is (d*sc)*q except for Q6_K (11 + 8
+// + 6 bits). So fma(q, d, m) (m = -8d for Q4_0, -(dmin*mn) for the K-quants) rounds exactly where
+// the reference dequantization rounds (its product is exact, its sum rounds once), and Q8_0, Q5_0
+// (as Q8_0 with codes q-16) and Q6_K take (d*sc)*q in the reference's order: every weight is the
+// float32 value a dequantized checkpoint holds. Each output is then one FMA chain over k =
+// 0..K-1 as in `linear`, so the result equals `linear` on the dequantized weights bit for bit,
+// whatever the number of rows.
 //
-// Packed layout: panels of 48 outputs, each [K/32 blocks][PB bytes]: 48 d (float16), 48 m
-// (float16, Q4_1 only), then the codes — Q4: 16 bytes rows of 48, byte (j, i) holding inputs 2j
-// (low nibble) and 2j+1 (high) of output i; Q8: 32 rows of 48 int8.
+// Packed layout: panels of 48 outputs, each [K/32 blocks][PB bytes]: a header of per-output
+// fields, then the codes. Q4 codes (Q4_0, Q4_1, Q4_K): 16 rows of 48 bytes, byte (j, i) holding
+// inputs 2j (low nibble) and 2j+1 (high) of output i; the others: 32 rows of 48 bytes, one code
+// each (int8 for Q8_0 and Q6_K, unsigned below 32 for Q5_1 and Q5_K). Headers (48 of each):
+//   Q4_0, Q8_0 (and Q5_0): d f16 | Q4_1, Q5_1: d f16, m f16 |
+//   Q4_K, Q5_K: d f16, dmin f16, sc u8, mn u8 (this block's) | Q6_K: d f16, sc int8 x 2 (inputs 0-15, 16-31)
+// The K-quants' per-256 fields are repeated in each of their 8 blocks: 5.5 bits a Q4_K weight
+// (the file's 4.5), 9 a Q5_K or Q6_K weight (5.5, 6.56): one layout and one set of tiles for all.
 
-constexpr int QT_Q4_0 = 2, QT_Q4_1 = 3, QT_Q8_0 = 8;  // ggml's type ids
+constexpr int QT_Q4_0 = 2, QT_Q4_1 = 3, QT_Q5_0 = 6, QT_Q5_1 = 7, QT_Q8_0 = 8, QT_Q4_K = 12, QT_Q5_K = 13,
+              QT_Q6_K = 14;  // ggml's type ids
 
-inline int64_t file_block_bytes(int qt) { return qt == QT_Q4_0 ? 18 : qt == QT_Q4_1 ? 20 : 34; }
-inline int64_t panel_block_bytes(int qt) {
-  return qt == QT_Q4_0 ? 96 + 768 : qt == QT_Q4_1 ? 192 + 768 : 96 + 1536;
+inline bool known_qt(int64_t qt) {
+  return qt == QT_Q4_0 || qt == QT_Q4_1 || qt == QT_Q5_0 || qt == QT_Q5_1 || qt == QT_Q8_0 || qt == QT_Q4_K ||
+         qt == QT_Q5_K || qt == QT_Q6_K;
+}
+// the panel format a file type is multiplied in (Q5_0 codes shifted by -16 are Q8_0's)
+inline int panel_qt(int64_t qt) { return qt == QT_Q5_0 ? QT_Q8_0 : static_cast<int>(qt); }
+inline bool kquant(int64_t qt) { return qt == QT_Q4_K || qt == QT_Q5_K || qt == QT_Q6_K; }
+constexpr bool nibbles(int qt) { return qt == QT_Q4_0 || qt == QT_Q4_1 || qt == QT_Q4_K; }
+// w = q*d (no offset): Q8_0, Q6_K; else fma(q, d, m)
+constexpr bool mul_only(int qt) { return qt == QT_Q8_0 || qt == QT_Q6_K; }
+inline int64_t file_block_inputs(int64_t qt) { return kquant(qt) ? 256 : 32; }
+inline int64_t file_block_bytes(int64_t qt) {
+  switch (qt) {
+    case QT_Q4_0: return 18;
+    case QT_Q4_1: return 20;
+    case QT_Q5_0: return 22;
+    case QT_Q5_1: return 24;
+    case QT_Q8_0: return 34;
+    case QT_Q4_K: return 144;
+    case QT_Q5_K: return 176;
+    default: return 210;  // Q6_K
+  }
+}
+constexpr int codes_at(int pqt) {
+  return pqt == QT_Q4_0 || pqt == QT_Q8_0 ? 96 : pqt == QT_Q4_K || pqt == QT_Q5_K ? 288 : 192;
+}
+inline int64_t panel_block_bytes(int64_t qt) {
+  const int p = panel_qt(qt);
+  return codes_at(p) + (nibbles(p) ? 768 : 1536);
 }
 inline void check_qt(int64_t qt) {
-  TORCH_CHECK(qt == QT_Q4_0 || qt == QT_Q4_1 || qt == QT_Q8_0, "quantized linear: type ", qt,
-              " is not Q4_0 (2), Q4_1 (3) or Q8_0 (8)");
+  TORCH_CHECK(known_qt(qt), "quantized linear: type ", qt,
+              " is not Q4_0 (2), Q4_1 (3), Q5_0 (6), Q5_1 (7), Q8_0 (8), Q4_K (12), Q5_K (13) or Q6_K (14)");
 }
 
-// raw [N, K/32 * file block bytes] uint8 (a GGUF tensor's rows) -> [ceil(N/48), K/32, PB] uint8
+// The scales of vector v (outputs v*8 .. v*8+7) of one panel block: w = fma(q, d, m), or q*d for
+// `mul_only` types; d0 for the block's inputs 0-15, d1 for 16-31 (equal but for Q6_K).
+template <int QT>
+inline void vec_scales(const uint8_t* blk, int v, __m256& d0, __m256& d1, __m256& m) {
+  const __m128i* dh = reinterpret_cast<const __m128i*>(blk);
+  const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(dh + v));
+  auto bytes8 = [&](int at, bool sgn) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + at + v * 8));
+    return _mm256_cvtepi32_ps(sgn ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+  };
+  if constexpr (QT == QT_Q4_K || QT == QT_Q5_K) {
+    d0 = d1 = _mm256_mul_ps(d, bytes8(192, false));
+    const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(dh + BLOCK / 8 + v));
+    m = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(dmin, bytes8(240, false)));
+  } else if constexpr (QT == QT_Q6_K) {
+    d0 = _mm256_mul_ps(d, bytes8(96, true));
+    d1 = _mm256_mul_ps(d, bytes8(144, true));
+    m = _mm256_setzero_ps();
+  } else {
+    d0 = d1 = d;
+    m = QT == QT_Q4_1 || QT == QT_Q5_1 ? _mm256_cvtph_ps(_mm_loadu_si128(dh + BLOCK / 8 + v))
+        : QT == QT_Q4_0               ? _mm256_mul_ps(d, _mm256_set1_ps(-8.0f))
+                                      : _mm256_setzero_ps();
+  }
+}
+
+// The weights of inputs (2j, 2j+1) of a block for the eight outputs of vector v (codes: the
+// block's codes from output v*8), with scale d (d0 or d1 of `vec_scales`) and offset m.
+template <int QT>
+inline void weights8(const uint8_t* codes, int j, __m256 d, __m256 m, __m256& w0, __m256& w1) {
+  __m256 q0, q1;
+  if constexpr (nibbles(QT)) {
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j * BLOCK)));
+    q0 = _mm256_cvtepi32_ps(_mm256_and_si256(c, _mm256_set1_epi32(0xF)));
+    q1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4));
+  } else {
+    q0 = _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 2 * j * BLOCK))));
+    q1 = _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + (2 * j + 1) * BLOCK))));
+  }
+  if constexpr (mul_only(QT)) {
+    w0 = _mm256_mul_ps(q0, d);
+    w1 = _mm256_mul_ps(q1, d);
+  } else {
+    w0 = _mm256_fmadd_ps(q0, d, m);
+    w1 = _mm256_fmadd_ps(q1, d, m);
+  }
+}
+
+// One 32-input block of a file row, decoded: the header fields of `panel_qt(qt)` and 32 codes
+// (as the panel stores them).
+struct Block32 {
+  uint16_t d = 0, m = 0;  // float16 bits: d, and m (Q4_1, Q5_1) or dmin (Q4_K, Q5_K)
+  uint8_t s0 = 0, s1 = 0;  // Q4_K/Q5_K: sc, mn; Q6_K: the int8 scales of inputs 0-15, 16-31
+  uint8_t q[32];
+};
+
+// Q4_K/Q5_K's 6-bit scale and min of sub-block j (0..7) from the 12 scale bytes
+inline void scale_min_k4(int j, const uint8_t* s, uint8_t& sc, uint8_t& mn) {
+  if (j < 4) {
+    sc = s[j] & 63;
+    mn = s[j + 4] & 63;
+  } else {
+    sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+    mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// block kb (inputs kb*32 ..) of a file row of type qt
+inline void decode32(int64_t qt, const uint8_t* row, int64_t kb, Block32& o) {
+  if (kquant(qt)) {
+    const int s = static_cast<int>(kb % 8);
+    const uint8_t* b = row + (kb / 8) * file_block_bytes(qt);
+    if (qt == QT_Q6_K) {  // ql[128] qh[64] sc[16] d
+      const int n = s / 4, g = s % 4;
+      const uint8_t* ql = b + 64 * n + 32 * (g % 2);
+      const uint8_t* qh = b + 128 + 32 * n;
+      for (int l = 0; l < 32; ++l) {
+        const int c = ((ql[l] >> (4 * (g / 2))) & 0xF) | (((qh[l] >> (2 * g)) & 3) << 4);
+        o.q[l] = static_cast<uint8_t>(static_cast<int8_t>(c - 32));
+      }
+      o.s0 = b[192 + 8 * n + 2 * g];
+      o.s1 = b[192 + 8 * n + 2 * g + 1];
+      std::memcpy(&o.d, b + 208, 2);
+      return;
+    }
+    // Q4_K: d dmin sc[12] qs[128]; Q5_K: d dmin sc[12] qh[32] qs[128]
+    std::memcpy(&o.d, b, 2);
+    std::memcpy(&o.m, b + 2, 2);
+    scale_min_k4(s, b + 4, o.s0, o.s1);
+    const uint8_t* qs = b + (qt == QT_Q4_K ? 16 : 48) + 32 * (s / 2);
+    for (int l = 0; l < 32; ++l) {
+      int c = (qs[l] >> (4 * (s % 2))) & 0xF;
+      if (qt == QT_Q5_K) c |= ((b[16 + l] >> s) & 1) << 4;
+      o.q[l] = static_cast<uint8_t>(c);
+    }
+    return;
+  }
+  const uint8_t* b = row + kb * file_block_bytes(qt);
+  std::memcpy(&o.d, b, 2);
+  if (qt == QT_Q8_0) {
+    std::memcpy(o.q, b + 2, 32);
+    return;
+  }
+  if (qt == QT_Q4_1 || qt == QT_Q5_1) std::memcpy(&o.m, b + 2, 2);
+  const bool five = qt == QT_Q5_0 || qt == QT_Q5_1;
+  uint32_t qh = 0;
+  if (five) std::memcpy(&qh, b + (qt == QT_Q5_1 ? 4 : 2), 4);
+  const uint8_t* qs = b + (qt == QT_Q4_0 ? 2 : qt == QT_Q4_1 ? 4 : qt == QT_Q5_0 ? 6 : 8);
+  // byte j holds input j (low nibble) and input j+16 (high); Q5's fifth bits: qh bit k for input k
+  for (int j = 0; j < 16; ++j) {
+    int lo = qs[j] & 0xF, hi = qs[j] >> 4;
+    if (five) {
+      lo |= ((qh >> j) & 1) << 4;
+      hi |= ((qh >> (j + 16)) & 1) << 4;
+    }
+    if (qt == QT_Q5_0) lo -= 16, hi -= 16;
+    o.q[j] = static_cast<uint8_t>(static_cast<int8_t>(lo));
+    o.q[j + 16] = static_cast<uint8_t>(static_cast<int8_t>(hi));
+  }
+}
+
+// A panel block's per-output header fields: (offset, bytes) each, 48 outputs of each
+struct HeaderField {
+  int at, size;
+};
+inline std::vector<HeaderField> header_fields(int pqt) {
+  switch (pqt) {
+    case QT_Q4_1:
+    case QT_Q5_1: return {{0, 2}, {96, 2}};
+    case QT_Q4_K:
+    case QT_Q5_K: return {{0, 2}, {96, 2}, {192, 1}, {240, 1}};
+    case QT_Q6_K: return {{0, 2}, {96, 1}, {144, 1}};
+    default: return {{0, 2}};
+  }
+}
+
+// raw [N, file row bytes] uint8 (a GGUF tensor's rows) -> [ceil(N/48), K/32, PB] uint8
 at::Tensor pack_q(const at::Tensor& raw, int64_t qt, int64_t K) {
   check_qt(qt);
   TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == at::kByte, "pack_q: uint8 [N, bytes] expected");
-  TORCH_CHECK(K % 32 == 0 && raw.size(1) == K / 32 * file_block_bytes(qt), "pack_q: ", raw.size(1),
-              " bytes a row do not hold ", K, " inputs of this type");
+  const int64_t FI = file_block_inputs(qt), FB = file_block_bytes(qt);
+  TORCH_CHECK(K % FI == 0 && raw.size(1) == K / FI * FB, "pack_q: ", raw.size(1), " bytes a row do not hold ", K,
+              " inputs of this type");
   at::Tensor rc = raw.contiguous();
-  const int64_t N = rc.size(0), KB = K / 32, NB = (N + BLOCK - 1) / BLOCK, FB = file_block_bytes(qt),
-                PB = panel_block_bytes(qt);
+  const int pqt = panel_qt(qt);
+  const int64_t N = rc.size(0), KB = K / 32, NB = (N + BLOCK - 1) / BLOCK, PB = panel_block_bytes(qt),
+                RB = rc.size(1), CA = codes_at(pqt);
   at::Tensor p = at::zeros({NB, KB, PB}, rc.options());
   const uint8_t* src = rc.data_ptr<uint8_t>();
   uint8_t* dst = p.data_ptr<uint8_t>();
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    Block32 blk;
     for (int64_t nb = b0; nb < b1; ++nb)
       for (int64_t kb = 0; kb < KB; ++kb) {
         uint8_t* o = dst + (nb * KB + kb) * PB;
-        uint16_t* dh = reinterpret_cast<uint16_t*>(o);
+        uint8_t* codes = o + CA;
         for (int64_t i = 0; i < BLOCK && nb * BLOCK + i < N; ++i) {
-          const uint8_t* b = src + (nb * BLOCK + i) * KB * FB + kb * FB;
-          std::memcpy(dh + i, b, 2);
-          if (qt == QT_Q8_0) {
-            for (int k = 0; k < 32; ++k) o[96 + k * BLOCK + i] = b[2 + k];
-            continue;
-          }
-          const uint8_t* qs = b + (qt == QT_Q4_1 ? 4 : 2);
-          uint8_t* codes = o + (qt == QT_Q4_1 ? 192 : 96);
-          if (qt == QT_Q4_1) std::memcpy(dh + BLOCK + i, b + 2, 2);
-          // the file's block: byte j holds input j (low nibble) and input j+16 (high)
-          uint8_t q[32];
-          for (int j = 0; j < 16; ++j) q[j] = qs[j] & 0xF, q[j + 16] = qs[j] >> 4;
-          for (int j = 0; j < 16; ++j) codes[j * BLOCK + i] = uint8_t(q[2 * j] | (q[2 * j + 1] << 4));
+          decode32(qt, src + (nb * BLOCK + i) * RB, kb, blk);
+          std::memcpy(o + 2 * i, &blk.d, 2);
+          if (pqt == QT_Q4_1 || pqt == QT_Q5_1 || pqt == QT_Q4_K || pqt == QT_Q5_K) std::memcpy(o + 96 + 2 * i, &blk.m, 2);
+          if (pqt == QT_Q4_K || pqt == QT_Q5_K) o[192 + i] = blk.s0, o[240 + i] = blk.s1;
+          if (pqt == QT_Q6_K) o[96 + i] = blk.s0, o[144 + i] = blk.s1;
+          if (nibbles(pqt))
+            for (int j = 0; j < 16; ++j) codes[j * BLOCK + i] = uint8_t(blk.q[2 * j] | (blk.q[2 * j + 1] << 4));
+          else
+            for (int k = 0; k < 32; ++k) codes[k * BLOCK + i] = blk.q[k];
         }
       }
   });
   return p;
 }
 
-// One panel-block's d and m as float32 (m = -8d for Q4_0, 0 for Q8_0), outputs v0*8 .. v1*8-1.
-template <int QT>
-inline void block_scales(const uint8_t* blk, int v0, int v1, float* d, float* m) {
-  const __m128i* dh = reinterpret_cast<const __m128i*>(blk);
-  for (int v = v0; v < v1; ++v) {
-    __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(dh + v));
-    _mm256_storeu_ps(d + v * 8, dv);
-    __m256 mv = QT == QT_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(dh + BLOCK / 8 + v))
-                : QT == QT_Q4_0 ? _mm256_mul_ps(dv, _mm256_set1_ps(-8.0f))
-                                : _mm256_setzero_ps();
-    _mm256_storeu_ps(m + v * 8, mv);
-  }
-}
-
-// The weights of inputs (2j, 2j+1) (Q4) or 2j (Q8, w1 unused) for the eight outputs of vector v.
-template <int QT>
-inline void weights8(const uint8_t* codes, int j, int v, const float* d, const float* m, __m256& w0, __m256& w1) {
-  const __m256 dv = _mm256_loadu_ps(d + v * 8), mv = _mm256_loadu_ps(m + v * 8);
-  if (QT == QT_Q8_0) {
-    __m256i c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 2 * j * BLOCK + v * 8)));
-    __m256i e = _mm256_cvtepi8_epi32(
-        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + (2 * j + 1) * BLOCK + v * 8)));
-    w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(c), dv);
-    w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(e), dv);
-  } else {
-    __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j * BLOCK + v * 8)));
-    const __m256i lo = _mm256_set1_epi32(0xF);
-    w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(c, lo)), dv, mv);
-    w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4)), dv, mv);
-  }
-}
-
 // R rows x PV vectors of one panel from vector v0, dequantizing each code once for the R rows
 template <int QT, int R, int PV>
 inline void qtile(const float* x, int64_t ldx, const uint8_t* wb, int64_t KB, int v0, float* y) {
   const int64_t PB = panel_block_bytes(QT);
-  const int codes_at = QT == QT_Q4_1 ? 192 : 96;
   __m256 acc[R][PV];
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < PV; ++p) acc[r][p] = _mm256_setzero_ps();
   for (int64_t kb = 0; kb < KB; ++kb) {
     const uint8_t* blk = wb + kb * PB;
-    const __m128i* dh = reinterpret_cast<const __m128i*>(blk);
-    __m256 d[PV], m[PV];
-    for (int p = 0; p < PV; ++p) {
-      d[p] = _mm256_cvtph_ps(_mm_loadu_si128(dh + v0 + p));
-      m[p] = QT == QT_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(dh + BLOCK / 8 + v0 + p))
-             : QT == QT_Q4_0 ? _mm256_mul_ps(d[p], _mm256_set1_ps(-8.0f))
-                             : _mm256_setzero_ps();
-    }
-    const uint8_t* codes = blk + codes_at + v0 * 8;
+    __m256 d0[PV], d1[PV], m[PV];
+    for (int p = 0; p < PV; ++p) vec_scales<QT>(blk, v0 + p, d0[p], d1[p], m[p]);
+    const uint8_t* codes = blk + codes_at(QT) + v0 * 8;
     const float* xk = x + kb * 32;
     for (int j = 0; j < 16; ++j) {
       __m256 x0[R], x1[R];
@@ -1200,16 +1337,7 @@ inline void qtile(const float* x, int64_t ldx, const uint8_t* wb, int64_t KB, in
       }
       for (int p = 0; p < PV; ++p) {
         __m256 w0, w1;
-        if (QT == QT_Q8_0) {
-          w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                   _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 2 * j * BLOCK + p * 8)))), d[p]);
-          w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                   _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + (2 * j + 1) * BLOCK + p * 8)))), d[p]);
-        } else {
-          __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j * BLOCK + p * 8)));
-          w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(c, _mm256_set1_epi32(0xF))), d[p], m[p]);
-          w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4)), d[p], m[p]);
-        }
+        weights8<QT>(codes + p * 8, j, j < 8 ? d0[p] : d1[p], m[p], w0, w1);
         for (int r = 0; r < R; ++r) acc[r][p] = _mm256_fmadd_ps(x0[r], w0, acc[r][p]);
         for (int r = 0; r < R; ++r) acc[r][p] = _mm256_fmadd_ps(x1[r], w1, acc[r][p]);
       }
@@ -1223,18 +1351,18 @@ inline void qtile(const float* x, int64_t ldx, const uint8_t* wb, int64_t KB, in
 template <int QT>
 inline void dequant_panel(const uint8_t* wb, int64_t KB, float* out) {
   const int64_t PB = panel_block_bytes(QT);
-  const int codes_at = QT == QT_Q4_1 ? 192 : 96;
-  alignas(32) float d[BLOCK], m[BLOCK];
   for (int64_t kb = 0; kb < KB; ++kb) {
     const uint8_t* blk = wb + kb * PB;
-    block_scales<QT>(blk, 0, BLOCK / 8, d, m);
-    for (int j = 0; j < 16; ++j)
-      for (int v = 0; v < BLOCK / 8; ++v) {
+    for (int v = 0; v < BLOCK / 8; ++v) {
+      __m256 d0, d1, m;
+      vec_scales<QT>(blk, v, d0, d1, m);
+      for (int j = 0; j < 16; ++j) {
         __m256 w0, w1;
-        weights8<QT>(blk + codes_at, j, v, d, m, w0, w1);
+        weights8<QT>(blk + codes_at(QT) + v * 8, j, j < 8 ? d0 : d1, m, w0, w1);
         _mm256_storeu_ps(out + (kb * 32 + 2 * j) * BLOCK + v * 8, w0);
         _mm256_storeu_ps(out + (kb * 32 + 2 * j + 1) * BLOCK + v * 8, w1);
       }
+    }
   }
 }
 
@@ -1242,9 +1370,10 @@ inline void dequant_panel(const uint8_t* wb, int64_t KB, float* out) {
 // into a buffer and run through `linear`'s float tile (the same weights, the same FMA order).
 constexpr int64_t QDIRECT_ROWS = 8;
 
+// y rows of stride ldy (N: a whole matrix; wider: a part of a stack, `Weight::parts`)
 template <int QT>
 void qlinear_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd, int64_t NB, int64_t KB, int64_t N,
-                  const float* bd, const float* rd, float* yd) {
+                  const float* bd, const float* rd, float* yd, int64_t ldy) {
   const int64_t PB = panel_block_bytes(QT), K = KB * 32;
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
     float buf[4 * BLOCK];
@@ -1266,7 +1395,7 @@ void qlinear_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd, in
             default: qtile<QT, 4, 3>(xr, ldx, wb, KB, 0, buf); qtile<QT, 4, 3>(xr, ldx, wb, KB, 3, buf); break;
           }
         }
-        store_rows(buf, rows, nn, yd + m0 * N, N, n0, bd, rd ? rd + m0 * N : nullptr);
+        store_rows(buf, rows, nn, yd + m0 * ldy, ldy, n0, bd, rd ? rd + m0 * ldy : nullptr);
       }
     }
   });
@@ -1407,15 +1536,22 @@ void qlinear_i8_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd,
   });
 }
 
-// A packed weight matrix as the kernels take it: float32 panels (qt 0) or GGUF blocks (qt: ggml's id).
+// A packed weight matrix as the kernels take it: float32 panels (qt 0), GGUF blocks (qt: ggml's
+// id) or a stack of block matrices of different types (qt MIXED: `parts`, rows one after another).
 struct Weight {
   int64_t qt = 0, N = 0, K = 0, NB = 0;
   bool act8 = false;  // int8 activations (qt | ACT8 from Python)
   const float* f = nullptr;
   const uint8_t* q = nullptr;
+  std::vector<Weight> parts;
 };
 
 constexpr int64_t ACT8 = 256;
+// A fused matrix whose parts hold different block types (a Q4_K_M file's Q4_K q and k with its
+// Q6_K v): uint8 [bytes], an int64 header [2 + 3 * parts] = parts, K, then per part its type, its
+// rows and the byte offset of its panels (`pack_q`'s, whole) in the buffer. Each output is its
+// part's, so the stack gives each part's bits.
+constexpr int64_t MIXED = 512;
 
 Weight weight_of(const at::Tensor& packed, int64_t qt, int64_t N, const char* op) {
   Weight w;
@@ -1423,6 +1559,35 @@ Weight weight_of(const at::Tensor& packed, int64_t qt, int64_t N, const char* op
   qt &= ~ACT8;
   w.qt = qt;
   w.N = N;
+  if (qt == MIXED) {
+    TORCH_CHECK(!w.act8, op, ": int8 activations do not take a stack of block types");
+    TORCH_CHECK(packed.dim() == 1 && packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() >= 16,
+                op, ": a stack must be uint8 [bytes] with its header");
+    const uint8_t* base = packed.data_ptr<uint8_t>();
+    int64_t head[2];
+    std::memcpy(head, base, 16);
+    const int64_t np = head[0], K = head[1], bytes = packed.numel();
+    TORCH_CHECK(np >= 1 && np <= 16 && K > 0 && K % 32 == 0 && 16 + 24 * np <= bytes, op, ": a stack's header is damaged");
+    std::vector<int64_t> h(3 * np);
+    std::memcpy(h.data(), base + 16, 24 * np);
+    int64_t rows = 0;
+    for (int64_t i = 0; i < np; ++i) {
+      Weight p;
+      p.qt = h[3 * i];
+      p.N = h[3 * i + 1];
+      check_qt(p.qt);
+      p.K = K;
+      p.NB = (p.N + BLOCK - 1) / BLOCK;
+      const int64_t off = h[3 * i + 2], size = p.NB * (K / 32) * panel_block_bytes(p.qt);
+      TORCH_CHECK(p.N >= 1 && off >= 16 + 24 * np && off + size <= bytes, op, ": a stack's part ", i, " lies outside it");
+      p.q = base + off;
+      rows += p.N;
+      w.parts.push_back(p);
+    }
+    TORCH_CHECK(rows == N, op, ": N = ", N, " is not the stack's ", rows, " rows");
+    w.K = K;
+    return w;
+  }
   if (qt == 0) {
     TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kFloat && packed.size(2) == BLOCK &&
                     packed.is_contiguous(), op, ": packed float32 [NB, K, 48] expected");
@@ -1431,6 +1596,9 @@ Weight weight_of(const at::Tensor& packed, int64_t qt, int64_t N, const char* op
     w.f = packed.data_ptr<float>();
   } else {
     check_qt(qt);
+    const int pqt = panel_qt(qt);
+    TORCH_CHECK(!w.act8 || pqt == QT_Q4_0 || pqt == QT_Q4_1 || pqt == QT_Q8_0, op,
+                ": int8 activations take Q4_0, Q4_1, Q5_0 or Q8_0 blocks, not type ", qt);
     TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
                     packed.size(2) == panel_block_bytes(qt), op, ": packed [NB, K/32, PB] uint8 expected");
     w.NB = packed.size(0);
@@ -1443,20 +1611,35 @@ Weight weight_of(const at::Tensor& packed, int64_t qt, int64_t N, const char* op
 
 // y [M, N] = x [M, K] (row stride ldx) W^T + b, plus the residual rows rd [M, N] when given
 void matmul_into(const Weight& w, const float* xd, int64_t M, int64_t ldx, const float* bd, const float* rd,
-                 float* yd) {
+                 float* yd, int64_t ldy = 0) {
   const int64_t KB = w.K / 32;
+  if (ldy == 0) ldy = w.N;
+  if (!w.parts.empty()) {  // each part into its columns of y
+    int64_t c = 0;
+    for (const Weight& p : w.parts) {
+      matmul_into(p, xd, M, ldx, bd ? bd + c : nullptr, rd ? rd + c : nullptr, yd + c, ldy);
+      c += p.N;
+    }
+    return;
+  }
+  const int pqt = w.qt ? panel_qt(w.qt) : 0;
   if (w.act8) {
-    switch (w.qt) {
+    switch (pqt) {
       case QT_Q4_0: qlinear_i8_impl<QT_Q4_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd); return;
       case QT_Q4_1: qlinear_i8_impl<QT_Q4_1>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd); return;
       default: qlinear_i8_impl<QT_Q8_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd); return;
     }
   }
-  switch (w.qt) {
+  TORCH_CHECK(pqt != 0 || ldy == w.N, "matmul: float panels take no column stride");
+  switch (pqt) {
     case 0: linear_impl(xd, M, ldx, w.f, w.NB, w.K, w.N, bd, rd, yd); break;
-    case QT_Q4_0: qlinear_impl<QT_Q4_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd); break;
-    case QT_Q4_1: qlinear_impl<QT_Q4_1>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd); break;
-    default: qlinear_impl<QT_Q8_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd); break;
+    case QT_Q4_0: qlinear_impl<QT_Q4_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); break;
+    case QT_Q4_1: qlinear_impl<QT_Q4_1>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); break;
+    case QT_Q5_1: qlinear_impl<QT_Q5_1>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); break;
+    case QT_Q4_K: qlinear_impl<QT_Q4_K>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); break;
+    case QT_Q5_K: qlinear_impl<QT_Q5_K>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); break;
+    case QT_Q6_K: qlinear_impl<QT_Q6_K>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); break;
+    default: qlinear_impl<QT_Q8_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); break;
   }
 }
 
@@ -1481,7 +1664,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, cons
 
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, int64_t qt, int64_t N,
                    const c10::optional<at::Tensor>& bias) {
-  check_qt(qt & ~ACT8);
+  if ((qt & ~ACT8) != MIXED) check_qt(qt & ~ACT8);
   return matmul_op(x, weight_of(packed, qt, N, "qlinear"), bias, "qlinear");
 }
 
@@ -1499,8 +1682,10 @@ at::Tensor pack_q_rows(const at::Tensor& packed, int64_t qt, int64_t N, const at
   const int64_t* id = ic.data_ptr<int64_t>();
   const int64_t n = ic.numel(), KB = packed.size(1), PB = packed.size(2), NB = (n + BLOCK - 1) / BLOCK;
   for (int64_t r = 0; r < n; ++r) TORCH_CHECK(0 <= id[r] && id[r] < N, "pack_q_rows: row ", id[r], " outside [0, ", N, ")");
-  // a row's bytes in a panel block: its scale (and Q4_1's min), then one byte per code column
-  const int64_t codes_at = qt == QT_Q4_1 ? 192 : 96, ncodes = qt == QT_Q8_0 ? 32 : 16;
+  // a row's bytes in a panel block: its header fields, then one byte per code row
+  const int pqt = panel_qt(qt);
+  const int64_t CA = codes_at(pqt), ncodes = nibbles(pqt) ? 16 : 32;
+  const std::vector<HeaderField> fields = header_fields(pqt);
   at::Tensor out = at::zeros({NB, KB, PB}, packed.options());
   const uint8_t* src = packed.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
@@ -1511,9 +1696,8 @@ at::Tensor pack_q_rows(const at::Tensor& packed, int64_t qt, int64_t N, const at
         for (int64_t kb = 0; kb < KB; ++kb) {
           const uint8_t* s = src + (sb * KB + kb) * PB;
           uint8_t* o = dst + (nb * KB + kb) * PB;
-          std::memcpy(o + 2 * i, s + 2 * si, 2);
-          if (qt == QT_Q4_1) std::memcpy(o + 2 * (BLOCK + i), s + 2 * (BLOCK + si), 2);
-          for (int64_t k = 0; k < ncodes; ++k) o[codes_at + k * BLOCK + i] = s[codes_at + k * BLOCK + si];
+          for (const HeaderField& f : fields) std::memcpy(o + f.at + f.size * i, s + f.at + f.size * si, f.size);
+          for (int64_t k = 0; k < ncodes; ++k) o[CA + k * BLOCK + i] = s[CA + k * BLOCK + si];
         }
       }
   });
@@ -1525,24 +1709,36 @@ at::Tensor pack_q_rows(const at::Tensor& packed, int64_t qt, int64_t N, const at
 template <int QT>
 void qrows_impl(const uint8_t* wd, int64_t KB, const int64_t* idx, int64_t n, float* out) {
   const int64_t PB = panel_block_bytes(QT);
-  const int codes_at = QT == QT_Q4_1 ? 192 : 96;
   at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t nb = idx[r] / BLOCK, i = idx[r] % BLOCK;
       float* o = out + r * KB * 32;
       for (int64_t kb = 0; kb < KB; ++kb) {
         const uint8_t* blk = wd + (nb * KB + kb) * PB;
+        // the scales of `vec_scales`, one output's, by the same float32 operations
         uint16_t dh, mh = 0;
         std::memcpy(&dh, blk + 2 * i, 2);
-        if (QT == QT_Q4_1) std::memcpy(&mh, blk + 2 * (BLOCK + i), 2);
+        if (QT == QT_Q4_1 || QT == QT_Q5_1 || QT == QT_Q4_K || QT == QT_Q5_K) std::memcpy(&mh, blk + 96 + 2 * i, 2);
         const float d = _cvtsh_ss(dh);
-        const float m = QT == QT_Q4_1 ? _cvtsh_ss(mh) : QT == QT_Q4_0 ? -8.0f * d : 0.0f;
-        const uint8_t* codes = blk + codes_at;
+        float d0 = d, d1 = d, m = 0.0f;
+        if (QT == QT_Q4_K || QT == QT_Q5_K) {
+          d0 = d1 = d * float(blk[192 + i]);
+          m = 0.0f - _cvtsh_ss(mh) * float(blk[240 + i]);
+        } else if (QT == QT_Q6_K) {
+          d0 = d * float(int8_t(blk[96 + i]));
+          d1 = d * float(int8_t(blk[144 + i]));
+        } else if (QT == QT_Q4_1 || QT == QT_Q5_1) {
+          m = _cvtsh_ss(mh);
+        } else if (QT == QT_Q4_0) {
+          m = -8.0f * d;
+        }
+        const uint8_t* codes = blk + codes_at(QT);
         for (int k = 0; k < 32; ++k) {
           float q;
-          if (QT == QT_Q8_0) q = float(int8_t(codes[k * BLOCK + i]));
-          else q = float((codes[(k / 2) * BLOCK + i] >> (4 * (k % 2))) & 0xF);
-          o[kb * 32 + k] = std::fma(q, d, m);
+          if (nibbles(QT)) q = float((codes[(k / 2) * BLOCK + i] >> (4 * (k % 2))) & 0xF);
+          else q = float(int8_t(codes[k * BLOCK + i]));
+          const float dk = k < 16 ? d0 : d1;
+          o[kb * 32 + k] = mul_only(QT) ? q * dk : std::fma(q, dk, m);
         }
       }
     }
@@ -1559,9 +1755,16 @@ at::Tensor qrows(const at::Tensor& packed, int64_t qt, int64_t N, const at::Tens
   for (int64_t r = 0; r < n; ++r) TORCH_CHECK(id[r] >= 0 && id[r] < N, "qrows: index ", id[r], " out of range 0..", N - 1);
   at::Tensor out = at::empty({n, KB * 32}, packed.options().dtype(at::kFloat));
   const uint8_t* wd = packed.data_ptr<uint8_t>();
-  if (qt == QT_Q4_0) qrows_impl<QT_Q4_0>(wd, KB, id, n, out.data_ptr<float>());
-  else if (qt == QT_Q4_1) qrows_impl<QT_Q4_1>(wd, KB, id, n, out.data_ptr<float>());
-  else qrows_impl<QT_Q8_0>(wd, KB, id, n, out.data_ptr<float>());
+  float* od = out.data_ptr<float>();
+  switch (panel_qt(qt)) {
+    case QT_Q4_0: qrows_impl<QT_Q4_0>(wd, KB, id, n, od); break;
+    case QT_Q4_1: qrows_impl<QT_Q4_1>(wd, KB, id, n, od); break;
+    case QT_Q5_1: qrows_impl<QT_Q5_1>(wd, KB, id, n, od); break;
+    case QT_Q4_K: qrows_impl<QT_Q4_K>(wd, KB, id, n, od); break;
+    case QT_Q5_K: qrows_impl<QT_Q5_K>(wd, KB, id, n, od); break;
+    case QT_Q6_K: qrows_impl<QT_Q6_K>(wd, KB, id, n, od); break;
+    default: qrows_impl<QT_Q8_0>(wd, KB, id, n, od); break;
+  }
   std::vector<int64_t> shape(idx.sizes().begin(), idx.sizes().end());
   shape.push_back(KB * 32);
   return out.view(shape);
