@@ -325,9 +325,11 @@ def test_blocks_without_native_kernels():
     assert lines[1] == "weights 'q8_0' needs the native CPU kernels, which are off here (TOKENSWIFT_NATIVE=0)"
 
 
-def _write_random_q4_0_gguf(path, hidden: int, inter: int, layers: int, heads: int, kv_heads: int, vocab: int):
-    """A Llama of the given shape as a Q4_0 GGUF with random blocks (scale 2^-10, random codes),
-    written tensor by tensor so that the test never holds the whole file."""
+def _write_random_gguf(path, hidden: int, inter: int, layers: int, heads: int, kv_heads: int, vocab: int,
+                       qtype_of=lambda name: "q4_0"):
+    """A Llama of the given shape as a GGUF with random blocks of `qtype_of(name)` per matrix
+    (small float16 scales, random codes and scale bytes), written tensor by tensor so that the
+    test never holds the whole file."""
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(layers)
     w.add_context_length(4096)
@@ -346,29 +348,55 @@ def _write_random_q4_0_gguf(path, hidden: int, inter: int, layers: int, heads: i
                      f"blk.{i}.ffn_gate.weight": (inter, hidden), f"blk.{i}.ffn_up.weight": (inter, hidden),
                      f"blk.{i}.ffn_down.weight": (hidden, inter)})
     norms = ["output_norm.weight"] + [f"blk.{i}.{n}" for i in range(layers) for n in ("attn_norm.weight", "ffn_norm.weight")]
-    q4 = gguf.GGMLQuantizationType.Q4_0
+    types = {name: qtype_of(name) for name in mats}
     for name, (n, k) in mats.items():
-        w.add_tensor_info(name, (n, k // 32 * 18), np.dtype(np.uint8), n * k // 32 * 18, raw_dtype=q4)
+        t = getattr(gguf.GGMLQuantizationType, types[name].upper())
+        inputs, nbytes = gguf.GGML_QUANT_SIZES[t]
+        w.add_tensor_info(name, (n, k // inputs * nbytes), np.dtype(np.uint8), n * k // inputs * nbytes, raw_dtype=t)
     for name in norms:
         w.add_tensor_info(name, (hidden,), np.dtype(np.float32), hidden * 4)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     rng = np.random.default_rng(0)
-    scale = np.frombuffer(np.float16(2**-10).tobytes(), dtype=np.uint8)
+    # scales that keep |w| below ~0.06 for every type (d * sc * q at its largest)
+    scale = {"q4_0": 2**-10, "q8_0": 2**-14, "q5_0": 2**-10, "q4_k": 2**-14, "q6_k": 2**-16}
     for name, (n, k) in mats.items():  # in the order of the infos: one tensor in memory at a time
-        b = rng.integers(0, 256, size=(n, k // 32, 18), dtype=np.uint8)
-        b[:, :, :2] = scale
+        qt = types[name]
+        inputs, nbytes = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, qt.upper())]
+        b = rng.integers(0, 256, size=(n, k // inputs, nbytes), dtype=np.uint8)
+        f16 = np.frombuffer(np.float16(scale[qt]).tobytes(), dtype=np.uint8)
+        for at in F16_FIELDS[qt]:
+            b[:, :, at : at + 2] = f16
         w.write_tensor_data(b.reshape(n, -1))
     for name in norms:
         w.write_tensor_data(np.ones(hidden, dtype=np.float32))
     w.close()
 
 
+def _q4_k_m(layers: int):
+    """llama.cpp's Q4_K_M choice per tensor (more bits for v and down in the first and last
+    eighth of the layers and every third between, Q6_K for the output), with layer 0's k as
+    Q5_0 so that the file holds each type such a file has."""
+    def more_bits(i: int) -> bool:
+        return i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2
+
+    def qtype_of(name: str) -> str:
+        if name == "output.weight":
+            return "q6_k"
+        if name == "blk.0.attn_k.weight":
+            return "q5_0"
+        if name.endswith(("attn_v.weight", "ffn_down.weight")) and more_bits(int(name.split(".")[1])):
+            return "q6_k"
+        return "q4_k"
+
+    return qtype_of
+
+
 @pytest.mark.slow
 def test_a_7b_q4_0_gguf_loads_and_writes_tokens_in_6_gb(tmp_path):
     path = tmp_path / "llama-7b-shape-q4_0.gguf"
-    _write_random_q4_0_gguf(path, hidden=4096, inter=11008, layers=32, heads=32, kv_heads=32, vocab=32000)
+    _write_random_gguf(path, hidden=4096, inter=11008, layers=32, heads=32, kv_heads=32, vocab=32000)
     code = (
         "import resource, sys, tokenswift\n"
         f"lm = tokenswift.load({str(path)!r}, heads='none', drafter='none')\n"
@@ -383,6 +411,30 @@ def test_a_7b_q4_0_gguf_loads_and_writes_tokens_in_6_gb(tmp_path):
     print(f"7B-shape Q4_0: peak RSS {peak_mib} MiB")
     assert kind == "q4_0" and n == 4
     assert peak_mib <= 6 * 1024
+
+
+@pytest.mark.slow
+def test_a_7b_q4_k_m_gguf_loads_and_writes_tokens_in_6_5_gb(tmp_path):
+    """A random Llama of 7B shape as a Q4_K_M-style mix (Q4_K, Q6_K, one Q5_0 matrix): every
+    matrix kept as blocks (fused q/k/v of two types as stacks), peak RSS at most 6.5 GB."""
+    path = tmp_path / "llama-7b-shape-q4_k_m.gguf"
+    _write_random_gguf(path, hidden=4096, inter=11008, layers=32, heads=32, kv_heads=32, vocab=32000,
+                       qtype_of=_q4_k_m(32))
+    code = (
+        "import resource, sys, tokenswift\n"
+        "from tokenswift.kernels import QuantLinear\n"
+        f"lm = tokenswift.load({str(path)!r}, heads='none', drafter='none')\n"
+        "print(lm.model.quantized, all(isinstance(w, QuantLinear) for w in lm.model.matrices()))\n"
+        "out = lm.generate([1, 2, 3, 4, 5, 6, 7, 8], max_new_tokens=4, method='ar', temperature=0)\n"
+        "print(len(out.tokens), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-2000:]
+    kinds, line = r.stdout.split("\n")[:2]
+    n, peak_mib = map(int, line.split())
+    print(f"7B-shape Q4_K_M mix: {path.stat().st_size / 2**30:.2f} GiB file, peak RSS {peak_mib} MiB")
+    assert kinds == "mixed True" and n == 4
+    assert peak_mib * 2**20 <= 6.5e9
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc")
