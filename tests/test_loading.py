@@ -224,3 +224,30 @@ def test_dtype_and_device_defaults():
     assert resolve_dtype(None, torch.device("cuda")) is torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         resolve_dtype("float8", torch.device("cpu"))
+
+
+def test_the_gguf_header_reader_agrees_with_the_gguf_package(tmp_path):
+    """`GGUFHeader` (steps over the tokenizer arrays) against gguf's reader: every metadata value
+    but the skipped arrays (their lengths instead), and every tensor's type, dims, offset and
+    bytes; on the embedded model's file and on a written Qwen3 GGUF with Q8_0 blocks."""
+    import gguf
+
+    from tokenswift.loading import _GGUF_SKIP_META, GGUFHeader, embedded_path
+
+    hf = tiny_hf_model("qwen3")
+    small = tmp_path / "q.gguf"
+    write_gguf(hf, small, "qwen3", qtype="Q8_0")
+    for path in (embedded_path("smollm2-135m"), small):
+        ours, theirs = GGUFHeader(path), gguf.GGUFReader(str(path))
+        for key, field in theirs.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            if key in _GGUF_SKIP_META:
+                assert ours.meta[key + ".count"] == len(field.data), key
+            else:
+                assert ours.meta[key] == field.contents(), key
+        assert len(ours.tensors) == len(theirs.tensors)
+        for a, b in zip(ours.tensors, theirs.tensors):
+            assert (a.name, a.tensor_type, a.shape, a.data_offset) == (b.name, b.tensor_type, tuple(int(x) for x in b.shape),
+                                                                       b.data_offset)
+            assert a.data.shape == b.data.shape and np.array_equal(a.data, b.data)

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from .params import PARAMS, SAMPLING, SPEC, check_all
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 ROPE_KINDS = ("default", "linear", "dynamic", "yarn", "llama3")
 MAX_ROPE_FACTOR = 1024  # beyond it no released model extends, and the context is not addressable
 
@@ -127,8 +127,17 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
-    # Sliding-window size per layer (None = full attention), Mistral v0.1 / Qwen windowed layers.
+    # Sliding-window size per layer (None = full attention), Mistral v0.1 / Qwen windowed layers,
+    # Gemma 3's local layers (a key is visible while q_pos - k_pos < window).
     layer_windows: tuple[int | None, ...] = field(default=())
+    # Gemma 3: the windowed layers' own RoPE base, unscaled (None: every layer takes rope_theta
+    # and rope_scaling)
+    local_rope_theta: float | None = None
+    # Gemma: norms after attention and after the MLP too (on the branch, before the residual add)
+    post_norms: bool = False
+    mlp_act: str = "silu"  # the gate's activation: "silu" or "gelu_tanh" (Gemma)
+    embed_scale: float = 1.0  # embeddings multiplied by it (Gemma: sqrt(hidden_size))
+    attn_scale: float | None = None  # scores' scale (None: head_dim ** -0.5)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -147,6 +156,13 @@ class ModelConfig:
             object.__setattr__(self, "layer_windows", (None,) * self.num_layers)
         if len(self.layer_windows) != self.num_layers:
             raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers")
+        if self.mlp_act not in ("silu", "gelu_tanh"):
+            raise ValueError(f"mlp_act must be silu or gelu_tanh, got {self.mlp_act!r}")
+
+    @property
+    def native_layers(self) -> bool:
+        """Whether the native layer halves (kernels.attn_in / attn_out_mlp: Llama's block) fit."""
+        return not self.post_norms and self.mlp_act == "silu" and self.embed_scale == 1.0
 
     @property
     def context_length(self) -> int:
@@ -169,9 +185,12 @@ class ModelConfig:
     def from_hf(d: Mapping[str, Any]) -> "ModelConfig":
         """From a Hugging Face `config.json` (transformers 4.x `rope_scaling` or 5.x `rope_parameters`)."""
         arch = d.get("model_type")
+        if arch in ("gemma3", "gemma3_text"):
+            raise ValueError(f"model_type {arch!r}: Gemma 3 loads from its GGUF file (a safetensors folder is not "
+                             f"supported yet)")
         if arch not in SUPPORTED_ARCHS:
             raise ValueError(
-                f"unsupported model_type {arch!r} in config.json; supported: {', '.join(SUPPORTED_ARCHS)}"
+                f"unsupported model_type {arch!r} in config.json; supported: {', '.join(a for a in SUPPORTED_ARCHS if a != 'gemma3')}"
             )
         lim = _SHAPE_LIMITS
         hidden = _json_int(d, "hidden_size", lim["hidden_size"])
@@ -241,9 +260,9 @@ class ModelConfig:
     def from_gguf(meta: Mapping[str, Any], tensor_names: set[str]) -> "ModelConfig":
         """From GGUF metadata (already decoded to Python values) and the file's tensor names."""
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2", "qwen3"):
+        if arch not in ("llama", "qwen2", "qwen3", "gemma3"):
             raise ValueError(
-                f"unsupported GGUF architecture {arch!r}; supported: llama (incl. Mistral), qwen2, qwen3"
+                f"unsupported GGUF architecture {arch!r}; supported: llama (incl. Mistral), qwen2, qwen3, gemma3"
             )
 
         def get(key: str, default: Any = None) -> Any:
@@ -274,6 +293,17 @@ class ModelConfig:
             raise ValueError(f"unsupported GGUF RoPE scaling type {stype!r}")
 
         window = get("attention.sliding_window")
+        windows = (int(window) if window else None,) * layers
+        gemma: dict[str, Any] = {}
+        if arch == "gemma3":
+            # llama.cpp's Gemma 3 rules (the file does not carry them): every sixth layer attends to
+            # the whole context, the others to the window with RoPE base 10K unscaled; embeddings
+            # times sqrt(hidden); scores scaled by head_dim^-0.5 (hidden/heads for the 27B, 62 layers).
+            # The file's norm weights already hold Gemma's (1 + w).
+            windows = tuple(None if (i + 1) % 6 == 0 else int(window or 512) for i in range(layers))
+            gemma = dict(local_rope_theta=10000.0, post_norms=True, mlp_act="gelu_tanh",
+                         embed_scale=float(hidden) ** 0.5,
+                         attn_scale=(hidden / heads) ** -0.5 if layers == 62 else None)
         eos = meta.get("tokenizer.ggml.eos_token_id")
         return ModelConfig(
             arch=arch,
@@ -293,9 +323,10 @@ class ModelConfig:
             o_bias="blk.0.attn_output.bias" in tensor_names,
             mlp_bias="blk.0.ffn_up.bias" in tensor_names,
             qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
-            layer_windows=(int(window) if window else None,) * layers,
+            layer_windows=windows,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=(int(eos),) if eos is not None else (),
+            **gemma,
         )
 
 

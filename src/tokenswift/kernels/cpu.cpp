@@ -406,11 +406,16 @@ inline float merge_partials(int64_t nc, const F& part, int64_t D, float* dst) {
 template <typename KT>
 void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask,
                     int64_t chunk, at::Tensor& out, at::Tensor* lse, const at::Tensor* kscale = nullptr,
-                    const at::Tensor* vscale = nullptr) {
+                    const at::Tensor* vscale = nullptr, const int64_t* kv_start = nullptr) {
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
   const int64_t KH = k.size(1), S = k.size(2), G = H / KH;
-  const int64_t n = S - T;          // cached keys, visible to every row
-  const int64_t nfull = n / chunk;  // chunks that lie wholly in the cached prefix
+  const int64_t n = S - T;  // cached keys, visible to every row (from its kv_start on, when given)
+  // chunks that lie wholly in the cached prefix, shared by the rows; with per-row starts (a
+  // sliding window) each row's visible sequence is its own and is chunked from its start
+  const int64_t nfull = kv_start ? 0 : n / chunk;
+  int64_t first = nfull * chunk;  // the earliest cached key a row reads outside the shared chunks
+  if (kv_start)
+    for (int64_t i = 0; i < B * T; ++i) first = std::min(first, kv_start[i]);
   const int64_t GT = G * T, P = D + 2;
   const float* qd = q.data_ptr<float>();
   const KT* kd = k.data_ptr<KT>();
@@ -482,7 +487,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   });
 
   // per (b, kh, t): the tail chunks of the G rows of token t, then the merge of all chunks
-  const int64_t tail_max = (n - nfull * chunk) + T;
+  const int64_t tail_max = (n - first) + T;
   const int64_t tchunks_max = (tail_max + chunk - 1) / chunk;
   at::parallel_for(0, B * KH * T, 1, [&](int64_t begin, int64_t end) {
     KVRows<KT> kv;
@@ -496,7 +501,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     for (int64_t it = begin; it < end; ++it) {
       const int64_t t = it % T, kh = (it / T) % KH, b = it / (T * KH);
       int64_t cnt = 0;
-      for (int64_t j = nfull * chunk; j < n; ++j) idx[cnt++] = j;
+      for (int64_t j = kv_start ? kv_start[b * T + t] : nfull * chunk; j < n; ++j) idx[cnt++] = j;
       const bool* mrow = md ? md + ((mB == 1 ? 0 : b) * T + t) * T : nullptr;
       for (int64_t i = 0; i < T; ++i)
         if (mrow ? mrow[i] : i <= t) idx[cnt++] = n + i;
@@ -611,7 +616,8 @@ at::Tensor attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Te
 std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                              const c10::optional<at::Tensor>& mask, int64_t chunk, bool want_lse,
                                              const c10::optional<at::Tensor>& k_scale,
-                                             const c10::optional<at::Tensor>& v_scale) {
+                                             const c10::optional<at::Tensor>& v_scale,
+                                             const c10::optional<at::Tensor>& kv_start) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q [B,T,H,D], k/v [B,KH,S,D]");
   TORCH_CHECK(q.scalar_type() == at::kFloat, "attention: q must be float32");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "attention: k and v dtypes differ");
@@ -644,11 +650,22 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
                       t->size(2) == k.size(2),
                   "attention: scales must be float32 [B, KH, S]");
   }
+  at::Tensor ksc;
+  const int64_t* ksp = nullptr;
+  if (kv_start.has_value()) {  // per row: the first cached key it sees (a sliding window's start)
+    ksc = kv_start->contiguous();
+    TORCH_CHECK(ksc.scalar_type() == at::kLong && ksc.dim() == 2 && ksc.size(0) == B && ksc.size(1) == T,
+                "attention: kv_start must be int64 [B, T]");
+    ksp = ksc.data_ptr<int64_t>();
+    for (int64_t i = 0; i < B * T; ++i)
+      TORCH_CHECK(ksp[i] >= 0 && ksp[i] <= k.size(2) - T, "attention: kv_start ", ksp[i], " outside [0, ",
+                  k.size(2) - T, "]");
+  }
   switch (k.scalar_type()) {
-    case at::kFloat: attention_impl<float>(q, k, v, mp, chunk, out, lp); break;
-    case at::kBFloat16: attention_impl<c10::BFloat16>(q, k, v, mp, chunk, out, lp); break;
-    case at::kHalf: attention_impl<c10::Half>(q, k, v, mp, chunk, out, lp); break;
-    case at::kChar: attention_impl<int8_t>(q, k, v, mp, chunk, out, lp, &*k_scale, &*v_scale); break;
+    case at::kFloat: attention_impl<float>(q, k, v, mp, chunk, out, lp, nullptr, nullptr, ksp); break;
+    case at::kBFloat16: attention_impl<c10::BFloat16>(q, k, v, mp, chunk, out, lp, nullptr, nullptr, ksp); break;
+    case at::kHalf: attention_impl<c10::Half>(q, k, v, mp, chunk, out, lp, nullptr, nullptr, ksp); break;
+    case at::kChar: attention_impl<int8_t>(q, k, v, mp, chunk, out, lp, &*k_scale, &*v_scale, ksp); break;
     default: TORCH_CHECK(false, "attention: K/V must be float32, bfloat16, float16 or int8");
   }
   return {out, lse};
@@ -1945,7 +1962,7 @@ at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm, double eps, c
   const int64_t S = start + x.size(1);
   at::Tensor q = qkv.narrow(2, 0, H);
   at::Tensor k = kc.select(0, layer).narrow(2, 0, S), v = vc.select(0, layer).narrow(2, 0, S);
-  return std::get<0>(attention(q, k, v, mask, chunk, false, c10::nullopt, c10::nullopt));
+  return std::get<0>(attention(q, k, v, mask, chunk, false, c10::nullopt, c10::nullopt, c10::nullopt));
 }
 
 // The second half: x + att Wo^T + bo, then that plus the MLP of its norm:
@@ -1988,7 +2005,7 @@ at::Tensor attn_out_mlp(const at::Tensor& x, const at::Tensor& att, const at::Te
 
 TORCH_LIBRARY(tokenswift, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, int chunk, bool want_lse, Tensor? k_scale=None, "
-        "Tensor? v_scale=None) -> (Tensor, Tensor)");
+        "Tensor? v_scale=None, Tensor? kv_start=None) -> (Tensor, Tensor)");
   m.def("attention_rows(Tensor q, Tensor k, Tensor v, Tensor rows, int chunk) -> Tensor");
   m.def("sparse_select_dims(Tensor q, Tensor kt, Tensor ks, int a, int b, int S, int budget, int dims) -> Tensor");
   m.def("quantize_q8(Tensor x, Tensor(a!) q, Tensor(b!) scale) -> ()");

