@@ -295,3 +295,26 @@ def test_sparse_select_dims_breaks_ties_by_the_earlier_entry():
         order = torch.sort(w[h], descending=True, stable=True).indices[:37].sort().values + 4
         assert torch.equal(rows[h, 4:41], order)
         assert len(set(w[h, rows[h, 4:41] - 4].tolist())) < 37  # ties were there to break
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_with_per_row_starts_equals_each_rows_window_alone(dtype):
+    """`kv_start` (a sliding window): row t of a 5-row pass sees cached keys from its own start
+    on, then its new ancestors; it equals a one-token pass over exactly those keys bit for bit
+    (chunked from its start), and starts outside [0, cached] are refused."""
+    g = torch.Generator().manual_seed(3)
+    B, KH, G, D, n, T = 1, 2, 3, 64, 1200, 5
+    q = torch.randn(B, T, KH * G, D, generator=g)
+    k = torch.randn(B, KH, n + T, D, generator=g).to(dtype)
+    v = torch.randn(B, KH, n + T, D, generator=g).to(dtype)
+    mask = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]],
+                        dtype=torch.bool).unsqueeze(0)  # a trie: rows see their ancestors
+    start = torch.tensor([[700, 701, 701, 702, 702]])
+    out = kernels.attention(q, k, v, mask, kv_start=start)
+    for t in range(T):
+        keep = list(range(int(start[0, t]), n)) + [n + i for i in range(T) if mask[0, t, i]]
+        idx = torch.tensor(keep)
+        one = kernels.attention(q[:, t : t + 1], k[:, :, idx].contiguous(), v[:, :, idx].contiguous())
+        assert torch.equal(out[:, t : t + 1], one), t
+    with pytest.raises(RuntimeError, match=r"kv_start 1201 outside \[0, 1200\]"):
+        kernels.attention(q, k, v, mask, kv_start=torch.full((1, T), 1201))
