@@ -273,6 +273,32 @@ def test_the_draft_vocab_gives_the_heads_logits_at_its_ids_and_learns_the_texts_
 
 
 @native
+def test_the_draft_vocab_takes_the_models_frequency_order_where_it_has_one(smollm, monkeypatch):
+    """With `vocab_order` (shipped for Gemma 3: its ids do not follow frequency) the head holds
+    the first `base` ids of the order, not the lowest ids; past the order's end, the low ids too."""
+    m = smollm.model
+    monkeypatch.setattr(m, "vocab_order", torch.tensor([40000, 7, 30000, 12]), raising=False)
+    vocab = drafters.DraftVocab(m, 3)
+    assert vocab.member.nonzero().squeeze(1).tolist() == [7, 30000, 40000]
+    vocab = drafters.DraftVocab(m, 6)  # beyond the 4 ids of the order: ids below 6 join
+    assert vocab.member.nonzero().squeeze(1).tolist() == [0, 1, 2, 3, 4, 5, 7, 12, 30000, 40000]
+    h = torch.randn(1, m.cfg.hidden_size)
+    got, want = vocab.logits(h), m.logits(h)
+    assert torch.equal(got[0, [7, 12, 30000, 40000]], want[0, [7, 12, 30000, 40000]])
+
+
+def test_gemma_3_ships_its_draft_vocabulary_order():
+    import numpy as np
+    from pathlib import Path
+
+    import tokenswift
+
+    order = np.load(Path(tokenswift.__file__).parent / "data" / "vocab" / "gemma3-270m.npy")
+    assert order.dtype == np.int32 and order.shape == (32768,) and len(np.unique(order)) == 32768
+    assert order.min() >= 0 and order.max() < 262144
+
+
+@native
 @pytest.mark.parametrize("kv", ["full", "sparse"])
 def test_drafting_over_part_of_the_vocabulary_writes_the_ar_tokens(lm, monkeypatch, kv):
     """A draft that can propose only the ids below 24 and the text's own tokens (of 128) changes

@@ -48,6 +48,7 @@ def test_the_file_gives_gemma_3s_shape(gemma):
     assert all(isinstance(w, QuantLinear) for w in m.matrices())
     assert isinstance(m.layers[0].wqkv, QuantStack) and m.layers[0].wqkv.qtype == "q5_0+q5_0+q8_0"
     assert m.embed.qtype == "q8_0" and m.lm_head is m.embed
+    assert m.vocab_order is not None and m.vocab_order.numel() == 32768  # the draft head's ids by frequency
     assert gemma.tokenizer.decode(gemma.tokenizer("Hello world").input_ids, skip_special_tokens=True) == "Hello world"
 
 

@@ -242,6 +242,9 @@ def load_model(
     if tokenizer and has_tokenizer:
         tok = gguf_tokenizer(path) if kind == "gguf" else hf_tokenizer(path)
     name = str(model) if str(model).lower() in EMBEDDED else path.name
+    order = Path(__file__).parent / "data" / "vocab" / f"{name.lower()}.npy"
+    if name.lower() in EMBEDDED and order.is_file():  # benchmarks/draft_vocab_order.py wrote it
+        dec.vocab_order = torch.from_numpy(np.load(order).astype(np.int64))
     return Loaded(model=dec, tokenizer=tok, name=name, source=path, int4=int4)
 
 

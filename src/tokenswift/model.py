@@ -339,6 +339,9 @@ class Decoder(nn.Module):
         # set by a resumed run (`checkpoint.KVRows.load`): fills the next prefill's cache with the
         # rows it holds for the prompt's first tokens, once; the prefill computes only the rest
         self.kv_prefix: Callable[[torch.Tensor, KVCache], int] | None = None
+        # token ids by frequency, most frequent first (`drafters.DraftVocab` takes the first N as the
+        # draft's head): shipped for embedded models whose ids do not follow frequency; None: id order
+        self.vocab_order: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
