@@ -1105,23 +1105,21 @@ void linear_impl(const float* xd, int64_t M, int64_t ldx, const float* wd, int64
 //   Q4_K, Q5_K: (d*sc)*q - (dmin*mn), sc and mn 6-bit per 32 inputs, d and dmin float16 per 256;
 //   Q6_K: (d*sc)*(q-32), sc int8 per 16 inputs, d float16 per 256.
 // d*sc is exact in float32 (11 bits times at most 8), and so is (d*sc)*q except for Q6_K (11 + 8
-// + 6 bits). So fma(q, d, m) (m = -8d for Q4_0, -16d for Q5_0, -(dmin*mn) for the K-quants)
-// rounds exactly where the reference dequantization rounds (its product is exact, its sum rounds
-// once, and (q-8)d, (q-16)d are exact), and Q8_0 and Q6_K take (d*sc)*q in the reference's
-// order: every weight is the float32 value a dequantized checkpoint holds. Each output is then one FMA chain over k =
+// + 6 bits). So fma(q, d, m) (m = -8d for Q4_0, -(dmin*mn) for the K-quants) rounds exactly where
+// the reference dequantization rounds (its product is exact, its sum rounds once), and Q8_0, Q5_0
+// (as Q8_0 with codes q-16) and Q6_K take (d*sc)*q in the reference's order: every weight is the
+// float32 value a dequantized checkpoint holds. Each output is then one FMA chain over k =
 // 0..K-1 as in `linear`, so the result equals `linear` on the dequantized weights bit for bit,
 // whatever the number of rows.
 //
 // Packed layout: panels of 48 outputs, each [K/32 blocks][PB bytes]: a header of per-output
-// fields, then the codes. Nibble codes (Q4_0, Q4_1, Q4_K, and the low bits of Q5_0, Q5_1): 16
-// rows of 48 bytes, byte (j, i) holding inputs 2j (low nibble) and 2j+1 (high) of output i; Q5_0
-// and Q5_1 add their fifth bits as a plane in the header, 32 rows (inputs) of 6 bytes, bit i of
-// byte (k, v) for output 8v+i. The others: 32 rows of 48 bytes, one code each (int8 for Q8_0
-// and Q6_K, unsigned below 32 for Q5_K). Headers (48 of each, then the plane):
-//   Q4_0, Q8_0: d f16 | Q4_1: d f16, m f16 | Q5_0: d f16, fifth bits | Q5_1: d, m f16, fifth bits |
+// fields, then the codes. Q4 codes (Q4_0, Q4_1, Q4_K): 16 rows of 48 bytes, byte (j, i) holding
+// inputs 2j (low nibble) and 2j+1 (high) of output i; the others: 32 rows of 48 bytes, one code
+// each (int8 for Q8_0 and Q6_K, unsigned below 32 for Q5_1 and Q5_K). Headers (48 of each):
+//   Q4_0, Q8_0 (and Q5_0): d f16 | Q4_1, Q5_1: d f16, m f16 |
 //   Q4_K, Q5_K: d f16, dmin f16, sc u8, mn u8 (this block's) | Q6_K: d f16, sc int8 x 2 (inputs 0-15, 16-31)
 // The K-quants' per-256 fields are repeated in each of their 8 blocks: 5.5 bits a Q4_K weight
-// (the file's 4.5), 9.5 a Q5_K, 9 a Q6_K (5.5, 6.56); Q5_0 and Q5_1 keep the file's 5.5 and 6.
+// (the file's 4.5), 9 a Q5_K or Q6_K weight (5.5, 6.56): one layout and one set of tiles for all.
 
 constexpr int QT_Q4_0 = 2, QT_Q4_1 = 3, QT_Q5_0 = 6, QT_Q5_1 = 7, QT_Q8_0 = 8, QT_Q4_K = 12, QT_Q5_K = 13,
               QT_Q6_K = 14;  // ggml's type ids
@@ -1130,13 +1128,10 @@ inline bool known_qt(int64_t qt) {
   return qt == QT_Q4_0 || qt == QT_Q4_1 || qt == QT_Q5_0 || qt == QT_Q5_1 || qt == QT_Q8_0 || qt == QT_Q4_K ||
          qt == QT_Q5_K || qt == QT_Q6_K;
 }
-// the panel format a file type is multiplied in (each its own)
-inline int panel_qt(int64_t qt) { return static_cast<int>(qt); }
+// the panel format a file type is multiplied in (Q5_0 codes shifted by -16 are Q8_0's)
+inline int panel_qt(int64_t qt) { return qt == QT_Q5_0 ? QT_Q8_0 : static_cast<int>(qt); }
 inline bool kquant(int64_t qt) { return qt == QT_Q4_K || qt == QT_Q5_K || qt == QT_Q6_K; }
-constexpr bool fifth_bits(int qt) { return qt == QT_Q5_0 || qt == QT_Q5_1; }
-constexpr bool nibbles(int qt) { return qt == QT_Q4_0 || qt == QT_Q4_1 || qt == QT_Q4_K || fifth_bits(qt); }
-// where a Q5_0/Q5_1 block's plane of fifth bits starts (32 inputs x 6 bytes)
-constexpr int plane_at(int qt) { return qt == QT_Q5_0 ? 96 : 192; }
+constexpr bool nibbles(int qt) { return qt == QT_Q4_0 || qt == QT_Q4_1 || qt == QT_Q4_K; }
 // w = q*d (no offset): Q8_0, Q6_K; else fma(q, d, m)
 constexpr bool mul_only(int qt) { return qt == QT_Q8_0 || qt == QT_Q6_K; }
 inline int64_t file_block_inputs(int64_t qt) { return kquant(qt) ? 256 : 32; }
@@ -1153,10 +1148,7 @@ inline int64_t file_block_bytes(int64_t qt) {
   }
 }
 constexpr int codes_at(int pqt) {
-  return pqt == QT_Q4_0 || pqt == QT_Q8_0 ? 96
-         : pqt == QT_Q4_K || pqt == QT_Q5_K || pqt == QT_Q5_0 ? 288
-         : pqt == QT_Q5_1                 ? 384
-                                          : 192;
+  return pqt == QT_Q4_0 || pqt == QT_Q8_0 ? 96 : pqt == QT_Q4_K || pqt == QT_Q5_K ? 288 : 192;
 }
 inline int64_t panel_block_bytes(int64_t qt) {
   const int p = panel_qt(qt);
@@ -1189,30 +1181,19 @@ inline void vec_scales(const uint8_t* blk, int v, __m256& d0, __m256& d1, __m256
     d0 = d1 = d;
     m = QT == QT_Q4_1 || QT == QT_Q5_1 ? _mm256_cvtph_ps(_mm_loadu_si128(dh + BLOCK / 8 + v))
         : QT == QT_Q4_0               ? _mm256_mul_ps(d, _mm256_set1_ps(-8.0f))
-        : QT == QT_Q5_0               ? _mm256_mul_ps(d, _mm256_set1_ps(-16.0f))
                                       : _mm256_setzero_ps();
   }
 }
 
-// The weights of inputs (2j, 2j+1) of a panel block (blk) for the eight outputs of vector v,
-// with scale d (d0 or d1 of `vec_scales`) and offset m.
+// The weights of inputs (2j, 2j+1) of a block for the eight outputs of vector v (codes: the
+// block's codes from output v*8), with scale d (d0 or d1 of `vec_scales`) and offset m.
 template <int QT>
-inline void weights8(const uint8_t* blk, int v, int j, __m256 d, __m256 m, __m256& w0, __m256& w1) {
-  const uint8_t* codes = blk + codes_at(QT) + v * 8;
+inline void weights8(const uint8_t* codes, int j, __m256 d, __m256 m, __m256& w0, __m256& w1) {
   __m256 q0, q1;
   if constexpr (nibbles(QT)) {
     const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j * BLOCK)));
-    __m256i c0 = _mm256_and_si256(c, _mm256_set1_epi32(0xF)), c1 = _mm256_srli_epi32(c, 4);
-    if constexpr (fifth_bits(QT)) {  // bit i of the plane's byte (input, v) is output 8v+i's 16
-      const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128), sixteen = _mm256_set1_epi32(16);
-      const uint8_t* plane = blk + plane_at(QT) + v;
-      const __m256i h0 = _mm256_and_si256(_mm256_set1_epi32(plane[2 * j * 6]), lane);
-      const __m256i h1 = _mm256_and_si256(_mm256_set1_epi32(plane[(2 * j + 1) * 6]), lane);
-      c0 = _mm256_or_si256(c0, _mm256_and_si256(_mm256_cmpeq_epi32(h0, lane), sixteen));
-      c1 = _mm256_or_si256(c1, _mm256_and_si256(_mm256_cmpeq_epi32(h1, lane), sixteen));
-    }
-    q0 = _mm256_cvtepi32_ps(c0);
-    q1 = _mm256_cvtepi32_ps(c1);
+    q0 = _mm256_cvtepi32_ps(_mm256_and_si256(c, _mm256_set1_epi32(0xF)));
+    q1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4));
   } else {
     q0 = _mm256_cvtepi32_ps(
         _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 2 * j * BLOCK))));
@@ -1295,8 +1276,9 @@ inline void decode32(int64_t qt, const uint8_t* row, int64_t kb, Block32& o) {
       lo |= ((qh >> j) & 1) << 4;
       hi |= ((qh >> (j + 16)) & 1) << 4;
     }
-    o.q[j] = static_cast<uint8_t>(lo);
-    o.q[j + 16] = static_cast<uint8_t>(hi);
+    if (qt == QT_Q5_0) lo -= 16, hi -= 16;
+    o.q[j] = static_cast<uint8_t>(static_cast<int8_t>(lo));
+    o.q[j + 16] = static_cast<uint8_t>(static_cast<int8_t>(hi));
   }
 }
 
@@ -1307,7 +1289,7 @@ struct HeaderField {
 inline std::vector<HeaderField> header_fields(int pqt) {
   switch (pqt) {
     case QT_Q4_1:
-    case QT_Q5_1: return {{0, 2}, {96, 2}};  // and the plane of fifth bits (`pack_q_rows` moves its bits)
+    case QT_Q5_1: return {{0, 2}, {96, 2}};
     case QT_Q4_K:
     case QT_Q5_K: return {{0, 2}, {96, 2}, {192, 1}, {240, 1}};
     case QT_Q6_K: return {{0, 2}, {96, 1}, {144, 1}};
@@ -1341,10 +1323,8 @@ at::Tensor pack_q(const at::Tensor& raw, int64_t qt, int64_t K) {
           if (pqt == QT_Q4_1 || pqt == QT_Q5_1 || pqt == QT_Q4_K || pqt == QT_Q5_K) std::memcpy(o + 96 + 2 * i, &blk.m, 2);
           if (pqt == QT_Q4_K || pqt == QT_Q5_K) o[192 + i] = blk.s0, o[240 + i] = blk.s1;
           if (pqt == QT_Q6_K) o[96 + i] = blk.s0, o[144 + i] = blk.s1;
-          if (fifth_bits(pqt))
-            for (int k = 0; k < 32; ++k) o[plane_at(pqt) + k * 6 + i / 8] |= uint8_t((blk.q[k] >> 4) << (i % 8));
           if (nibbles(pqt))
-            for (int j = 0; j < 16; ++j) codes[j * BLOCK + i] = uint8_t((blk.q[2 * j] & 0xF) | ((blk.q[2 * j + 1] & 0xF) << 4));
+            for (int j = 0; j < 16; ++j) codes[j * BLOCK + i] = uint8_t(blk.q[2 * j] | (blk.q[2 * j + 1] << 4));
           else
             for (int k = 0; k < 32; ++k) codes[k * BLOCK + i] = blk.q[k];
         }
@@ -1364,6 +1344,7 @@ inline void qtile(const float* x, int64_t ldx, const uint8_t* wb, int64_t KB, in
     const uint8_t* blk = wb + kb * PB;
     __m256 d0[PV], d1[PV], m[PV];
     for (int p = 0; p < PV; ++p) vec_scales<QT>(blk, v0 + p, d0[p], d1[p], m[p]);
+    const uint8_t* codes = blk + codes_at(QT) + v0 * 8;
     const float* xk = x + kb * 32;
     for (int j = 0; j < 16; ++j) {
       __m256 x0[R], x1[R];
@@ -1373,7 +1354,7 @@ inline void qtile(const float* x, int64_t ldx, const uint8_t* wb, int64_t KB, in
       }
       for (int p = 0; p < PV; ++p) {
         __m256 w0, w1;
-        weights8<QT>(blk, v0 + p, j, j < 8 ? d0[p] : d1[p], m[p], w0, w1);
+        weights8<QT>(codes + p * 8, j, j < 8 ? d0[p] : d1[p], m[p], w0, w1);
         for (int r = 0; r < R; ++r) acc[r][p] = _mm256_fmadd_ps(x0[r], w0, acc[r][p]);
         for (int r = 0; r < R; ++r) acc[r][p] = _mm256_fmadd_ps(x1[r], w1, acc[r][p]);
       }
@@ -1394,7 +1375,7 @@ inline void dequant_panel(const uint8_t* wb, int64_t KB, float* out) {
       vec_scales<QT>(blk, v, d0, d1, m);
       for (int j = 0; j < 16; ++j) {
         __m256 w0, w1;
-        weights8<QT>(blk, v, j, j < 8 ? d0 : d1, m, w0, w1);
+        weights8<QT>(blk + codes_at(QT) + v * 8, j, j < 8 ? d0 : d1, m, w0, w1);
         _mm256_storeu_ps(out + (kb * 32 + 2 * j) * BLOCK + v * 8, w0);
         _mm256_storeu_ps(out + (kb * 32 + 2 * j + 1) * BLOCK + v * 8, w1);
       }
@@ -1634,7 +1615,7 @@ Weight weight_of(const at::Tensor& packed, int64_t qt, int64_t N, const char* op
     check_qt(qt);
     const int pqt = panel_qt(qt);
     TORCH_CHECK(!w.act8 || pqt == QT_Q4_0 || pqt == QT_Q4_1 || pqt == QT_Q8_0, op,
-                ": int8 activations take Q4_0, Q4_1 or Q8_0 blocks, not type ", qt);
+                ": int8 activations take Q4_0, Q4_1, Q5_0 or Q8_0 blocks, not type ", qt);
     TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
                     packed.size(2) == panel_block_bytes(qt), op, ": packed [NB, K/32, PB] uint8 expected");
     w.NB = packed.size(0);
@@ -1671,7 +1652,6 @@ void matmul_into(const Weight& w, const float* xd, int64_t M, int64_t ldx, const
     case 0: linear_impl(xd, M, ldx, w.f, w.NB, w.K, w.N, bd, rd, yd); break;
     case QT_Q4_0: qlinear_impl<QT_Q4_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); break;
     case QT_Q4_1: qlinear_impl<QT_Q4_1>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); break;
-    case QT_Q5_0: qlinear_impl<QT_Q5_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); break;
     case QT_Q5_1: qlinear_impl<QT_Q5_1>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); break;
     case QT_Q4_K: qlinear_impl<QT_Q4_K>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); break;
     case QT_Q5_K: qlinear_impl<QT_Q5_K>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); break;
@@ -1735,9 +1715,6 @@ at::Tensor pack_q_rows(const at::Tensor& packed, int64_t qt, int64_t N, const at
           uint8_t* o = dst + (nb * KB + kb) * PB;
           for (const HeaderField& f : fields) std::memcpy(o + f.at + f.size * i, s + f.at + f.size * si, f.size);
           for (int64_t k = 0; k < ncodes; ++k) o[CA + k * BLOCK + i] = s[CA + k * BLOCK + si];
-          if (fifth_bits(pqt))
-            for (int k = 0; k < 32; ++k)
-              o[plane_at(pqt) + k * 6 + i / 8] |= uint8_t(((s[plane_at(pqt) + k * 6 + si / 8] >> (si % 8)) & 1) << (i % 8));
         }
       }
   });
@@ -1771,19 +1748,12 @@ void qrows_impl(const uint8_t* wd, int64_t KB, const int64_t* idx, int64_t n, fl
           m = _cvtsh_ss(mh);
         } else if (QT == QT_Q4_0) {
           m = -8.0f * d;
-        } else if (QT == QT_Q5_0) {
-          m = -16.0f * d;
         }
         const uint8_t* codes = blk + codes_at(QT);
         for (int k = 0; k < 32; ++k) {
           float q;
-          if (nibbles(QT)) {
-            int c = (codes[(k / 2) * BLOCK + i] >> (4 * (k % 2))) & 0xF;
-            if (fifth_bits(QT)) c |= ((blk[plane_at(QT) + k * 6 + i / 8] >> (i % 8)) & 1) << 4;
-            q = float(c);
-          } else {
-            q = float(int8_t(codes[k * BLOCK + i]));
-          }
+          if (nibbles(QT)) q = float((codes[(k / 2) * BLOCK + i] >> (4 * (k % 2))) & 0xF);
+          else q = float(int8_t(codes[k * BLOCK + i]));
           const float dk = k < 16 ? d0 : d1;
           o[kb * 32 + k] = mul_only(QT) ? q * dk : std::fma(q, dk, m);
         }
@@ -1806,7 +1776,6 @@ at::Tensor qrows(const at::Tensor& packed, int64_t qt, int64_t N, const at::Tens
   switch (panel_qt(qt)) {
     case QT_Q4_0: qrows_impl<QT_Q4_0>(wd, KB, id, n, od); break;
     case QT_Q4_1: qrows_impl<QT_Q4_1>(wd, KB, id, n, od); break;
-    case QT_Q5_0: qrows_impl<QT_Q5_0>(wd, KB, id, n, od); break;
     case QT_Q5_1: qrows_impl<QT_Q5_1>(wd, KB, id, n, od); break;
     case QT_Q4_K: qrows_impl<QT_Q4_K>(wd, KB, id, n, od); break;
     case QT_Q5_K: qrows_impl<QT_Q5_K>(wd, KB, id, n, od); break;
