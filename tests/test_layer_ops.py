@@ -118,6 +118,29 @@ def test_attn_out_mlp_matches_reference_and_rows_are_invariant(shape):
             assert torch.equal(one[0, 0], got[bi, t])
 
 
+@pytest.mark.parametrize("shape", [(64, 64, 96, False), (72, 96, 100, True)])
+def test_gemmas_attn_out_mlp_matches_reference_and_rows_are_invariant(shape):
+    """Gemma's block end: the attention and MLP branches normed before their residual adds,
+    GELU-tanh for SiLU (a tail of 100 % 8 = 4 gate elements through the padded vector)."""
+    D, A, I, bias = shape
+    B, T = 2, 10
+    x, att, wo, bo, norm, wgu, bgu, wd, bd = _mlp_inputs(D, A, I, bias, B, T)
+    g = torch.Generator().manual_seed(5)
+    pa, pm = 1 + 0.2 * torch.randn(D, generator=g), 1 + 0.2 * torch.randn(D, generator=g)
+    P = [PackedLinear(wo), PackedLinear(wgu), PackedLinear(wd)]
+    got = kernels.attn_out_mlp(x, att, P[0], bo, norm, 1e-6, P[1], bgu, P[2], bd, pa, pm, True)
+    ref = kernels.attn_out_mlp_reference(x, att, wo, bo, norm, 1e-6, wgu, bgu, wd, bd, pa, pm, True)
+    err = (got - ref).abs().max().item()
+    assert err <= _bound(max(D, I), 4 * ref.abs().max().item() + 4), err
+    silu = kernels.attn_out_mlp_reference(x, att, wo, bo, norm, 1e-6, wgu, bgu, wd, bd, pa, pm, False)
+    assert (silu - ref).abs().max().item() > 100 * err  # the flags change the function
+    for bi in range(B):
+        for t in (0, 3, T - 1):
+            one = kernels.attn_out_mlp(x[bi : bi + 1, t : t + 1], att[bi : bi + 1, t : t + 1], P[0], bo, norm, 1e-6,
+                                       P[1], bgu, P[2], bd, pa, pm, True)
+            assert torch.equal(one[0, 0], got[bi, t])
+
+
 @pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
 def test_attn_out_mlp_over_blocks_equals_float_panels_of_their_weights(qtype):
     D, A, I = 64, 64, 96

@@ -160,11 +160,6 @@ class ModelConfig:
             raise ValueError(f"mlp_act must be silu or gelu_tanh, got {self.mlp_act!r}")
 
     @property
-    def native_layers(self) -> bool:
-        """Whether the native layer halves (kernels.attn_in / attn_out_mlp: Llama's block) fit."""
-        return not self.post_norms and self.mlp_act == "silu" and self.embed_scale == 1.0
-
-    @property
     def context_length(self) -> int:
         """Longest sequence the model is meant to handle, RoPE scaling included."""
         rs = self.rope_scaling

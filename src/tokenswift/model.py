@@ -694,14 +694,15 @@ class Decoder(nn.Module):
         scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim**-0.5
         # The native layer halves: weights packed for the native kernels, one rank, eager, no autograd
         native_layers = (self.packed == "native" and path == "native" and reduce is None and qkv_fn is None
-                         and not torch.is_grad_enabled() and cfg.native_layers)
+                         and not torch.is_grad_enabled())
         H, KH = cfg.num_heads, cfg.num_kv_heads
         x = self.embed_rows(tokens)  # [B, T, D]
         if cfg.embed_scale != 1.0:  # Gemma: the scale rounded to the embedding's dtype, as transformers does
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         # ... and with attention in the same call: a plain cache, no window, no probabilities out
         whole = (native_layers and cache is not None and not cache.quantized and not cache.sparse
-                 and attn_probs is None and full is None and not window_masks and not window_starts)
+                 and attn_probs is None and full is None and not window_masks and not window_starts
+                 and local is None)
         for li, L in enumerate(self.layers):
             w = cfg.layer_windows[li]
             cos_l, sin_l = local if (local is not None and w) else (cos, sin)
@@ -750,7 +751,8 @@ class Decoder(nn.Module):
                     att = _attention(qs, keys, vals, block, bias, full, lo, wmask, path, allow)  # [B, T, H*Dh]
             if native_layers:
                 x = kernels.attn_out_mlp(x, att, L.wo, L.bo, L.mlp_norm, cfg.rms_norm_eps, L.w_gate_up,
-                                         L.b_gate_up, L.w_down, L.b_down)
+                                         L.b_gate_up, L.w_down, L.b_down, L.post_attn_norm, L.post_mlp_norm,
+                                         cfg.mlp_act == "gelu_tanh")
             else:
                 x = layer_out(L, cfg, x, att, reduce, out_fn)
             if taps is not None:

@@ -399,11 +399,14 @@ def attn_block(x, norm, eps, w, bias, q_norm, k_norm, cos, sin, heads, kv_heads,
                                            heads, kv_heads, q_scale, kc, vc, layer, start, mask, chunk)
 
 
-def attn_out_mlp(x, att, wo, bo, norm, eps, wgu, bgu, wd, bd) -> torch.Tensor:
+def attn_out_mlp(x, att, wo, bo, norm, eps, wgu, bgu, wd, bd, post_attn=None, post_mlp=None,
+                 gelu: bool = False) -> torch.Tensor:
     """x [B, T, D], att [B, T, H*Dh] -> x1 + down(silu(gate(h)) * up(h)) with x1 = x + att Wo^T + bo,
-    h = rms_norm(x1); wgu holds gate then up ([2I, D])."""
+    h = rms_norm(x1); wgu holds gate then up ([2I, D]). Gemma's: `post_attn` / `post_mlp` norm the
+    attention and MLP branches before their residual adds, and `gelu` takes GELU-tanh for SiLU."""
     return torch.ops.tokenswift.attn_out_mlp(x, att, wo.packed, wo.qt, wo.shape[0], bo, norm, eps, wgu.packed,
-                                             wgu.qt, wgu.shape[0], bgu, wd.packed, wd.qt, wd.shape[0], bd)
+                                             wgu.qt, wgu.shape[0], bgu, wd.packed, wd.qt, wd.shape[0], bd,
+                                             post_attn, post_mlp, gelu)
 
 
 def attn_in_reference(x, norm, eps, w, bias, q_norm, k_norm, cos, sin, heads, kv_heads, q_scale):
@@ -425,14 +428,22 @@ def attn_in_reference(x, norm, eps, w, bias, q_norm, k_norm, cos, sin, heads, kv
     return torch.cat([qk, y[:, :, heads + kv_heads :]], dim=2).float()
 
 
-def attn_out_mlp_reference(x, att, wo, bo, norm, eps, wgu, bgu, wd, bd):
+def attn_out_mlp_reference(x, att, wo, bo, norm, eps, wgu, bgu, wd, bd, post_attn=None, post_mlp=None,
+                           gelu: bool = False):
     """`attn_out_mlp` in float64 torch (dense weights) -> [B, T, D] float32."""
     dbl = lambda t: None if t is None else t.double()  # noqa: E731
-    x1 = x.double() + F.linear(att.double(), wo.double(), dbl(bo))
+    a = F.linear(att.double(), wo.double(), dbl(bo))
+    if post_attn is not None:
+        a = rms_norm_reference(a, post_attn, eps).double()
+    x1 = x.double() + a
     h = rms_norm_reference(x1, norm, eps).double()
     gu = F.linear(h, wgu.double(), dbl(bgu))
     I = gu.shape[-1] // 2
-    return (x1 + F.linear(F.silu(gu[..., :I]) * gu[..., I:], wd.double(), dbl(bd))).float()
+    act = F.gelu(gu[..., :I], approximate="tanh") if gelu else F.silu(gu[..., :I])
+    m = F.linear(act * gu[..., I:], wd.double(), dbl(bd))
+    if post_mlp is not None:
+        m = rms_norm_reference(m, post_mlp, eps).double()
+    return (x1 + m).float()
 
 
 def qlinear_act8_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

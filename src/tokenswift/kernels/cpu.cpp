@@ -1845,6 +1845,31 @@ inline void silu_mul_row(const float* g, const float* u, int64_t n, float* out) 
   }
 }
 
+// out[i] = gelu_tanh(g[i]) * u[i], gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))
+// (Gemma's gate), tanh(y) = 1 - 2 / (exp(2y) + 1) with y clamped to +-10 (tanh is 1 in float32
+// there); the tail through a padded vector as in silu_mul_row
+inline void gelu_mul_row(const float* g, const float* u, int64_t n, float* out) {
+  const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), half = _mm256_set1_ps(0.5f);
+  const __m256 k0 = _mm256_set1_ps(0.7978845608028654f), k1 = _mm256_set1_ps(0.044715f);
+  const __m256 lo = _mm256_set1_ps(-10.0f), hi = _mm256_set1_ps(10.0f);
+  auto lanes = [&](__m256 gv, __m256 uv) {
+    const __m256 g3 = _mm256_mul_ps(_mm256_mul_ps(gv, gv), gv);
+    __m256 y = _mm256_mul_ps(k0, _mm256_add_ps(gv, _mm256_mul_ps(k1, g3)));
+    y = _mm256_min_ps(_mm256_max_ps(y, lo), hi);
+    const __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp256(_mm256_mul_ps(two, y)), one)));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, gv), _mm256_add_ps(one, t)), uv);
+  };
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, lanes(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
+  if (i < n) {
+    alignas(32) float gb[8] = {0}, ub[8] = {0}, ob[8];
+    std::copy(g + i, g + n, gb);
+    std::copy(u + i, u + n, ub);
+    _mm256_store_ps(ob, lanes(_mm256_load_ps(gb), _mm256_load_ps(ub)));
+    std::copy(ob, ob + (n - i), out + i);
+  }
+}
+
 // Rows [0, M) through f(row), threaded only where there are enough rows to pay for it
 template <typename F>
 inline void rows_for(int64_t M, const F& f) {
@@ -1970,7 +1995,9 @@ at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm, double eps, c
 at::Tensor attn_out_mlp(const at::Tensor& x, const at::Tensor& att, const at::Tensor& wo, int64_t qt_o, int64_t n_o,
                         const c10::optional<at::Tensor>& bo, const at::Tensor& norm, double eps,
                         const at::Tensor& wgu, int64_t qt_gu, int64_t n_gu, const c10::optional<at::Tensor>& bgu,
-                        const at::Tensor& wd, int64_t qt_d, int64_t n_d, const c10::optional<at::Tensor>& bdn) {
+                        const at::Tensor& wd, int64_t qt_d, int64_t n_d, const c10::optional<at::Tensor>& bdn,
+                        const c10::optional<at::Tensor>& post_attn, const c10::optional<at::Tensor>& post_mlp,
+                        bool gelu) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && att.scalar_type() == at::kFloat,
               "attn_out_mlp: float32 x [B, T, D] and att expected");
   const Weight o = weight_of(wo, qt_o, n_o, "attn_out_mlp"), gu = weight_of(wgu, qt_gu, n_gu, "attn_out_mlp"),
@@ -1983,10 +2010,23 @@ at::Tensor attn_out_mlp(const at::Tensor& x, const at::Tensor& att, const at::Te
   const float* bod = vec_ptr(bo, D, b1, "attn_out_mlp", "bo");
   const float* bgd = vec_ptr(bgu, gu.N, b2, "attn_out_mlp", "bgu");
   const float* bdd = vec_ptr(bdn, D, b3, "attn_out_mlp", "bd");
+  at::Tensor pc1, pc2;
+  const float* pad = vec_ptr(post_attn, D, pc1, "attn_out_mlp", "post_attn");
+  const float* pmd = vec_ptr(post_mlp, D, pc2, "attn_out_mlp", "post_mlp");
   const float e = static_cast<float>(eps);
+  const float* xd = xc.data_ptr<float>();
   at::Tensor x1 = at::empty({M, D}, x.options());
   float* x1d = x1.data_ptr<float>();
-  matmul_into(o, ac.data_ptr<float>(), M, o.K, bod, xc.data_ptr<float>(), x1d);
+  if (pad) {  // Gemma: x1 = x + norm(att Wo^T + bo)
+    matmul_into(o, ac.data_ptr<float>(), M, o.K, bod, nullptr, x1d);
+    rows_for(M, [&](int64_t m) {
+      float* r = x1d + m * D;
+      rms_row(r, D, pad, e, r);
+      for (int64_t i = 0; i < D; ++i) r[i] = xd[m * D + i] + r[i];
+    });
+  } else {
+    matmul_into(o, ac.data_ptr<float>(), M, o.K, bod, xd, x1d);
+  }
   at::Tensor h = at::empty({M, D}, x.options());
   float* hd = h.data_ptr<float>();
   rows_for(M, [&](int64_t m) { rms_row(x1d + m * D, D, nd, e, hd + m * D); });
@@ -1995,9 +2035,22 @@ at::Tensor attn_out_mlp(const at::Tensor& x, const at::Tensor& att, const at::Te
   matmul_into(gu, hd, M, D, bgd, nullptr, gd);
   at::Tensor a = at::empty({M, I}, x.options());
   float* ad = a.data_ptr<float>();
-  rows_for(M, [&](int64_t m) { silu_mul_row(gd + m * gu.N, gd + m * gu.N + I, I, ad + m * I); });
+  rows_for(M, [&](int64_t m) {
+    if (gelu) gelu_mul_row(gd + m * gu.N, gd + m * gu.N + I, I, ad + m * I);
+    else silu_mul_row(gd + m * gu.N, gd + m * gu.N + I, I, ad + m * I);
+  });
   at::Tensor out = at::empty({B, T, D}, x.options());
-  matmul_into(dn, ad, M, I, bdd, x1d, out.data_ptr<float>());
+  float* od = out.data_ptr<float>();
+  if (pmd) {  // Gemma: out = x1 + norm(down(...) + bd)
+    matmul_into(dn, ad, M, I, bdd, nullptr, od);
+    rows_for(M, [&](int64_t m) {
+      float* r = od + m * D;
+      rms_row(r, D, pmd, e, r);
+      for (int64_t i = 0; i < D; ++i) r[i] = x1d[m * D + i] + r[i];
+    });
+  } else {
+    matmul_into(dn, ad, M, I, bdd, x1d, od);
+  }
   return out;
 }
 
@@ -2023,7 +2076,8 @@ TORCH_LIBRARY(tokenswift, m) {
         "Tensor? k_norm, Tensor cos, Tensor sin, int heads, int kv_heads, float q_scale, Tensor(a!) kc, "
         "Tensor(b!) vc, int layer, int start, Tensor? mask, int chunk) -> Tensor");
   m.def("attn_out_mlp(Tensor x, Tensor att, Tensor wo, int qt_o, int n_o, Tensor? bo, Tensor norm, float eps, "
-        "Tensor wgu, int qt_gu, int n_gu, Tensor? bgu, Tensor wd, int qt_d, int n_d, Tensor? bd) -> Tensor");
+        "Tensor wgu, int qt_gu, int n_gu, Tensor? bgu, Tensor wd, int qt_d, int n_d, Tensor? bd, "
+        "Tensor? post_attn=None, Tensor? post_mlp=None, bool gelu=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tokenswift, CPU, m) {
