@@ -671,9 +671,11 @@ class Decoder(nn.Module):
         # Sliding windows on the native kernel: each row's first visible cached key, so that a row
         # of a T-token pass reads (and chunks) exactly its one-token pass's keys. The new tokens
         # among themselves stay within a window (T <= window).
+        # The draft's int8 copy and sparse view take them too (their entries sit in position order
+        # in the main cache): a draft that ignores the windows agreed 0.00-0.06 on Gemma 3 at 2K.
         window_starts: dict[int, torch.Tensor] = {}
-        plain_cache = cache is not None and cache.ordered and not cache.quantized and not cache.sparse
-        if path == "native" and plain_cache and full is None and attn_probs is None:
+        by_position = cache is not None and (cache.ordered or cache.sparse)
+        if path == "native" and by_position and full is None and attn_probs is None:
             for w in {w for w in cfg.layer_windows if w and T <= w}:
                 window_starts[w] = torch.searchsorted(key_pos_all[:n].contiguous(), (positions - w).contiguous(),
                                                       right=True)  # [B, T]
@@ -726,14 +728,19 @@ class Decoder(nn.Module):
                     cache.store(li, n, k.transpose(1, 2).float(), v.transpose(1, 2).float())
                     if path == "native" and attn_probs is None and full is None and wmask is None:
                         keys, vals, ks, vs = cache.layer(li, S)
-                        att = kernels.attention(qs, keys, vals, block, k_scale=ks, v_scale=vs)
+                        att = kernels.attention(qs, keys, vals, block, k_scale=ks, v_scale=vs,
+                                                kv_start=window_starts.get(w))
                     else:  # the torch paths: a dequantized copy (slow; not the draft's normal route)
                         keys, vals = cache.dequantized(li, S, qs.dtype)
                 elif cache is not None and cache.sparse:  # the draft's per-query sparse view (SparseKV)
                     if not direct:
                         cache.k[li, :, :, n:S] = k.transpose(1, 2)
                         cache.v[li, :, :, n:S] = v.transpose(1, 2)
-                    att = cache.attend(li, qs, S)
+                    if w in window_starts:  # a window's few hundred entries: read them all
+                        att = kernels.attention(qs, cache.k[li, :, :, :S], cache.v[li, :, :, :S], block,
+                                                kv_start=window_starts[w])
+                    else:
+                        att = cache.attend(li, qs, S)
                 elif cache is not None:
                     if not direct:
                         cache.k[li, :, :, n:S] = k.transpose(1, 2)
