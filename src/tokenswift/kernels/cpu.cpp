@@ -1826,14 +1826,10 @@ inline void rope_row(float* x, int64_t Dh, const float* c, const float* sn, floa
   }
 }
 
-// out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u; the tail runs through a padded vector so
-// every element takes the same instructions wherever it sits in the row
-inline void silu_mul_row(const float* g, const float* u, int64_t n, float* out) {
-  const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
-  auto lanes = [&](__m256 gv, __m256 uv) {
-    const __m256 e = exp256(_mm256_xor_ps(gv, sign));
-    return _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), uv);
-  };
+// out[i] = lanes(g[i], u[i]) eight at a time; the tail runs through a padded vector so every
+// element takes the same instructions wherever it sits in the row
+template <typename F>
+inline void gated_row(const float* g, const float* u, int64_t n, float* out, const F& lanes) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, lanes(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
   if (i < n) {
@@ -1845,9 +1841,19 @@ inline void silu_mul_row(const float* g, const float* u, int64_t n, float* out) 
   }
 }
 
+// out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u
+inline void silu_mul_row(const float* g, const float* u, int64_t n, float* out) {
+  const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+  auto lanes = [&](__m256 gv, __m256 uv) {
+    const __m256 e = exp256(_mm256_xor_ps(gv, sign));
+    return _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), uv);
+  };
+  gated_row(g, u, n, out, lanes);
+}
+
 // out[i] = gelu_tanh(g[i]) * u[i], gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))
 // (Gemma's gate), tanh(y) = 1 - 2 / (exp(2y) + 1) with y clamped to +-10 (tanh is 1 in float32
-// there); the tail through a padded vector as in silu_mul_row
+// there)
 inline void gelu_mul_row(const float* g, const float* u, int64_t n, float* out) {
   const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), half = _mm256_set1_ps(0.5f);
   const __m256 k0 = _mm256_set1_ps(0.7978845608028654f), k1 = _mm256_set1_ps(0.044715f);
@@ -1859,15 +1865,7 @@ inline void gelu_mul_row(const float* g, const float* u, int64_t n, float* out) 
     const __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp256(_mm256_mul_ps(two, y)), one)));
     return _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, gv), _mm256_add_ps(one, t)), uv);
   };
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, lanes(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
-  if (i < n) {
-    alignas(32) float gb[8] = {0}, ub[8] = {0}, ob[8];
-    std::copy(g + i, g + n, gb);
-    std::copy(u + i, u + n, ub);
-    _mm256_store_ps(ob, lanes(_mm256_load_ps(gb), _mm256_load_ps(ub)));
-    std::copy(ob, ob + (n - i), out + i);
-  }
+  gated_row(g, u, n, out, lanes);
 }
 
 // Rows [0, M) through f(row), threaded only where there are enough rows to pay for it
@@ -2015,15 +2013,19 @@ at::Tensor attn_out_mlp(const at::Tensor& x, const at::Tensor& att, const at::Te
   const float* pmd = vec_ptr(post_mlp, D, pc2, "attn_out_mlp", "post_mlp");
   const float e = static_cast<float>(eps);
   const float* xd = xc.data_ptr<float>();
+  // Gemma's branch ends: rows y = res + rms_norm(y, w), in place
+  auto norm_then_add = [&](float* y, const float* w, const float* res) {
+    rows_for(M, [&](int64_t m) {
+      float* r = y + m * D;
+      rms_row(r, D, w, e, r);
+      for (int64_t i = 0; i < D; ++i) r[i] = res[m * D + i] + r[i];
+    });
+  };
   at::Tensor x1 = at::empty({M, D}, x.options());
   float* x1d = x1.data_ptr<float>();
   if (pad) {  // Gemma: x1 = x + norm(att Wo^T + bo)
     matmul_into(o, ac.data_ptr<float>(), M, o.K, bod, nullptr, x1d);
-    rows_for(M, [&](int64_t m) {
-      float* r = x1d + m * D;
-      rms_row(r, D, pad, e, r);
-      for (int64_t i = 0; i < D; ++i) r[i] = xd[m * D + i] + r[i];
-    });
+    norm_then_add(x1d, pad, xd);
   } else {
     matmul_into(o, ac.data_ptr<float>(), M, o.K, bod, xd, x1d);
   }
@@ -2043,11 +2045,7 @@ at::Tensor attn_out_mlp(const at::Tensor& x, const at::Tensor& att, const at::Te
   float* od = out.data_ptr<float>();
   if (pmd) {  // Gemma: out = x1 + norm(down(...) + bd)
     matmul_into(dn, ad, M, I, bdd, nullptr, od);
-    rows_for(M, [&](int64_t m) {
-      float* r = od + m * D;
-      rms_row(r, D, pmd, e, r);
-      for (int64_t i = 0; i < D; ++i) r[i] = x1d[m * D + i] + r[i];
-    });
+    norm_then_add(od, pmd, x1d);
   } else {
     matmul_into(dn, ad, M, I, bdd, x1d, od);
   }
