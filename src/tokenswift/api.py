@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from .config import RopeScaling, SamplingConfig, SpecConfig
-from .cache import Q8KVCache, SparseKV
+from .cache import Q8KVCache, SparseKV, cache_bytes
 from .drafters import resolve_draft_kv, sparse_scorer
 from .engine import Step, generate_ar, generate_speculative, self_drafts
 from .heads import DraftHeads, resolve_heads
@@ -323,15 +323,18 @@ class LM:
             raise ParamError("max_new_tokens", f"prompt ({len(ids)} tokens) + ",
                              f" ({max_new_tokens}) exceeds the model's context of {ctx} tokens; lower ",
                              f" to {ctx - len(ids)} or {CONTEXT_HINT}")
-        need = (len(ids) + max_new_tokens) * self.kv_bytes_per_token
+        total, cfg, kv = len(ids) + max_new_tokens, self.model.cfg, None
         copy = 0  # the draft's int8 copy of the cache
-        if method == "tokenswift" and len(ids) + max_new_tokens > draft_budget:
+        if method == "tokenswift" and total > draft_budget:
             P["draft_kv"].check(draft_kv)
             kv = resolve_draft_kv(draft_kv, self.model) if draft_kv == "auto" else draft_kv
-            cfg = self.model.cfg
             per_token = {"int8": Q8KVCache.bytes_per_token(cfg),
                          "sparse": SparseKV.bytes_per_token(cfg, sparse_scorer(cfg.head_dim))}.get(kv, 0)
-            copy = (len(ids) + max_new_tokens) * per_token
+            ring = self.model.kv_ring(total, kv)
+            if ring and kv == "sparse":  # its copy covers the whole-context layers only
+                per_token = per_token * sum(1 for w in cfg.layer_windows if not w) // cfg.num_layers
+            copy = total * per_token
+        need = cache_bytes(cfg, total, self.model.kv_dtype.itemsize, self.model.kv_ring(total, kv))
         have = available_memory(self.model.device)
         if have is not None and need + copy > have:
             plus = f" and its int8 copy for the draft {copy / 2**30:.1f} GiB" if copy else ""

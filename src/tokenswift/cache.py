@@ -2,14 +2,45 @@
 
 Layout: `k`, `v` are `[layers, batch, kv_heads, capacity, head_dim]`; entry `i` of every layer
 holds the token at absolute position `pos[i]`. Entries are kept in position order.
+
+A model with sliding-window layers (Gemma 3: 5 of every 6) can keep those layers in a ring of
+`window + RING_SLACK` slots instead (`ring=`): then `k`, `v` hold the whole-context layers only,
+`rk`, `rv` the windowed ones, and ring slot `s` holds entry `base + s`. The ring still keeps its
+entries in position order: when a pass would run past its end, the entries the pass can still see
+move to its front (a copy of one window every RING_SLACK tokens). The attention kernel chunks each
+row's visible keys from the row's own first key, so where they sit does not change a bit.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from . import kernels
 from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+RING_SLACK = 1024  # ring slots past the window: the longest pass that needs no move, and the move's period
+
+
+def ring_slots(cfg: ModelConfig, capacity: int) -> int | None:
+    """How many slots a cache of `capacity` entries gives its sliding-window layers: a ring of
+    `window + RING_SLACK`, or None (they keep every entry) where the model has no windows or the
+    context is not much longer than the ring."""
+    w = max((w for w in cfg.layer_windows if w), default=0)
+    if not w or capacity <= 2 * (w + RING_SLACK):
+        return None
+    return w + RING_SLACK
+
+
+def cache_bytes(cfg: ModelConfig, entries: int, itemsize: int, ring: int | None = None) -> int:
+    """The K/V bytes of a cache of `entries` entries (every layer whole, or the sliding-window
+    layers in a ring of `ring` slots)."""
+    ringed = sum(1 for w in cfg.layer_windows if w) if ring else 0
+    held = (cfg.num_layers - ringed) * entries + ringed * min(ring or 0, entries)
+    return 2 * cfg.num_kv_heads * cfg.head_dim * itemsize * held
 
 
 class KVCache:
@@ -28,14 +59,40 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         rope_len: int | None = None,
+        ring: int | None = None,
     ) -> None:
         """`rope_len` is the run's full length; dynamic-NTK RoPE fixes its frequencies for it
-        (every cache of one run must agree). Defaults to `capacity`."""
+        (every cache of one run must agree). Defaults to `capacity`. `ring`: slots for the
+        sliding-window layers (`ring_slots`); None keeps every entry of every layer."""
         if capacity < 1:
             raise ValueError(f"KV cache capacity must be >= 1, got {capacity}")
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, KVH, C, Dh]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, KVH, C, Dh]
+        windows = cfg.layer_windows
+        self.window = max((w for w in windows if w), default=0)  # the widest sliding window
+        if ring is not None:
+            if not self.window:
+                raise ValueError(f"ring={ring} needs sliding-window layers; this model has none")
+            if ring <= self.window:
+                raise ValueError(f"ring must exceed the sliding window ({self.window} entries), got {ring}")
+        self.ring = ring if ring is not None and ring < capacity else None
+        ringed = [i for i, w in enumerate(windows) if self.ring and w]
+        whole = [i for i, w in enumerate(windows) if not (self.ring and w)]
+        # layer li lives in group 0 (the whole context: k, v) or 1 (the ring: rk, rv), at index j
+        self.where: list[tuple[int, int]] = [(0, 0)] * cfg.num_layers
+        for j, i in enumerate(whole):
+            self.where[i] = (0, j)
+        for j, i in enumerate(ringed):
+            self.where[i] = (1, j)
+        self.whole_layers, self.ring_layers = whole, ringed
+        shape = (len(whole), batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [Lw, B, KVH, C, Dh]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [Lw, B, KVH, C, Dh]
+        self.rk = self.rv = None
+        if self.ring:
+            rshape = (len(ringed), batch, cfg.num_kv_heads, self.ring, cfg.head_dim)
+            self.rk = torch.zeros(rshape, dtype=dtype, device=device)  # [Lr, B, KVH, R, Dh]
+            self.rv = torch.zeros(rshape, dtype=dtype, device=device)  # [Lr, B, KVH, R, Dh]
+        self.base = 0  # the entry ring slot 0 holds
+        self.num_layers = cfg.num_layers
         self.pos = torch.zeros(capacity, dtype=torch.int64, device=device)  # [C]
         self.length = 0
         self.rope_len = rope_len if rope_len is not None else capacity
@@ -48,11 +105,56 @@ class KVCache:
     def batch(self) -> int:
         return self.k.shape[1]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def ringed(self) -> bool:
+        return self.ring is not None
+
+    def slot(self, li: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Layer li's storage: the `[layers, B, KVH, slots, Dh]` K and V tensors that hold it, its
+        index there, and the entry their slot 0 holds (entry e sits at slot e - offset)."""
+        g, j = self.where[li]
+        if g:
+            return self.rk, self.rv, j, self.base
+        return self.k, self.v, j, 0
+
+    def make_room(self, first: int, end: int) -> None:
+        """Before a pass that reads entries from `first` on and writes entries up to `end`: the
+        ring holds every entry of [first, end) (a no-op without a ring). Moves the held entries
+        from `first` on to the ring's front when the pass would run past its end, and grows the
+        ring where one pass is longer than it."""
+        if self.ring is None:
+            return
+        if first < self.base:
+            raise ValueError(f"the sliding-window layers no longer hold entries before {self.base}; "
+                             f"a pass needs them from {first}")
+        if end - self.base <= self.ring:
+            return
+        a, b = first - self.base, max(self.length, first) - self.base  # slots of [first, length)
+        need = end - first
+        if need > self.ring:  # one pass longer than the ring: a larger ring, the kept entries first
+            size = -(-need // RING_SLACK) * RING_SLACK + RING_SLACK
+            log.info("sliding-window ring grows from %d to %d slots for a %d-entry pass", self.ring, size, need)
+            shape = (*self.rk.shape[:3], size, self.rk.shape[4])
+            rk = torch.zeros(shape, dtype=self.rk.dtype, device=self.rk.device)
+            rv = torch.zeros(shape, dtype=self.rv.dtype, device=self.rv.device)
+            rk[:, :, :, : b - a] = self.rk[:, :, :, a:b]
+            rv[:, :, :, : b - a] = self.rv[:, :, :, a:b]
+            self.rk, self.rv, self.ring = rk, rv, size
+        elif b > a:  # the ranges may overlap: read, then write
+            self.rk[:, :, :, : b - a] = self.rk[:, :, :, a:b].clone()
+            self.rv[:, :, :, : b - a] = self.rv[:, :, :, a:b].clone()
+        self.base = first
+
     def truncate(self, n: int) -> None:
         """Drops every entry from index `n` on."""
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot truncate a cache of length {self.length} to {n}")
         self.length = n
+        self.base = min(self.base, n)  # a ring that held nothing before n holds nothing now
 
     def keep(self, indices: torch.Tensor, start: int | None = None) -> None:
         """Keeps entries `[0, start)` and moves the chosen entries `indices` (ascending, all
@@ -73,11 +175,69 @@ class KVCache:
                 raise ValueError(f"keep indices must lie in [{start}, {self.length}), got [{lo}, {hi}]")
             if n > 1 and not bool((idx[1:] > idx[:-1]).all()):
                 raise ValueError("keep indices must be strictly ascending")
+            if self.ring is not None and start < self.base:
+                raise ValueError(f"keep from {start}: the sliding-window ring holds entries from {self.base} on")
             # Gather first, then write: source and destination ranges may overlap.
             self.k[:, :, :, start : start + n] = self.k.index_select(3, idx)
             self.v[:, :, :, start : start + n] = self.v.index_select(3, idx)
+            if self.ring is not None:
+                r, s = idx - self.base, start - self.base
+                self.rk[:, :, :, s : s + n] = self.rk.index_select(3, r)
+                self.rv[:, :, :, s : s + n] = self.rv.index_select(3, r)
             self.pos[start : start + n] = self.pos.index_select(0, idx)
         self.length = start + n
+
+    def rows(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Entries [a, b) of every layer -> (k, v [L, B, KVH, b - a, Dh], held): views where
+        nothing is ringed, else copies in which the ringed layers' entries before `held` (no
+        longer kept) are zeros."""
+        if self.ring is None:
+            return self.k[:, :, :, a:b], self.v[:, :, :, a:b], a
+        L, (_, B, KH, _, D) = self.num_layers, self.k.shape
+        k = torch.zeros(L, B, KH, b - a, D, dtype=self.k.dtype, device=self.k.device)
+        v = torch.zeros_like(k)
+        k[self.whole_layers], v[self.whole_layers] = self.k[:, :, :, a:b], self.v[:, :, :, a:b]
+        held = min(max(a, self.base), b)
+        k[self.ring_layers, :, :, held - a :] = self.rk[:, :, :, held - self.base : b - self.base]
+        v[self.ring_layers, :, :, held - a :] = self.rv[:, :, :, held - self.base : b - self.base]
+        return k, v, held
+
+    def write_rows(self, a: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Writes k, v [L, B, KVH, T, Dh] as entries [a, a + T) of every layer (the ring keeps the
+        last `window` of them and what it holds before them that they can still see)."""
+        T = k.shape[3]
+        if self.ring is None:
+            self.k[:, :, :, a : a + T] = k
+            self.v[:, :, :, a : a + T] = v
+            return
+        self.k[:, :, :, a : a + T] = k[self.whole_layers]
+        self.v[:, :, :, a : a + T] = v[self.whole_layers]
+        first = max(a + T - self.window, self.base)  # what the next pass can see, as far as it is held
+        self.make_room(first, a + T)
+        w0 = max(a, first)  # the rows that go into the ring
+        self.rk[:, :, :, w0 - self.base : a + T - self.base] = k[self.ring_layers, :, :, w0 - a :]
+        self.rv[:, :, :, w0 - self.base : a + T - self.base] = v[self.ring_layers, :, :, w0 - a :]
+
+    def snapshot(self) -> tuple:
+        """A copy of the entries [0, length) that `restore` puts back (the prefill memo)."""
+        T = self.length
+        ring = None
+        if self.ring is not None:
+            ring = (self.base, self.rk[:, :, :, : T - self.base].clone(), self.rv[:, :, :, : T - self.base].clone())
+        return T, self.pos[:T].clone(), self.k[:, :, :, :T].clone(), self.v[:, :, :, :T].clone(), ring
+
+    def restore(self, snap: tuple) -> None:
+        T, pos, k, v, ring = snap
+        if (ring is None) != (self.ring is None) or k.shape[0] != self.k.shape[0]:
+            raise ValueError("a snapshot restores into a cache of the same layout only")
+        self.k[:, :, :, :T], self.v[:, :, :, :T] = k, v
+        self.pos[:T] = pos
+        if ring is not None:
+            base, rk, rv = ring
+            self.length, self.base = base, base  # nothing held: make_room moves nothing
+            self.make_room(base, T)
+            self.rk[:, :, :, : T - base], self.rv[:, :, :, : T - base] = rk, rv
+        self.length = T
 
 
 class Q8KVCache(KVCache):
@@ -119,7 +279,9 @@ class Q8KVCache(KVCache):
 
     @torch.no_grad()
     def sync(self, main: KVCache, N: int) -> None:
-        """Makes entries [0, N) main's (committed, exact), quantizing those not yet copied."""
+        """Makes entries [0, N) main's (committed, exact), quantizing those not yet copied. From a
+        main cache whose sliding-window layers keep a ring, their entries it no longer holds are
+        zeros here (outside every window the draft's passes see)."""
         a = min(self.length, N)
         # all layers at once, SYNC_ROWS entries at a time: [L, KVH, rows, Dh] viewed as the
         # kernel's [B, KVH, T, Dh]. Rows are quantized one by one, so the blocks give the same
@@ -127,8 +289,9 @@ class Q8KVCache(KVCache):
         # once took 1.9 GB beside the caches)
         for b in range(a, N, self.SYNC_ROWS):
             e = min(N, b + self.SYNC_ROWS)
-            kernels.quantize_q8(main.k[:, 0, :, b:e].float(), self.k[:, 0, :, b:e], self.ks[:, 0, :, b:e])
-            kernels.quantize_q8(main.v[:, 0, :, b:e].float(), self.v[:, 0, :, b:e], self.vs[:, 0, :, b:e])
+            k, v, _ = main.rows(b, e)  # [L, 1, KVH, rows, Dh]
+            kernels.quantize_q8(k[:, 0].float(), self.k[:, 0, :, b:e], self.ks[:, 0, :, b:e])
+            kernels.quantize_q8(v[:, 0].float(), self.v[:, 0, :, b:e], self.vs[:, 0, :, b:e])
         if a < N:
             self.pos[a:N] = main.pos[a:N]
         self.length = N
@@ -183,6 +346,9 @@ class DraftCache(KVCache):
         """Re-selects from `main`'s entries [0, main.length).
 
         scores: [L, KVH, >= main.length] attention weight of the current query on each entry."""
+        if main.ringed:
+            raise ValueError("the partial draft cache selects from every layer's entries: a cache whose "
+                             "sliding-window layers keep a ring cannot feed it")
         S = main.length
         n_sel = min(self.budget - self.recent - self.sinks, S - self.sinks)
         s = self.sinks
@@ -303,9 +469,10 @@ class SparseKV:
         return r.round().clamp(-8, 7).to(torch.int8).flatten(-2), s
 
     # the main cache's state, which a pass over the view reads and advances
-    k = property(lambda self: self.main.k)
-    v = property(lambda self: self.main.v)
     pos = property(lambda self: self.main.pos)
+    ringed = property(lambda self: self.main.ringed)
+    window = property(lambda self: self.main.window)
+    dtype = property(lambda self: self.main.dtype)
     capacity = property(lambda self: self.main.capacity)
     batch = property(lambda self: self.main.batch)
     rope_len = property(lambda self: self.main.rope_len)
@@ -321,8 +488,23 @@ class SparseKV:
     def truncate(self, n: int) -> None:
         self.main.truncate(n)
 
+    def slot(self, li: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        return self.main.slot(li)
+
+    def make_room(self, first: int, end: int) -> None:
+        self.main.make_room(first, end)
+
+    def _index(self, li: int) -> int:
+        """Layer li's index in main's whole-context K/V and in the score copy (the layers a
+        query chooses entries in: a ringed sliding-window layer reads its window whole)."""
+        g, j = self.main.where[li]
+        if g:
+            raise ValueError(f"layer {li} keeps a sliding-window ring: it reads its window, not a chosen few")
+        return j
+
     def _scores(self, li: int, qg: torch.Tensor, a: int, b: int) -> torch.Tensor:
         """qg [KVH, G, Dh] -> approximate scores [KVH, G, b - a] of entries [a, b)."""
+        li = self._index(li)
         keys = self.main.k[li, 0, :, a:b]  # [KVH, M, Dh]
         if self.scorer == "exact":
             return qg @ keys.to(qg.dtype).transpose(-1, -2)
@@ -348,7 +530,8 @@ class SparseKV:
         a, b = s, S - r  # the entries that compete for the budget
         native = attention_path(q.device, q.dtype, D) == "native"
         if self.scorer == "dims" and native and b - a > self.budget:  # sinks, chosen and recent in one call
-            return kernels.sparse_select_dims(q, self.kq[li], self.ks[li, :, :, 0], a, b, S, self.budget, self.dims)
+            j = self._index(li)
+            return kernels.sparse_select_dims(q, self.kq[j], self.ks[j, :, :, 0], a, b, S, self.budget, self.dims)
         every = torch.arange(S, device=q.device)
         if b - a <= self.budget:
             return every.expand(KH, -1).contiguous()
@@ -372,9 +555,10 @@ class SparseKV:
         qsel = qg.gather(2, top[:, None].expand(-1, G, -1))  # [KVH, G, R]
         qs = qsel.abs().amax(-1) / 64.0  # [KVH, G]
         q7 = torch.where(qs[..., None] > 0, qsel / qs[..., None], torch.zeros_like(qsel)).round()
-        keys = self.kq[li][:, :, a:b].gather(1, top[..., None].expand(-1, -1, b - a))  # [KVH, R, M]
+        j = self._index(li)
+        keys = self.kq[j][:, :, a:b].gather(1, top[..., None].expand(-1, -1, b - a))  # [KVH, R, M]
         dots = q7.double() @ keys.double()  # [KVH, G, M], exact
-        s = (dots.float() * self.ks[li, :, a:b, 0][:, None]) * qs[..., None]
+        s = (dots.float() * self.ks[j, :, a:b, 0][:, None]) * qs[..., None]
         return torch.softmax(s.double(), dim=-1).sum(1)
 
     def attend(self, li: int, q: torch.Tensor, S: int) -> torch.Tensor:
@@ -385,7 +569,8 @@ class SparseKV:
 
         rows = self.select(li, q, S)  # [KVH, R]
         self.reads = rows.shape[1]
-        keys, vals = self.main.k[li, :, :, :S], self.main.v[li, :, :, :S]  # [1, KVH, S, Dh]
+        j = self._index(li)
+        keys, vals = self.main.k[j, :, :, :S], self.main.v[j, :, :, :S]  # [1, KVH, S, Dh]
         if attention_path(q.device, q.dtype, q.shape[-1]) == "native":
             return kernels.attention_rows(q, keys, vals, rows)
         g = rows[None, :, :, None].expand(-1, -1, -1, q.shape[-1])

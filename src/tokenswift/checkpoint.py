@@ -273,18 +273,30 @@ class KVRows:
         self.path, self.ck = path, ck
         self.written: int | None = None  # rows known to be in the file and right; None: not checked
 
-    def _header(self, cache: Any) -> bytes:
-        L, _, KH, _, D = cache.k.shape
+    # A cache whose sliding-window layers keep a ring (`KVCache.ring`) no longer holds their
+    # older entries when it writes them: such rows carry zeros there, and this bit in their id.
+    # Its files say "ring" in their header, so that only such a cache reads them, and it uses
+    # rows up to a point whose last window of rows is whole.
+    ABSENT = 1 << 62
+
+    def _header(self, cache: Any, ring: bool | None = None) -> bytes:
+        _, _, KH, _, D = cache.k.shape
         meta = {"numerics": {k: self.ck.options.get(k) for k in self.NUMERICS},
                 "fingerprint": self.ck.model_fingerprint, "dtype": str(cache.k.dtype).removeprefix("torch."),
-                "shape": [int(L), int(KH), int(D)], "rope_len": int(cache.rope_len)}
+                "shape": [int(cache.num_layers), int(KH), int(D)], "rope_len": int(cache.rope_len)}
+        if cache.ringed if ring is None else ring:
+            meta["ring"] = True
         body = json.dumps(meta, sort_keys=True).encode("utf-8")
         return self.MAGIC + len(body).to_bytes(8, "little") + body
 
+    def _headers(self, cache: Any) -> list[bytes]:
+        """The headers of files `cache` can read: its own, and a ring's cache also whole rows."""
+        return [self._header(cache, False), self._header(cache, True)] if cache.ringed else [self._header(cache)]
+
     @classmethod
     def _row_bytes(cls, cache: Any) -> int:
-        L, _, KH, _, D = cache.k.shape
-        return cls.ID + cls.CRC + 2 * L * KH * D * cache.k.element_size()
+        _, _, KH, _, D = cache.k.shape
+        return cls.ID + cls.CRC + 2 * cache.num_layers * KH * D * cache.k.element_size()
 
     @classmethod
     def _checksums(cls, rows: Any) -> Any:
@@ -295,7 +307,7 @@ class KVRows:
         return np.fromiter((zlib.crc32(r[kv:], zlib.crc32(r[: cls.ID])) for r in rows), dtype=np.uint32,
                            count=len(rows))
 
-    def _scan(self, header: bytes, row: int, ids: list[int], cache: Any = None) -> int:
+    def _scan(self, headers: list[bytes], row: int, ids: list[int], cache: Any = None) -> int:
         """How many rows from the first are right: in a file with this header, holding `ids`'
         tokens in order, each with its checksum (0 if none or no file). With `cache`, their K/V
         are copied into it as they are read, a block of rows at a time through one buffer: a
@@ -309,27 +321,34 @@ class KVRows:
         except OSError:
             return 0
         with f:
-            if f.read(len(header)) != header:
+            head = f.read(max(len(h) for h in headers))
+            if not any(head[: len(h)] == h for h in headers):
                 return 0
-            n = 0
+            f.seek(next(len(h) for h in headers if head[: len(h)] == h))
+            n, whole_from = 0, 0  # rows [whole_from, n) have every layer's K/V
             buf = np.empty((min(self.BLOCK, max(len(ids), 1)), row), dtype=np.uint8)
             while n < len(ids):
                 want = min(self.BLOCK, len(ids) - n)
                 got = (f.readinto(memoryview(buf[:want]).cast("B")) or 0) // row  # a torn last row is not one
                 part = buf[:got]
                 have = part[:, : self.ID].copy().view(np.int64)[:, 0]
+                absent = (have & self.ABSENT) != 0
                 crc = part[:, self.ID : self.ID + self.CRC].copy().view("<u4")[:, 0]
-                ok = (have == np.asarray(ids[n : n + got], dtype=np.int64)) & (crc == self._checksums(part))
+                ok = ((have & ~self.ABSENT) == np.asarray(ids[n : n + got], dtype=np.int64)) & (
+                    crc == self._checksums(part))
                 good = int(np.argmin(ok)) if not ok.all() else got
+                if absent[:good].any():
+                    whole_from = n + int(np.nonzero(absent[:good])[0][-1]) + 1
                 if cache is not None and good:
-                    L, _, KH, _, D = cache.k.shape
+                    _, _, KH, _, D = cache.k.shape
                     kv = torch.from_numpy(np.ascontiguousarray(part[:good, self.ID + self.CRC :]))
-                    kv = kv.view(cache.k.dtype).view(good, 2, L, KH, D)
-                    cache.k[:, 0, :, n : n + good] = kv[:, 0].permute(1, 2, 0, 3)
-                    cache.v[:, 0, :, n : n + good] = kv[:, 1].permute(1, 2, 0, 3)
+                    kv = kv.view(cache.k.dtype).view(good, 2, cache.num_layers, KH, D)
+                    cache.write_rows(n, kv[:, 0].permute(1, 2, 0, 3).unsqueeze(1), kv[:, 1].permute(1, 2, 0, 3).unsqueeze(1))
                 n += good
                 if good < want:  # a wrong row, or the file's end
                     break
+            if cache is not None and n and n - whole_from < min(n, cache.window - 1):
+                return 0  # the window before row n is not whole: these rows cannot start a pass
             return n
 
     def load(self, tokens: Any, cache: Any) -> int:
@@ -338,7 +357,7 @@ class KVRows:
         import torch
 
         ids = [int(t) for t in tokens.tolist()]
-        n = self._scan(self._header(cache), self._row_bytes(cache), ids[:-1], cache)
+        n = self._scan(self._headers(cache), self._row_bytes(cache), ids[:-1], cache)
         self.written = n
         if n <= 0:
             return 0
@@ -353,7 +372,7 @@ class KVRows:
         header, row = self._header(cache), self._row_bytes(cache)
         n = min(length, len(ids))
         if self.written is None:  # a new run or a file not yet read: keep what of it is right
-            self.written = self._scan(header, row, ids[:n])
+            self.written = self._scan([header], row, ids[:n])
         a = min(self.written, n)
         try:
             if a == 0:
@@ -361,11 +380,12 @@ class KVRows:
                     f.write(header)
             if n <= a:
                 return
-            k = cache.k[:, 0, :, a:n].permute(2, 0, 1, 3)  # [T, L, KH, D]
-            v = cache.v[:, 0, :, a:n].permute(2, 0, 1, 3)
-            kv = np.ascontiguousarray(_kv_bytes(k, v))  # [T, 2, L, KH, D] as bytes
+            k, v, held = cache.rows(a, n)  # [L, 1, KH, T, D]
+            kv = np.ascontiguousarray(_kv_bytes(k[:, 0].permute(2, 0, 1, 3), v[:, 0].permute(2, 0, 1, 3)))
+            id_col = np.asarray(ids[a:n], dtype=np.int64)  # [T, 2, L, KH, D] above as bytes
+            id_col[: held - a] |= self.ABSENT
             out = np.empty((n - a, row), dtype=np.uint8)
-            out[:, : self.ID] = np.asarray(ids[a:n], dtype=np.int64).view(np.uint8).reshape(n - a, self.ID)
+            out[:, : self.ID] = id_col.view(np.uint8).reshape(n - a, self.ID)
             out[:, self.ID + self.CRC :] = kv.reshape(n - a, -1)
             out[:, self.ID : self.ID + self.CRC] = self._checksums(out).astype("<u4").view(np.uint8).reshape(n - a, -1)
             with open(self.path, "r+b") as f:

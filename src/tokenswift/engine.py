@@ -96,7 +96,7 @@ def generate_ar(
     timer = Timer(dev)
     history = torch.empty(total, dtype=torch.int64)  # [total] committed tokens, CPU
     history[:n0] = torch.as_tensor(list(prompt), dtype=torch.int64)
-    cache = KVCache(model.cfg, capacity=total, dtype=model.kv_dtype, device=dev)
+    cache = KVCache(model.cfg, capacity=total, dtype=model.kv_dtype, device=dev, ring=model.kv_ring(total))
     h = model.prefill(history[:n0].to(dev).unsqueeze(0), cache)  # [1, D]
     logits = model.logits(h)  # [1, V]
     timer.prefill = timer.elapsed()
@@ -244,7 +244,8 @@ class SpeculativeRun:
         capacity = run_len + model.pass_size(self.max_nodes) + depth + 2  # a compiled pass pads its trie
         history = torch.empty(capacity, dtype=torch.int64)
         history[:n0] = torch.as_tensor(list(prompt), dtype=torch.int64)
-        main = KVCache(model.cfg, capacity=capacity, dtype=model.kv_dtype, device=dev, rope_len=run_len)
+        main = KVCache(model.cfg, capacity=capacity, dtype=model.kv_dtype, device=dev, rope_len=run_len,
+                       ring=model.kv_ring(capacity, self.draft_kv))
         self.seq = SeqDrafter(seq, sampling, depth) if seq is not None else None
         taps = None
         if self.seq is not None:  # features of the prompt's last positions: the drafter's first entries

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache
+from .cache import KVCache, ring_slots
 from . import kernels
 from .config import ModelConfig
 from .kernels import PackedLinear, QuantLinear, QuantStack
@@ -591,6 +591,16 @@ class Decoder(nn.Module):
                 return n
         return T
 
+    def kv_ring(self, capacity: int, draft_kv: str | None = None) -> int | None:
+        """The ring a run's cache of `capacity` entries gives the sliding-window layers
+        (`cache.ring_slots`), or None: they keep every entry where the model has no windows,
+        the context is short, or the draft's selection (`draft_kv` "partial") reads every
+        layer's entries. (The "int8" copy keeps every layer's: those the ring no longer holds as
+        zeros, outside the windows.)"""
+        if draft_kv == "partial":
+            return None
+        return ring_slots(self.cfg, capacity)
+
     # -- RoPE tables --------------------------------------------------------------------------
 
     def _cos_sin(self, positions: torch.Tensor, scale_len: int,
@@ -651,6 +661,9 @@ class Decoder(nn.Module):
                 raise ValueError(f"KV cache batch {cache.batch} != tokens batch {B}")
             scale_len = cache.rope_len
             key_pos_all = cache.pos
+            if cache.ringed:  # the sliding-window layers' ring holds every entry this pass can see
+                first = torch.searchsorted(cache.pos[:n].contiguous(), positions.min() - cache.window, right=True)
+                cache.make_room(int(first), n + T)
             cache.pos[n : n + T] = positions[0]
         else:
             n = 0
@@ -708,16 +721,18 @@ class Decoder(nn.Module):
         for li, L in enumerate(self.layers):
             w = cfg.layer_windows[li]
             cos_l, sin_l = local if (local is not None and w) else (cos, sin)
+            # this layer's K/V: the tensors, its index there, the entry their slot 0 holds (a ring's)
+            kc, vc, lj, off = cache.slot(li) if cache is not None and not cache.quantized else (None, None, li, 0)
             if whole:
                 att = kernels.attn_block(x, L.attn_norm, cfg.rms_norm_eps, L.wqkv, L.bqkv, L.q_norm, L.k_norm, cos,
-                                         sin, H, KH, scale, cache.k, cache.v, li, n, block)  # [B, T, H*Dh]
+                                         sin, H, KH, scale, kc, vc, lj, n - off, block)  # [B, T, H*Dh]
             else:
                 direct = False  # whether the new k/v rows are already in the cache
                 if native_layers:
                     direct = cache is not None and not cache.quantized
                     qkv = kernels.attn_in(x, L.attn_norm, cfg.rms_norm_eps, L.wqkv, L.bqkv, L.q_norm, L.k_norm, cos_l,
-                                          sin_l, H, KH, scale, cache.k if direct else None,
-                                          cache.v if direct else None, li, n)  # [B, T, H + 2 KH, Dh]
+                                          sin_l, H, KH, scale, kc if direct else None,
+                                          vc if direct else None, lj, n - off)  # [B, T, H + 2 KH, Dh]
                     qs, k, v = qkv[:, :, :H], qkv[:, :, H : H + KH], qkv[:, :, H + KH :]
                 else:
                     q, k, v = layer_qkv(L, cfg, x, cos_l, sin_l, qkv_fn)
@@ -734,26 +749,32 @@ class Decoder(nn.Module):
                         keys, vals = cache.dequantized(li, S, qs.dtype)
                 elif cache is not None and cache.sparse:  # the draft's per-query sparse view (SparseKV)
                     if not direct:
-                        cache.k[li, :, :, n:S] = k.transpose(1, 2)
-                        cache.v[li, :, :, n:S] = v.transpose(1, 2)
+                        kc[lj, :, :, n - off : S - off] = k.transpose(1, 2)
+                        vc[lj, :, :, n - off : S - off] = v.transpose(1, 2)
                     if w in window_starts:  # a window's few hundred entries: read them all
-                        att = kernels.attention(qs, cache.k[li, :, :, :S], cache.v[li, :, :, :S], block,
-                                                kv_start=window_starts[w])
+                        att = kernels.attention(qs, kc[lj, :, :, : S - off], vc[lj, :, :, : S - off], block,
+                                                kv_start=window_starts[w] - off if off else window_starts[w])
                     else:
                         att = cache.attend(li, qs, S)
                 elif cache is not None:
                     if not direct:
-                        cache.k[li, :, :, n:S] = k.transpose(1, 2)
-                        cache.v[li, :, :, n:S] = v.transpose(1, 2)
-                    keys, vals = cache.k[li, :, :, :S], cache.v[li, :, :, :S]  # [B, K, S, Dh] views
+                        kc[lj, :, :, n - off : S - off] = k.transpose(1, 2)
+                        vc[lj, :, :, n - off : S - off] = v.transpose(1, 2)
+                    keys, vals = kc[lj, :, :, : S - off], vc[lj, :, :, : S - off]  # [B, K, S - off, Dh] views
                     if keys.dtype != qs.dtype and (path != "native" or attn_probs is not None):
                         keys, vals = keys.to(qs.dtype), vals.to(qs.dtype)  # torch's kernels take one dtype
                 else:
                     keys, vals = k.transpose(1, 2), v.transpose(1, 2)
                 if att is None and attn_probs is not None:
+                    if off:
+                        raise ValueError("attention probabilities over every entry need a cache without a ring")
                     att = _attention_plain(qs, keys, vals, None, None, 0, None, probs_out=attn_probs[li])
                 elif att is None and w in window_starts:
-                    att = kernels.attention(qs, keys, vals, block, kv_start=window_starts[w])  # [B, T, H*Dh]
+                    att = kernels.attention(qs, keys, vals, block,
+                                            kv_start=window_starts[w] - off if off else window_starts[w])  # [B, T, H*Dh]
+                elif att is None and off:  # a ring's keys start at entry `off`
+                    att = _attention(qs, keys, vals, block, bias, None if full is None else full[..., off:], lo - off,
+                                     wmask, path, None if allow is None else allow[..., off:])
                 elif att is None:
                     att = _attention(qs, keys, vals, block, bias, full, lo, wmask, path, allow)  # [B, T, H*Dh]
             if native_layers:
@@ -811,14 +832,11 @@ class Decoder(nn.Module):
         whole = start == 0 and B == 1 and taps is None and not return_all and type(cache) is KVCache
         memo, key = self.prefill_memo, None
         if memo is not None and whole:
-            key = (T, hash(tokens.cpu().numpy().tobytes()), cache.k.dtype, cache.rope_len, chunk)
+            key = (T, hash(tokens.cpu().numpy().tobytes()), cache.dtype, cache.rope_len, chunk, cache.ringed)
             hit = memo.get(key)
             if hit is not None and torch.equal(hit[0], tokens):
-                _, k, v, pos, last = hit
-                cache.k[:, :, :, :T] = k
-                cache.v[:, :, :, :T] = v
-                cache.pos[:T] = pos
-                cache.length = T
+                _, snap, last = hit
+                cache.restore(snap)
                 return last.clone()
         if load is not None and whole:
             n = load(tokens[0], cache)  # [0, n) now in the cache, n < T
@@ -827,8 +845,7 @@ class Decoder(nn.Module):
                 last = self.prefill(tokens[:, n:], cache, chunk)
                 if key is not None:  # what the rows and the rest gave is this prompt's prefill
                     memo.clear()
-                    memo[key] = (tokens.clone(), cache.k[:, :, :, :T].clone(), cache.v[:, :, :, :T].clone(),
-                                 cache.pos[:T].clone(), last.clone())
+                    memo[key] = (tokens.clone(), cache.snapshot(), last.clone())
                 return last
         out = torch.empty(B, T, self.cfg.hidden_size, dtype=self.dtype, device=self.device) if return_all else None
         last = None
@@ -859,8 +876,7 @@ class Decoder(nn.Module):
         assert last is not None, "prefill needs at least one token"
         if key is not None:
             memo.clear()  # one prompt's cache at a time: a 100K prompt's is 4.6 GB in float32
-            memo[key] = (tokens.clone(), cache.k[:, :, :, :T].clone(), cache.v[:, :, :, :T].clone(),
-                         cache.pos[:T].clone(), last.clone())
+            memo[key] = (tokens.clone(), cache.snapshot(), last.clone())
         return out if out is not None else last
 
     # -- helpers ------------------------------------------------------------------------------
