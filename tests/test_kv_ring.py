@@ -14,7 +14,7 @@ import torch
 import tokenswift
 import tokenswift.cache as kvc
 from conftest import tiny_hf_model
-from tokenswift.cache import KVCache, cache_bytes, ring_slots
+from tokenswift.cache import KVCache, Q8KVCache, cache_bytes, ring_slots
 from tokenswift.checkpoint import Checkpoint
 
 WINDOW = 16
@@ -93,6 +93,11 @@ def test_a_ring_is_given_where_the_context_is_much_longer_than_it(lm, monkeypatc
     c = KVCache(cfg, capacity=10_000, dtype=torch.float16, ring=WINDOW + 8)
     held = sum(t.numel() * t.element_size() for t in (c.k, c.v, c.rk, c.rv))
     assert held == cache_bytes(cfg, 10_000, 2, WINDOW + 8)
+    # the draft's int8 copy holds the whole-context layer; the windowed one it reads in main's ring
+    q8 = Q8KVCache(cfg, 10_000, main=c)
+    assert q8.k.shape[0] == 1 and q8.ringed and q8.slot(0)[0] is c.rk
+    with pytest.raises(ValueError, match="serves that cache only"):
+        q8.sync(KVCache(cfg, capacity=10_000, dtype=torch.float16, ring=WINDOW + 8), 10)
     with pytest.raises(ValueError, match="ring must exceed the sliding window \\(16 entries\\), got 16"):
         KVCache(cfg, capacity=100, ring=16)
     with pytest.raises(ValueError, match="needs sliding-window layers"):

@@ -330,8 +330,7 @@ class LM:
             kv = resolve_draft_kv(draft_kv, self.model) if draft_kv == "auto" else draft_kv
             per_token = {"int8": Q8KVCache.bytes_per_token(cfg),
                          "sparse": SparseKV.bytes_per_token(cfg, sparse_scorer(cfg.head_dim))}.get(kv, 0)
-            ring = self.model.kv_ring(total, kv)
-            if ring and kv == "sparse":  # its copy covers the whole-context layers only
+            if self.model.kv_ring(total, kv):  # the copy covers the whole-context layers only
                 per_token = per_token * sum(1 for w in cfg.layer_windows if not w) // cfg.num_layers
             copy = total * per_token
         need = cache_bytes(cfg, total, self.model.kv_dtype.itemsize, self.model.kv_ring(total, kv))

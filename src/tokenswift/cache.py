@@ -121,11 +121,11 @@ class KVCache:
             return self.rk, self.rv, j, self.base
         return self.k, self.v, j, 0
 
-    def make_room(self, first: int, end: int) -> None:
+    def make_room(self, first: int, end: int, held: int | None = None) -> None:
         """Before a pass that reads entries from `first` on and writes entries up to `end`: the
         ring holds every entry of [first, end) (a no-op without a ring). Moves the held entries
-        from `first` on to the ring's front when the pass would run past its end, and grows the
-        ring where one pass is longer than it."""
+        from `first` on (to `held`, default `length`) to the ring's front when the pass would run
+        past its end, and grows the ring where one pass is longer than it."""
         if self.ring is None:
             return
         if first < self.base:
@@ -133,7 +133,8 @@ class KVCache:
                              f"a pass needs them from {first}")
         if end - self.base <= self.ring:
             return
-        a, b = first - self.base, max(self.length, first) - self.base  # slots of [first, length)
+        held = self.length if held is None else held
+        a, b = first - self.base, max(held, first) - self.base  # slots of [first, held)
         need = end - first
         if need > self.ring:  # one pass longer than the ring: a larger ring, the kept entries first
             size = -(-need // RING_SLACK) * RING_SLACK + RING_SLACK
@@ -248,15 +249,23 @@ class Q8KVCache(KVCache):
     depth-1 acceptance 0.98 at 16K against 0.64 for a 1,024-entry partial cache).
 
     `sync` quantizes the entries main committed since; the draft's own passes write quantized
-    K/V after them (`store`) and are truncated away afterwards. Needs the native kernels."""
+    K/V after them (`store`) and are truncated away afterwards. Needs the native kernels.
+
+    Where `main` keeps its sliding-window layers in a ring, the copy holds its whole-context
+    layers only, and the draft reads (and writes, past main's committed entries) those windowed
+    layers in main's ring, as the sparse view does: a window is a few hundred entries."""
 
     quantized = True
     SYNC_ROWS = 4096  # entries quantized per block by `sync`
 
     def __init__(self, cfg: ModelConfig, capacity: int, device: torch.device | str = "cpu",
-                 rope_len: int | None = None) -> None:
+                 rope_len: int | None = None, main: KVCache | None = None) -> None:
         super().__init__(cfg, capacity=1, batch=1, device=device, rope_len=rope_len)
-        shape = (cfg.num_layers, 1, cfg.num_kv_heads, capacity, cfg.head_dim)
+        self.main = main if main is not None and main.ringed else None
+        if self.main is not None:
+            self.where, self.whole_layers, self.ring_layers = main.where, main.whole_layers, main.ring_layers
+            self.window = main.window
+        shape = (len(self.whole_layers), 1, cfg.num_kv_heads, capacity, cfg.head_dim)
         # empty, not zeros: entries are written before they are read, and the pages of a 100K
         # context's copy (1.2 GB) are then touched as the text grows, not all at once
         self.k = torch.empty(shape, dtype=torch.int8, device=device)  # [L, 1, KVH, C, Dh]
@@ -267,21 +276,37 @@ class Q8KVCache(KVCache):
         if rope_len is None:
             self.rope_len = capacity
 
+    @property
+    def ringed(self) -> bool:
+        return self.main is not None
+
+    def slot(self, li: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """A windowed layer's storage: main's ring (the draft's entries go past main's committed
+        ones there, to be overwritten by main's next pass)."""
+        g, j = self.where[li]
+        if not g:
+            raise ValueError(f"layer {li} is in the int8 copy: store() and layer() read it")
+        return self.main.slot(li)
+
+    def make_room(self, first: int, end: int, held: int | None = None) -> None:
+        if self.main is not None:  # main's ring keeps the draft's own entries too, up to this length
+            self.main.make_room(first, end, held=self.length if held is None else held)
+
     @staticmethod
     def bytes_per_token(cfg: ModelConfig) -> int:
         return 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim + 4)
 
     def store(self, li: int, n: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [1, KVH, T, Dh] float32 -> entries [n, n+T) of layer li, quantized."""
-        T = k.shape[2]
+        T, li = k.shape[2], self.where[li][1]
         kernels.quantize_q8(k, self.k[li, :, :, n : n + T], self.ks[li, :, :, n : n + T])
         kernels.quantize_q8(v, self.v[li, :, :, n : n + T], self.vs[li, :, :, n : n + T])
 
     @torch.no_grad()
     def sync(self, main: KVCache, N: int) -> None:
-        """Makes entries [0, N) main's (committed, exact), quantizing those not yet copied. From a
-        main cache whose sliding-window layers keep a ring, their entries it no longer holds are
-        zeros here (outside every window the draft's passes see)."""
+        """Makes entries [0, N) main's (committed, exact), quantizing those not yet copied."""
+        if (self.main is not None or main.ringed) and main is not self.main:
+            raise ValueError("an int8 copy of a cache whose sliding-window layers keep a ring serves that cache only")
         a = min(self.length, N)
         # all layers at once, SYNC_ROWS entries at a time: [L, KVH, rows, Dh] viewed as the
         # kernel's [B, KVH, T, Dh]. Rows are quantized one by one, so the blocks give the same
@@ -289,15 +314,15 @@ class Q8KVCache(KVCache):
         # once took 1.9 GB beside the caches)
         for b in range(a, N, self.SYNC_ROWS):
             e = min(N, b + self.SYNC_ROWS)
-            k, v, _ = main.rows(b, e)  # [L, 1, KVH, rows, Dh]
-            kernels.quantize_q8(k[:, 0].float(), self.k[:, 0, :, b:e], self.ks[:, 0, :, b:e])
-            kernels.quantize_q8(v[:, 0].float(), self.v[:, 0, :, b:e], self.vs[:, 0, :, b:e])
+            kernels.quantize_q8(main.k[:, 0, :, b:e].float(), self.k[:, 0, :, b:e], self.ks[:, 0, :, b:e])
+            kernels.quantize_q8(main.v[:, 0, :, b:e].float(), self.v[:, 0, :, b:e], self.vs[:, 0, :, b:e])
         if a < N:
             self.pos[a:N] = main.pos[a:N]
         self.length = N
 
     def layer(self, li: int, S: int) -> tuple[torch.Tensor, ...]:
         """Layer li's entries [0, S): int8 keys, values [1, KVH, S, Dh] and their scales [1, KVH, S]."""
+        li = self.where[li][1]
         return self.k[li, :, :, :S], self.v[li, :, :, :S], self.ks[li, :, :, :S], self.vs[li, :, :, :S]
 
     def dequantized(self, li: int, S: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

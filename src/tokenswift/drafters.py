@@ -202,8 +202,9 @@ class SelfDrafter:
             self.sparse.attach(main, N)
             return self.sparse, N
         if self.kv == "int8":
-            if self.q8 is None:
-                self.q8 = Q8KVCache(self.target.cfg, main.capacity, device=main.k.device, rope_len=self.rope_len)
+            if self.q8 is None or (main.ringed and self.q8.main is not main):
+                self.q8 = Q8KVCache(self.target.cfg, main.capacity, device=main.k.device, rope_len=self.rope_len,
+                                    main=main)
             self.q8.sync(main, N)
             return self.q8, N
         c = self.cache

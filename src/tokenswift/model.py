@@ -595,8 +595,7 @@ class Decoder(nn.Module):
         """The ring a run's cache of `capacity` entries gives the sliding-window layers
         (`cache.ring_slots`), or None: they keep every entry where the model has no windows,
         the context is short, or the draft's selection (`draft_kv` "partial") reads every
-        layer's entries. (The "int8" copy keeps every layer's: those the ring no longer holds as
-        zeros, outside the windows.)"""
+        layer's entries."""
         if draft_kv == "partial":
             return None
         return ring_slots(self.cfg, capacity)
@@ -721,15 +720,17 @@ class Decoder(nn.Module):
         for li, L in enumerate(self.layers):
             w = cfg.layer_windows[li]
             cos_l, sin_l = local if (local is not None and w) else (cos, sin)
+            # int8 K/V (the draft's copy), but for a windowed layer that the copy reads in main's ring
+            quant = cache is not None and cache.quantized and not (w and cache.ringed)
             # this layer's K/V: the tensors, its index there, the entry their slot 0 holds (a ring's)
-            kc, vc, lj, off = cache.slot(li) if cache is not None and not cache.quantized else (None, None, li, 0)
+            kc, vc, lj, off = cache.slot(li) if cache is not None and not quant else (None, None, li, 0)
             if whole:
                 att = kernels.attn_block(x, L.attn_norm, cfg.rms_norm_eps, L.wqkv, L.bqkv, L.q_norm, L.k_norm, cos,
                                          sin, H, KH, scale, kc, vc, lj, n - off, block)  # [B, T, H*Dh]
             else:
                 direct = False  # whether the new k/v rows are already in the cache
                 if native_layers:
-                    direct = cache is not None and not cache.quantized
+                    direct = cache is not None and not quant
                     qkv = kernels.attn_in(x, L.attn_norm, cfg.rms_norm_eps, L.wqkv, L.bqkv, L.q_norm, L.k_norm, cos_l,
                                           sin_l, H, KH, scale, kc if direct else None,
                                           vc if direct else None, lj, n - off)  # [B, T, H + 2 KH, Dh]
@@ -739,7 +740,7 @@ class Decoder(nn.Module):
                     qs = q * scale  # [B, T, H, Dh]
                 lo, wmask = window_masks[w] if (w and w in window_masks) else (0, None)
                 att = None
-                if cache is not None and cache.quantized:  # the draft's int8 copy of the cache
+                if quant:  # the draft's int8 copy of the cache
                     cache.store(li, n, k.transpose(1, 2).float(), v.transpose(1, 2).float())
                     if path == "native" and attn_probs is None and full is None and wmask is None:
                         keys, vals, ks, vs = cache.layer(li, S)
