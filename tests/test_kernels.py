@@ -256,6 +256,7 @@ def test_sparse_select_dims_takes_the_top_budget_of_its_references_weights(S, bu
 
     class Main:  # what attach reads of a cache
         k = torch.randn(1, 1, KH, S + 5, D, generator=g).to(torch.float16)
+        where = [(0, 0)]  # layer 0 is whole (no sliding-window ring)
     view.attach(Main, S)
     q = torch.randn(1, 1, H, D, generator=g) * 0.6
     q[0, 0, :, 5] *= 6  # a dominant dimension, as RoPE's low frequencies give
@@ -286,6 +287,7 @@ def test_sparse_select_dims_breaks_ties_by_the_earlier_entry():
 
     class Main:
         k = torch.randn(1, 1, KH, 20, D).repeat(1, 1, 1, 30, 1)  # each key 30 times
+        where = [(0, 0)]
     view.attach(Main, S)
     q = torch.randn(1, 1, H, D)
     rows = kernels.sparse_select_dims(q, view.kq[0], view.ks[0, :, :, 0], 4, S - 8, S, 37, 8)

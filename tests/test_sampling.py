@@ -211,3 +211,60 @@ def test_draw_over_the_kept_tokens_equals_the_whole_row_draw():
         positions = list(range(100, 116))
         whole = torch.stack([(lp[i] + gumbel(s.seed, p, V)).argmax() for i, p in enumerate(positions)])
         assert torch.equal(draw(lp, positions, s), whole), (min_p, top_k)
+
+
+# --- the native sampler -----------------------------------------------------------------------
+
+
+def test_noise_is_splitmix64s_stream_and_the_native_noise_equals_torchs():
+    """Token i's uniform is the i-th output of SplitMix64 seeded with the position's key (its
+    first output from 0 is 0xE220A8397B1DCDAF); the native kernel's noise equals torch's but for
+    the last bit of some logs (std::log and torch's log round differently)."""
+    import math
+
+    from tokenswift import kernels
+    from tokenswift.sampling import gumbel_at_reference
+
+    u = ((0xE220A8397B1DCDAF >> 11) + 0.5) * 2.0**-53
+    assert gumbel_at_reference(0, torch.tensor([0])).item() == -math.log(-math.log(u))
+    if not kernels.native():
+        pytest.skip(f"native kernels off: {kernels.why_not()}")
+    ids = torch.arange(200_000)
+    for key in (0, position_key(5, 1234), (1 << 64) - 1):
+        a, b = kernels.gumbel_at(key, ids), gumbel_at_reference(key, ids)
+        assert a.dtype == torch.float64 and torch.allclose(a, b, rtol=4e-16, atol=4e-16)
+
+
+NATIVE_CASES = [
+    dict(temperature=0.0),
+    dict(temperature=0.0, penalty=1.3, penalty_window=8),
+    dict(temperature=1.0),
+    dict(temperature=0.7, top_k=40, min_keep=5),
+    dict(temperature=1.0, min_p=0.1, min_keep=20, penalty=1.2, penalty_window=64),  # the paper's
+    dict(temperature=1.3, min_p=0.05, min_keep=1),
+    dict(temperature=1.0, top_k=3000, min_p=0.02, min_keep=100, penalty=0.8, penalty_window=32),
+]
+
+
+@pytest.mark.parametrize("cfg", NATIVE_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_the_native_sampler_draws_the_tokens_of_the_torch_sampler(cfg):
+    """`kernels.sample_rows` == `draw(final_scores(...))` token for token: rows with -inf logits,
+    windows with repeated ids, ties, vocabularies of 50 to Gemma's 262,144."""
+    from tokenswift import kernels
+    from tokenswift.sampling import _signed, final_scores
+
+    if not kernels.native():
+        pytest.skip(f"native kernels off: {kernels.why_not()}")
+    s = SamplingConfig(seed=7, **cfg)
+    g = torch.Generator().manual_seed(0)
+    for V in (50, 4096, 262144):
+        logits = (torch.randn(8, V, generator=g) * 3).round(decimals=1)  # many equal values
+        logits[:, 5] = float("-inf")
+        win = torch.randint(0, V, (8, 32), generator=g) if s.penalty != 1.0 else None
+        if win is not None:
+            win[:, 1::2] = win[:, ::2]  # each id twice: penalized once
+        pos = list(range(100, 108))
+        keys = torch.tensor([_signed(position_key(s.seed, p)) for p in pos])
+        want = draw(final_scores(logits, win, s), pos, s)
+        assert torch.equal(kernels.sample_rows(logits, win, keys, s), want), V
+        assert torch.equal(sample(logits, win, pos, s), want), V  # sample() takes the native call

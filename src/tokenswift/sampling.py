@@ -1,9 +1,14 @@
 """The sampler, as pure functions: logits + history -> final distribution -> one token.
 
 Draws are position-keyed Gumbel-max (DESIGN.md, "Losslessness"): the token at absolute
-position P is `argmax(log p_P + g(seed, P))`, with `g` drawn from a generator seeded by
-(seed, P) alone. That samples exactly from p_P, and any decoder that computes the same p_P
-at P draws the same token — plain AR, TokenSwift, or a resumed run.
+position P is `argmax(x_P + g(seed, P))` over the tokens the filters kept, where `x_P` are the
+final scores (log p_P up to a constant) and `g(seed, P)[i]` is Gumbel noise made from the
+i-th output of a SplitMix64 stream keyed by (seed, P) alone, so that the noise of the few kept
+tokens costs a few hashes, not a pass over the vocabulary. That samples exactly from p_P, and
+any decoder that computes the same scores at P draws the same token — plain AR, TokenSwift, or
+a resumed run. Scores and noise are added in float64, where the sum of a float32 score and the
+noise is the same whichever code computes it; on CPUs with the native kernels `sample` runs as
+one native call per row (`kernels.sample_rows`), the same arithmetic.
 
 All functions take rows: logits [N, V] with one history window per row, so a verify pass can
 score many trie nodes in one call. Filters follow the order penalty -> temperature -> top-k ->
@@ -69,13 +74,14 @@ def history_windows(histories: Sequence[Sequence[int]] | Sequence[torch.Tensor],
     return out.to(device)
 
 
-def final_logprobs(
+def final_scores(
     logits: torch.Tensor,  # [N, V] float32
     window: torch.Tensor | None,  # [N, W]
     s: SamplingConfig,
-) -> torch.Tensor:  # [N, V] log-probabilities, -inf where filtered out
-    """The sampler's final distribution. For greedy (temperature 0) it returns the penalized
-    logits, whose argmax is the greedy choice."""
+) -> torch.Tensor:  # [N, V] scores, -inf where filtered out
+    """The sampler's final distribution as scores: p = softmax(scores) per row (the penalized,
+    tempered logits, -inf where a filter dropped the token). For greedy (temperature 0) the
+    penalized logits, whose argmax is the greedy choice."""
     x = apply_penalty(logits.float(), window, s.penalty)
     if s.greedy:
         return x
@@ -93,8 +99,9 @@ def final_logprobs(
         drop[..., V - keep_n:] = False
         x = x.masked_fill(drop.scatter(-1, idx, drop), _NEG_INF)
     if s.min_p > 0.0:
-        p = x.softmax(-1)
-        drop = p < s.min_p * p.max(-1, keepdim=True).values
+        # p < min_p * max p  <=>  x - max x < log(min_p): float32 scores differ exactly in float64
+        xmax = x.max(-1, keepdim=True).values
+        drop = (x.double() - xmax.double()) < math.log(s.min_p)
         if keep_n > 1:
             kth = torch.topk(x, keep_n, dim=-1).values[..., -1:]
             drop &= x < kth
@@ -108,7 +115,17 @@ def final_logprobs(
         kth = torch.topk(x, keep_n, dim=-1).values[..., -1:]
         drop &= x < kth
         x = x.masked_fill(drop, _NEG_INF)
-    return x.log_softmax(-1)
+    return x
+
+
+def final_logprobs(
+    logits: torch.Tensor,  # [N, V] float32
+    window: torch.Tensor | None,  # [N, W]
+    s: SamplingConfig,
+) -> torch.Tensor:  # [N, V] log-probabilities, -inf where filtered out
+    """`final_scores` normalized. For greedy (temperature 0) the penalized logits."""
+    x = final_scores(logits, window, s)
+    return x if s.greedy else x.log_softmax(-1)
 
 
 def _splitmix64(z: int) -> int:
@@ -123,22 +140,50 @@ def position_key(seed: int, position: int) -> int:
     return _splitmix64(_splitmix64(seed) ^ (position & _M64))
 
 
+_GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's increment
+
+
+def _signed(z: int) -> int:  # a uint64 as the int64 with its bits
+    return z - (1 << 64) if z >= 1 << 63 else z
+
+
+def _srl(z: torch.Tensor, n: int) -> torch.Tensor:  # logical right shift of int64 bits
+    return (z >> n) & ((1 << (64 - n)) - 1)
+
+
+def gumbel_at_reference(key: int, ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise [n] (float64) of the tokens `ids` [n] at a position whose key is `key`
+    (`position_key`): token i's uniform is the i-th output of SplitMix64 seeded with `key`, its
+    top 53 bits + 1/2 over 2^53, in (0, 1). Torch's integer ops wrap as uint64 arithmetic does."""
+    z = _signed(key) + (ids.to(torch.int64) + 1) * _signed(_GOLDEN)
+    z = (z ^ _srl(z, 30)) * _signed(0xBF58476D1CE4E5B9)
+    z = (z ^ _srl(z, 27)) * _signed(0x94D049BB133111EB)
+    z = z ^ _srl(z, 31)
+    u = (_srl(z, 11).double() + 0.5) * 2.0**-53
+    return -torch.log(-torch.log(u))
+
+
+def gumbel_at(seed: int, position: int, ids: torch.Tensor) -> torch.Tensor:
+    """The noise [n] (float64) of tokens `ids` [n] (int64, CPU) at `position`: the native
+    kernel's where it runs (every draw on this machine then takes the same bits), else torch's."""
+    from . import kernels
+
+    key = position_key(seed, position)
+    if kernels.native():
+        return kernels.gumbel_at(key, ids)
+    return gumbel_at_reference(key, ids)
+
+
 def gumbel(seed: int, position: int, vocab: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise [V] for one position, drawn on the CPU so every device agrees.
-
-    The draft and the walk both need the noise of the same few positions, so the latest ones
-    are kept (read-only: callers add it to their logits, never write into it)."""
-    return _kept(_NOISE, (seed, position, vocab), _gumbel)
-
-
-def _kept(store: dict, key: tuple[int, int, int], make) -> torch.Tensor:
-    """store[key], made by make(*key) on a miss; the oldest entry goes past _NOISE_KEEP."""
-    hit = store.get(key)
+    """The noise [V] (float64) of every token at one position, kept for the latest positions
+    (read-only: callers add it to their scores, never write into it)."""
+    key = (seed, position, vocab)
+    hit = _NOISE.get(key)
     if hit is None:
-        hit = make(*key)
-        if len(store) >= _NOISE_KEEP:
-            store.pop(next(iter(store)))
-        store[key] = hit
+        hit = gumbel_at(seed, position, torch.arange(vocab))
+        if len(_NOISE) >= _NOISE_KEEP:
+            _NOISE.pop(next(iter(_NOISE)))
+        _NOISE[key] = hit
     return hit
 
 
@@ -146,60 +191,24 @@ _NOISE: dict[tuple[int, int, int], torch.Tensor] = {}
 _NOISE_KEEP = 64  # more than the deepest trie plus an iteration's slack
 
 
-def _uniform(seed: int, position: int, vocab: int) -> torch.Tensor:  # [V] float64 in (0, 1)
-    g = torch.Generator(device="cpu")
-    g.manual_seed(position_key(seed, position))
-    u = torch.rand(vocab, generator=g, dtype=torch.float64)
-    return u.clamp_(min=torch.finfo(torch.float64).tiny)
-
-
-def _gumbel(seed: int, position: int, vocab: int) -> torch.Tensor:
-    return _to_gumbel(_uniform(seed, position, vocab))
-
-
-def _to_gumbel(u: torch.Tensor) -> torch.Tensor:  # uniforms (float64) -> their Gumbel noise (float32)
-    return (-torch.log(-torch.log(u))).to(torch.float32)
-
-
-def uniforms(seed: int, position: int, vocab: int) -> torch.Tensor:
-    """The uniforms [V] (float64) behind `gumbel(seed, position, vocab)`, kept like the noise."""
-    return _kept(_UNIFORM, (seed, position, vocab), _uniform)
-
-
-_UNIFORM: dict[tuple[int, int, int], torch.Tensor] = {}
-
-
 def draw(
-    logprobs: torch.Tensor,  # [N, V] from final_logprobs
+    scores: torch.Tensor,  # [N, V] from final_scores (or final_logprobs: a row's shift changes nothing)
     positions: Sequence[int],  # absolute position of each row's token
     s: SamplingConfig,
 ) -> torch.Tensor:  # [N] int64
-    """One token per row. Greedy: argmax. Sampling: position-keyed Gumbel-max; rows that
-    share a position share the noise."""
+    """One token per row. Greedy: argmax. Sampling: position-keyed Gumbel-max over the tokens
+    the filters kept (their noise alone), score + noise in float64, the first of equal maxima;
+    rows that share a position share the noise. On the CPU, whatever device the scores are on."""
     if s.greedy:
-        return logprobs.argmax(-1)
-    V = logprobs.shape[-1]
-    if logprobs.device.type == "cpu":
-        # Only the tokens the filters kept can win: their noise alone (min-p, top-k and top-p
-        # keep a few hundred of ~50K), the same values as the whole vector's, and the first of
-        # equal maxima as argmax over the whole row picks it.
-        out = torch.empty(len(positions), dtype=torch.int64)
-        for i, p in enumerate(positions):
-            row = logprobs[i]
-            keep = (row > _NEG_INF).nonzero().squeeze(1)  # [n] ascending
-            if 0 < keep.numel() * 4 <= V:
-                g = _to_gumbel(uniforms(s.seed, int(p), V)[keep])
-                out[i] = keep[(row[keep] + g).argmax()]
-            else:
-                out[i] = (row + gumbel(s.seed, int(p), V)).argmax()
-        return out
-    noise: dict[int, torch.Tensor] = {}
-    rows = []
-    for p in positions:
-        if p not in noise:
-            noise[p] = gumbel(s.seed, int(p), V).to(logprobs.device)
-        rows.append(noise[p])
-    return (logprobs + torch.stack(rows)).argmax(-1)
+        return scores.argmax(-1)
+    out = torch.empty(len(positions), dtype=torch.int64)
+    for i, p in enumerate(positions):
+        row = scores[i]
+        keep = (row > _NEG_INF).nonzero().squeeze(1)  # [n] ascending
+        x = row[keep].cpu().double()
+        keep = keep.cpu()
+        out[i] = keep[(x + gumbel_at(s.seed, int(p), keep)).argmax()]
+    return out.to(scores.device)
 
 
 def coupled_candidates(
@@ -218,7 +227,7 @@ def coupled_candidates(
     side is untouched, so this changes speed only."""
     if k <= 0:
         return [[] for _ in range(logits.shape[0])]
-    lp = final_logprobs(logits, window, s)  # [N, V]
+    lp = final_scores(logits, window, s)  # [N, V]
     first = draw(lp, positions, s)  # [N]
     rest = lp.scatter(-1, first.unsqueeze(-1), _NEG_INF)
     kk = min(k - 1, lp.shape[-1] - 1)
@@ -238,4 +247,11 @@ def sample(
     positions: Sequence[int],
     s: SamplingConfig,
 ) -> torch.Tensor:  # [N] int64
-    return draw(final_logprobs(logits, window, s), positions, s)
+    """`draw(final_scores(...))`: one native call where the kernels run and the filters are
+    those it implements (all but top-p and eta), the same tokens."""
+    from . import kernels
+
+    if (logits.device.type == "cpu" and s.top_p >= 1.0 and s.eta == 0.0 and kernels.native()):
+        keys = torch.tensor([_signed(position_key(s.seed, int(p))) for p in positions], dtype=torch.int64)
+        return kernels.sample_rows(logits.float(), window, keys, s)
+    return draw(final_scores(logits, window, s), positions, s)

@@ -1,4 +1,5 @@
-"""Native CPU kernels: a thin face over `cpu.cpp` (C++, AVX2+FMA, built on first use).
+"""Native CPU kernels: a thin face over `cpu.cpp` and `sample.cpp` (C++, AVX2+FMA, built on
+first use).
 
 - `attention(q, k, v, mask)`: grouped-query attention of T new tokens over a KV cache (float32,
   bfloat16 or float16 K/V, read in place, or int8 K/V with per-row scales: the draft's copy of
@@ -15,6 +16,8 @@
 - `QuantLinear`: a GGUF Q4_0/Q4_1/Q8_0 matrix kept at its size in the same panels; its codes
   are dequantized in registers to exactly the float32 weights of the file's dequantization, so
   its product equals `PackedLinear`'s on the dequantized matrix bit for bit (and is as row-invariant).
+- `sample_rows` / `gumbel_at` (sample.cpp): the sampler's penalty, temperature, top-k, min-p
+  and position-keyed Gumbel-max draw in one call per row, the arithmetic of `sampling.py`'s.
 - `attn_in` / `attn_out_mlp`: a decoder layer's two halves around attention in one call each
   (norms, the matmuls of either weight form, RoPE, the cache write; the output projection,
   residuals and the SiLU MLP), row by row, so a decode step runs two calls a layer (`attn_block`
@@ -47,7 +50,7 @@ log = logging.getLogger("tokenswift")
 # shared by all rows of a KV head; 256 gives 2 threads enough chunks from 1K context on.
 CHUNK = 256
 
-_SRC = Path(__file__).with_name("cpu.cpp")
+_SOURCES = [Path(__file__).with_name(f) for f in ("cpu.cpp", "sample.cpp")]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool, "why": str
@@ -73,7 +76,8 @@ def _unavailable_reason() -> str | None:
 
 def build_dir() -> Path:
     root = Path(os.environ.get("TOKENSWIFT_CACHE", Path.home() / ".cache" / "tokenswift"))
-    key = hashlib.sha256(_SRC.read_bytes() + " ".join(_FLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
+    src = b"".join(p.read_bytes() for p in _SOURCES)
+    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
     return root / "kernels" / key
 
 
@@ -99,7 +103,7 @@ def native() -> bool:
                     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
                 except ImportError:
                     pass
-                cpp_extension.load(name="tokenswift_cpu", sources=[str(_SRC)], extra_cflags=_FLAGS,
+                cpp_extension.load(name="tokenswift_cpu", sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS,
                                    extra_ldflags=["-fopenmp"], build_directory=str(d), is_python_module=False,
                                    verbose=False)
             except Exception as e:  # a failed build must not stop generation: the torch paths run
@@ -453,3 +457,25 @@ def qlinear_act8_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | N
     q, s = quantize_q8_reference(x.reshape(-1, K // 32, 32).float())
     xr = (q.double() * s.double()[..., None]).reshape(*x.shape[:-1], K)
     return linear_reference(xr, w, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling (sample.cpp)
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_rows(logits: torch.Tensor, window: torch.Tensor | None, keys: torch.Tensor, s) -> torch.Tensor:
+    """`sampling.draw(sampling.final_scores(logits, window, s), ...)` for every filter but top-p
+    and eta: logits [N, V] float32, window [N or 1, W] int64 or None, keys [N] int64 (each
+    row's `position_key`, its uint64 bits) -> [N] int64 tokens."""
+    import math
+
+    min_p = s.min_p > 0.0
+    return torch.ops.tokenswift.sample_rows(logits, window, keys, float(s.penalty), float(s.temperature),
+                                            int(s.top_k), math.log(s.min_p) if min_p else 0.0, min_p,
+                                            int(s.min_keep), bool(s.greedy))
+
+
+def gumbel_at(key: int, ids: torch.Tensor) -> torch.Tensor:
+    """`sampling.gumbel_at_reference(key, ids)` natively: [n] int64 -> [n] float64 (std::log)."""
+    return torch.ops.tokenswift.gumbel_at(key - (1 << 64) if key >= 1 << 63 else key, ids.to(torch.int64))
