@@ -1,18 +1,22 @@
 // The sampler's hot path, one row at a time: repetition penalty, temperature, top-k, min-p with
 // min_keep, then the position-keyed Gumbel-max draw over the kept tokens (sampling.py's
 // `draw(final_scores(...))`, whose arithmetic this repeats: float32 scores, the min-p test and
-// score + noise in float64, the first of equal maxima). Torch's version of it makes a dozen
-// passes over the vocabulary and ~2 MB of noise a row; this one makes four passes and draws the
-// noise of the kept tokens only (a few dozen under min-p), which at Gemma 3's 262,144 tokens is
-// most of a millisecond a token. Top-p and eta stay in torch (sampling.py falls back for them).
+// score + noise in float64, the first of equal maxima). Torch's version makes a dozen passes
+// over the vocabulary; here the filters reduce to one float floor (a kept score is >= it, found
+// from the max and the k-th largest scores), the vocabulary is read a few times by vector
+// compares, and only the kept few (a few dozen under min-p) are visited after, their noise
+// drawn alone. Top-p and eta stay in torch (sampling.py falls back for them).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <queue>
@@ -36,17 +40,38 @@ inline double gumbel_noise(uint64_t key, int64_t id) {
   return -std::log(-std::log(u));
 }
 
-// The k-th largest of x[0, n) (k >= 1, counting equal values), as torch.topk(x, k)[-1].
+// max of x[0, n) (-inf when n == 0; NaNs are not produced by the filters and are skipped).
+float max_of(const float* x, int64_t n) {
+  __m256 m = _mm256_set1_ps(kNegInf);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+  alignas(32) float b[8];
+  _mm256_store_ps(b, m);
+  float r = kNegInf;
+  for (float v : b) r = std::max(r, v);
+  for (; i < n; ++i) r = std::max(r, x[i]);
+  return r;
+}
+
+// The k-th largest of x[0, n) (1 <= k <= n, counting equal values), as torch.topk(x, k)[-1].
 float kth_largest(const float* x, int64_t n, int64_t k) {
-  if (k <= 64) {  // one pass with a min-heap of the k best so far
+  if (k <= 64) {  // a min-heap of the k best so far; blocks of 8 with nothing above its top are skipped
     std::priority_queue<float, std::vector<float>, std::greater<float>> heap;
-    for (int64_t i = 0; i < n; ++i) {
-      if (static_cast<int64_t>(heap.size()) < k) heap.push(x[i]);
-      else if (x[i] > heap.top()) {
+    int64_t i = 0;
+    for (; i < n && static_cast<int64_t>(heap.size()) < k; ++i) heap.push(x[i]);
+    auto take = [&](float v) {
+      if (v > heap.top()) {
         heap.pop();
-        heap.push(x[i]);
+        heap.push(v);
       }
+    };
+    for (; i < n && i % 8; ++i) take(x[i]);
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_loadu_ps(x + i);
+      if (_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(heap.top()), _CMP_GT_OQ)))
+        for (int64_t j = i; j < i + 8; ++j) take(x[j]);
     }
+    for (; i < n; ++i) take(x[i]);
     return heap.top();
   }
   std::vector<float> c(x, x + n);
@@ -54,10 +79,21 @@ float kth_largest(const float* x, int64_t n, int64_t k) {
   return c[k - 1];
 }
 
+// The smallest float f with (double)f - m >= L: min-p keeps exactly the scores >= it (the test
+// is monotone in f), so that the pass over the vocabulary is one float compare.
+float min_p_floor(double m, double L) {
+  auto keeps = [&](float f) { return static_cast<double>(f) - m >= L; };
+  float f = static_cast<float>(m + L);
+  while (!keeps(f)) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+  for (float g = std::nextafter(f, kNegInf); keeps(g); g = std::nextafter(f, kNegInf)) f = g;
+  return f;
+}
+
 int64_t sample_row(const float* logits, int64_t V, const int64_t* win, int64_t W, uint64_t key, double penalty,
                    double temperature, int64_t top_k, double ln_min_p, bool use_min_p, int64_t min_keep,
-                   bool greedy, std::vector<float>& x) {
-  x.assign(logits, logits + V);
+                   bool greedy, std::vector<float>& x, std::vector<int64_t>& cand) {
+  x.resize(V);  // reused across calls (a fresh 1 MB a row cost its page faults)
+  std::memcpy(x.data(), logits, V * sizeof(float));
   if (penalty != 1.0 && W > 0) {  // each distinct token of the window once, from its logit
     const float p = static_cast<float>(penalty);
     for (int64_t j = 0; j < W; ++j) {
@@ -66,40 +102,57 @@ int64_t sample_row(const float* logits, int64_t V, const int64_t* win, int64_t W
       x[t] = l > 0 ? l / p : l * p;
     }
   }
-  if (greedy) {
-    int64_t best = 0;
-    for (int64_t i = 1; i < V; ++i)
-      if (x[i] > x[best]) best = i;
-    return best;
+  float* xd = x.data();
+  const float xmax = max_of(xd, V);
+  if (greedy) {  // the first maximum
+    const __m256 mv = _mm256_set1_ps(xmax);
+    int64_t i = 0;
+    for (; i + 8 <= V; i += 8)
+      if (const int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(xd + i), mv, _CMP_EQ_OQ))) return i + __builtin_ctz(m);
+    for (; i < V; ++i)
+      if (xd[i] == xmax) return i;
+    return 0;
   }
+  float hi = xmax;
   if (temperature != 1.0) {
     const float t = static_cast<float>(temperature);
-    for (int64_t i = 0; i < V; ++i) x[i] = x[i] / t;
+    const __m256 tv = _mm256_set1_ps(t);
+    int64_t i = 0;
+    for (; i + 8 <= V; i += 8) _mm256_storeu_ps(xd + i, _mm256_div_ps(_mm256_loadu_ps(xd + i), tv));
+    for (; i < V; ++i) xd[i] = xd[i] / t;
+    hi = max_of(xd, V);
   }
+  // a score is kept when it is >= floor (and finite): top-k's k-th largest, and min-p's floor
+  // lowered to the min_keep-th largest where that is lower
   const int64_t keep_n = std::min(min_keep, V);
-  if (top_k > 0 && top_k < V) {
-    const float kth = kth_largest(x.data(), V, std::max(top_k, keep_n));
-    for (int64_t i = 0; i < V; ++i)
-      if (x[i] < kth) x[i] = kNegInf;
+  float floor = kNegInf;
+  if (top_k > 0 && top_k < V) floor = kth_largest(xd, V, std::max(top_k, keep_n));
+  if (use_min_p && hi > kNegInf) {
+    float f = min_p_floor(static_cast<double>(hi), ln_min_p);
+    if (keep_n > 1) f = std::min(f, kth_largest(xd, V, keep_n));
+    floor = std::max(floor, f);
   }
-  if (use_min_p) {
-    float xmax = kNegInf;
-    for (int64_t i = 0; i < V; ++i) xmax = std::max(xmax, x[i]);
-    const float kth = keep_n > 1 ? kth_largest(x.data(), V, keep_n) : 0.0f;
-    const double m = static_cast<double>(xmax);
-    for (int64_t i = 0; i < V; ++i) {
-      const bool drop = static_cast<double>(x[i]) - m < ln_min_p;
-      if (drop && (keep_n <= 1 || x[i] < kth)) x[i] = kNegInf;
+  cand.clear();
+  const __m256 fv = _mm256_set1_ps(floor), ninf = _mm256_set1_ps(kNegInf);
+  int64_t i = 0;
+  for (; i + 8 <= V; i += 8) {
+    const __m256 v = _mm256_loadu_ps(xd + i);
+    int mask = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, fv, _CMP_GE_OQ), _mm256_cmp_ps(v, ninf, _CMP_GT_OQ)));
+    while (mask) {
+      const int b = __builtin_ctz(mask);
+      cand.push_back(i + b);
+      mask &= mask - 1;
     }
   }
+  for (; i < V; ++i)
+    if (xd[i] >= floor && xd[i] > kNegInf) cand.push_back(i);
   int64_t best = -1;
   double top = -std::numeric_limits<double>::infinity();
-  for (int64_t i = 0; i < V; ++i) {
-    if (!(x[i] > kNegInf)) continue;
-    const double s = static_cast<double>(x[i]) + gumbel_noise(key, i);
+  for (const int64_t c : cand) {
+    const double s = static_cast<double>(xd[c]) + gumbel_noise(key, c);
     if (best < 0 || s > top) {
       top = s;
-      best = i;
+      best = c;
     }
   }
   return best < 0 ? 0 : best;
@@ -129,11 +182,12 @@ at::Tensor sample_rows(const at::Tensor& logits, const c10::optional<at::Tensor>
   const int64_t* kd = k.data_ptr<int64_t>();
   int64_t* od = out.data_ptr<int64_t>();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> x;
+    static thread_local std::vector<float> x;
+    static thread_local std::vector<int64_t> cand;
     for (int64_t r = begin; r < end; ++r)
       od[r] = sample_row(ld + r * V, V, wd ? wd + (wrows == 1 ? 0 : r) * W : nullptr, W,
                          static_cast<uint64_t>(kd[r]), penalty, temperature, top_k, ln_min_p, use_min_p, min_keep,
-                         greedy, x);
+                         greedy, x, cand);
   });
   return out;
 }
