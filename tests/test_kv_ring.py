@@ -63,6 +63,7 @@ def test_passes_over_a_ring_give_the_bits_of_passes_over_the_whole_cache(lm, mon
     if portable:
         monkeypatch.setenv("TOKENSWIFT_PORTABLE_ATTENTION", "1")
     monkeypatch.setattr(kvc, "RING_SLACK", 8)
+    monkeypatch.setattr(kvc, "RING_MARGIN", 4)
     m = lm.model
     ids = torch.randint(0, 96, (1, 200), generator=torch.Generator().manual_seed(0))
     whole, ring = KVCache(m.cfg, capacity=200), KVCache(m.cfg, capacity=200, ring=WINDOW + 8)
@@ -84,6 +85,7 @@ def test_passes_over_a_ring_give_the_bits_of_passes_over_the_whole_cache(lm, mon
 def test_a_ring_is_given_where_the_context_is_much_longer_than_it(lm, monkeypatch):
     cfg = lm.model.cfg
     monkeypatch.setattr(kvc, "RING_SLACK", 8)
+    monkeypatch.setattr(kvc, "RING_MARGIN", 4)
     assert ring_slots(cfg, 48) is None and ring_slots(cfg, 49) == WINDOW + 8
     assert ring_slots(replace(cfg, layer_windows=(None, None)), 10_000) is None
     assert lm.model.kv_ring(10_000, "partial") is None and lm.model.kv_ring(10_000, "int8") == WINDOW + 8
@@ -112,6 +114,7 @@ def test_tokenswift_over_a_ring_writes_the_tokens_of_ar(lm, monkeypatch, samplin
     prompt = list(range(3, 43))
     want = lm.generate(prompt, 120, method="ar", ignore_eos=True, **kw).tokens
     monkeypatch.setattr(kvc, "RING_SLACK", 8)
+    monkeypatch.setattr(kvc, "RING_MARGIN", 4)
     tree = dict(method="tokenswift", tree="1,3,3", draft_budget=64)  # past 64 entries: the draft's own cache
     for opts in (dict(method="ar"), dict(method="tokenswift"), dict(tree, draft_kv="int8"),
                  dict(tree, draft_kv="sparse"), dict(tree, draft_kv="full"), dict(tree, draft_kv="partial")):
@@ -137,6 +140,7 @@ def test_a_resume_from_a_rings_kv_rows_writes_the_uninterrupted_tokens(tiny_dir,
     import tokenswift.model as model
 
     monkeypatch.setattr(kvc, "RING_SLACK", 8)
+    monkeypatch.setattr(kvc, "RING_MARGIN", 4)
     monkeypatch.setattr(model, "_PREFILL_SCORE_BUDGET", 1)  # the prompt in 16-token chunks: the ring moves
     lm = _load(tiny_dir)
     sampling = dict(tokenswift.PAPER_SAMPLING, seed=6)
@@ -170,3 +174,23 @@ def test_a_resume_from_a_rings_kv_rows_writes_the_uninterrupted_tokens(tiny_dir,
     for _ in steps:
         pass
     assert ck.tokens == want and loaded == [len(ids) - 1]
+
+
+def test_a_draft_running_ahead_leaves_the_roots_window_in_the_ring(lm, monkeypatch):
+    """Draft passes at positions past the root move the ring for their own windows; the verify
+    pass at the root then still finds its window (a 100K Gemma run failed there: "no longer hold
+    entries before 98387; a pass needs them from 98386")."""
+    monkeypatch.setattr(kvc, "RING_SLACK", 8)
+    monkeypatch.setattr(kvc, "RING_MARGIN", 8)  # >= the chain; with 0 this test fails
+    m = lm.model
+    ids = torch.randint(0, 96, (1, 120), generator=torch.Generator().manual_seed(1))
+    whole, ring = KVCache(m.cfg, capacity=130), KVCache(m.cfg, capacity=130, ring=WINDOW + 8)
+    with torch.no_grad():
+        for c in (whole, ring):
+            m.prefill(ids[:, :100], c, chunk=4)
+        for d in range(8):  # an eight-token chain drafted in the ring, as the sparse view does
+            m(ids[:, 100 + d : 101 + d], torch.tensor([[100 + d]]), ring)
+        ring.truncate(100)
+        want = m(ids[:, 100:104], torch.arange(100, 104)[None], whole)
+        got = m(ids[:, 100:104], torch.arange(100, 104)[None], ring)
+    assert torch.equal(want, got)

@@ -23,6 +23,9 @@ from .config import ModelConfig
 log = logging.getLogger(__name__)
 
 RING_SLACK = 1024  # ring slots past the window: the longest pass that needs no move, and the move's period
+# entries a move keeps before the first one its pass reads: a draft pass runs positions ahead of
+# the root, and the verify pass after it reads the root's window (a 100K run failed there at 98.8K)
+RING_MARGIN = 256
 
 
 def ring_slots(cfg: ModelConfig, capacity: int) -> int | None:
@@ -134,6 +137,7 @@ class KVCache:
         if end - self.base <= self.ring:
             return
         held = self.length if held is None else held
+        first = max(self.base, first - RING_MARGIN)
         a, b = first - self.base, max(held, first) - self.base  # slots of [first, held)
         need = end - first
         if need > self.ring:  # one pass longer than the ring: a larger ring, the kept entries first
