@@ -324,16 +324,18 @@ class LM:
                              f" ({max_new_tokens}) exceeds the model's context of {ctx} tokens; lower ",
                              f" to {ctx - len(ids)} or {CONTEXT_HINT}")
         total, cfg, kv = len(ids) + max_new_tokens, self.model.cfg, None
-        copy = 0  # the draft's int8 copy of the cache
         if method == "tokenswift" and total > draft_budget:
             P["draft_kv"].check(draft_kv)
             kv = resolve_draft_kv(draft_kv, self.model) if draft_kv == "auto" else draft_kv
+        ring = self.model.kv_ring(total, kv)
+        need = cache_bytes(cfg, total, self.model.kv_dtype.itemsize, ring)
+        copy = 0  # the draft's int8 copy of the cache
+        if kv is not None:
             per_token = {"int8": Q8KVCache.bytes_per_token(cfg),
                          "sparse": SparseKV.bytes_per_token(cfg, sparse_scorer(cfg.head_dim))}.get(kv, 0)
-            if self.model.kv_ring(total, kv):  # the copy covers the whole-context layers only
+            if ring:  # the copy covers the whole-context layers only
                 per_token = per_token * sum(1 for w in cfg.layer_windows if not w) // cfg.num_layers
             copy = total * per_token
-        need = cache_bytes(cfg, total, self.model.kv_dtype.itemsize, self.model.kv_ring(total, kv))
         have = available_memory(self.model.device)
         if have is not None and need + copy > have:
             plus = f" and its int8 copy for the draft {copy / 2**30:.1f} GiB" if copy else ""

@@ -717,6 +717,15 @@ class Decoder(nn.Module):
         whole = (native_layers and cache is not None and not cache.quantized and not cache.sparse
                  and attn_probs is None and full is None and not window_masks and not window_starts
                  and local is None)
+        ring_starts: dict[int, torch.Tensor] = {}  # window_starts as ring slots (the ringed layers share one offset)
+
+        def kv_start(w: int, off: int) -> torch.Tensor:  # [B, T] the first visible key in the layer's storage
+            if not off:
+                return window_starts[w]
+            if w not in ring_starts:
+                ring_starts[w] = window_starts[w] - off
+            return ring_starts[w]
+
         for li, L in enumerate(self.layers):
             w = cfg.layer_windows[li]
             cos_l, sin_l = local if (local is not None and w) else (cos, sin)
@@ -754,7 +763,7 @@ class Decoder(nn.Module):
                         vc[lj, :, :, n - off : S - off] = v.transpose(1, 2)
                     if w in window_starts:  # a window's few hundred entries: read them all
                         att = kernels.attention(qs, kc[lj, :, :, : S - off], vc[lj, :, :, : S - off], block,
-                                                kv_start=window_starts[w] - off if off else window_starts[w])
+                                                kv_start=kv_start(w, off))
                     else:
                         att = cache.attend(li, qs, S)
                 elif cache is not None:
@@ -771,8 +780,7 @@ class Decoder(nn.Module):
                         raise ValueError("attention probabilities over every entry need a cache without a ring")
                     att = _attention_plain(qs, keys, vals, None, None, 0, None, probs_out=attn_probs[li])
                 elif att is None and w in window_starts:
-                    att = kernels.attention(qs, keys, vals, block,
-                                            kv_start=window_starts[w] - off if off else window_starts[w])  # [B, T, H*Dh]
+                    att = kernels.attention(qs, keys, vals, block, kv_start=kv_start(w, off))  # [B, T, H*Dh]
                 elif att is None and off:  # a ring's keys start at entry `off`
                     att = _attention(qs, keys, vals, block, bias, None if full is None else full[..., off:], lo - off,
                                      wmask, path, None if allow is None else allow[..., off:])
