@@ -8,7 +8,9 @@ the 30 layers' q/k/v, o, gate/up and down products and the LM head, each timed a
 embedded SmolLM2), `float` the same matrices dequantized (`--weights float`, the native float32
 kernel), `q8_0` the dequantized matrices quantized to Q8_0 at load, `gguf-int8` the model's own
 blocks multiplying int8-rounded activations (`--activations int8`; the Q8_0 head stays float).
-Medians of `--repeats`; run it alone on the machine.
+`--isa avx2,avx512` times each kind on each instruction level in turn (the same process and
+weights, the kernels' levels swapped; `tokenswift.kernels.LEVELS`). Medians of `--repeats`; run
+it alone on the machine.
 """
 
 from __future__ import annotations
@@ -38,12 +40,16 @@ def main() -> None:
     ap.add_argument("--weights", default="gguf,gguf-int8,float,q8_0")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--isa", default="", help="levels to time in turn (default: the one chosen)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     rows = [int(r) for r in a.rows.split(",")]
-    print(f"| weights | MB read | " + " | ".join(f"{m} row{'s' * (m > 1)} layers / head (ms)" for m in rows)
+    from tokenswift import kernels
+
+    levels = a.isa.split(",") if a.isa else [kernels.isa()]
+    print(f"| weights | isa | MB read | " + " | ".join(f"{m} row{'s' * (m > 1)} layers / head (ms)" for m in rows)
           + f" | {rows[-1]} rows / 1 (layers) |")
-    print("|---|---|" + "---|" * (len(rows) + 1))
+    print("|---|---|---|" + "---|" * (len(rows) + 1))
     for kind in a.weights.split(","):
         lm = tokenswift.load(a.model, heads="none", drafter="none",
                              weights="auto" if kind.startswith("gguf") else kind,
@@ -51,16 +57,18 @@ def main() -> None:
         dec = lm.model
         mats = [(getattr(L, n), getattr(L, n).shape[1]) for L in dec.layers for n in _MATRICES]  # (weight, width)
         mb = sum(nbytes(w) for w, _ in mats) / 1e6
-        cells, first = [], None
-        for m in rows:
-            xs = {k: torch.randn(m, k) for k in {k for _, k in mats}}
-            layers = median_ms(lambda: [linear(xs[k], w, None) for w, k in mats], a.repeats)
-            xh = torch.randn(m, dec.cfg.hidden_size)
-            head = median_ms(lambda: linear(xh, dec.lm_head, None), a.repeats)
-            first = first or layers
-            cells.append(f"{layers:.2f} / {head:.2f}")
-        print(f"| {kind} ({dec.quantized or 'float32'}) | {mb:.0f} + head {nbytes(dec.lm_head) / 1e6:.0f} | "
-              + " | ".join(cells) + f" | {layers / first:.2f}x |")
+        for level in levels:
+            kernels.ops = kernels.load_level(level)
+            cells, first = [], None
+            for m in rows:
+                xs = {k: torch.randn(m, k) for k in {k for _, k in mats}}
+                layers = median_ms(lambda: [linear(xs[k], w, None) for w, k in mats], a.repeats)
+                xh = torch.randn(m, dec.cfg.hidden_size)
+                head = median_ms(lambda: linear(xh, dec.lm_head, None), a.repeats)
+                first = first or layers
+                cells.append(f"{layers:.2f} / {head:.2f}")
+            print(f"| {kind} ({dec.quantized or 'float32'}) | {level} | {mb:.0f} + head "
+                  f"{nbytes(dec.lm_head) / 1e6:.0f} | " + " | ".join(cells) + f" | {layers / first:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -265,6 +265,14 @@ def run_llamacpp(lm: Any, prompt: list[int], lengths: list[int], name: str, samp
     return cp.records, tokens, {}
 
 
+def kernels_of(lm: Any) -> str:
+    """What our methods' matmuls and attention ran on: the native kernels' instruction level
+    ('avx2', 'avx512'), or torch's kernels (a GPU, or the native ones off)."""
+    from . import kernels
+
+    return kernels.isa() if getattr(lm.model, "packed", None) == "native" else "torch"
+
+
 def available(name: str) -> str | None:
     """None when the method can run here, else why not."""
     if name in ("hf", "hf-lookup") and importlib.util.find_spec("transformers") is None:
@@ -313,8 +321,10 @@ def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Seque
             ref = tokens
         compared = ref is not None and name in OURS  # other engines draw their own random numbers
         first = first_difference(tokens, ref) if compared else None
+        where = kernels_of(lm) if name in OURS else {"llamacpp": "llama.cpp"}.get(name, "transformers")
         for r in recs:  # per length: a late difference leaves the shorter lengths equal
             r["same_as_ar"] = (first is None or first >= r["length"]) if compared else None
+            r["kernels"] = where
         records.extend(recs)
         run = {"new_tokens": len(tokens), "same_as_ar": (first is None) if compared else None,
                "first_difference": first}
@@ -447,7 +457,7 @@ def _sweep(lm: Any, prompt: list[int], contexts: list[int], lengths: Sequence[in
 def sweep_table(result: dict[str, Any]) -> str:
     """A Markdown table of a context sweep: decode speed against `ar` at each context."""
     lines = ["| context | method | new tokens | decode tok/s | decode speedup | = ar | acceptance by depth | "
-             "tok/iter | peak MiB |", "|" + "|".join(["---"] * 9) + "|"]
+             "tok/iter | peak MiB | kernels |", "|" + "|".join(["---"] * 10) + "|"]
     L = max(result["lengths"])
     for r in sorted((r for r in result["records"] if r["length"] == L),
                     key=lambda r: (r["context"], result["methods"].index(r["method"]))):
@@ -456,7 +466,7 @@ def sweep_table(result: dict[str, Any]) -> str:
         sp = "—" if r["decode_speedup"] is None else f"{r['decode_speedup']:.2f}x"
         tpi = "—" if r["tokens_per_iteration"] is None else f"{r['tokens_per_iteration']:.2f}"
         lines.append(f"| {r['context']} | {r['method']} | {r['length']} | {r['decode_tokens_per_s']:.2f} | {sp} | "
-                     f"{same} | {depth} | {tpi} | {r['peak_memory_mib']:.0f} |")
+                     f"{same} | {depth} | {tpi} | {r['peak_memory_mib']:.0f} | {r.get('kernels', '—')} |")
     return "\n".join(lines)
 
 
@@ -535,8 +545,8 @@ def write_png(result: dict[str, Any], path: str | Path, title: str = "") -> None
 def table(result: dict[str, Any]) -> str:
     """A Markdown table of the records."""
     head = ("| method | new tokens | wall s | tok/s | speedup | acceptance | tok/iter | acceptance by depth "
-            "| n-gram share | Distinct-1/2/3/4 | peak MiB | = ar |")
-    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
+            "| n-gram share | Distinct-1/2/3/4 | peak MiB | = ar | kernels |")
+    lines = [head, "|" + "|".join(["---"] * 13) + "|"]
 
     def f(v: Any, d: int = 2) -> str:
         return "—" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
@@ -548,7 +558,7 @@ def table(result: dict[str, Any]) -> str:
         depth = " ".join(f"{a:.2f}" for a in r["depth_acceptance"][:4]) if r.get("depth_acceptance") else "—"
         lines.append(f"| {r['method']} | {r['length']} | {r['wall_seconds']:.1f} | {r['tokens_per_s']:.2f} | "
                      f"{f(r['speedup'])}x | {f(r['acceptance_rate'], 3)} | {f(r['tokens_per_iteration'])} | "
-                     f"{depth} | {f(r['ngram_share'], 3)} | {dn} | {r['peak_memory_mib']:.0f} | {same} |")
+                     f"{depth} | {f(r['ngram_share'], 3)} | {dn} | {r['peak_memory_mib']:.0f} | {same} | {r.get('kernels', '—')} |")
     return "\n".join(lines)
 
 

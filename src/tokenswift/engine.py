@@ -12,6 +12,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from . import kernels
 from .cache import KVCache
 from .config import SamplingConfig, SpecConfig
 from .drafters import NGramDrafter, Proposal, SelfDrafter, SeqDrafter, resolve_draft_kv
@@ -63,7 +64,8 @@ def _agree(model: Decoder, value: Any) -> Any:
     return value if model.tp is None else model.tp.agree(value)
 
 
-def _stats(method: str, prompt_len: int, new: int, timer: Timer, finish: str | None, iterations: int) -> dict[str, Any]:
+def _stats(method: str, prompt_len: int, new: int, timer: Timer, finish: str | None, iterations: int,
+           model: Decoder) -> dict[str, Any]:
     total = timer.elapsed()
     decode = max(total - timer.prefill, 1e-9)
     return {
@@ -77,6 +79,8 @@ def _stats(method: str, prompt_len: int, new: int, timer: Timer, finish: str | N
         "tokens_per_s": new / total if total > 0 else 0.0,
         "decode_tokens_per_s": new / decode,
         "finish_reason": finish,
+        # what the matmuls and attention ran on: the native kernels' instruction level, or torch's
+        "kernels": kernels.isa() if model.packed == "native" else "torch",
     }
 
 
@@ -108,7 +112,7 @@ def generate_ar(
         tok = _agree(model, int(sample(logits, penalty_window(history, p, sampling), [p], sampling)[0]))
         history[p] = tok
         finish = "eos" if tok in stop else ("length" if i == max_new_tokens - 1 else None)
-        yield Step([tok], _stats("ar", n0, i + 1, timer, finish, i + 1), finished=finish is not None, kv=cache)
+        yield Step([tok], _stats("ar", n0, i + 1, timer, finish, i + 1, model), finished=finish is not None, kv=cache)
         if finish is not None:
             return
         tok_buf.fill_(tok)
@@ -382,7 +386,7 @@ class SpeculativeRun:
 
     def stats(self, finish: str | None) -> dict[str, Any]:
         c, st = self.c, self.st
-        out = _stats(self.method, self.n0, st.produced, self.timer, finish, c.iterations)
+        out = _stats(self.method, self.n0, st.produced, self.timer, finish, c.iterations, self.model)
         d = self.drafter
         out.update({
             "acceptance_rate": c.accepted / (self.gamma * c.iterations) if c.iterations and self.gamma else 0.0,

@@ -51,9 +51,48 @@ log = logging.getLogger("tokenswift")
 CHUNK = 256
 
 _SOURCES = [Path(__file__).with_name(f) for f in ("cpu.cpp", "sample.cpp")]
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
+_COMMON = ["-O3", "-ffp-contract=off", "-fopenmp"]
+# One build of the sources per instruction level, each with its own flags and its own op
+# namespace (torch.ops.tokenswift_<level>), so a process can hold two levels side by side (the
+# tests compare them). `cpu` flags each level needs, as /proc/cpuinfo names them. The AVX-512
+# unit adds 16-wide float tiles and VNNI int8 tiles (cpu.cpp's `#if` blocks); everything else
+# is the same source, so the same bits.
+LEVELS: dict[str, dict[str, tuple[str, ...]]] = {
+    "avx2": {"flags": ("-mavx2", "-mfma", "-mf16c"), "cpu": ("avx2", "fma", "f16c")},
+    "avx512": {"flags": ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                         "-mavx512vnni"),
+               "cpu": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")},
+}
+# Named by TOKENSWIFT_ISA, but no kernels of their own yet
+_UNBUILT = {"amx": "the AMX (tile) kernels are not built yet"}
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "ok": bool, "why": str
+_state: dict[str, object] = {}  # "ok": bool, "why": str, "level": str
+_built: dict[str, object] = {}  # level -> its op namespace
+ops = None  # the chosen level's op namespace (torch.ops.tokenswift_<level>) once `native()` is True
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo is absent)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def levels_present() -> list[str]:
+    """The instruction levels this CPU (and its OS) can run, lowest first."""
+    flags = cpu_flags()
+    cap = torch.backends.cpu.get_cpu_capability()  # torch's own check, the OS's saved state included
+    if not flags:  # no /proc/cpuinfo: what torch reports, AVX2 at most
+        return ["avx2"] if cap in ("AVX2", "AVX512") else []
+    out = [lv for lv, d in LEVELS.items() if set(d["cpu"]) <= flags]
+    if cap != "AVX512":  # the OS does not save the 512-bit registers
+        out = [lv for lv in out if lv == "avx2"]
+    return out
 
 
 def _unavailable_reason() -> str | None:
@@ -61,9 +100,8 @@ def _unavailable_reason() -> str | None:
         return "TOKENSWIFT_NATIVE=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"CPU architecture {platform.machine()} (the kernels are x86-64 AVX2)"
-    cap = torch.backends.cpu.get_cpu_capability()
-    if cap not in ("AVX2", "AVX512"):
-        return f"CPU capability {cap} (needs AVX2 and FMA)"
+    if not levels_present():
+        return f"CPU capability {torch.backends.cpu.get_cpu_capability()} (needs AVX2, FMA and F16C)"
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler (c++) on PATH"
     try:
@@ -74,46 +112,79 @@ def _unavailable_reason() -> str | None:
     return None
 
 
-def build_dir() -> Path:
+def chosen_level() -> tuple[str | None, str]:
+    """(the level the kernels run at, '') or (None, why not): the best level present, or the one
+    TOKENSWIFT_ISA names when the CPU has it."""
+    have = levels_present()
+    want = os.environ.get("TOKENSWIFT_ISA", "").strip().lower()
+    if not want:
+        return (have[-1], "") if have else (None, "no AVX2")
+    if want in _UNBUILT:
+        return None, f"TOKENSWIFT_ISA={want}: {_UNBUILT[want]} (levels: {', '.join(LEVELS)})"
+    if want not in LEVELS:
+        return None, f"TOKENSWIFT_ISA={want!r} is not one of {', '.join(LEVELS)}"
+    if want not in have:
+        return None, f"TOKENSWIFT_ISA={want}: this CPU lacks it (it has: {', '.join(have) or 'none'})"
+    return want, ""
+
+
+def build_dir(level: str = "avx2") -> Path:
     root = Path(os.environ.get("TOKENSWIFT_CACHE", Path.home() / ".cache" / "tokenswift"))
     src = b"".join(p.read_bytes() for p in _SOURCES)
-    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
-    return root / "kernels" / key
+    flags = " ".join(_COMMON + list(LEVELS[level]["flags"]))
+    key = hashlib.sha256(src + flags.encode() + torch.__version__.encode()).hexdigest()[:16]
+    return root / "kernels" / f"{level}-{key}"
+
+
+def load_level(level: str):
+    """The op namespace of one level's build (building it once): the chosen level's is `ops`;
+    the tests load others beside it. Raises where the build fails."""
+    if level in _built:
+        return _built[level]
+    from torch.utils import cpp_extension
+
+    d = build_dir(level)
+    d.mkdir(parents=True, exist_ok=True)
+    if not any(d.glob("*.so")):
+        log.info("building the native CPU kernels (%s) into %s (once; about a minute)", level, d)
+    try:  # the PyPI wheel's binary; else the ninja found on PATH
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    flags = _COMMON + list(LEVELS[level]["flags"]) + [f"-DTS_NS=tokenswift_{level}"]
+    cpp_extension.load(name=f"tokenswift_cpu_{level}", sources=[str(p) for p in _SOURCES], extra_cflags=flags,
+                       extra_ldflags=["-fopenmp"], build_directory=str(d), is_python_module=False, verbose=False)
+    _built[level] = getattr(torch.ops, f"tokenswift_{level}")
+    return _built[level]
 
 
 def native() -> bool:
     """Whether the native kernels are loaded (building them on the first call)."""
+    global ops
     if "ok" in _state:
         return bool(_state["ok"])
     with _lock:
         if "ok" in _state:
             return bool(_state["ok"])
         why = _unavailable_reason()
+        level = None
+        if why is None:
+            level, why = chosen_level()
+            why = why or None
         if why is None:
             try:
-                from torch.utils import cpp_extension
-
-                d = build_dir()
-                d.mkdir(parents=True, exist_ok=True)
-                if not any(d.glob("*.so")):
-                    log.info("building the native CPU kernels into %s (once; about a minute)", d)
-                try:  # the PyPI wheel's binary; else the ninja found on PATH
-                    import ninja
-
-                    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-                except ImportError:
-                    pass
-                cpp_extension.load(name="tokenswift_cpu", sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS,
-                                   extra_ldflags=["-fopenmp"], build_directory=str(d), is_python_module=False,
-                                   verbose=False)
+                ops = load_level(level)
             except Exception as e:  # a failed build must not stop generation: the torch paths run
                 why = f"the build failed ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e})"
         _state["ok"] = why is None
         _state["why"] = why or ""
+        _state["level"] = level if why is None else ""
         if why:
             log.info("native CPU kernels off: %s; attention and matmuls take torch's kernels", why)
         else:
-            log.info("native CPU kernels on (row-invariant attention and float32 matmuls)")
+            log.info("native CPU kernels on, %s (row-invariant attention and float32 matmuls)", level)
         return why is None
 
 
@@ -121,6 +192,11 @@ def why_not() -> str:
     """Why the native kernels are off ('' when on)."""
     native()
     return str(_state.get("why", ""))
+
+
+def isa() -> str:
+    """The instruction level the kernels run at ('avx2', 'avx512'), or 'torch' where they are off."""
+    return str(_state["level"]) if native() else "torch"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +217,7 @@ def attention(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # [B, T, H*D] (and [B, T, H] log-sum-exp)
     """With `kv_start` (a sliding window), each row's visible keys begin at its own start and are
     chunked from there: a row's bits equal its one-token pass over k[:, :, kv_start:]."""
-    out, l = torch.ops.tokenswift.attention(q, k, v, mask, chunk, lse, k_scale, v_scale, kv_start)
+    out, l = ops.attention(q, k, v, mask, chunk, lse, k_scale, v_scale, kv_start)
     return (out, l) if lse else out
 
 
@@ -155,7 +231,7 @@ def attention_rows(
     """One token's attention in which each KV head reads only its listed rows, in place (the
     sparse draft's): `attention`'s arithmetic over those rows, so it equals `attention` over a
     gathered copy of them bit for bit."""
-    return torch.ops.tokenswift.attention_rows(q, k, v, rows, chunk)
+    return ops.attention_rows(q, k, v, rows, chunk)
 
 
 def sparse_select_dims(
@@ -172,13 +248,13 @@ def sparse_select_dims(
     The top by the `dims` scorer (`SparseKV`): the `dims` dimensions where the query group's |q|
     is largest, integer dot products with the query rounded to 7 bits, each row's softmax summed
     over the group."""
-    return torch.ops.tokenswift.sparse_select_dims(q, kt, ks, a, b, S, budget, dims)
+    return ops.sparse_select_dims(q, kt, ks, a, b, S, budget, dims)
 
 
 def quantize_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
     """x [B, KH, T, D] float32 -> q (int8, same shape) and scale [B, KH, T], written in place:
     per row scale = max|x| / 127 and q = round(x / scale) (0 for an all-zero row)."""
-    torch.ops.tokenswift.quantize_q8(x, q, scale)
+    ops.quantize_q8(x, q, scale)
 
 
 def quantize_q8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,10 +302,10 @@ class PackedLinear:
 
     def __init__(self, w: torch.Tensor) -> None:  # w [N, K] float32
         self.shape = tuple(w.shape)
-        self.packed = torch.ops.tokenswift.pack_linear(w.detach().float())  # [NB, K, 48]
+        self.packed = ops.pack_linear(w.detach().float())  # [NB, K, 48]
 
     def matmul(self, x: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:  # [..., K] -> [..., N]
-        return torch.ops.tokenswift.linear(x, self.packed, self.shape[0], b)
+        return ops.linear(x, self.packed, self.shape[0], b)
 
     def dense(self) -> torch.Tensor:  # [N, K]
         N, K = self.shape
@@ -265,7 +341,7 @@ class QuantLinear:
             raise RuntimeError(f"GGUF blocks need the native CPU kernels, which are off here ({why_not()})")
         self.qtype = qtype
         self.shape = (int(shape[0]), int(shape[1]))
-        self.packed = torch.ops.tokenswift.pack_q(raw, QTYPES[qtype], self.shape[1])  # [NB, K/32, PB] uint8
+        self.packed = ops.pack_q(raw, QTYPES[qtype], self.shape[1])  # [NB, K/32, PB] uint8
         self.dtype = torch.float32  # what it computes in and gives back
         self.device = raw.device
         # int8 activations (`load(activations="int8")`): each row rounded per block of 32 to int8
@@ -281,10 +357,10 @@ class QuantLinear:
         return QTYPES[self.qtype] | (ACT8 if self.act8 else 0)
 
     def matmul(self, x: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:  # [..., K] -> [..., N]
-        return torch.ops.tokenswift.qlinear(x, self.packed, self.qt, self.shape[0], b)
+        return ops.qlinear(x, self.packed, self.qt, self.shape[0], b)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:  # [...] int -> [..., K] float32
-        return torch.ops.tokenswift.qrows(self.packed, QTYPES[self.qtype], self.shape[0], ids)
+        return ops.qrows(self.packed, QTYPES[self.qtype], self.shape[0], ids)
 
     def dense(self) -> torch.Tensor:  # [N, K]
         return self.rows(torch.arange(self.shape[0]))
@@ -294,7 +370,7 @@ class QuantLinear:
         sub = object.__new__(QuantLinear)
         sub.qtype, sub.shape, sub.dtype, sub.device, sub.act8 = self.qtype, (int(ids.numel()), self.shape[1]), \
             self.dtype, self.device, self.act8
-        sub.packed = torch.ops.tokenswift.pack_q_rows(self.packed, QTYPES[self.qtype], self.shape[0], ids)
+        sub.packed = ops.pack_q_rows(self.packed, QTYPES[self.qtype], self.shape[0], ids)
         return sub
 
 
@@ -364,7 +440,7 @@ def dequantize_reference(raw: torch.Tensor, qtype: str, shape: tuple[int, int]) 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:  # [..., n] -> [..., n]
     """Rows of x over sqrt(mean(x^2) + eps), times w: each row alone, in a fixed order."""
-    return torch.ops.tokenswift.rms_norm(x, w, eps)
+    return ops.rms_norm(x, w, eps)
 
 
 def rms_norm_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -390,7 +466,7 @@ def attn_in(
     layer: int = 0,
     start: int = 0,
 ) -> torch.Tensor:  # [B, T, H + 2 KH, Dh]: q (RoPE'd, times q_scale), k (RoPE'd), v
-    return torch.ops.tokenswift.attn_in(x, norm, eps, w.packed, w.qt, w.shape[0], bias, q_norm, k_norm, cos, sin,
+    return ops.attn_in(x, norm, eps, w.packed, w.qt, w.shape[0], bias, q_norm, k_norm, cos, sin,
                                         heads, kv_heads, q_scale, kc, vc, layer, start)
 
 
@@ -399,7 +475,7 @@ def attn_block(x, norm, eps, w, bias, q_norm, k_norm, cos, sin, heads, kv_heads,
     """`attn_in` writing the cache, then `attention` of its queries over the layer's keys
     0 .. start + T under `mask` ([1 or B, T, T] among the new tokens; None = causal)
     -> [B, T, H*Dh]: the same numbers as the two calls, with no views made in Python."""
-    return torch.ops.tokenswift.attn_block(x, norm, eps, w.packed, w.qt, w.shape[0], bias, q_norm, k_norm, cos, sin,
+    return ops.attn_block(x, norm, eps, w.packed, w.qt, w.shape[0], bias, q_norm, k_norm, cos, sin,
                                            heads, kv_heads, q_scale, kc, vc, layer, start, mask, chunk)
 
 
@@ -408,7 +484,7 @@ def attn_out_mlp(x, att, wo, bo, norm, eps, wgu, bgu, wd, bd, post_attn=None, po
     """x [B, T, D], att [B, T, H*Dh] -> x1 + down(silu(gate(h)) * up(h)) with x1 = x + att Wo^T + bo,
     h = rms_norm(x1); wgu holds gate then up ([2I, D]). Gemma's: `post_attn` / `post_mlp` norm the
     attention and MLP branches before their residual adds, and `gelu` takes GELU-tanh for SiLU."""
-    return torch.ops.tokenswift.attn_out_mlp(x, att, wo.packed, wo.qt, wo.shape[0], bo, norm, eps, wgu.packed,
+    return ops.attn_out_mlp(x, att, wo.packed, wo.qt, wo.shape[0], bo, norm, eps, wgu.packed,
                                              wgu.qt, wgu.shape[0], bgu, wd.packed, wd.qt, wd.shape[0], bd,
                                              post_attn, post_mlp, gelu)
 
@@ -471,11 +547,11 @@ def sample_rows(logits: torch.Tensor, window: torch.Tensor | None, keys: torch.T
     import math
 
     min_p = s.min_p > 0.0
-    return torch.ops.tokenswift.sample_rows(logits, window, keys, float(s.penalty), float(s.temperature),
+    return ops.sample_rows(logits, window, keys, float(s.penalty), float(s.temperature),
                                             int(s.top_k), math.log(s.min_p) if min_p else 0.0, min_p,
                                             int(s.min_keep), bool(s.greedy))
 
 
 def gumbel_at(key: int, ids: torch.Tensor) -> torch.Tensor:
     """`sampling.gumbel_at_reference(key, ids)` natively: [n] int64 -> [n] float64 (std::log)."""
-    return torch.ops.tokenswift.gumbel_at(key - (1 << 64) if key >= 1 << 63 else key, ids.to(torch.int64))
+    return ops.gumbel_at(key - (1 << 64) if key >= 1 << 63 else key, ids.to(torch.int64))

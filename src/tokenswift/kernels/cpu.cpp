@@ -28,6 +28,11 @@
 
 #include <immintrin.h>
 
+// the op namespace: one per instruction level (kernels/__init__.py builds each with -DTS_NS=...)
+#ifndef TS_NS
+#define TS_NS tokenswift
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -988,7 +993,82 @@ void quantize_q8(const at::Tensor& x, at::Tensor& q, at::Tensor& scale) {
 // linear
 // ---------------------------------------------------------------------------------------------
 
-constexpr int64_t BLOCK = 48;  // outputs per packed block: 6 vectors of 8
+constexpr int64_t BLOCK = 48;  // outputs per packed block: 6 vectors of 8, or 3 of 16
+
+// The float tiles' vector: 8 lanes (AVX2) or 16 (the AVX-512 build). A lane is one output and
+// runs the same operations in either width (loads, exact conversions, one FMA chain), so both
+// builds give the same bits; the wider one issues half the instructions.
+struct V8 {
+  using F = __m256;
+  static constexpr int W = 8;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F half(const uint8_t* p) {  // W float16 values
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static F u8(const uint8_t* p) {  // W unsigned bytes
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static F s8(const uint8_t* p) {  // W signed bytes
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static void nibbles(const uint8_t* p, F& lo, F& hi) {  // W bytes' low and high nibbles
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    lo = _mm256_cvtepi32_ps(_mm256_and_si256(c, _mm256_set1_epi32(0xF)));
+    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4));
+  }
+};
+#if defined(__AVX512F__)
+struct V16 {
+  using F = __m512;
+  static constexpr int W = 16;
+  static F zero() { return _mm512_setzero_ps(); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static F set1(float x) { return _mm512_set1_ps(x); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F half(const uint8_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static F u8(const uint8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static F s8(const uint8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static void nibbles(const uint8_t* p, F& lo, F& hi) {
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    lo = _mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(0xF)));
+    hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4));
+  }
+};
+using VF = V16;
+#else
+using VF = V8;
+#endif
+constexpr int PV_ALL = BLOCK / VF::W;           // vectors in a panel's row of 48 outputs
+constexpr int TILE_ROWS = VF::W == 16 ? 8 : 4;  // rows a tile holds in registers
+
+// f(std::integral_constant<int, R>) for R = rows (1 .. TILE_ROWS): a tile's row count as a
+// template argument
+template <int N = 1, typename F>
+inline void with_rows(int64_t rows, const F& f) {
+  if constexpr (N < TILE_ROWS) {
+    if (rows == N) return f(std::integral_constant<int, N>{});
+    with_rows<N + 1>(rows, f);
+  } else {
+    f(std::integral_constant<int, N>{});
+  }
+}
 
 // W [N, K] -> [ceil(N/48), K, 48], zero-padded outputs
 at::Tensor pack_linear(const at::Tensor& w) {
@@ -1008,15 +1088,16 @@ at::Tensor pack_linear(const at::Tensor& w) {
   return p;
 }
 
-// R rows x PV vectors of one block, starting at vector v0 of the block's 6
+// R rows x PV vectors of one block, starting at vector v0 of the block's PV_ALL
 // `pf`: the next block, prefetched a row of 48 a step while this one computes (a few-row product
 // does enough work per byte that the hardware prefetcher alone stops streaming)
 template <int R, int PV>
 inline void tile(const float* x, int64_t ldx, const float* wb, int64_t K, int v0, float* y, const float* pf) {
-  __m256 acc[R][PV];
+  using V = VF;
+  typename V::F acc[R][PV];
   for (int r = 0; r < R; ++r)
-    for (int p = 0; p < PV; ++p) acc[r][p] = _mm256_setzero_ps();
-  const float* w = wb + v0 * 8;
+    for (int p = 0; p < PV; ++p) acc[r][p] = V::zero();
+  const float* w = wb + v0 * V::W;
   for (int64_t kk = 0; kk < K; ++kk, w += BLOCK) {
     if (pf) {
       const char* a = reinterpret_cast<const char*>(pf + kk * BLOCK);
@@ -1024,26 +1105,33 @@ inline void tile(const float* x, int64_t ldx, const float* wb, int64_t K, int v0
       _mm_prefetch(a + 64, _MM_HINT_T1);
       _mm_prefetch(a + 128, _MM_HINT_T1);
     }
-    __m256 wv[PV];
-    for (int p = 0; p < PV; ++p) wv[p] = _mm256_loadu_ps(w + p * 8);
+    typename V::F wv[PV];
+    for (int p = 0; p < PV; ++p) wv[p] = V::load(w + p * V::W);
     for (int r = 0; r < R; ++r) {
-      __m256 xb = _mm256_broadcast_ss(x + r * ldx + kk);
-      for (int p = 0; p < PV; ++p) acc[r][p] = _mm256_fmadd_ps(xb, wv[p], acc[r][p]);
+      const typename V::F xb = V::bcast(x + r * ldx + kk);
+      for (int p = 0; p < PV; ++p) acc[r][p] = V::fma(xb, wv[p], acc[r][p]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int p = 0; p < PV; ++p) _mm256_storeu_ps(y + r * BLOCK + (v0 + p) * 8, acc[r][p]);
+    for (int p = 0; p < PV; ++p) V::store(y + r * BLOCK + (v0 + p) * V::W, acc[r][p]);
 }
 
-// Up to 4 rows of x against one float panel [K][48] into buf [4][48]
+// Whether R rows take a panel's vectors in one tile (else two halves: registers)
+template <int R>
+constexpr bool whole_panel() { return VF::W == 16 || R <= 2; }
+
+// Up to TILE_ROWS rows of x against one float panel [K][48] into buf [TILE_ROWS][48]
 inline void panel_rows(const float* xr, int64_t ldx, const float* w, int64_t K, int64_t rows, float* buf,
                        const float* pf) {
-  switch (rows) {
-    case 1: tile<1, 6>(xr, ldx, w, K, 0, buf, pf); break;
-    case 2: tile<2, 6>(xr, ldx, w, K, 0, buf, pf); break;
-    case 3: tile<3, 3>(xr, ldx, w, K, 0, buf, pf); tile<3, 3>(xr, ldx, w, K, 3, buf, nullptr); break;
-    default: tile<4, 3>(xr, ldx, w, K, 0, buf, pf); tile<4, 3>(xr, ldx, w, K, 3, buf, nullptr); break;
-  }
+  with_rows(rows, [&](auto RR) {
+    constexpr int R = decltype(RR)::value;
+    if constexpr (whole_panel<R>()) {
+      tile<R, PV_ALL>(xr, ldx, w, K, 0, buf, pf);
+    } else {
+      tile<R, PV_ALL / 2>(xr, ldx, w, K, 0, buf, pf);
+      tile<R, PV_ALL / 2>(xr, ldx, w, K, PV_ALL / 2, buf, nullptr);
+    }
+  });
 }
 
 // buf's rows [rows][48] (the first nn outputs, plus the bias from output n0, then the residual
@@ -1079,14 +1167,14 @@ inline const float* vec_ptr(const c10::optional<at::Tensor>& t, int64_t n, at::T
 void linear_impl(const float* xd, int64_t M, int64_t ldx, const float* wd, int64_t NB, int64_t K, int64_t N,
                  const float* bd, const float* rd, float* yd) {
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-    float buf[4 * BLOCK];
+    float buf[TILE_ROWS * BLOCK];
     for (int64_t nb = b0; nb < b1; ++nb) {
       const float* wb = wd + nb * K * BLOCK;
       const int64_t n0 = nb * BLOCK, nn = std::min(BLOCK, N - n0);
       const float* next = nb + 1 < b1 ? wb + K * BLOCK : nullptr;
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      for (int64_t m0 = 0; m0 < M; m0 += TILE_ROWS) {
         const float* xr = xd + m0 * ldx;
-        const int64_t rows = std::min<int64_t>(4, M - m0);
+        const int64_t rows = std::min<int64_t>(TILE_ROWS, M - m0);
         panel_rows(xr, ldx, wb, K, rows, buf, m0 == 0 ? next : nullptr);
         store_rows(buf, rows, nn, yd + m0 * N, N, n0, bd, rd ? rd + m0 * N : nullptr);
       }
@@ -1159,53 +1247,45 @@ inline void check_qt(int64_t qt) {
               " is not Q4_0 (2), Q4_1 (3), Q5_0 (6), Q5_1 (7), Q8_0 (8), Q4_K (12), Q5_K (13) or Q6_K (14)");
 }
 
-// The scales of vector v (outputs v*8 .. v*8+7) of one panel block: w = fma(q, d, m), or q*d for
-// `mul_only` types; d0 for the block's inputs 0-15, d1 for 16-31 (equal but for Q6_K).
-template <int QT>
-inline void vec_scales(const uint8_t* blk, int v, __m256& d0, __m256& d1, __m256& m) {
-  const __m128i* dh = reinterpret_cast<const __m128i*>(blk);
-  const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(dh + v));
-  auto bytes8 = [&](int at, bool sgn) {
-    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + at + v * 8));
-    return _mm256_cvtepi32_ps(sgn ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
-  };
+// The scales of vector v (outputs v*W .. v*W+W-1) of one panel block: w = fma(q, d, m), or q*d
+// for `mul_only` types; d0 for the block's inputs 0-15, d1 for 16-31 (equal but for Q6_K).
+template <int QT, typename V>
+inline void vec_scales(const uint8_t* blk, int v, typename V::F& d0, typename V::F& d1, typename V::F& m) {
+  const int o = v * V::W;  // the vector's first output
+  const typename V::F d = V::half(blk + 2 * o);
   if constexpr (QT == QT_Q4_K || QT == QT_Q5_K) {
-    d0 = d1 = _mm256_mul_ps(d, bytes8(192, false));
-    const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(dh + BLOCK / 8 + v));
-    m = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(dmin, bytes8(240, false)));
+    d0 = d1 = V::mul(d, V::u8(blk + 192 + o));
+    m = V::sub(V::zero(), V::mul(V::half(blk + 96 + 2 * o), V::u8(blk + 240 + o)));
   } else if constexpr (QT == QT_Q6_K) {
-    d0 = _mm256_mul_ps(d, bytes8(96, true));
-    d1 = _mm256_mul_ps(d, bytes8(144, true));
-    m = _mm256_setzero_ps();
+    d0 = V::mul(d, V::s8(blk + 96 + o));
+    d1 = V::mul(d, V::s8(blk + 144 + o));
+    m = V::zero();
   } else {
     d0 = d1 = d;
-    m = QT == QT_Q4_1 || QT == QT_Q5_1 ? _mm256_cvtph_ps(_mm_loadu_si128(dh + BLOCK / 8 + v))
-        : QT == QT_Q4_0               ? _mm256_mul_ps(d, _mm256_set1_ps(-8.0f))
-                                      : _mm256_setzero_ps();
+    m = QT == QT_Q4_1 || QT == QT_Q5_1 ? V::half(blk + 96 + 2 * o)
+        : QT == QT_Q4_0               ? V::mul(d, V::set1(-8.0f))
+                                      : V::zero();
   }
 }
 
-// The weights of inputs (2j, 2j+1) of a block for the eight outputs of vector v (codes: the
-// block's codes from output v*8), with scale d (d0 or d1 of `vec_scales`) and offset m.
-template <int QT>
-inline void weights8(const uint8_t* codes, int j, __m256 d, __m256 m, __m256& w0, __m256& w1) {
-  __m256 q0, q1;
+// The weights of inputs (2j, 2j+1) of a block for the W outputs of a vector (codes: the block's
+// codes from the vector's first output), with scale d (d0 or d1 of `vec_scales`) and offset m.
+template <int QT, typename V>
+inline void weights_at(const uint8_t* codes, int j, typename V::F d, typename V::F m, typename V::F& w0,
+                       typename V::F& w1) {
+  typename V::F q0, q1;
   if constexpr (nibbles(QT)) {
-    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j * BLOCK)));
-    q0 = _mm256_cvtepi32_ps(_mm256_and_si256(c, _mm256_set1_epi32(0xF)));
-    q1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4));
+    V::nibbles(codes + j * BLOCK, q0, q1);
   } else {
-    q0 = _mm256_cvtepi32_ps(
-        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 2 * j * BLOCK))));
-    q1 = _mm256_cvtepi32_ps(
-        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + (2 * j + 1) * BLOCK))));
+    q0 = V::s8(codes + 2 * j * BLOCK);
+    q1 = V::s8(codes + (2 * j + 1) * BLOCK);
   }
   if constexpr (mul_only(QT)) {
-    w0 = _mm256_mul_ps(q0, d);
-    w1 = _mm256_mul_ps(q1, d);
+    w0 = V::mul(q0, d);
+    w1 = V::mul(q1, d);
   } else {
-    w0 = _mm256_fmadd_ps(q0, d, m);
-    w1 = _mm256_fmadd_ps(q1, d, m);
+    w0 = V::fma(q0, d, m);
+    w1 = V::fma(q1, d, m);
   }
 }
 
@@ -1336,48 +1416,47 @@ at::Tensor pack_q(const at::Tensor& raw, int64_t qt, int64_t K) {
 // R rows x PV vectors of one panel from vector v0, dequantizing each code once for the R rows
 template <int QT, int R, int PV>
 inline void qtile(const float* x, int64_t ldx, const uint8_t* wb, int64_t KB, int v0, float* y) {
+  using V = VF;
+  using F = typename V::F;
   const int64_t PB = panel_block_bytes(QT);
-  __m256 acc[R][PV];
+  F acc[R][PV];
   for (int r = 0; r < R; ++r)
-    for (int p = 0; p < PV; ++p) acc[r][p] = _mm256_setzero_ps();
+    for (int p = 0; p < PV; ++p) acc[r][p] = V::zero();
   for (int64_t kb = 0; kb < KB; ++kb) {
     const uint8_t* blk = wb + kb * PB;
-    __m256 d0[PV], d1[PV], m[PV];
-    for (int p = 0; p < PV; ++p) vec_scales<QT>(blk, v0 + p, d0[p], d1[p], m[p]);
-    const uint8_t* codes = blk + codes_at(QT) + v0 * 8;
+    F d0[PV], d1[PV], m[PV];
+    for (int p = 0; p < PV; ++p) vec_scales<QT, V>(blk, v0 + p, d0[p], d1[p], m[p]);
+    const uint8_t* codes = blk + codes_at(QT) + v0 * V::W;
     const float* xk = x + kb * 32;
     for (int j = 0; j < 16; ++j) {
-      __m256 x0[R], x1[R];
-      for (int r = 0; r < R; ++r) {
-        x0[r] = _mm256_broadcast_ss(xk + r * ldx + 2 * j);
-        x1[r] = _mm256_broadcast_ss(xk + r * ldx + 2 * j + 1);
-      }
       for (int p = 0; p < PV; ++p) {
-        __m256 w0, w1;
-        weights8<QT>(codes + p * 8, j, j < 8 ? d0[p] : d1[p], m[p], w0, w1);
-        for (int r = 0; r < R; ++r) acc[r][p] = _mm256_fmadd_ps(x0[r], w0, acc[r][p]);
-        for (int r = 0; r < R; ++r) acc[r][p] = _mm256_fmadd_ps(x1[r], w1, acc[r][p]);
+        F w0, w1;
+        weights_at<QT, V>(codes + p * V::W, j, j < 8 ? d0[p] : d1[p], m[p], w0, w1);
+        // the broadcasts read in the FMA (an embedded broadcast on AVX-512): registers for the rows
+        for (int r = 0; r < R; ++r) acc[r][p] = V::fma(V::bcast(xk + r * ldx + 2 * j), w0, acc[r][p]);
+        for (int r = 0; r < R; ++r) acc[r][p] = V::fma(V::bcast(xk + r * ldx + 2 * j + 1), w1, acc[r][p]);
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int p = 0; p < PV; ++p) _mm256_storeu_ps(y + r * BLOCK + (v0 + p) * 8, acc[r][p]);
+    for (int p = 0; p < PV; ++p) V::store(y + r * BLOCK + (v0 + p) * V::W, acc[r][p]);
 }
 
 // A whole panel dequantized into `out` in `linear`'s layout [K][48] (for passes of many rows)
 template <int QT>
 inline void dequant_panel(const uint8_t* wb, int64_t KB, float* out) {
+  using V = VF;
   const int64_t PB = panel_block_bytes(QT);
   for (int64_t kb = 0; kb < KB; ++kb) {
     const uint8_t* blk = wb + kb * PB;
-    for (int v = 0; v < BLOCK / 8; ++v) {
-      __m256 d0, d1, m;
-      vec_scales<QT>(blk, v, d0, d1, m);
+    for (int v = 0; v < PV_ALL; ++v) {
+      typename V::F d0, d1, m;
+      vec_scales<QT, V>(blk, v, d0, d1, m);
       for (int j = 0; j < 16; ++j) {
-        __m256 w0, w1;
-        weights8<QT>(blk + codes_at(QT) + v * 8, j, j < 8 ? d0 : d1, m, w0, w1);
-        _mm256_storeu_ps(out + (kb * 32 + 2 * j) * BLOCK + v * 8, w0);
-        _mm256_storeu_ps(out + (kb * 32 + 2 * j + 1) * BLOCK + v * 8, w1);
+        typename V::F w0, w1;
+        weights_at<QT, V>(blk + codes_at(QT) + v * V::W, j, j < 8 ? d0 : d1, m, w0, w1);
+        V::store(out + (kb * 32 + 2 * j) * BLOCK + v * V::W, w0);
+        V::store(out + (kb * 32 + 2 * j + 1) * BLOCK + v * V::W, w1);
       }
     }
   }
@@ -1393,24 +1472,29 @@ void qlinear_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd, in
                   const float* bd, const float* rd, float* yd, int64_t ldy) {
   const int64_t PB = panel_block_bytes(QT), K = KB * 32;
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-    float buf[4 * BLOCK];
+    float buf[TILE_ROWS * BLOCK];
     std::vector<float> dense(M > QDIRECT_ROWS ? K * BLOCK : 0);
     for (int64_t nb = b0; nb < b1; ++nb) {
       const uint8_t* wb = wd + nb * KB * PB;
       const int64_t n0 = nb * BLOCK, nn = std::min(BLOCK, N - n0);
       if (M > QDIRECT_ROWS) dequant_panel<QT>(wb, KB, dense.data());
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      for (int64_t m0 = 0; m0 < M; m0 += TILE_ROWS) {
         const float* xr = xd + m0 * ldx;
-        const int64_t rows = std::min<int64_t>(4, M - m0);
+        const int64_t rows = std::min<int64_t>(TILE_ROWS, M - m0);
         if (M > QDIRECT_ROWS) {
           panel_rows(xr, ldx, dense.data(), K, rows, buf, nullptr);
         } else {
-          switch (rows) {
-            case 1: qtile<QT, 1, 6>(xr, ldx, wb, KB, 0, buf); break;
-            case 2: qtile<QT, 2, 6>(xr, ldx, wb, KB, 0, buf); break;
-            case 3: qtile<QT, 3, 3>(xr, ldx, wb, KB, 0, buf); qtile<QT, 3, 3>(xr, ldx, wb, KB, 3, buf); break;
-            default: qtile<QT, 4, 3>(xr, ldx, wb, KB, 0, buf); qtile<QT, 4, 3>(xr, ldx, wb, KB, 3, buf); break;
-          }
+          with_rows(rows, [&](auto RR) {
+            constexpr int R = decltype(RR)::value;
+            if constexpr (VF::W == 16 && R > 4) {  // a vector at a time: the scales and 8 rows' sums in registers
+              for (int v = 0; v < PV_ALL; ++v) qtile<QT, R, 1>(xr, ldx, wb, KB, v, buf);
+            } else if constexpr (whole_panel<R>()) {
+              qtile<QT, R, PV_ALL>(xr, ldx, wb, KB, 0, buf);
+            } else {
+              qtile<QT, R, PV_ALL / 2>(xr, ldx, wb, KB, 0, buf);
+              qtile<QT, R, PV_ALL / 2>(xr, ldx, wb, KB, PV_ALL / 2, buf);
+            }
+          });
         }
         store_rows(buf, rows, nn, yd + m0 * ldy, ldy, n0, bd, rd ? rd + m0 * ldy : nullptr);
       }
@@ -1449,6 +1533,7 @@ void quantize_rows_q8(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t*
 }
 
 // R (1 to 8) rows x 16 outputs (group g of the panel) over every block -> y[r * 48 + g * 16 ...]
+#if !defined(__AVX512VNNI__)
 template <int QT, int R>
 inline void qtile_i8(const __m256i* xb, int64_t K, const float* dx, const int32_t* sx, const uint8_t* wb, int64_t KB,
                      int g, float* y) {
@@ -1509,6 +1594,70 @@ inline void qtile_i8(const __m256i* xb, int64_t K, const float* dx, const int32_
     for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + r * BLOCK + g * 16 + h * 8, acc[r][h]);
 }
 
+#endif
+
+#if defined(__AVX512VNNI__)
+// The same integer block sums by VNNI (the AVX-512 build): each 32-bit lane is one output, its
+// four bytes the codes of inputs 4t..4t+3, against the row's four int8 codes broadcast, and
+// vpdpbusd adds the four products into the lane: 64 products an instruction. Its first operand
+// is unsigned, so Q8_0's signed codes enter as q + 128 (q xor 0x80) and 128 * sum(qx) is taken
+// back; the nibble types' codes are unsigned already. The sums are the same integers as
+// `qtile_i8`'s and the float epilogue is its, lane for lane: the same bits.
+template <int QT, int R>
+inline void qtile_vnni(const int8_t* xq, int64_t K, const float* dx, const int32_t* sx, const uint8_t* wb,
+                       int64_t KB, int g, float* y) {
+  const int64_t PB = panel_block_bytes(QT);
+  const int codes_at = QT == QT_Q4_1 ? 192 : 96;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    const uint8_t* blk = wb + kb * PB;
+    const uint8_t* codes = blk + codes_at + g * 16;
+    __m512i s32[R];
+    for (int r = 0; r < R; ++r) s32[r] = _mm512_setzero_si512();
+    for (int t = 0; t < 8; ++t) {
+      __m512i w;
+      if constexpr (QT == QT_Q8_0) {  // inputs 4t..4t+3: four rows of 16 outputs, interleaved by output
+        auto row = [&](int k) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k * BLOCK)); };
+        const __m128i a0 = row(4 * t), a1 = row(4 * t + 1), a2 = row(4 * t + 2), a3 = row(4 * t + 3);
+        const __m128i l01 = _mm_unpacklo_epi8(a0, a1), h01 = _mm_unpackhi_epi8(a0, a1);
+        const __m128i l23 = _mm_unpacklo_epi8(a2, a3), h23 = _mm_unpackhi_epi8(a2, a3);
+        w = _mm512_castsi128_si512(_mm_unpacklo_epi16(l01, l23));
+        w = _mm512_inserti32x4(w, _mm_unpackhi_epi16(l01, l23), 1);
+        w = _mm512_inserti32x4(w, _mm_unpacklo_epi16(h01, h23), 2);
+        w = _mm512_inserti32x4(w, _mm_unpackhi_epi16(h01, h23), 3);
+        w = _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));
+      } else {  // bytes 2t, 2t+1 hold inputs (4t, 4t+1) and (4t+2, 4t+3) as nibble pairs
+        const __m512i e0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 2 * t * BLOCK)));
+        const __m512i e1 =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (2 * t + 1) * BLOCK)));
+        const __m512i v = _mm512_or_si512(e0, _mm512_slli_epi32(e1, 16));
+        w = _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(0x000F000F)),
+                            _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x00F000F0)), 4));
+      }
+      for (int r = 0; r < R; ++r) {
+        int32_t quad;
+        std::memcpy(&quad, xq + r * K + kb * 32 + 4 * t, 4);
+        s32[r] = _mm512_dpbusd_epi32(s32[r], w, _mm512_set1_epi32(quad));
+      }
+    }
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * g)));
+    const __m512 mw = QT == QT_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 96 + 32 * g)))
+                                    : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+      const float dxr = dx[r * KB + kb];
+      __m512i is = s32[r];
+      if (QT == QT_Q8_0) is = _mm512_sub_epi32(is, _mm512_set1_epi32(128 * sx[r * KB + kb]));
+      if (QT == QT_Q4_0) is = _mm512_sub_epi32(is, _mm512_set1_epi32(8 * sx[r * KB + kb]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_set1_ps(dxr)), acc[r]);
+      if (QT == QT_Q4_1)
+        acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(dxr * static_cast<float>(sx[r * KB + kb])), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * BLOCK + g * 16, acc[r]);
+}
+#endif
+
 template <int QT>
 void qlinear_i8_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd, int64_t NB, int64_t KB, int64_t N,
                      const float* bd, const float* rd, float* yd) {
@@ -1517,6 +1666,7 @@ void qlinear_i8_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd,
   std::vector<float> dx(M * KB);
   std::vector<int32_t> sx(M * KB);
   quantize_rows_q8(xd, M, ldx, K, xq.data(), dx.data(), sx.data());
+#if !defined(__AVX512VNNI__)
   // every pair (x_2j, x_2j+1) broadcast to a vector once, read by a plain load in the tiles
   std::unique_ptr<__m256i[]> xb(new __m256i[M * K / 2]);
   for (int64_t i = 0; i < M * K / 2; ++i) {
@@ -1524,6 +1674,7 @@ void qlinear_i8_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd,
     std::memcpy(&pair, xq.data() + 2 * i, 2);
     xb[i] = _mm256_set1_epi16(pair);
   }
+#endif
   // up to 8 rows share each expanded code vector (the codes' unpacking is most of a row's work)
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
     float buf[8 * BLOCK];
@@ -1532,19 +1683,26 @@ void qlinear_i8_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd,
       const int64_t n0 = nb * BLOCK, nn = std::min(BLOCK, N - n0);
       for (int64_t m0 = 0; m0 < M; m0 += 8) {
         const int64_t rows = std::min<int64_t>(8, M - m0);
-        const __m256i* xr = xb.get() + m0 * K / 2;
         const float* dr = dx.data() + m0 * KB;
         const int32_t* sr = sx.data() + m0 * KB;
         for (int g = 0; g < 3; ++g) {
+          auto run = [&](auto RR) {
+            constexpr int R = decltype(RR)::value;
+#if defined(__AVX512VNNI__)
+            qtile_vnni<QT, R>(xq.data() + m0 * K, K, dr, sr, wb, KB, g, buf);
+#else
+            qtile_i8<QT, R>(xb.get() + m0 * K / 2, K, dr, sr, wb, KB, g, buf);
+#endif
+          };
           switch (rows) {
-            case 1: qtile_i8<QT, 1>(xr, K, dr, sr, wb, KB, g, buf); break;
-            case 2: qtile_i8<QT, 2>(xr, K, dr, sr, wb, KB, g, buf); break;
-            case 3: qtile_i8<QT, 3>(xr, K, dr, sr, wb, KB, g, buf); break;
-            case 4: qtile_i8<QT, 4>(xr, K, dr, sr, wb, KB, g, buf); break;
-            case 5: qtile_i8<QT, 5>(xr, K, dr, sr, wb, KB, g, buf); break;
-            case 6: qtile_i8<QT, 6>(xr, K, dr, sr, wb, KB, g, buf); break;
-            case 7: qtile_i8<QT, 7>(xr, K, dr, sr, wb, KB, g, buf); break;
-            default: qtile_i8<QT, 8>(xr, K, dr, sr, wb, KB, g, buf); break;
+            case 1: run(std::integral_constant<int, 1>{}); break;
+            case 2: run(std::integral_constant<int, 2>{}); break;
+            case 3: run(std::integral_constant<int, 3>{}); break;
+            case 4: run(std::integral_constant<int, 4>{}); break;
+            case 5: run(std::integral_constant<int, 5>{}); break;
+            case 6: run(std::integral_constant<int, 6>{}); break;
+            case 7: run(std::integral_constant<int, 7>{}); break;
+            default: run(std::integral_constant<int, 8>{}); break;
           }
         }
         store_rows(buf, rows, nn, yd + m0 * N, N, n0, bd, rd ? rd + m0 * N : nullptr);
@@ -2054,7 +2212,7 @@ at::Tensor attn_out_mlp(const at::Tensor& x, const at::Tensor& att, const at::Te
 
 }  // namespace
 
-TORCH_LIBRARY(tokenswift, m) {
+TORCH_LIBRARY(TS_NS, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, int chunk, bool want_lse, Tensor? k_scale=None, "
         "Tensor? v_scale=None, Tensor? kv_start=None) -> (Tensor, Tensor)");
   m.def("attention_rows(Tensor q, Tensor k, Tensor v, Tensor rows, int chunk) -> Tensor");
@@ -2078,7 +2236,7 @@ TORCH_LIBRARY(tokenswift, m) {
         "Tensor? post_attn=None, Tensor? post_mlp=None, bool gelu=False) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(tokenswift, CPU, m) {
+TORCH_LIBRARY_IMPL(TS_NS, CPU, m) {
   m.impl("attention", &attention);
   m.impl("attention_rows", &attention_rows);
   m.impl("sparse_select_dims", &sparse_select_dims);

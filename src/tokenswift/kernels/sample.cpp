@@ -13,6 +13,11 @@
 
 #include <immintrin.h>
 
+// the op namespace: one per instruction level (kernels/__init__.py builds each with -DTS_NS=...)
+#ifndef TS_NS
+#define TS_NS tokenswift
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -207,13 +212,13 @@ at::Tensor gumbel_at(int64_t key, const at::Tensor& ids) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(tokenswift, m) {
+TORCH_LIBRARY_FRAGMENT(TS_NS, m) {
   m.def("sample_rows(Tensor logits, Tensor? window, Tensor keys, float penalty, float temperature, int top_k, "
         "float ln_min_p, bool use_min_p, int min_keep, bool greedy) -> Tensor");
   m.def("gumbel_at(int key, Tensor ids) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(tokenswift, CPU, m) {
+TORCH_LIBRARY_IMPL(TS_NS, CPU, m) {
   m.impl("sample_rows", &sample_rows);
   m.impl("gumbel_at", &gumbel_at);
 }
