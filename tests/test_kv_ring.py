@@ -149,12 +149,19 @@ def test_a_resume_from_a_rings_kv_rows_writes_the_uninterrupted_tokens(tiny_dir,
     ck = Checkpoint(options=dict(model=str(tiny_dir), max_new_tokens=140, method="tokenswift", ignore_eos=True,
                                  sampling=sampling, spec={}),
                     prompt="", prompt_ids=prompt, model_fingerprint=model_fingerprint(lm.config))
-    path, kv = tmp_path / "ck.json", tmp_path / "ck.json.kv"
-    steps = continue_run(ck, lm, path, every=8, kv=kv)
-    for _ in steps:
-        if len(ck.tokens) >= 50:
-            break
-    steps.close()
+    fresh = ck
+    files = []
+    for rows_a_write in (4096, 7):  # rows written whole, and in slices of 7 (the prompt's 100 at once): the same file
+        monkeypatch.setattr(cp.KVRows, "SLICE", rows_a_write)
+        ck = Checkpoint(**{f: getattr(fresh, f) for f in ("options", "prompt", "prompt_ids", "model_fingerprint")})
+        path, kv = tmp_path / f"ck{rows_a_write}.json", tmp_path / f"ck{rows_a_write}.json.kv"
+        steps = continue_run(ck, lm, path, every=8, kv=kv)
+        for _ in steps:
+            if len(ck.tokens) >= 50:
+                break
+        steps.close()
+        files.append(kv.read_bytes())
+    assert files[0] == files[1]
     ck = Checkpoint.load(path)
     ids = ck.prompt_ids + ck.tokens
     raw = kv.read_bytes()

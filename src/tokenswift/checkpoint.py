@@ -278,6 +278,7 @@ class KVRows:
     # Its files say "ring" in their header, so that only such a cache reads them, and it uses
     # rows up to a point whose last window of rows is whole.
     ABSENT = 1 << 62
+    SLICE = 4096  # rows written at a time (memory: a few copies of this many rows)
 
     def _header(self, cache: Any, ring: bool | None = None) -> bytes:
         _, _, KH, _, D = cache.k.shape
@@ -380,17 +381,22 @@ class KVRows:
                     f.write(header)
             if n <= a:
                 return
-            k, v, held = cache.rows(a, n)  # [L, 1, KH, T, D]
-            kv = np.ascontiguousarray(_kv_bytes(k[:, 0].permute(2, 0, 1, 3), v[:, 0].permute(2, 0, 1, 3)))
-            id_col = np.asarray(ids[a:n], dtype=np.int64)  # [T, 2, L, KH, D] above as bytes
-            id_col[: held - a] |= self.ABSENT
-            out = np.empty((n - a, row), dtype=np.uint8)
-            out[:, : self.ID] = id_col.view(np.uint8).reshape(n - a, self.ID)
-            out[:, self.ID + self.CRC :] = kv.reshape(n - a, -1)
-            out[:, self.ID : self.ID + self.CRC] = self._checksums(out).astype("<u4").view(np.uint8).reshape(n - a, -1)
             with open(self.path, "r+b") as f:
                 f.seek(len(header) + a * row)
-                f.write(out.tobytes())
+                # a slice of rows at a time: a resumed 100K-token run appends all its rows at once,
+                # and their copies here would otherwise be several times the cache
+                for a0 in range(a, n, self.SLICE):
+                    a1 = min(n, a0 + self.SLICE)
+                    k, v, held = cache.rows(a0, a1)  # [L, 1, KH, T, D]
+                    kv = _kv_bytes(k[:, 0].permute(2, 0, 1, 3), v[:, 0].permute(2, 0, 1, 3))  # [T, 2, L, KH, D] bytes
+                    id_col = np.asarray(ids[a0:a1], dtype=np.int64)
+                    id_col[: held - a0] |= self.ABSENT
+                    out = np.empty((a1 - a0, row), dtype=np.uint8)
+                    out[:, : self.ID] = id_col.view(np.uint8).reshape(a1 - a0, self.ID)
+                    out[:, self.ID + self.CRC :] = kv.reshape(a1 - a0, -1)
+                    out[:, self.ID : self.ID + self.CRC] = \
+                        self._checksums(out).astype("<u4").view(np.uint8).reshape(a1 - a0, -1)
+                    f.write(out.data)
                 f.truncate()  # rows past these were another continuation's
         except OSError as e:
             raise ValueError(f"cannot write the checkpoint's KV rows {self.path}: {e.strerror or e}") from None
