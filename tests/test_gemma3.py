@@ -78,6 +78,17 @@ def test_tokenswift_equals_ar_on_gemma(gemma, long_prompt, sampling):
     assert paper.tokens == want and paper.stats["accepted_draft_tokens"] > 0
 
 
+def test_int8_activations_on_gemma_keep_tokenswift_equal_to_ar(long_prompt):
+    """Every block type of the Q4_K_M mix (stacks of two types among them) on int8 activations:
+    a different model than the float one, the same text from `ar` and `tokenswift`."""
+    lm = tokenswift.load("gemma3-270m", device="cpu", activations="int8")
+    assert lm.model.activations == "int8"
+    for kw in (dict(temperature=0.0), dict(tokenswift.PAPER_SAMPLING, seed=3)):
+        want = lm.generate(long_prompt, 40, method="ar", ignore_eos=True, **kw).tokens
+        got = lm.generate(long_prompt, 40, method="tokenswift", tree="1,3,3,3", ignore_eos=True, **kw)
+        assert got.tokens == want and got.stats["accepted_draft_tokens"] > 0
+
+
 def test_the_drafts_copies_of_the_cache_keep_the_windows(gemma, monkeypatch):
     """Past the 1,024-entry draft budget the draft attends to the int8 copy or the sparse view;
     their windowed layers read only the window, as the target's do (a draft that read the whole

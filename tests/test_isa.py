@@ -96,7 +96,7 @@ def _matmul(ops, qtype: str, raw, N: int, K: int, x, b, act8: bool):
     return ops.qlinear(x, ops.pack_q(raw, qt, K), qt | (kernels.ACT8 if act8 else 0), N, b)
 
 
-CASES = [(q, False) for q in ["f32"] + QTYPES + MORE_QTYPES] + [(q, True) for q in ("q4_0", "q4_1", "q5_0", "q8_0")]
+CASES = [(q, False) for q in ["f32"] + QTYPES + MORE_QTYPES] + [(q, True) for q in QTYPES + MORE_QTYPES]
 
 
 @pytest.mark.parametrize("qtype, act8", CASES, ids=[f"{q}{'-act8' if a else ''}" for q, a in CASES])
@@ -182,8 +182,10 @@ def test_a_model_gives_the_same_logits_on_every_level(levels, monkeypatch, smoll
         assert torch.equal(y, ref), lv
 
 
-def test_gemma3_gives_the_same_logits_on_every_level(levels, monkeypatch):
-    """Gemma 3 270M (Q4_K, Q5_0, Q6_K, Q8_0 blocks, GELU, sliding windows): the same bits."""
+@pytest.mark.parametrize("activations", ["float", "int8"])
+def test_gemma3_gives_the_same_logits_on_every_level(levels, monkeypatch, activations):
+    """Gemma 3 270M (Q4_K, Q5_0, Q6_K, Q8_0 blocks, stacks of two types, GELU, sliding windows):
+    the same bits."""
     import tokenswift
     from tokenswift.loading import embedded_path
     from conftest import cdne_text
@@ -193,7 +195,7 @@ def test_gemma3_gives_the_same_logits_on_every_level(levels, monkeypatch):
         embedded_path("gemma3-270m")
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    lm = tokenswift.load("gemma3-270m", device="cpu")
+    lm = tokenswift.load("gemma3-270m", device="cpu", activations=activations)
     ids = lm.tokenizer(cdne_text()[:6000]).input_ids[:600]  # past the 512-token window
     out = {}
     for lv, ops in pairs:

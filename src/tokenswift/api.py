@@ -409,7 +409,7 @@ def load(
     `weights`: "auto" keeps a GGUF's Q4_0/Q4_1/Q8_0 blocks (multiplied as they are by the native
     CPU kernel: the numbers of their float32 dequantization, a fraction of the memory), "float"
     dequantizes them, "q8_0"/"q4_0" quantize a float checkpoint at load (a different model).
-    `activations`: "float" (default) or "int8": the Q4_0/Q4_1 blocks multiply int8-rounded
+    `activations`: "float" (default) or "int8": the GGUF weight blocks multiply int8-rounded
     activations in integers, llama.cpp's arithmetic (faster, a different model).
     `compile`: torch.compile the decode, draft and verify passes at static shapes (CUDA graphs on
     GPUs); each pass size compiles on first use, the tokens are the same.

@@ -183,7 +183,7 @@ def load_model(
     checkpoint float; "float" dequantizes everything; "q8_0"/"q4_0" quantize the matrices at load
     (a different model than the float one). Blocks are kept only where the native kernels run,
     on a CPU, in float32, packed, without tensor parallelism; elsewhere they are dequantized.
-    `activations` "int8" has the Q4_0/Q4_1 blocks multiply int8-rounded activations in integers
+    `activations` "int8" has the weight blocks multiply int8-rounded activations in integers
     (`Decoder.int8_activations`; a different model)."""
     PARAMS["draft_weights"].check(draft_weights)
     PARAMS["kv_dtype"].check(kv_dtype)
@@ -236,8 +236,8 @@ def load_model(
     if activations == "int8":
         n = dec.int8_activations()
         if n == 0:
-            raise ParamError("activations", "", f" 'int8' needs Q4_0/Q4_1 weight blocks (a GGUF with them, or "
-                                                f"--weights q4_0), and this model has none (weights {weights!r})")
+            raise ParamError("activations", "", f" 'int8' needs weights held as GGUF blocks (a GGUF file, or "
+                                                f"--weights q8_0/q4_0), and this model has none (weights {weights!r})")
     tok = None
     if tokenizer and has_tokenizer:
         tok = gguf_tokenizer(path) if kind == "gguf" else hf_tokenizer(path)

@@ -371,11 +371,12 @@ class Decoder(nn.Module):
         return out
 
     def int8_activations(self) -> int:
-        """Has every Q4_0/Q4_1 matrix multiply int8-rounded activations (per row and block of 32) in
-        integers from now on: llama.cpp's arithmetic, faster here, a different model (row-invariant
-        still, so `ar` and `tokenswift` write the same text). Q8_0 matrices keep float32 products:
-        their integer path is no faster on AVX2. Returns how many matrices changed."""
-        mats = {id(w): w for w in self.matrices() if isinstance(w, QuantLinear) and w.qtype in ("q4_0", "q4_1")}
+        """Has every matrix held as GGUF blocks multiply int8-rounded activations (per row and
+        block of 32) in integers from now on: llama.cpp's arithmetic, a different model
+        (row-invariant still, so `ar` and `tokenswift` write the same text, and the same bits on
+        every instruction level). Embedding lookups still read the dequantized rows. Returns how
+        many matrices changed."""
+        mats = {id(w): w for w in self.matrices() if isinstance(w, QuantLinear)}
         for w in mats.values():
             w.act8 = True
         return len(mats)

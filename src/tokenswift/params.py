@@ -136,7 +136,7 @@ _LIST: list[Param] = [
           "keeps the embedding and LM head at q8_0) (default auto)", flag="--weights",
           choices=("auto", "float", "q8_0", "q4_0")),
     Param("activations", str, "float", "one of float, int8",
-          "what the Q4_0/Q4_1 weight blocks multiply: float = the float32 activations (the numbers of the "
+          "what the GGUF weight blocks multiply: float = the float32 activations (the numbers of the "
           "dequantized model); int8 = each row rounded to int8 per block of 32 and multiplied in integers, "
           "llama.cpp's arithmetic (faster, a different model; ar and tokenswift still write the same text) "
           "(default float)", flag="--activations", choices=("float", "int8")),

@@ -411,7 +411,7 @@ class QuantStack(QuantLinear):
 
     @property
     def qt(self) -> int:
-        return MIXED
+        return MIXED | (ACT8 if self.act8 else 0)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self.dense()[ids]

@@ -1508,17 +1508,24 @@ void qlinear_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd, in
 //
 // Each row of x is rounded per block of 32 inputs to int8 codes with one scale, dx = max|x| / 127
 // (codes round-to-even(x / dx), as `quantize_row`), and each output's block sum is then an exact
-// integer: sum_k qw_k qx_k, over the same panels as `qlinear`. Per block and output the float
-// result is acc = fma(float(isum), dw * dx, acc), plus fma(mw, dx * sum_k qx_k, acc) for Q4_1
-// (Q4_0's -8 offset is taken in the integer sum); blocks in order. A row's bits depend only on
-// that row, so passes stay row-invariant, but the products are not the float model's.
+// integer: sum_k qw_k qx_k, over the same panels as `qlinear`, for every block type. Per block
+// and output the float result is acc = fma(float(isum), dw * dx, acc), then for types with an
+// offset (Q4_1, Q5_1: m; Q4_K, Q5_K: -dmin*mn) acc = fma(mw, dx * sum_k qx_k, acc); Q4_0's -8
+// is taken in the integer sum, and Q6_K's two scales (inputs 0-15, 16-31) take two sums and two
+// FMAs. dw = d (the float16 field) or d*sc for the K-quants, exact in float32 as in `vec_scales`.
+// Blocks in order. A row's bits depend only on that row, so passes stay row-invariant, but the
+// products are not the float model's. (llama.cpp rounds the K-quants' activations per 256 inputs,
+// Q8_K; here every type takes the same per-32 rounding, the finer of the two.)
 //
 // Lanes: 16 outputs a vector, each 16-bit lane holding the codes of inputs 2j and 2j+1 of one
 // output, against the row's (qx_2j, qx_2j+1) pair broadcast: maddubs gives each output's two
-// products summed, 32 products an instruction.
+// products summed, 32 products an instruction; sums of a few such pairs stay within int16 and are
+// then widened to int32.
 
-// M rows [M, K] -> codes [M, K], scales [M, K/32], code sums [M, K/32]
-void quantize_rows_q8(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t* q, float* d, int32_t* sx) {
+// M rows [M, K] -> codes [M, K], scales [M, K/32], code sums [M, K/32] and the sums of each
+// block's first 16 codes [M, K/32]
+void quantize_rows_q8(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t* q, float* d, int32_t* sx,
+                      int32_t* sh) {
   const int64_t KB = K / 32;
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
@@ -1526,98 +1533,138 @@ void quantize_rows_q8(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t*
         int8_t* qb = q + m * K + kb * 32;
         d[m * KB + kb] = quantize_row(x + m * ldx + kb * 32, 32, qb);
         int32_t s = 0;
-        for (int k = 0; k < 32; ++k) s += qb[k];
+        for (int k = 0; k < 16; ++k) s += qb[k];
+        sh[m * KB + kb] = s;
+        for (int k = 16; k < 32; ++k) s += qb[k];
         sx[m * KB + kb] = s;
       }
   });
 }
 
-// R (1 to 8) rows x 16 outputs (group g of the panel) over every block -> y[r * 48 + g * 16 ...]
+// what a type's integer sums need: signed codes (Q8_0 and Q5_0 as Q8_0, Q6_K's q-32), an offset
+// m (its own field or -dmin*mn), a scale per 16 inputs (Q6_K)
+constexpr bool signed_codes(int qt) { return qt == QT_Q8_0 || qt == QT_Q6_K; }
+constexpr bool has_min(int qt) { return qt == QT_Q4_1 || qt == QT_Q5_1 || qt == QT_Q4_K || qt == QT_Q5_K; }
+constexpr bool two_scales(int qt) { return qt == QT_Q6_K; }
+
+// The epilogue's scales of the W outputs from output o of a panel block: dw (dw1 the second
+// half's, Q6_K), mw (types with an offset), by `vec_scales`' float32 operations.
+template <int QT, typename V>
+inline void act8_scales(const uint8_t* blk, int o, typename V::F& dw, typename V::F& dw1, typename V::F& mw) {
+  const typename V::F d = V::half(blk + 2 * o);
+  dw = dw1 = d;
+  mw = V::zero();
+  if constexpr (QT == QT_Q4_K || QT == QT_Q5_K) {
+    dw = dw1 = V::mul(d, V::u8(blk + 192 + o));
+    mw = V::sub(V::zero(), V::mul(V::half(blk + 96 + 2 * o), V::u8(blk + 240 + o)));
+  } else if constexpr (QT == QT_Q6_K) {
+    dw = V::mul(d, V::s8(blk + 96 + o));
+    dw1 = V::mul(d, V::s8(blk + 144 + o));
+  } else if constexpr (QT == QT_Q4_1 || QT == QT_Q5_1) {
+    mw = V::half(blk + 96 + 2 * o);
+  }
+}
+
 #if !defined(__AVX512VNNI__)
+// R (1 to 8) rows x 16 outputs (group g of the panel) over every block -> y[r * 48 + g * 16 ...]
 template <int QT, int R>
 inline void qtile_i8(const __m256i* xb, int64_t K, const float* dx, const int32_t* sx, const uint8_t* wb, int64_t KB,
                      int g, float* y) {
   const int64_t PB = panel_block_bytes(QT);
-  const int codes_at = QT == QT_Q4_1 ? 192 : 96;
   __m256 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   const __m256i lo4 = _mm256_set1_epi16(0x000F), hi4 = _mm256_set1_epi16(0x00F0);
   for (int64_t kb = 0; kb < KB; ++kb) {
     const uint8_t* blk = wb + kb * PB;
-    const uint8_t* codes = blk + codes_at + g * 16;
-    __m256i s32[R][2];
-    for (int r = 0; r < R; ++r) s32[r][0] = s32[r][1] = _mm256_setzero_si256();
-    if (QT == QT_Q8_0) {
-      for (int j = 0; j < 16; ++j) {
-        const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 2 * j * BLOCK));
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (2 * j + 1) * BLOCK));
-        const __m256i w = _mm256_set_m128i(_mm_unpackhi_epi8(a, b), _mm_unpacklo_epi8(a, b));
-        const __m256i wa = _mm256_sign_epi8(w, w);
-        for (int r = 0; r < R; ++r) {
-          const __m256i xp = _mm256_load_si256(xb + r * (K / 2) + kb * 16 + j);
-          const __m256i p16 = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xp, w));
-          s32[r][0] = _mm256_add_epi32(s32[r][0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(p16)));
-          s32[r][1] = _mm256_add_epi32(s32[r][1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(p16, 1)));
-        }
-      }
-    } else {
-      for (int half = 0; half < 2; ++half) {  // 8 pairs of 4-bit products fit int16 (8 * 2 * 15 * 127)
-        __m256i s16[R];
-        for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
-        for (int j = half * 8; j < half * 8 + 8; ++j) {
+    const uint8_t* codes = blk + codes_at(QT) + g * 16;
+    __m256i s32[R][2][2];  // [row][inputs 0-15, 16-31][outputs 0-7, 8-15]
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < 2; ++h) s32[r][h][0] = s32[r][h][1] = _mm256_setzero_si256();
+    // pairs summed in int16 before widening: 8 of nibbles (8 * 2 * 15 * 127), 4 of Q5's or Q6_K's
+    // codes (4 * 2 * 32 * 127), 1 of Q8_0's (2 * 128 * 127)
+    constexpr int GP = nibbles(QT) ? 8 : QT == QT_Q8_0 ? 1 : 4;
+    for (int j0 = 0; j0 < 16; j0 += GP) {
+      __m256i s16[R];
+      for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
+      for (int j = j0; j < j0 + GP; ++j) {
+        __m256i w;
+        if constexpr (nibbles(QT)) {
           const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + j * BLOCK)));
-          const __m256i w = _mm256_or_si256(_mm256_and_si256(c, lo4), _mm256_slli_epi16(_mm256_and_si256(c, hi4), 4));
+          w = _mm256_or_si256(_mm256_and_si256(c, lo4), _mm256_slli_epi16(_mm256_and_si256(c, hi4), 4));
+        } else {
+          const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 2 * j * BLOCK));
+          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (2 * j + 1) * BLOCK));
+          w = _mm256_set_m128i(_mm_unpackhi_epi8(a, b), _mm_unpacklo_epi8(a, b));
+        }
+        if constexpr (signed_codes(QT)) {  // |w| times x with w's sign: maddubs takes unsigned first
+          const __m256i wa = _mm256_sign_epi8(w, w);
+          for (int r = 0; r < R; ++r)
+            s16[r] = _mm256_add_epi16(
+                s16[r], _mm256_maddubs_epi16(wa, _mm256_sign_epi8(_mm256_load_si256(xb + r * (K / 2) + kb * 16 + j), w)));
+        } else {
           for (int r = 0; r < R; ++r)
             s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(w, _mm256_load_si256(xb + r * (K / 2) + kb * 16 + j)));
         }
-        for (int r = 0; r < R; ++r) {
-          s32[r][0] = _mm256_add_epi32(s32[r][0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s16[r])));
-          s32[r][1] = _mm256_add_epi32(s32[r][1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s16[r], 1)));
-        }
+      }
+      const int h = j0 / 8;
+      for (int r = 0; r < R; ++r) {
+        s32[r][h][0] = _mm256_add_epi32(s32[r][h][0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s16[r])));
+        s32[r][h][1] = _mm256_add_epi32(s32[r][h][1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s16[r], 1)));
       }
     }
-    const __m128i* dh = reinterpret_cast<const __m128i*>(blk);
-    for (int h = 0; h < 2; ++h) {
-      const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(dh + g * 2 + h));
-      const __m256 mw = QT == QT_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(dh + BLOCK / 8 + g * 2 + h)) : _mm256_setzero_ps();
+    for (int oh = 0; oh < 2; ++oh) {
+      __m256 dw, dw1, mw;
+      act8_scales<QT, V8>(blk, g * 16 + oh * 8, dw, dw1, mw);
       for (int r = 0; r < R; ++r) {
         const float dxr = dx[r * KB + kb];
-        __m256i is = s32[r][h];
-        if (QT == QT_Q4_0) is = _mm256_sub_epi32(is, _mm256_set1_epi32(8 * sx[r * KB + kb]));
-        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_mul_ps(dw, _mm256_set1_ps(dxr)), acc[r][h]);
-        if (QT == QT_Q4_1)
-          acc[r][h] = _mm256_fmadd_ps(mw, _mm256_set1_ps(dxr * static_cast<float>(sx[r * KB + kb])), acc[r][h]);
+        if constexpr (two_scales(QT)) {
+          acc[r][oh] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[r][0][oh]), _mm256_mul_ps(dw, _mm256_set1_ps(dxr)), acc[r][oh]);
+          acc[r][oh] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[r][1][oh]), _mm256_mul_ps(dw1, _mm256_set1_ps(dxr)), acc[r][oh]);
+        } else {
+          __m256i is = _mm256_add_epi32(s32[r][0][oh], s32[r][1][oh]);
+          if (QT == QT_Q4_0) is = _mm256_sub_epi32(is, _mm256_set1_epi32(8 * sx[r * KB + kb]));
+          acc[r][oh] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_mul_ps(dw, _mm256_set1_ps(dxr)), acc[r][oh]);
+          if constexpr (has_min(QT))
+            acc[r][oh] = _mm256_fmadd_ps(mw, _mm256_set1_ps(dxr * static_cast<float>(sx[r * KB + kb])), acc[r][oh]);
+        }
       }
     }
   }
   for (int r = 0; r < R; ++r)
     for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + r * BLOCK + g * 16 + h * 8, acc[r][h]);
 }
-
 #endif
 
 #if defined(__AVX512VNNI__)
 // The same integer block sums by VNNI (the AVX-512 build): each 32-bit lane is one output, its
 // four bytes the codes of inputs 4t..4t+3, against the row's four int8 codes broadcast, and
 // vpdpbusd adds the four products into the lane: 64 products an instruction. Its first operand
-// is unsigned, so Q8_0's signed codes enter as q + 128 (q xor 0x80) and 128 * sum(qx) is taken
-// back; the nibble types' codes are unsigned already. The sums are the same integers as
-// `qtile_i8`'s and the float epilogue is its, lane for lane: the same bits.
+// is unsigned, so signed codes enter as q + 128 (q xor 0x80) and 128 * sum(qx) is taken back;
+// the other types' codes are unsigned already. The sums are the same integers as `qtile_i8`'s
+// and the float epilogue is its, lane for lane: the same bits.
 template <int QT, int R>
-inline void qtile_vnni(const int8_t* xq, int64_t K, const float* dx, const int32_t* sx, const uint8_t* wb,
-                       int64_t KB, int g, float* y) {
+inline void qtile_vnni(const int8_t* xq, int64_t K, const float* dx, const int32_t* sx, const int32_t* sh,
+                       const uint8_t* wb, int64_t KB, int g, float* y) {
   const int64_t PB = panel_block_bytes(QT);
-  const int codes_at = QT == QT_Q4_1 ? 192 : 96;
+  constexpr int H = two_scales(QT) ? 2 : 1;  // sums kept apart: inputs 0-15 and 16-31 (Q6_K)
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t kb = 0; kb < KB; ++kb) {
     const uint8_t* blk = wb + kb * PB;
-    const uint8_t* codes = blk + codes_at + g * 16;
-    __m512i s32[R];
-    for (int r = 0; r < R; ++r) s32[r] = _mm512_setzero_si512();
+    const uint8_t* codes = blk + codes_at(QT) + g * 16;
+    __m512i s32[R][H];
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < H; ++h) s32[r][h] = _mm512_setzero_si512();
     for (int t = 0; t < 8; ++t) {
       __m512i w;
-      if constexpr (QT == QT_Q8_0) {  // inputs 4t..4t+3: four rows of 16 outputs, interleaved by output
+      if constexpr (nibbles(QT)) {  // bytes 2t, 2t+1 hold inputs (4t, 4t+1) and (4t+2, 4t+3) as nibble pairs
+        const __m512i e0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 2 * t * BLOCK)));
+        const __m512i e1 =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (2 * t + 1) * BLOCK)));
+        const __m512i v = _mm512_or_si512(e0, _mm512_slli_epi32(e1, 16));
+        w = _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(0x000F000F)),
+                            _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x00F000F0)), 4));
+      } else {  // inputs 4t..4t+3: four rows of 16 outputs, interleaved by output
         auto row = [&](int k) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k * BLOCK)); };
         const __m128i a0 = row(4 * t), a1 = row(4 * t + 1), a2 = row(4 * t + 2), a3 = row(4 * t + 3);
         const __m128i l01 = _mm_unpacklo_epi8(a0, a1), h01 = _mm_unpackhi_epi8(a0, a1);
@@ -1626,46 +1673,48 @@ inline void qtile_vnni(const int8_t* xq, int64_t K, const float* dx, const int32
         w = _mm512_inserti32x4(w, _mm_unpackhi_epi16(l01, l23), 1);
         w = _mm512_inserti32x4(w, _mm_unpacklo_epi16(h01, h23), 2);
         w = _mm512_inserti32x4(w, _mm_unpackhi_epi16(h01, h23), 3);
-        w = _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));
-      } else {  // bytes 2t, 2t+1 hold inputs (4t, 4t+1) and (4t+2, 4t+3) as nibble pairs
-        const __m512i e0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 2 * t * BLOCK)));
-        const __m512i e1 =
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (2 * t + 1) * BLOCK)));
-        const __m512i v = _mm512_or_si512(e0, _mm512_slli_epi32(e1, 16));
-        w = _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(0x000F000F)),
-                            _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x00F000F0)), 4));
+        if constexpr (signed_codes(QT)) w = _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));
       }
+      const int h = H == 2 ? t / 4 : 0;
       for (int r = 0; r < R; ++r) {
         int32_t quad;
         std::memcpy(&quad, xq + r * K + kb * 32 + 4 * t, 4);
-        s32[r] = _mm512_dpbusd_epi32(s32[r], w, _mm512_set1_epi32(quad));
+        s32[r][h] = _mm512_dpbusd_epi32(s32[r][h], w, _mm512_set1_epi32(quad));
       }
     }
-    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * g)));
-    const __m512 mw = QT == QT_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 96 + 32 * g)))
-                                    : _mm512_setzero_ps();
+    __m512 dw, dw1, mw;
+    act8_scales<QT, V16>(blk, g * 16, dw, dw1, mw);
     for (int r = 0; r < R; ++r) {
       const float dxr = dx[r * KB + kb];
-      __m512i is = s32[r];
-      if (QT == QT_Q8_0) is = _mm512_sub_epi32(is, _mm512_set1_epi32(128 * sx[r * KB + kb]));
-      if (QT == QT_Q4_0) is = _mm512_sub_epi32(is, _mm512_set1_epi32(8 * sx[r * KB + kb]));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_set1_ps(dxr)), acc[r]);
-      if (QT == QT_Q4_1)
-        acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(dxr * static_cast<float>(sx[r * KB + kb])), acc[r]);
+      const int32_t sr = sx[r * KB + kb], s0 = sh[r * KB + kb];
+      if constexpr (two_scales(QT)) {
+        const __m512i i0 = _mm512_sub_epi32(s32[r][0], _mm512_set1_epi32(128 * s0));
+        const __m512i i1 = _mm512_sub_epi32(s32[r][H - 1], _mm512_set1_epi32(128 * (sr - s0)));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(dw, _mm512_set1_ps(dxr)), acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(dw1, _mm512_set1_ps(dxr)), acc[r]);
+      } else {
+        __m512i is = s32[r][0];
+        if (signed_codes(QT)) is = _mm512_sub_epi32(is, _mm512_set1_epi32(128 * sr));
+        if (QT == QT_Q4_0) is = _mm512_sub_epi32(is, _mm512_set1_epi32(8 * sr));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_set1_ps(dxr)), acc[r]);
+        if constexpr (has_min(QT))
+          acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(dxr * static_cast<float>(sr)), acc[r]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * BLOCK + g * 16, acc[r]);
 }
 #endif
 
+// y rows of stride ldy (N: a whole matrix; wider: a part of a stack)
 template <int QT>
 void qlinear_i8_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd, int64_t NB, int64_t KB, int64_t N,
-                     const float* bd, const float* rd, float* yd) {
+                     const float* bd, const float* rd, float* yd, int64_t ldy) {
   const int64_t PB = panel_block_bytes(QT), K = KB * 32;
   std::vector<int8_t> xq(M * K);
   std::vector<float> dx(M * KB);
-  std::vector<int32_t> sx(M * KB);
-  quantize_rows_q8(xd, M, ldx, K, xq.data(), dx.data(), sx.data());
+  std::vector<int32_t> sx(M * KB), sh(M * KB);
+  quantize_rows_q8(xd, M, ldx, K, xq.data(), dx.data(), sx.data(), sh.data());
 #if !defined(__AVX512VNNI__)
   // every pair (x_2j, x_2j+1) broadcast to a vector once, read by a plain load in the tiles
   std::unique_ptr<__m256i[]> xb(new __m256i[M * K / 2]);
@@ -1689,7 +1738,7 @@ void qlinear_i8_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd,
           auto run = [&](auto RR) {
             constexpr int R = decltype(RR)::value;
 #if defined(__AVX512VNNI__)
-            qtile_vnni<QT, R>(xq.data() + m0 * K, K, dr, sr, wb, KB, g, buf);
+            qtile_vnni<QT, R>(xq.data() + m0 * K, K, dr, sr, sh.data() + m0 * KB, wb, KB, g, buf);
 #else
             qtile_i8<QT, R>(xb.get() + m0 * K / 2, K, dr, sr, wb, KB, g, buf);
 #endif
@@ -1705,7 +1754,7 @@ void qlinear_i8_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd,
             default: run(std::integral_constant<int, 8>{}); break;
           }
         }
-        store_rows(buf, rows, nn, yd + m0 * N, N, n0, bd, rd ? rd + m0 * N : nullptr);
+        store_rows(buf, rows, nn, yd + m0 * ldy, ldy, n0, bd, rd ? rd + m0 * ldy : nullptr);
       }
     }
   });
@@ -1735,7 +1784,6 @@ Weight weight_of(const at::Tensor& packed, int64_t qt, int64_t N, const char* op
   w.qt = qt;
   w.N = N;
   if (qt == MIXED) {
-    TORCH_CHECK(!w.act8, op, ": int8 activations do not take a stack of block types");
     TORCH_CHECK(packed.dim() == 1 && packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() >= 16,
                 op, ": a stack must be uint8 [bytes] with its header");
     const uint8_t* base = packed.data_ptr<uint8_t>();
@@ -1749,6 +1797,7 @@ Weight weight_of(const at::Tensor& packed, int64_t qt, int64_t N, const char* op
     for (int64_t i = 0; i < np; ++i) {
       Weight p;
       p.qt = h[3 * i];
+      p.act8 = w.act8;
       p.N = h[3 * i + 1];
       check_qt(p.qt);
       p.K = K;
@@ -1771,9 +1820,6 @@ Weight weight_of(const at::Tensor& packed, int64_t qt, int64_t N, const char* op
     w.f = packed.data_ptr<float>();
   } else {
     check_qt(qt);
-    const int pqt = panel_qt(qt);
-    TORCH_CHECK(!w.act8 || pqt == QT_Q4_0 || pqt == QT_Q4_1 || pqt == QT_Q8_0, op,
-                ": int8 activations take Q4_0, Q4_1, Q5_0 or Q8_0 blocks, not type ", qt);
     TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
                     packed.size(2) == panel_block_bytes(qt), op, ": packed [NB, K/32, PB] uint8 expected");
     w.NB = packed.size(0);
@@ -1800,9 +1846,13 @@ void matmul_into(const Weight& w, const float* xd, int64_t M, int64_t ldx, const
   const int pqt = w.qt ? panel_qt(w.qt) : 0;
   if (w.act8) {
     switch (pqt) {
-      case QT_Q4_0: qlinear_i8_impl<QT_Q4_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd); return;
-      case QT_Q4_1: qlinear_i8_impl<QT_Q4_1>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd); return;
-      default: qlinear_i8_impl<QT_Q8_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd); return;
+      case QT_Q4_0: qlinear_i8_impl<QT_Q4_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); return;
+      case QT_Q4_1: qlinear_i8_impl<QT_Q4_1>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); return;
+      case QT_Q5_1: qlinear_i8_impl<QT_Q5_1>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); return;
+      case QT_Q4_K: qlinear_i8_impl<QT_Q4_K>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); return;
+      case QT_Q5_K: qlinear_i8_impl<QT_Q5_K>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); return;
+      case QT_Q6_K: qlinear_i8_impl<QT_Q6_K>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); return;
+      default: qlinear_i8_impl<QT_Q8_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); return;
     }
   }
   TORCH_CHECK(pqt != 0 || ldy == w.N, "matmul: float panels take no column stride");
