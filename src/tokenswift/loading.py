@@ -245,7 +245,23 @@ def load_model(
     order = Path(__file__).parent / "data" / "vocab" / f"{name.lower()}.npy"
     if name.lower() in EMBEDDED and order.is_file():  # benchmarks/draft_vocab_order.py wrote it
         dec.vocab_order = torch.from_numpy(np.load(order).astype(np.int64))
+    release_freed_heap()
     return Loaded(model=dec, tokenizer=tok, name=name, source=path, int4=int4)
+
+
+def release_freed_heap() -> None:
+    """Hands memory that loading freed back to the OS (glibc's malloc_trim): reading a file's
+    tensors and a tokenizer's JSON leave hundreds of MB of freed heap that glibc keeps (Gemma 3's
+    tokenizer: +290 MiB RSS as built, +97 MiB after the trim). Nothing where libc is not glibc."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def quantize_matrices(tensors: dict[str, "torch.Tensor | Blocks"], qtype: str) -> dict[str, "torch.Tensor | Blocks"]:
@@ -614,7 +630,9 @@ def _cache_root() -> Path:
 
 def gguf_tokenizer(path: Path) -> Any:
     """The tokenizer stored in a GGUF file. transformers converts it (seconds); the result is
-    cached under ~/.cache/tokenswift keyed by the file's path, size and mtime."""
+    cached under ~/.cache/tokenswift keyed by the file's path, size and mtime, and read back as
+    the generic fast tokenizer over that tokenizer.json: the same ids and text as the model's own
+    class (Gemma's builds its vocabulary and merges again in Python: +265 MiB RSS against +109)."""
     from transformers import AutoTokenizer
 
     st = path.stat()
@@ -622,7 +640,7 @@ def gguf_tokenizer(path: Path) -> Any:
     cached = _cache_root() / "tokenizers" / key
     if (cached / "tokenizer.json").is_file():
         try:
-            return AutoTokenizer.from_pretrained(str(cached), trust_remote_code=False)
+            return _cached_tokenizer(cached)
         except Exception as e:  # a damaged cache entry is rebuilt
             log.warning("ignoring unreadable tokenizer cache %s: %s", cached, e)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
@@ -636,4 +654,15 @@ def gguf_tokenizer(path: Path) -> Any:
         os.replace(tmp, cached)
     except OSError as e:
         log.info("tokenizer cache not written (%s)", e)
+        release_freed_heap()
+        return tok
+    del tok
+    return _cached_tokenizer(cached)
+
+
+def _cached_tokenizer(d: Path) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(d), trust_remote_code=False)
+    release_freed_heap()
     return tok
