@@ -4,10 +4,12 @@ LM head for every row) and the layers' attention alone, beside the time to read 
 and V once (the memory floor of one-token attention).
 
     python benchmarks/verify_cost.py --contexts 4096,16384 --tokens 1,2,4,8,16 [--kv-dtype bfloat16]
+        [--activations int8] [--isa avx2,avx512]
 
 The cache holds random K/V (the cost does not depend on the values); positions past the model's
 trained context only extend the RoPE table. Medians of `--repeats` passes, 2 threads unless
-`--threads` says otherwise. Run it alone on the machine.
+`--threads` says otherwise; `--isa` times each instruction level in turn (the kernels' levels
+swapped in one process). Run it alone on the machine.
 
 Per context it also prints the ceiling these costs put on a chain draft: with each drafted
 token accepted with probability `--acceptance` (given its parent was) and costing
@@ -49,16 +51,30 @@ def main() -> None:
     ap.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     ap.add_argument("--acceptance", type=float, default=0.87, help="per-depth acceptance of a chained draft")
     ap.add_argument("--draft-cost", type=float, default=0.25, help="a drafted token's cost, share of a one-token pass")
+    ap.add_argument("--activations", default="float", choices=["float", "int8"])
+    ap.add_argument("--isa", default="", help="instruction levels to time in turn (default: the one chosen)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    lm = tokenswift.load(args.model, heads="none", draft_weights="float", kv_dtype=args.kv_dtype)
+    lm = tokenswift.load(args.model, heads="none", draft_weights="float", kv_dtype=args.kv_dtype,
+                         activations=args.activations)
     m = lm.model
     cfg = m.cfg
     tokens = [int(t) for t in args.tokens.split(",")]
     path = attention_path(m.device, m.dtype, cfg.head_dim)
     print(f"model {cfg.num_layers} layers, {cfg.num_heads} query / {cfg.num_kv_heads} KV heads; weights packed: "
-          f"{m.packed}; attention: {path}; KV {str(m.kv_dtype).removeprefix('torch.')}; {args.threads} threads")
+          f"{m.packed}; attention: {path}; KV {str(m.kv_dtype).removeprefix('torch.')}; {args.threads} threads; "
+          f"activations {m.activations}")
+    from tokenswift import kernels
+
+    for level in args.isa.split(",") if args.isa else [kernels.isa()]:
+        if level != "torch":
+            kernels.ops = kernels.load_level(level)
+        print(f"isa {level}")
+        contexts(args, m, cfg, tokens, path)
+
+
+def contexts(args, m, cfg, tokens: list[int], path: str) -> None:
     print("context  T  pass ms  x one  attention ms  x one  x read")
     for C in (int(c) for c in args.contexts.split(",")):
         cache = KVCache(cfg, capacity=C + max(tokens), dtype=m.kv_dtype, rope_len=C + max(tokens))
