@@ -519,7 +519,7 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-# bits a weight the kernel's panels hold per block type (kernels/cpu.cpp's layouts)
+# bits a weight the kernel's panels hold per block type (kernels/linear.cpp's layouts)
 PANEL_BITS = {"q4_0": 4.5, "q4_1": 5.0, "q5_0": 8.5, "q5_1": 9.0, "q8_0": 8.5, "q4_k": 5.5, "q5_k": 9.5, "q6_k": 9.0}
 FLOAT_TYPES = ("f32", "f16", "bf16", "f64")
 

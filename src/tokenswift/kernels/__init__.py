@@ -1,5 +1,6 @@
-"""Native CPU kernels: a thin face over `cpu.cpp` and `sample.cpp` (C++, AVX2+FMA, built on
-first use).
+"""Native CPU kernels: a thin face over the C++ sources beside it, one per kernel family
+(`attention.cpp`, `linear.cpp`, `layer.cpp`, `sample.cpp`, sharing `common.h`), built on first use
+for the CPU's instruction level (AVX2+FMA, or AVX-512 with VNNI: `LEVELS`).
 
 - `attention(q, k, v, mask)`: grouped-query attention of T new tokens over a KV cache (float32,
   bfloat16 or float16 K/V, read in place, or int8 K/V with per-row scales: the draft's copy of
@@ -50,12 +51,13 @@ log = logging.getLogger("tokenswift")
 # shared by all rows of a KV head; 256 gives 2 threads enough chunks from 1K context on.
 CHUNK = 256
 
-_SOURCES = [Path(__file__).with_name(f) for f in ("cpu.cpp", "sample.cpp")]
+_SOURCES = [Path(__file__).with_name(f) for f in ("attention.cpp", "linear.cpp", "layer.cpp", "sample.cpp")]
+_HEADERS = [Path(__file__).with_name("common.h")]
 _COMMON = ["-O3", "-ffp-contract=off", "-fopenmp"]
 # One build of the sources per instruction level, each with its own flags and its own op
 # namespace (torch.ops.tokenswift_<level>), so a process can hold two levels side by side (the
 # tests compare them). `cpu` flags each level needs, as /proc/cpuinfo names them. The AVX-512
-# unit adds 16-wide float tiles and VNNI int8 tiles (cpu.cpp's `#if` blocks); everything else
+# unit adds 16-wide float tiles and VNNI int8 tiles (linear.cpp's `#if` blocks); everything else
 # is the same source, so the same bits.
 LEVELS: dict[str, dict[str, tuple[str, ...]]] = {
     "avx2": {"flags": ("-mavx2", "-mfma", "-mf16c"), "cpu": ("avx2", "fma", "f16c")},
@@ -130,7 +132,7 @@ def chosen_level() -> tuple[str | None, str]:
 
 def build_dir(level: str = "avx2") -> Path:
     root = Path(os.environ.get("TOKENSWIFT_CACHE", Path.home() / ".cache" / "tokenswift"))
-    src = b"".join(p.read_bytes() for p in _SOURCES)
+    src = b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)
     flags = " ".join(_COMMON + list(LEVELS[level]["flags"]))
     key = hashlib.sha256(src + flags.encode() + torch.__version__.encode()).hexdigest()[:16]
     return root / "kernels" / f"{level}-{key}"
@@ -322,15 +324,15 @@ def linear_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = 
     return y.float()
 
 
-# ggml's type ids of the block formats `QuantLinear` keeps (cpu.cpp's panel layouts)
+# ggml's type ids of the block formats `QuantLinear` keeps (linear.cpp's panel layouts)
 QTYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
-ACT8 = 256  # added to a type id: the kernel rounds the activations to int8 (cpu.cpp's qlinear_i8_impl)
+ACT8 = 256  # added to a type id: the kernel rounds the activations to int8 (linear.cpp's qlinear_i8_impl)
 
 
 class QuantLinear:
     """A weight [N, K] held as GGUF blocks (`raw`: the file's rows, uint8 [N, row bytes]),
     repacked into the kernel's panels at about the same size (the K-quants' per-256 fields
-    repeated per 32 inputs, and 5- and 6-bit codes a byte each: cpu.cpp). `matmul` is x @ W^T + b with W
+    repeated per 32 inputs, and 5- and 6-bit codes a byte each: linear.cpp). `matmul` is x @ W^T + b with W
     the file's dequantized float32 weights, each output one FMA chain over K (as `PackedLinear`);
     `rows(ids)` dequantizes rows (an embedding lookup)."""
 
@@ -374,7 +376,7 @@ class QuantLinear:
         return sub
 
 
-MIXED = 512  # the type id of a `QuantStack` (cpu.cpp's Weight::parts)
+MIXED = 512  # the type id of a `QuantStack` (common.h's Weight::parts)
 
 
 class QuantStack(QuantLinear):

@@ -1,0 +1,890 @@
+// Attention kernels (one family of the native CPU kernels; common.h holds what they share).
+//
+// attention: grouped-query attention of T new tokens over a KV cache whose last T entries are
+//   theirs. Every query row attends its *visible* keys (all cached ones, then the new ones its
+//   mask allows, in index order). Those keys are split into chunks of `chunk` by their ordinal in
+//   that visible sequence, each chunk's softmax partial is computed alone, and the partials are
+//   merged in chunk order. A row of a T-token pass and the same token's one-token pass see the
+//   same visible sequence (its ancestors committed in path order), hence the same bits.
+//   Chunks that lie wholly in the cached prefix are shared by all G*T rows of a KV head, so each
+//   K/V tile is read once for all of them.
+// attention_rows, sparse_select_dims: the sparse draft's attention over listed rows, and its
+//   choice of them. quantize_q8: K/V rows to int8 for the draft's copy of the cache.
+
+#include "common.h"
+
+namespace TS_NS {
+
+// ---------------------------------------------------------------------------------------------
+// attention
+// ---------------------------------------------------------------------------------------------
+
+// Keys ahead of use that are prefetched: a one-query pass does little work per cache line, so
+// the hardware prefetcher alone leaves it waiting on memory.
+constexpr int PF = 32;
+// Query rows of one chunk pass: 12 rows' scores over a 256-key chunk take 12 KiB (L1 is 32).
+constexpr int64_t ROW_GROUP = 12;
+template <typename E>
+inline void prefetch_row(const E* p, int D) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int i = 0; i < D * static_cast<int>(sizeof(E)); i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+}
+
+// Scratch that keeps its memory between calls: large buffers allocated afresh on every call
+// cost page faults and zeroing on each.
+struct Scratch {
+  std::unique_ptr<float[]> p;
+  size_t n = 0;
+  float* get(size_t want) {
+    if (want > n) {
+      p.reset(new float[want]);
+      n = want;
+    }
+    return p.get();
+  }
+};
+
+// o_r[d0*8 .. (d0+NB)*8) += sum_{j0 <= j < j1} p_r[j] v_j for RR rows at once (each V vector
+// loaded once for them); every output element is one FMA chain in key order, whatever RR is.
+template <int RR, int NB, typename E>
+inline void pv_tile(const float* const* p, const E* const* vp, int j0, int j1, int d0, float* const* o) {
+  __m256 acc[RR][NB];
+  for (int r = 0; r < RR; ++r)
+    for (int b = 0; b < NB; ++b) acc[r][b] = _mm256_loadu_ps(o[r] + (d0 + b) * 8);
+  for (int j = j0; j < j1; ++j) {
+    __m256 pj[RR];
+    for (int r = 0; r < RR; ++r) pj[r] = _mm256_broadcast_ss(p[r] + j);
+    const E* v = vp[j] + d0 * 8;
+    for (int b = 0; b < NB; ++b) {
+      __m256 vv = load8(v + b * 8);
+      for (int r = 0; r < RR; ++r) acc[r][b] = _mm256_fmadd_ps(pj[r], vv, acc[r][b]);
+    }
+  }
+  for (int r = 0; r < RR; ++r)
+    for (int b = 0; b < NB; ++b) _mm256_storeu_ps(o[r] + (d0 + b) * 8, acc[r][b]);
+}
+
+template <int RR, typename E>
+inline void pv_rows(const float* const* p, const E* const* vp, int j0, int j1, int NV, float* const* o) {
+  for (int d0 = 0; d0 < NV; d0 += 4) {
+    switch (std::min(4, NV - d0)) {
+      case 1: pv_tile<RR, 1, E>(p, vp, j0, j1, d0, o); break;
+      case 2: pv_tile<RR, 2, E>(p, vp, j0, j1, d0, o); break;
+      case 3: pv_tile<RR, 3, E>(p, vp, j0, j1, d0, o); break;
+      default: pv_tile<RR, 4, E>(p, vp, j0, j1, d0, o); break;
+    }
+  }
+}
+
+// One row against four keys: the same chains and the same tree as scores_2x4, half the work.
+template <typename E>
+inline void scores_1x4(const float* q0, const E* const* kj, int NV, float* s0) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int dv = 0; dv < NV; ++dv) {
+    __m256 a = _mm256_loadu_ps(q0 + dv * 8);
+    for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(a, load8(kj[j] + dv * 8), acc[j]);
+  }
+  _mm_storeu_ps(s0, _mm256_castps256_ps128(hsum8(acc)));
+}
+
+// Scores of two query rows against four keys: eight dot products, each lane-wise FMAs over the
+// head dim then the hsum8 tree, so a score's bits do not depend on which row or key it is paired
+// with. -> s0[0..4), s1[0..4)
+template <typename E>
+inline void scores_2x4(const float* q0, const float* q1, const E* const* kj, int NV, float* s0, float* s1) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int dv = 0; dv < NV; ++dv) {
+    __m256 a = _mm256_loadu_ps(q0 + dv * 8), b = _mm256_loadu_ps(q1 + dv * 8);
+    for (int j = 0; j < 4; ++j) {
+      __m256 kv = load8(kj[j] + dv * 8);
+      acc[j] = _mm256_fmadd_ps(a, kv, acc[j]);
+      acc[4 + j] = _mm256_fmadd_ps(b, kv, acc[4 + j]);
+    }
+  }
+  __m256 h = hsum8(acc);
+  _mm_storeu_ps(s0, _mm256_castps256_ps128(h));
+  _mm_storeu_ps(s1, _mm256_extractf128_ps(h, 1));
+}
+
+// Integer scores for int8 keys (D a multiple of 32): the query row quantized as the keys are,
+// each score the exact int32 dot product of the two int8 rows. |k| times q-with-k's-sign through
+// maddubs (pairs of 127 * 127 products fit int16), then madd into int32 lanes. Integer sums are
+// exact, so a score's bits do not depend on its pairing either.
+inline __m256i dot_i8(__m256i acc, __m256i q, __m256i k, __m256i ones) {
+  __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(k, k), _mm256_sign_epi8(q, k));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, ones));
+}
+inline __m256 hsum8i(const __m256i* a) {  // eight int32 vectors -> their eight sums, as float
+  __m256i s01 = _mm256_hadd_epi32(a[0], a[1]), s23 = _mm256_hadd_epi32(a[2], a[3]);
+  __m256i s45 = _mm256_hadd_epi32(a[4], a[5]), s67 = _mm256_hadd_epi32(a[6], a[7]);
+  __m256i s0123 = _mm256_hadd_epi32(s01, s23), s4567 = _mm256_hadd_epi32(s45, s67);
+  __m256i lo = _mm256_permute2x128_si256(s0123, s4567, 0x20), hi = _mm256_permute2x128_si256(s0123, s4567, 0x31);
+  return _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi));
+}
+// up to three query rows against four int8 keys -> s[r][0..4) as float sums (unscaled)
+template <int RR>
+inline void scores_i8(const int8_t* const* q, const int8_t* const* kj, int D, float* const* s) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[3][4];
+  for (int r = 0; r < RR; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_si256();
+  for (int d = 0; d < D; d += 32) {
+    __m256i k[4];
+    for (int j = 0; j < 4; ++j) k[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kj[j] + d));
+    for (int r = 0; r < RR; ++r) {
+      __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + d));
+      for (int j = 0; j < 4; ++j) acc[r][j] = dot_i8(acc[r][j], a, k[j], ones);
+    }
+  }
+  __m256i h[8];
+  for (int r = 0; r < RR; r += 2) {
+    for (int j = 0; j < 4; ++j) {
+      h[j] = acc[r][j];
+      h[4 + j] = r + 1 < RR ? acc[r + 1][j] : _mm256_setzero_si256();
+    }
+    __m256 f = hsum8i(h);
+    _mm_storeu_ps(s[r], _mm256_castps256_ps128(f));
+    if (r + 1 < RR) _mm_storeu_ps(s[r + 1], _mm256_extractf128_ps(f, 1));
+  }
+}
+
+// One chunk's softmax partial for R query rows over nk keys (nk <= chunk): per row the chunk's
+// max score m, sum of exp(s - m) l, and sum of exp(s - m) v (o[D]). Keys and values come as
+// pointers to rows of D (float32, or int8 with per-row scales ksc/vsc: a score is the scale times
+// the integer row's dot product, a value row enters with its probability times its scale). `s` is
+// scratch of R * pad8(nk) floats. Row r's partial goes to out[r * (D + 2) ...] as m, l, o[D]: the
+// layout the merge reads. With `q8` (int8 keys, D % 32 == 0) the scores are integer dot products
+// of the rows' int8 copies q8[r] (scale qsc[r]) with the keys.
+template <typename E>
+void chunk_partial(int R, const float* const* qp, int nk, const E* const* kp, const E* const* vp,
+                   const float* ksc, const float* vsc, int D, float* s, float* out,
+                   const int8_t* const* q8 = nullptr, const float* qsc = nullptr) {
+  const int NV = D / 8;
+  const int nkp = (nk + 7) & ~7;
+  // scores, four keys by two rows at a time (an odd last row alone; the last group repeats its
+  // last key, and those slots are discarded)
+  for (int j0 = 0; j0 < nkp; j0 += 4) {
+    const E* kj[4];
+    for (int j = 0; j < 4; ++j) kj[j] = kp[std::min(j0 + j, nk - 1)];
+    if ((j0 & 7) == 0)
+      for (int j = j0 + PF; j < std::min(j0 + PF + 8, nk); ++j) prefetch_row(kp[j], D);
+    if constexpr (std::is_same_v<E, int8_t>) {
+      if (q8) {
+        for (int r = 0; r < R; r += 3) {
+          float* sr[3] = {s + r * nkp + j0, s + std::min(r + 1, R - 1) * nkp + j0, s + std::min(r + 2, R - 1) * nkp + j0};
+          const int8_t* qr[3] = {q8[r], q8[std::min(r + 1, R - 1)], q8[std::min(r + 2, R - 1)]};
+          switch (std::min(3, R - r)) {
+            case 1: scores_i8<1>(qr, kj, D, sr); break;
+            case 2: scores_i8<2>(qr, kj, D, sr); break;
+            default: scores_i8<3>(qr, kj, D, sr); break;
+          }
+        }
+        continue;
+      }
+    }
+    int r = 0;
+    for (; r + 1 < R; r += 2) scores_2x4(qp[r], qp[r + 1], kj, NV, s + r * nkp + j0, s + (r + 1) * nkp + j0);
+    if (r < R) scores_1x4(qp[r], kj, NV, s + r * nkp + j0);
+  }
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int r = 0; r < R; ++r) {
+    float* sr = s + r * nkp;
+    if (q8)
+      for (int j = 0; j < nk; ++j) sr[j] *= qsc[r];
+    if (ksc)
+      for (int j = 0; j < nk; ++j) sr[j] *= ksc[j];
+    for (int j = nk; j < nkp; ++j) sr[j] = ninf;
+    __m256 mx = _mm256_set1_ps(ninf);  // max is exact in any order
+    for (int j = 0; j < nkp; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sr + j));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float m = _mm_cvtss_f32(m4);
+    __m256 mv = _mm256_set1_ps(m), lv = _mm256_setzero_ps();
+    for (int j = 0; j < nkp; j += 8) {
+      __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv));
+      _mm256_storeu_ps(sr + j, p);
+      lv = _mm256_add_ps(lv, p);
+    }
+    out[r * (D + 2)] = m;
+    out[r * (D + 2) + 1] = hsum(lv);
+    if (vsc)
+      for (int j = 0; j < nk; ++j) sr[j] *= vsc[j];
+  }
+  // o = sum_j p_j v_j in key order; V tiles of 32 keys stay in L1 across the rows
+  float* o_out = out + 2;  // row r's o at o_out + r * (D + 2)
+  const int P = D + 2;
+  for (int r = 0; r < R; ++r) std::fill(o_out + r * P, o_out + r * P + D, 0.0f);
+  for (int j = 0; j < std::min(nk, PF); ++j) prefetch_row(vp[j], D);
+  for (int j0 = 0; j0 < nk; j0 += 32) {
+    const int j1 = std::min(nk, j0 + 32);
+    for (int j = j0 + PF; j < std::min(j1 + PF, nk); ++j) prefetch_row(vp[j], D);
+    for (int r = 0; r < R; r += 3) {
+      const float* pr[3] = {s + r * nkp, s + std::min(r + 1, R - 1) * nkp, s + std::min(r + 2, R - 1) * nkp};
+      float* orow[3] = {o_out + r * P, o_out + std::min(r + 1, R - 1) * P, o_out + std::min(r + 2, R - 1) * P};
+      switch (std::min(3, R - r)) {
+        case 1: pv_rows<1, E>(pr, vp, j0, j1, NV, orow); break;
+        case 2: pv_rows<2, E>(pr, vp, j0, j1, NV, orow); break;
+        default: pv_rows<3, E>(pr, vp, j0, j1, NV, orow); break;
+      }
+    }
+  }
+}
+
+// Key/value pointers of one chunk, rows in place (int8 with their scales gathered).
+template <typename KT>
+struct KVRows {
+  std::vector<float> ks, vs;
+  std::vector<const KT*> kp, vp;
+  // ksb/vsb: the scales of this (b, kh), stride sstr per key (int8 only)
+  void fill(const KT* kbase, const KT* vbase, int64_t kstride, int64_t vstride, const int64_t* idx, int n,
+            const float* ksb = nullptr, const float* vsb = nullptr, int64_t kss = 0, int64_t vss = 0) {
+    kp.resize(n);
+    vp.resize(n);
+    for (int j = 0; j < n; ++j) {
+      kp[j] = kbase + idx[j] * kstride;
+      vp[j] = vbase + idx[j] * vstride;
+    }
+    if constexpr (std::is_same_v<KT, int8_t>) {
+      ks.resize(n);
+      vs.resize(n);
+      for (int j = 0; j < n; ++j) {
+        ks[j] = ksb[idx[j] * kss];
+        vs[j] = vsb[idx[j] * vss];
+      }
+    }
+  }
+  // rows scattered over the cache (a sparse list): their lines asked for before they are read, so
+  // that the misses overlap (`bytes` a row)
+  void prefetch(int64_t bytes) const {
+    for (size_t j = 0; j < kp.size(); ++j)
+      for (int64_t o = 0; o < bytes; o += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(kp[j]) + o, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(vp[j]) + o, _MM_HINT_T0);
+      }
+  }
+  const float* kscale() const { return ks.empty() ? nullptr : ks.data(); }
+  const float* vscale() const { return vs.empty() ? nullptr : vs.data(); }
+};
+
+// One row's output: the merge of its nc chunk partials (m, l, o[D] each, `part(c)`) in chunk order,
+// into dst[D]; returns the row's log-sum-exp.
+template <typename F>
+inline float merge_partials(int64_t nc, const F& part, int64_t D, float* dst) {
+  float M = -std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < nc; ++c) M = std::max(M, part(c)[0]);
+  float L = 0.0f;
+  std::fill(dst, dst + D, 0.0f);
+  for (int64_t c = 0; c < nc; ++c) {
+    const float* pc = part(c);
+    const float w = std::exp(pc[0] - M);
+    L += pc[1] * w;
+    __m256 wv = _mm256_set1_ps(w);
+    for (int64_t d = 0; d < D; d += 8)
+      _mm256_storeu_ps(dst + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(pc + 2 + d), _mm256_loadu_ps(dst + d)));
+  }
+  __m256 Lv = _mm256_set1_ps(L);
+  for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(dst + d, _mm256_div_ps(_mm256_loadu_ps(dst + d), Lv));
+  return M + std::log(L);
+}
+
+// Partial layout: per (row, chunk) D + 2 floats: m, l, o[D].
+template <typename KT>
+void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask,
+                    int64_t chunk, at::Tensor& out, at::Tensor* lse, const at::Tensor* kscale = nullptr,
+                    const at::Tensor* vscale = nullptr, const int64_t* kv_start = nullptr) {
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t KH = k.size(1), S = k.size(2), G = H / KH;
+  const int64_t n = S - T;  // cached keys, visible to every row (from its kv_start on, when given)
+  // chunks that lie wholly in the cached prefix, shared by the rows; with per-row starts (a
+  // sliding window) each row's visible sequence is its own and is chunked from its start
+  const int64_t nfull = kv_start ? 0 : n / chunk;
+  int64_t first = nfull * chunk;  // the earliest cached key a row reads outside the shared chunks
+  if (kv_start)
+    for (int64_t i = 0; i < B * T; ++i) first = std::min(first, kv_start[i]);
+  const int64_t GT = G * T, P = D + 2;
+  const float* qd = q.data_ptr<float>();
+  const KT* kd = k.data_ptr<KT>();
+  const KT* vd = v.data_ptr<KT>();
+  const bool* md = mask ? mask->data_ptr<bool>() : nullptr;
+  const int64_t mB = mask ? mask->size(0) : 0;
+  float* od = out.data_ptr<float>();
+  float* ld = lse ? lse->data_ptr<float>() : nullptr;
+  const int64_t qsb = q.stride(0), qst = q.stride(1), qsh = q.stride(2);
+  const int64_t ksb = k.stride(0), ksh = k.stride(1), kss = k.stride(2);
+  const int64_t vsb = v.stride(0), vsh = v.stride(1), vss = v.stride(2);
+  // int8 K/V: scales [B, KH, S]
+  const float* ksd = kscale ? kscale->data_ptr<float>() : nullptr;
+  const float* vsd = vscale ? vscale->data_ptr<float>() : nullptr;
+  const int64_t kcb = kscale ? kscale->stride(0) : 0, kch = kscale ? kscale->stride(1) : 0,
+                kcs = kscale ? kscale->stride(2) : 0;
+  const int64_t vcb = vscale ? vscale->stride(0) : 0, vch = vscale ? vscale->stride(1) : 0,
+                vcs = vscale ? vscale->stride(2) : 0;
+  auto kbase_s = [&](int64_t b, int64_t kh) { return ksd ? ksd + b * kcb + kh * kch : nullptr; };
+  auto vbase_s = [&](int64_t b, int64_t kh) { return vsd ? vsd + b * vcb + kh * vch : nullptr; };
+
+  // prefix partials [B, KH, nfull, GT, P]; rows ordered (t, g)
+  static thread_local Scratch pre_buf;
+  float* pre = pre_buf.get(static_cast<size_t>(B * KH * nfull * GT * P) + 1);
+  auto qrow = [&](int64_t b, int64_t t, int64_t h) { return qd + b * qsb + t * qst + h * qsh; };
+  // int8 keys: the query rows in int8 too (integer scores), row (b, t, h) at ((b * T + t) * H + h)
+  const bool iq = std::is_same_v<KT, int8_t> && D % 32 == 0;
+  std::vector<int8_t> q8buf(iq ? B * T * H * D : 0);
+  std::vector<float> q8s(iq ? B * T * H : 0);
+  if (iq)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t r = (b * T + t) * H + h;
+          q8s[r] = quantize_row(qrow(b, t, h), D, q8buf.data() + r * D);
+        }
+  auto q8row = [&](int64_t b, int64_t t, int64_t h) { return q8buf.data() + ((b * T + t) * H + h) * D; };
+  auto q8scale = [&](int64_t b, int64_t t, int64_t h) { return q8s[(b * T + t) * H + h]; };
+
+  at::parallel_for(0, B * KH * nfull, 1, [&](int64_t begin, int64_t end) {
+    KVRows<KT> kv;
+    std::vector<int64_t> idx(chunk);
+    std::vector<const float*> qp(GT);
+    std::vector<const int8_t*> q8p(GT);
+    std::vector<float> qs(GT);
+    static thread_local Scratch s_buf;
+    float* s = s_buf.get(static_cast<size_t>(GT) * ((chunk + 7) & ~7));
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t c = it % nfull, kh = (it / nfull) % KH, b = it / (nfull * KH);
+      for (int64_t j = 0; j < chunk; ++j) idx[j] = c * chunk + j;
+      kv.fill(kd + b * ksb + kh * ksh, vd + b * vsb + kh * vsh, kss, vss, idx.data(), chunk, kbase_s(b, kh),
+              vbase_s(b, kh), kcs, vcs);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t g = 0; g < G; ++g) {
+          qp[t * G + g] = qrow(b, t, kh * G + g);
+          if (iq) {
+            q8p[t * G + g] = q8row(b, t, kh * G + g);
+            qs[t * G + g] = q8scale(b, t, kh * G + g);
+          }
+        }
+      // rows in groups whose scores stay in L1; the chunk's K/V are re-read from L2 per group
+      float* dst = pre + static_cast<size_t>(it) * GT * P;
+      for (int64_t r0 = 0; r0 < GT; r0 += ROW_GROUP) {
+        const int rn = static_cast<int>(std::min<int64_t>(ROW_GROUP, GT - r0));
+        chunk_partial(rn, qp.data() + r0, chunk, kv.kp.data(), kv.vp.data(), kv.kscale(), kv.vscale(), D, s,
+                      dst + r0 * P, iq ? q8p.data() + r0 : nullptr, iq ? qs.data() + r0 : nullptr);
+      }
+    }
+  });
+
+  // per (b, kh, t): the tail chunks of the G rows of token t, then the merge of all chunks
+  const int64_t tail_max = (n - first) + T;
+  const int64_t tchunks_max = (tail_max + chunk - 1) / chunk;
+  at::parallel_for(0, B * KH * T, 1, [&](int64_t begin, int64_t end) {
+    KVRows<KT> kv;
+    std::vector<int64_t> idx(tail_max);
+    std::vector<const float*> qp(G);
+    std::vector<const int8_t*> q8p(G);
+    std::vector<float> qs(G);
+    static thread_local Scratch s_buf, t_buf;
+    float* s = s_buf.get(static_cast<size_t>(G) * ((chunk + 7) & ~7));
+    float* tail = t_buf.get(static_cast<size_t>(tchunks_max) * G * P);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t t = it % T, kh = (it / T) % KH, b = it / (T * KH);
+      int64_t cnt = 0;
+      for (int64_t j = kv_start ? kv_start[b * T + t] : nfull * chunk; j < n; ++j) idx[cnt++] = j;
+      const bool* mrow = md ? md + ((mB == 1 ? 0 : b) * T + t) * T : nullptr;
+      for (int64_t i = 0; i < T; ++i)
+        if (mrow ? mrow[i] : i <= t) idx[cnt++] = n + i;
+      for (int64_t g = 0; g < G; ++g) {
+        qp[g] = qrow(b, t, kh * G + g);
+        if (iq) {
+          q8p[g] = q8row(b, t, kh * G + g);
+          qs[g] = q8scale(b, t, kh * G + g);
+        }
+      }
+      const int64_t tch = (cnt + chunk - 1) / chunk;
+      for (int64_t c = 0; c < tch; ++c) {
+        const int64_t c0 = c * chunk, nk = std::min(chunk, cnt - c0);
+        kv.fill(kd + b * ksb + kh * ksh, vd + b * vsb + kh * vsh, kss, vss, idx.data() + c0, nk, kbase_s(b, kh),
+                vbase_s(b, kh), kcs, vcs);
+        chunk_partial(G, qp.data(), nk, kv.kp.data(), kv.vp.data(), kv.kscale(), kv.vscale(), D, s,
+                      tail + c * G * P, iq ? q8p.data() : nullptr, iq ? qs.data() : nullptr);
+      }
+      // merge in chunk order: prefix chunks 0..nfull-1, then the tail's
+      const float* pbase = pre + static_cast<size_t>((b * KH + kh) * nfull) * GT * P;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = t * G + g;
+        auto part = [&](int64_t c) -> const float* {
+          return c < nfull ? pbase + (c * GT + r) * P : tail + ((c - nfull) * G + g) * P;
+        };
+        const float l = merge_partials(nfull + tch, part, D, od + (b * T + t) * H * D + (kh * G + g) * D);
+        if (ld) ld[(b * T + t) * H + kh * G + g] = l;
+      }
+    }
+  });
+}
+
+// One token's attention (q [1, 1, H, D], scaled) in which each KV head reads its own list of key
+// rows (rows [KH, R]: entry indices into k/v [1, KH, S, D]) in place: chunks of `chunk` rows by
+// ordinal in the list, merged in order. The arithmetic of `attention` over the listed rows, so a
+// gathered copy of them gives the same bits. The sparse draft's attention (`SparseKV`).
+template <typename KT>
+void attention_rows_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
+                         int64_t chunk, at::Tensor& out) {
+  const int64_t H = q.size(2), D = q.size(3), KH = k.size(1), G = H / KH, R = rows.size(1), P = D + 2;
+  const int64_t nc = (R + chunk - 1) / chunk;
+  const float* qd = q.data_ptr<float>();
+  const KT* kd = k.data_ptr<KT>();
+  const KT* vd = v.data_ptr<KT>();
+  const int64_t* rd = rows.data_ptr<int64_t>();
+  const int64_t qsh = q.stride(2), ksh = k.stride(1), kss = k.stride(2), vsh = v.stride(1), vss = v.stride(2);
+  std::vector<float> parts(static_cast<size_t>(KH * nc * G * P));  // [KH, nc, G, P]
+  at::parallel_for(0, KH * nc, 1, [&](int64_t begin, int64_t end) {
+    KVRows<KT> kv;
+    std::vector<const float*> qp(G);
+    static thread_local Scratch s_buf;
+    float* s = s_buf.get(static_cast<size_t>(G) * ((chunk + 7) & ~7));
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t c = it % nc, kh = it / nc, c0 = c * chunk;
+      const int nk = static_cast<int>(std::min(chunk, R - c0));
+      kv.fill(kd + kh * ksh, vd + kh * vsh, kss, vss, rd + kh * R + c0, nk);
+      if (it == begin) kv.prefetch(D * static_cast<int64_t>(sizeof(KT)));
+      if (it + 1 < end) {  // the next chunk's rows are asked for while this one is worked
+        const int64_t n1 = (it + 1) / nc, r1 = ((it + 1) % nc) * chunk, e1 = std::min(R, r1 + chunk);
+        for (int64_t i = r1; i < e1; ++i) {
+          const int64_t row = rd[n1 * R + i];
+          for (int64_t o = 0; o < D * static_cast<int64_t>(sizeof(KT)); o += 64) {
+            _mm_prefetch(reinterpret_cast<const char*>(kd + n1 * ksh + row * kss) + o, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(vd + n1 * vsh + row * vss) + o, _MM_HINT_T0);
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) qp[g] = qd + (kh * G + g) * qsh;
+      chunk_partial(static_cast<int>(G), qp.data(), nk, kv.kp.data(), kv.vp.data(), nullptr, nullptr,
+                    static_cast<int>(D), s, parts.data() + it * G * P);
+    }
+  });
+  float* od = out.data_ptr<float>();
+  for (int64_t kh = 0; kh < KH; ++kh)
+    for (int64_t g = 0; g < G; ++g)
+      merge_partials(nc, [&](int64_t c) -> const float* { return parts.data() + ((kh * nc + c) * G + g) * P; }, D,
+                     od + (kh * G + g) * D);
+}
+
+at::Tensor attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
+                          int64_t chunk) {
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && q.size(1) == 1, "attention_rows: q must be [1, 1, H, D]");
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "attention_rows: q must be float32");
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.size(0) == 1 && v.sizes() == k.sizes(), "attention_rows: k/v [1,KH,S,D]");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "attention_rows: k and v dtypes differ");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "attention_rows: last dim must be contiguous");
+  const int64_t H = q.size(2), D = q.size(3), KH = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(3) == D && D % 8 == 0 && H % KH == 0, "attention_rows: shapes disagree");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 2 && rows.size(0) == KH && rows.size(1) >= 1 &&
+                  rows.is_contiguous(),
+              "attention_rows: rows must be contiguous int64 [KH, R >= 1]");
+  TORCH_CHECK(chunk >= 8 && chunk % 8 == 0, "attention_rows: chunk must be a positive multiple of 8");
+  {  // a plain scan: two torch reductions cost more than this kernel's work at 4K rows
+    const int64_t* rd = rows.data_ptr<int64_t>();
+    int64_t lo = 0, hi = 0;
+    for (int64_t i = 0; i < rows.numel(); ++i) {
+      lo = std::min(lo, rd[i]);
+      hi = std::max(hi, rd[i]);
+    }
+    TORCH_CHECK(lo >= 0 && hi < S, "attention_rows: a row lies outside k");
+  }
+  at::Tensor out = at::empty({1, 1, H * D}, q.options());
+  switch (k.scalar_type()) {
+    case at::kFloat: attention_rows_impl<float>(q, k, v, rows, chunk, out); break;
+    case at::kBFloat16: attention_rows_impl<c10::BFloat16>(q, k, v, rows, chunk, out); break;
+    case at::kHalf: attention_rows_impl<c10::Half>(q, k, v, rows, chunk, out); break;
+    default: TORCH_CHECK(false, "attention_rows: K/V must be float32, bfloat16 or float16");
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const c10::optional<at::Tensor>& mask, int64_t chunk, bool want_lse,
+                                             const c10::optional<at::Tensor>& k_scale,
+                                             const c10::optional<at::Tensor>& v_scale,
+                                             const c10::optional<at::Tensor>& kv_start) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q [B,T,H,D], k/v [B,KH,S,D]");
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "attention: q must be float32");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "attention: k and v dtypes differ");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "attention: last dim must be contiguous");
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && k.size(3) == D && v.size(3) == D && v.size(2) == k.size(2),
+              "attention: shapes disagree");
+  TORCH_CHECK(H % k.size(1) == 0, "attention: query heads not a multiple of KV heads");
+  TORCH_CHECK(D % 8 == 0, "attention: head_dim must be a multiple of 8");
+  TORCH_CHECK(k.size(2) >= T && T >= 1, "attention: fewer keys than new tokens");
+  TORCH_CHECK(chunk >= 8 && chunk % 8 == 0, "attention: chunk must be a positive multiple of 8");
+  const at::Tensor* mp = nullptr;
+  at::Tensor m;
+  if (mask.has_value()) {
+    m = mask->contiguous();
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 3 && m.size(1) == T && m.size(2) == T &&
+                    (m.size(0) == 1 || m.size(0) == B),
+                "attention: mask must be bool [1 or B, T, T]");
+    mp = &m;
+  }
+  at::Tensor out = at::empty({B, T, H * D}, q.options());
+  at::Tensor lse = want_lse ? at::empty({B, T, H}, q.options()) : at::Tensor();
+  at::Tensor* lp = want_lse ? &lse : nullptr;
+  const bool q8 = k.scalar_type() == at::kChar;
+  TORCH_CHECK(q8 == (k_scale.has_value() && v_scale.has_value()) && k_scale.has_value() == v_scale.has_value(),
+              "attention: int8 K/V need k_scale and v_scale, other dtypes take none");
+  if (q8) {
+    for (const at::Tensor* t : {&*k_scale, &*v_scale})
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == B && t->size(1) == k.size(1) &&
+                      t->size(2) == k.size(2),
+                  "attention: scales must be float32 [B, KH, S]");
+  }
+  at::Tensor ksc;
+  const int64_t* ksp = nullptr;
+  if (kv_start.has_value()) {  // per row: the first cached key it sees (a sliding window's start)
+    ksc = kv_start->contiguous();
+    TORCH_CHECK(ksc.scalar_type() == at::kLong && ksc.dim() == 2 && ksc.size(0) == B && ksc.size(1) == T,
+                "attention: kv_start must be int64 [B, T]");
+    ksp = ksc.data_ptr<int64_t>();
+    for (int64_t i = 0; i < B * T; ++i)
+      TORCH_CHECK(ksp[i] >= 0 && ksp[i] <= k.size(2) - T, "attention: kv_start ", ksp[i], " outside [0, ",
+                  k.size(2) - T, "]");
+  }
+  switch (k.scalar_type()) {
+    case at::kFloat: attention_impl<float>(q, k, v, mp, chunk, out, lp, nullptr, nullptr, ksp); break;
+    case at::kBFloat16: attention_impl<c10::BFloat16>(q, k, v, mp, chunk, out, lp, nullptr, nullptr, ksp); break;
+    case at::kHalf: attention_impl<c10::Half>(q, k, v, mp, chunk, out, lp, nullptr, nullptr, ksp); break;
+    case at::kChar: attention_impl<int8_t>(q, k, v, mp, chunk, out, lp, &*k_scale, &*v_scale, ksp); break;
+    default: TORCH_CHECK(false, "attention: K/V must be float32, bfloat16, float16 or int8");
+  }
+  return {out, lse};
+}
+
+// 32 entries [j, j+32) of one KV head against GG query rows' 7-bit codes (four to an int32 of
+// qpat, row g's at qpat[g * nq]) over `dims` dims of the dimension-major copy (rows base + dm[i] *
+// ld): integer dot products with the keys offset to unsigned bytes for maddubs, four dims at a
+// time (their bytes interleaved in registers once for all rows), out[g][32] in entry order.
+template <int GG>
+inline void dims_block32(const int8_t* base, int64_t ld, const int64_t* dm, int64_t nq, const int32_t* qpat,
+                         int64_t j, int32_t (*out)[32]) {
+  const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256i acc[GG][4];
+  for (int g = 0; g < GG; ++g)
+    for (int r = 0; r < 4; ++r) acc[g][r] = _mm256_setzero_si256();
+  for (int64_t t = 0; t < nq; ++t) {
+    const __m256i A = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + dm[4 * t] * ld + j));
+    const __m256i B = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + dm[4 * t + 1] * ld + j));
+    const __m256i C = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + dm[4 * t + 2] * ld + j));
+    const __m256i E = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + dm[4 * t + 3] * ld + j));
+    // per 128-bit lane: its entries 0-7 (lo) / 8-15 (hi), the four dims' bytes side by side
+    const __m256i ab0 = _mm256_unpacklo_epi8(A, B), ab1 = _mm256_unpackhi_epi8(A, B);
+    const __m256i ce0 = _mm256_unpacklo_epi8(C, E), ce1 = _mm256_unpackhi_epi8(C, E);
+    const __m256i z[4] = {_mm256_xor_si256(_mm256_unpacklo_epi16(ab0, ce0), flip),
+                          _mm256_xor_si256(_mm256_unpackhi_epi16(ab0, ce0), flip),
+                          _mm256_xor_si256(_mm256_unpacklo_epi16(ab1, ce1), flip),
+                          _mm256_xor_si256(_mm256_unpackhi_epi16(ab1, ce1), flip)};  // k + 128, unsigned
+    for (int g = 0; g < GG; ++g) {
+      const __m256i qv = _mm256_set1_epi32(qpat[g * nq + t]);
+      for (int r = 0; r < 4; ++r)
+        acc[g][r] = _mm256_add_epi32(acc[g][r], _mm256_madd_epi16(_mm256_maddubs_epi16(z[r], qv), ones));
+    }
+  }
+  // z[r] held entries 4r..4r+3 in its low lane and 16+4r.. in its high lane: back to entry order
+  for (int g = 0; g < GG; ++g) {
+    const __m256i* c = acc[g];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[g]), _mm256_permute2x128_si256(c[0], c[1], 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[g] + 8), _mm256_permute2x128_si256(c[2], c[3], 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[g] + 16), _mm256_permute2x128_si256(c[0], c[1], 0x31));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[g] + 24), _mm256_permute2x128_si256(c[2], c[3], 0x31));
+  }
+}
+
+// The sparse draft's rows for one query (q [1, 1, H, D], scaled) in one layer, scored against an
+// int8 copy of the keys kept dimension-major (kt [KH, D, >= S]: row d holds dim d of every entry;
+// ks [KH, >= S] the entries' row scales), as SparQ scores keys by the query's largest dimensions.
+// Per KV head: the `dims` dims where the group's sum of |q| is largest; each query row's values
+// there rounded to 7 bits (scale max|q|/64); every entry of [a, b) scored by integer dot products
+// (`dims_block32`), times its row scale and the query's; each row's softmax over those entries,
+// summed over the group, weighs an entry. Rows out: [0, a) (sinks), the top `budget` of [a, b) by
+// weight (ties: the earlier entry), then [b, S) (the recent window), ascending: [KH, a + budget +
+// S - b] int64. The top `budget` come from a floor estimated on every 16th weight, then an exact
+// choice (`nth_element`) among the entries above it: no sort of them all.
+at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& ks, int64_t a, int64_t b,
+                              int64_t S, int64_t budget, int64_t dims) {
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && q.size(1) == 1 && q.scalar_type() == at::kFloat && q.stride(3) == 1,
+              "sparse_select_dims: q must be float32 [1, 1, H, D]");
+  TORCH_CHECK(kt.dim() == 3 && kt.scalar_type() == at::kChar && kt.stride(2) == 1,
+              "sparse_select_dims: kt must be int8 [KH, D, S], last dim contiguous");
+  TORCH_CHECK(ks.dim() == 2 && ks.scalar_type() == at::kFloat && ks.size(0) == kt.size(0) && ks.stride(1) == 1 &&
+                  ks.size(1) >= kt.size(2),
+              "sparse_select_dims: ks must be float32 [KH, S], last dim contiguous");
+  const int64_t H = q.size(2), D = q.size(3), KH = kt.size(0), G = H / KH, M = b - a;
+  TORCH_CHECK(kt.size(1) == D && H % KH == 0 && G <= 8 && dims % 4 == 0 && 4 <= dims && dims <= D,
+              "sparse_select_dims: shapes disagree (at most 8 query rows a KV head; dims a multiple of 4 in [4, D])");
+  TORCH_CHECK(0 <= a && a < b && b <= S && S <= kt.size(2) && 1 <= budget && budget <= M && M < (int64_t(1) << 32),
+              "sparse_select_dims: need 0 <= a < b <= S <= entries, 1 <= budget <= b - a < 2^32");
+  const float* qd = q.data_ptr<float>();
+  const int8_t* kd = kt.data_ptr<int8_t>();
+  const float* sd = ks.data_ptr<float>();
+  const int64_t qh_s = q.stride(2), kt_h = kt.stride(0), kt_d = kt.stride(1), ks_h = ks.stride(0);
+  const int64_t nq = dims / 4;
+  // per KV head: its dims; per query row: 7-bit codes (four to an int32 pattern), scale, and the
+  // offset the unsigned keys add (128 times the codes' sum)
+  std::vector<int64_t> dim(KH * dims);
+  std::vector<int32_t> qpat(KH * G * nq);
+  std::vector<int8_t> q7(KH * G * dims);
+  std::vector<float> qsc(KH * G);
+  std::vector<int32_t> corr(KH * G);
+  for (int64_t kh = 0; kh < KH; ++kh) {
+    std::vector<double> mass(D, 0.0);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < D; ++d) mass[d] += std::fabs(double(qd[(kh * G + g) * qh_s + d]));
+    std::vector<int64_t> order(D);
+    for (int64_t d = 0; d < D; ++d) order[d] = d;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return mass[x] > mass[y]; });
+    std::sort(order.begin(), order.begin() + dims);
+    std::copy(order.begin(), order.begin() + dims, dim.begin() + kh * dims);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qr = qd + (kh * G + g) * qh_s;
+      float amax = 0.0f;
+      for (int64_t i = 0; i < dims; ++i) amax = std::max(amax, std::fabs(qr[dim[kh * dims + i]]));
+      const float sc = amax / 64.0f;
+      int8_t* code = q7.data() + (kh * G + g) * dims;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < dims; ++i) {
+        code[i] = sc > 0.0f ? static_cast<int8_t>(std::nearbyint(qr[dim[kh * dims + i]] / sc)) : 0;
+        sum += code[i];
+      }
+      for (int64_t t = 0; t < nq; ++t) std::memcpy(&qpat[(kh * G + g) * nq + t], code + 4 * t, 4);
+      qsc[kh * G + g] = sc;
+      corr[kh * G + g] = 128 * sum;
+    }
+  }
+  // Two passes over the entries, each span of them (its rows' scores: 24 KB) worked while in the
+  // cache. Pass one: the span's scores, then in place their exps from the span's own max, each
+  // row's span max and sum, and every 16th exp of each row into a sample. Between: each row's
+  // max and softmax sum from the spans', so a span's exps times a factor per (span, row) are the
+  // softmax; the sample's weights give a floor below the budget-th weight. Pass two: each entry's
+  // weight (the group's summed softmax) and the entries at or above the floor, in entry order.
+  // Only the exps cross the passes (G x M floats: before, the scores crossed four passes).
+  constexpr int64_t SPAN = 2048, STRIDE = 16;
+  const int64_t spans = (M + SPAN - 1) / SPAN, ns = (M + STRIDE - 1) / STRIDE;
+  static thread_local Scratch sc_buf;
+  float* sc = sc_buf.get(static_cast<size_t>(KH * G * (M + ns)));  // exps [KH, G, M], sample [KH, G, ns]
+  float* smp = sc + KH * G * M;
+  std::vector<float> pmax(static_cast<size_t>(KH * spans * G)), psum(static_cast<size_t>(KH * spans * G));
+  at::parallel_for(0, KH * spans, 1, [&](int64_t begin, int64_t end) {
+    alignas(32) int32_t dot[8][32];
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t kh = it / spans, j0 = (it % spans) * SPAN, j1 = std::min(M, j0 + SPAN);
+      const int8_t* base = kd + kh * kt_h + a;
+      const int64_t* dm = dim.data() + kh * dims;
+      const int32_t* qp = qpat.data() + kh * G * nq;
+      const float* srow = sd + kh * ks_h + a;
+      __m256 mx[8];
+      for (int64_t g = 0; g < G; ++g) mx[g] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+      int64_t j = j0;
+      for (; j + 32 <= j1; j += 32) {
+        // the copy's rows are `dims` streams read 32 bytes at a time: more than the hardware
+        // prefetchers follow (in a model the layer's copy comes from memory, and the choice ran at
+        // a fifth of its bandwidth), so each line is asked for 1 KB ahead
+        if (((a + j) & 63) == 0 && j + 1024 < j1)
+          for (int64_t i = 0; i < dims; ++i) _mm_prefetch(reinterpret_cast<const char*>(base + dm[i] * kt_d + j + 1024), _MM_HINT_T0);
+        for (int64_t g0 = 0; g0 < G; g0 += 4) {  // up to four rows a call: their accumulators stay in registers
+          switch (std::min<int64_t>(4, G - g0)) {
+            case 1: dims_block32<1>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
+            case 2: dims_block32<2>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
+            case 3: dims_block32<3>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
+            default: dims_block32<4>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          const __m256i off = _mm256_set1_epi32(corr[kh * G + g]);
+          const __m256 qs = _mm256_set1_ps(qsc[kh * G + g]);
+          for (int r = 0; r < 4; ++r) {
+            const __m256i d = _mm256_load_si256(reinterpret_cast<const __m256i*>(dot[g] + 8 * r));
+            const __m256 s = _mm256_mul_ps(
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d, off)), _mm256_loadu_ps(srow + j + 8 * r)), qs);
+            _mm256_storeu_ps(sc + (kh * G + g) * M + j + 8 * r, s);
+            mx[g] = _mm256_max_ps(mx[g], s);
+          }
+        }
+      }
+      float tail[8];
+      for (int64_t g = 0; g < G; ++g) tail[g] = -std::numeric_limits<float>::infinity();
+      for (; j < j1; ++j)  // the last entries, one at a time: the same integers
+        for (int64_t g = 0; g < G; ++g) {
+          int32_t d = 0;
+          const int8_t* code = q7.data() + (kh * G + g) * dims;
+          for (int64_t i = 0; i < dims; ++i) d += code[i] * base[dm[i] * kt_d + j];
+          const float s = (static_cast<float>(d) * srow[j]) * qsc[kh * G + g];
+          sc[(kh * G + g) * M + j] = s;
+          tail[g] = std::max(tail[g], s);
+        }
+      for (int64_t g = 0; g < G; ++g) {
+        alignas(32) float l[8];
+        _mm256_store_ps(l, mx[g]);
+        float m = tail[g];
+        for (float x : l) m = std::max(m, x);
+        float* sr = sc + (kh * G + g) * M;
+        const __m256 mv = _mm256_set1_ps(m);
+        __m256 lv = _mm256_setzero_ps();
+        int64_t i = j0;
+        for (; i + 8 <= j1; i += 8) {
+          const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + i), mv));
+          _mm256_storeu_ps(sr + i, e);
+          lv = _mm256_add_ps(lv, e);
+        }
+        float sum = hsum(lv);
+        for (; i < j1; ++i) {
+          sr[i] = std::exp(sr[i] - m);
+          sum += sr[i];
+        }
+        pmax[it * G + g] = m;
+        psum[it * G + g] = sum;
+        float* sm = smp + (kh * G + g) * ns;
+        for (int64_t k = (j0 + STRIDE - 1) / STRIDE * STRIDE; k < j1; k += STRIDE) sm[k / STRIDE] = sr[k];
+      }
+    }
+  });
+  // factor[kh, span, g]: exp(span max - row max) / the row's softmax sum
+  std::vector<float> factor(static_cast<size_t>(KH * spans * G));
+  for (int64_t kh = 0; kh < KH; ++kh)
+    for (int64_t g = 0; g < G; ++g) {
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t sp = 0; sp < spans; ++sp) m = std::max(m, pmax[(kh * spans + sp) * G + g]);
+      float l = 0.0f;
+      for (int64_t sp = 0; sp < spans; ++sp) {
+        const int64_t x = (kh * spans + sp) * G + g;
+        factor[x] = std::exp(pmax[x] - m);
+        l += psum[x] * factor[x];
+      }
+      for (int64_t sp = 0; sp < spans; ++sp) factor[(kh * spans + sp) * G + g] /= l;
+    }
+  // per KV head, a floor below its budget-th weight, from the sample: the weight a quarter more
+  // than its share of the sample (plus 8) beats. Every entry at or above it is a candidate; were
+  // there fewer than `budget`, all entries are
+  std::vector<float> floor_(KH);
+  at::parallel_for(0, KH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sw(static_cast<size_t>(ns));
+    for (int64_t kh = begin; kh < end; ++kh) {
+      for (int64_t k = 0; k < ns; ++k) {
+        const float* f = factor.data() + (kh * spans + k * STRIDE / SPAN) * G;
+        float x = 0.0f;
+        for (int64_t g = 0; g < G; ++g) x += smp[(kh * G + g) * ns + k] * f[g];
+        sw[k] = x;
+      }
+      const int64_t k = std::min(ns - 1, budget * ns / M + budget * ns / M / 4 + 8);
+      std::nth_element(sw.begin(), sw.begin() + k, sw.end(), std::greater<float>());
+      floor_[kh] = sw[k];
+    }
+  });
+  // weights of every entry (pass two); a candidate goes out as one integer key, its weight's bits
+  // (a weight is >= 0, so its bits order as it does) over the complement of its entry: keys order
+  // as (weight desc, entry asc) and the choice below compares integers
+  auto key = [](float w, int64_t j) {
+    uint32_t bits;
+    std::memcpy(&bits, &w, 4);
+    return (static_cast<uint64_t>(bits) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(j));
+  };
+  std::vector<std::vector<uint64_t>> cands(KH * spans);
+  auto weigh = [&](int64_t kh, int64_t sp, int64_t j0, int64_t j1, float fl, std::vector<uint64_t>& c) {
+    const float* e = sc + kh * G * M;
+    const float* f = factor.data() + (kh * spans + sp) * G;
+    const __m256 l = _mm256_set1_ps(fl);
+    alignas(32) float x8[8];
+    int64_t j = j0;
+    for (; j + 8 <= j1; j += 8) {
+      __m256 x = _mm256_mul_ps(_mm256_loadu_ps(e + j), _mm256_set1_ps(f[0]));
+      for (int64_t g = 1; g < G; ++g)
+        x = _mm256_add_ps(x, _mm256_mul_ps(_mm256_loadu_ps(e + g * M + j), _mm256_set1_ps(f[g])));
+      int m = _mm256_movemask_ps(_mm256_cmp_ps(x, l, _CMP_GE_OQ));
+      if (m) {
+        _mm256_store_ps(x8, x);
+        for (; m; m &= m - 1) {
+          const int r = __builtin_ctz(m);
+          c.push_back(key(x8[r], j + r));
+        }
+      }
+    }
+    for (; j < j1; ++j) {
+      float x = e[j] * f[0];
+      for (int64_t g = 1; g < G; ++g) x += e[g * M + j] * f[g];
+      if (x >= fl) c.push_back(key(x, j));
+    }
+  };
+  at::parallel_for(0, KH * spans, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t kh = it / spans, sp = it % spans, j0 = sp * SPAN, j1 = std::min(M, j0 + SPAN);
+      cands[it].clear();
+      weigh(kh, sp, j0, j1, floor_[kh], cands[it]);
+    }
+  });
+  // per KV head: the candidates in entry order, the budget-th largest key among them, and out go
+  // those at or above it, still in entry order
+  const int64_t R = a + budget + (S - b);
+  at::Tensor out = at::empty({KH, R}, at::TensorOptions().dtype(at::kLong));
+  int64_t* od = out.data_ptr<int64_t>();
+  at::parallel_for(0, KH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint64_t> all, nth;
+    for (int64_t kh = begin; kh < end; ++kh) {
+      all.clear();
+      for (int64_t sp = 0; sp < spans; ++sp)
+        all.insert(all.end(), cands[kh * spans + sp].begin(), cands[kh * spans + sp].end());
+      if (static_cast<int64_t>(all.size()) < budget) {  // the sample's floor was too high: every entry
+        all.clear();
+        for (int64_t sp = 0; sp < spans; ++sp)
+          weigh(kh, sp, sp * SPAN, std::min(M, (sp + 1) * SPAN), -std::numeric_limits<float>::infinity(), all);
+      }
+      nth = all;
+      std::nth_element(nth.begin(), nth.begin() + (budget - 1), nth.end(), std::greater<uint64_t>());
+      const uint64_t cut = nth[budget - 1];
+      int64_t* dst = od + kh * R;
+      for (int64_t i = 0; i < a; ++i) *dst++ = i;
+      for (const uint64_t k : all)
+        if (k >= cut) *dst++ = a + (0xFFFFFFFFu - static_cast<uint32_t>(k));
+      for (int64_t i = b; i < S; ++i) *dst++ = i;
+    }
+  });
+  return out;
+}
+
+// x [B, KH, T, D] float32 -> q int8 and scale [B, KH, T], written in place (views of a cache):
+// per row scale = max|x| / 127, q = round-to-even(x / scale), 0 for an all-zero row. The same
+// arithmetic as `kernels.quantize_q8_reference`, so both give the same bits.
+void quantize_q8(const at::Tensor& x, at::Tensor& q, at::Tensor& scale) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar && q.sizes() == x.sizes(),
+              "quantize_q8: x float32 [B, KH, T, D], q int8 of the same shape");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 3 && scale.sizes() == x.sizes().slice(0, 3),
+              "quantize_q8: scale float32 [B, KH, T]");
+  TORCH_CHECK(x.stride(3) == 1 && q.stride(3) == 1, "quantize_q8: last dim must be contiguous");
+  const int64_t B = x.size(0), KH = x.size(1), T = x.size(2), D = x.size(3);
+  TORCH_CHECK(D % 8 == 0, "quantize_q8: head_dim must be a multiple of 8");
+  const float* xd = x.data_ptr<float>();
+  int8_t* qd = q.data_ptr<int8_t>();
+  float* sd = scale.data_ptr<float>();
+  at::parallel_for(0, B * KH * T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t t = it % T, h = (it / T) % KH, b = it / (T * KH);
+      sd[b * scale.stride(0) + h * scale.stride(1) + t * scale.stride(2)] =
+          quantize_row(xd + b * x.stride(0) + h * x.stride(1) + t * x.stride(2), D,
+                       qd + b * q.stride(0) + h * q.stride(1) + t * q.stride(2));
+    }
+  });
+}
+
+}  // namespace TS_NS
+
+TORCH_LIBRARY_FRAGMENT(TS_NS, m) {
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, int chunk, bool want_lse, Tensor? k_scale=None, "
+        "Tensor? v_scale=None, Tensor? kv_start=None) -> (Tensor, Tensor)");
+  m.def("attention_rows(Tensor q, Tensor k, Tensor v, Tensor rows, int chunk) -> Tensor");
+  m.def("sparse_select_dims(Tensor q, Tensor kt, Tensor ks, int a, int b, int S, int budget, int dims) -> Tensor");
+  m.def("quantize_q8(Tensor x, Tensor(a!) q, Tensor(b!) scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(TS_NS, CPU, m) {
+  m.impl("attention", &TS_NS::attention);
+  m.impl("attention_rows", &TS_NS::attention_rows);
+  m.impl("sparse_select_dims", &TS_NS::sparse_select_dims);
+  m.impl("quantize_q8", &TS_NS::quantize_q8);
+}
