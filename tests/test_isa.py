@@ -152,6 +152,17 @@ def test_attention_gives_the_same_bits_on_every_level(levels, dtype):
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), lv
 
 
+def _same_logits_on_every_level(pairs, monkeypatch, lm, ids: list[int]) -> None:
+    """`_forward_logits` with each level's ops in turn: the same bits."""
+    out = {}
+    for lv, ops in pairs:
+        monkeypatch.setattr(kernels, "ops", ops)
+        out[lv] = _forward_logits(lm, ids)
+    ref = out[pairs[0][0]]
+    for lv, y in out.items():
+        assert torch.equal(y, ref), lv
+
+
 def _forward_logits(lm, ids: list[int]) -> torch.Tensor:
     """A prefill, then an 8-token causal pass on top: the logits of both."""
     from tokenswift.cache import KVCache
@@ -173,13 +184,7 @@ def test_a_model_gives_the_same_logits_on_every_level(levels, monkeypatch, smoll
     pairs = _two(levels)
     lm = smollm if activations == "float" else tokenswift.load("smollm2-135m", activations="int8")
     ids = cdne_ids[2000:2300]
-    out = {}
-    for lv, ops in pairs:
-        monkeypatch.setattr(kernels, "ops", ops)
-        out[lv] = _forward_logits(lm, ids)
-    ref = out[pairs[0][0]]
-    for lv, y in out.items():
-        assert torch.equal(y, ref), lv
+    _same_logits_on_every_level(pairs, monkeypatch, lm, ids)
 
 
 @pytest.mark.parametrize("activations", ["float", "int8"])
@@ -197,13 +202,7 @@ def test_gemma3_gives_the_same_logits_on_every_level(levels, monkeypatch, activa
         pytest.skip(str(e))
     lm = tokenswift.load("gemma3-270m", device="cpu", activations=activations)
     ids = lm.tokenizer(cdne_text()[:6000]).input_ids[:600]  # past the 512-token window
-    out = {}
-    for lv, ops in pairs:
-        monkeypatch.setattr(kernels, "ops", ops)
-        out[lv] = _forward_logits(lm, ids)
-    ref = out[pairs[0][0]]
-    for lv, y in out.items():
-        assert torch.equal(y, ref), lv
+    _same_logits_on_every_level(pairs, monkeypatch, lm, ids)
 
 
 def test_sampling_draws_the_same_tokens_on_every_level(levels):

@@ -265,14 +265,6 @@ def run_llamacpp(lm: Any, prompt: list[int], lengths: list[int], name: str, samp
     return cp.records, tokens, {}
 
 
-def kernels_of(lm: Any) -> str:
-    """What our methods' matmuls and attention ran on: the native kernels' instruction level
-    ('avx2', 'avx512'), or torch's kernels (a GPU, or the native ones off)."""
-    from . import kernels
-
-    return kernels.isa() if getattr(lm.model, "packed", None) == "native" else "torch"
-
-
 def available(name: str) -> str | None:
     """None when the method can run here, else why not."""
     if name in ("hf", "hf-lookup") and importlib.util.find_spec("transformers") is None:
@@ -321,7 +313,7 @@ def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Seque
             ref = tokens
         compared = ref is not None and name in OURS  # other engines draw their own random numbers
         first = first_difference(tokens, ref) if compared else None
-        where = kernels_of(lm) if name in OURS else {"llamacpp": "llama.cpp"}.get(name, "transformers")
+        where = lm.model.kernels if name in OURS else {"llamacpp": "llama.cpp"}.get(name, "transformers")
         for r in recs:  # per length: a late difference leaves the shorter lengths equal
             r["same_as_ar"] = (first is None or first >= r["length"]) if compared else None
             r["kernels"] = where

@@ -12,7 +12,6 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from . import kernels
 from .cache import KVCache
 from .config import SamplingConfig, SpecConfig
 from .drafters import NGramDrafter, Proposal, SelfDrafter, SeqDrafter, resolve_draft_kv
@@ -79,8 +78,7 @@ def _stats(method: str, prompt_len: int, new: int, timer: Timer, finish: str | N
         "tokens_per_s": new / total if total > 0 else 0.0,
         "decode_tokens_per_s": new / decode,
         "finish_reason": finish,
-        # what the matmuls and attention ran on: the native kernels' instruction level, or torch's
-        "kernels": kernels.isa() if model.packed == "native" else "torch",
+        "kernels": model.kernels,
     }
 
 

@@ -358,6 +358,12 @@ class Decoder(nn.Module):
         return None if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
 
     @property
+    def kernels(self) -> str:
+        """What the matmuls and attention run on: the native kernels' instruction level ('avx2',
+        'avx512'), or 'torch' (torch's kernels: a GPU, or the native ones off)."""
+        return kernels.isa() if self.packed == "native" else "torch"
+
+    @property
     def activations(self) -> str:
         """"int8" where the weight blocks multiply int8-rounded activations, else "float"."""
         return "int8" if any(getattr(w, "act8", False) for w in self.matrices()) else "float"

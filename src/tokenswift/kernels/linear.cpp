@@ -81,13 +81,13 @@ using VF = V8;
 constexpr int PV_ALL = BLOCK / VF::W;           // vectors in a panel's row of 48 outputs
 constexpr int TILE_ROWS = VF::W == 16 ? 8 : 4;  // rows a tile holds in registers
 
-// f(std::integral_constant<int, R>) for R = rows (1 .. TILE_ROWS): a tile's row count as a
-// template argument
-template <int N = 1, typename F>
+// f(std::integral_constant<int, R>) for R = rows (1 .. MAX, at most MAX): a tile's row count as
+// a template argument
+template <int MAX = TILE_ROWS, int N = 1, typename F>
 inline void with_rows(int64_t rows, const F& f) {
-  if constexpr (N < TILE_ROWS) {
+  if constexpr (N < MAX) {
     if (rows == N) return f(std::integral_constant<int, N>{});
-    with_rows<N + 1>(rows, f);
+    with_rows<MAX, N + 1>(rows, f);
   } else {
     f(std::integral_constant<int, N>{});
   }
@@ -387,6 +387,21 @@ inline std::vector<HeaderField> header_fields(int pqt) {
     case QT_Q5_K: return {{0, 2}, {96, 2}, {192, 1}, {240, 1}};
     case QT_Q6_K: return {{0, 2}, {96, 1}, {144, 1}};
     default: return {{0, 2}};
+  }
+}
+
+// f(std::integral_constant<int, P>) for a panel type P (`panel_qt`): the kernels' type as a
+// template argument
+template <typename F>
+inline void with_qt(int pqt, const F& f) {
+  switch (pqt) {
+    case QT_Q4_0: return f(std::integral_constant<int, QT_Q4_0>{});
+    case QT_Q4_1: return f(std::integral_constant<int, QT_Q4_1>{});
+    case QT_Q5_1: return f(std::integral_constant<int, QT_Q5_1>{});
+    case QT_Q4_K: return f(std::integral_constant<int, QT_Q4_K>{});
+    case QT_Q5_K: return f(std::integral_constant<int, QT_Q5_K>{});
+    case QT_Q6_K: return f(std::integral_constant<int, QT_Q6_K>{});
+    default: return f(std::integral_constant<int, QT_Q8_0>{});
   }
 }
 
@@ -756,16 +771,7 @@ void qlinear_i8_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd,
             qtile_i8<QT, R>(xb.get() + m0 * K / 2, K, dr, sr, wb, KB, g, buf);
 #endif
           };
-          switch (rows) {
-            case 1: run(std::integral_constant<int, 1>{}); break;
-            case 2: run(std::integral_constant<int, 2>{}); break;
-            case 3: run(std::integral_constant<int, 3>{}); break;
-            case 4: run(std::integral_constant<int, 4>{}); break;
-            case 5: run(std::integral_constant<int, 5>{}); break;
-            case 6: run(std::integral_constant<int, 6>{}); break;
-            case 7: run(std::integral_constant<int, 7>{}); break;
-            default: run(std::integral_constant<int, 8>{}); break;
-          }
+          with_rows<8>(rows, run);
         }
         store_rows(buf, rows, nn, yd + m0 * ldy, ldy, n0, bd, rd ? rd + m0 * ldy : nullptr);
       }
@@ -849,27 +855,14 @@ void matmul_into(const Weight& w, const float* xd, int64_t M, int64_t ldx, const
   }
   const int pqt = w.qt ? panel_qt(w.qt) : 0;
   if (w.act8) {
-    switch (pqt) {
-      case QT_Q4_0: qlinear_i8_impl<QT_Q4_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); return;
-      case QT_Q4_1: qlinear_i8_impl<QT_Q4_1>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); return;
-      case QT_Q5_1: qlinear_i8_impl<QT_Q5_1>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); return;
-      case QT_Q4_K: qlinear_i8_impl<QT_Q4_K>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); return;
-      case QT_Q5_K: qlinear_i8_impl<QT_Q5_K>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); return;
-      case QT_Q6_K: qlinear_i8_impl<QT_Q6_K>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); return;
-      default: qlinear_i8_impl<QT_Q8_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); return;
-    }
+    with_qt(pqt, [&](auto P) { qlinear_i8_impl<decltype(P)::value>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); });
+    return;
   }
   TORCH_CHECK(pqt != 0 || ldy == w.N, "matmul: float panels take no column stride");
-  switch (pqt) {
-    case 0: linear_impl(xd, M, ldx, w.f, w.NB, w.K, w.N, bd, rd, yd); break;
-    case QT_Q4_0: qlinear_impl<QT_Q4_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); break;
-    case QT_Q4_1: qlinear_impl<QT_Q4_1>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); break;
-    case QT_Q5_1: qlinear_impl<QT_Q5_1>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); break;
-    case QT_Q4_K: qlinear_impl<QT_Q4_K>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); break;
-    case QT_Q5_K: qlinear_impl<QT_Q5_K>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); break;
-    case QT_Q6_K: qlinear_impl<QT_Q6_K>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); break;
-    default: qlinear_impl<QT_Q8_0>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); break;
-  }
+  if (pqt == 0)
+    linear_impl(xd, M, ldx, w.f, w.NB, w.K, w.N, bd, rd, yd);
+  else
+    with_qt(pqt, [&](auto P) { qlinear_impl<decltype(P)::value>(xd, M, ldx, w.q, w.NB, KB, w.N, bd, rd, yd, ldy); });
 }
 
 // x [..., K] -> [..., N]: the op behind both `linear` (float panels) and `qlinear` (blocks)
@@ -985,15 +978,7 @@ at::Tensor qrows(const at::Tensor& packed, int64_t qt, int64_t N, const at::Tens
   at::Tensor out = at::empty({n, KB * 32}, packed.options().dtype(at::kFloat));
   const uint8_t* wd = packed.data_ptr<uint8_t>();
   float* od = out.data_ptr<float>();
-  switch (panel_qt(qt)) {
-    case QT_Q4_0: qrows_impl<QT_Q4_0>(wd, KB, id, n, od); break;
-    case QT_Q4_1: qrows_impl<QT_Q4_1>(wd, KB, id, n, od); break;
-    case QT_Q5_1: qrows_impl<QT_Q5_1>(wd, KB, id, n, od); break;
-    case QT_Q4_K: qrows_impl<QT_Q4_K>(wd, KB, id, n, od); break;
-    case QT_Q5_K: qrows_impl<QT_Q5_K>(wd, KB, id, n, od); break;
-    case QT_Q6_K: qrows_impl<QT_Q6_K>(wd, KB, id, n, od); break;
-    default: qrows_impl<QT_Q8_0>(wd, KB, id, n, od); break;
-  }
+  with_qt(panel_qt(qt), [&](auto P) { qrows_impl<decltype(P)::value>(wd, KB, id, n, od); });
   std::vector<int64_t> shape(idx.sizes().begin(), idx.sizes().end());
   shape.push_back(KB * 32);
   return out.view(shape);
