@@ -198,6 +198,41 @@ def test_the_exact_scorer_attends_to_the_sinks_recent_and_the_top_budget_by_its_
     main.truncate(300)
 
 
+def test_a_held_choice_serves_the_queries_after_it_until_hold_entries_joined(lm):
+    """`hold` (the paper's partial cache as a view): the first query's choice, then for later
+    queries the same sinks and chosen entries plus every entry from its recent window on, while
+    at most `hold` entries joined; past that, or after the cache rewinds, a query chooses afresh."""
+    from tokenswift.cache import SparseKV
+
+    m = lm.model
+    cfg = m.cfg
+    main = _prefilled(m, 300)
+    main.length = 300
+    view = SparseKV(cfg, budget=20, sinks=4, recent=8, scorer="exact", hold=5)
+    plain = SparseKV(cfg, budget=20, sinks=4, recent=8, scorer="exact")
+    view.attach(main, 300)
+    plain.attach(main, 300)
+    g = torch.Generator().manual_seed(1)
+    q = [torch.randn(1, 1, cfg.num_heads, cfg.head_dim, generator=g) * 0.5 for _ in range(9)]
+    first = view.select(0, q[0], 301)
+    assert first.tolist() == plain.select(0, q[0], 301).tolist() and view.refreshes == 1
+    chosen = first[:, 4:24]  # [KVH, 20]
+    for i, S in enumerate(range(302, 307), 1):  # 5 entries joined since the choice: it holds
+        rows = view.select(0, q[i], S)
+        every = torch.arange(S)
+        want = torch.cat((every[:4].expand(cfg.num_kv_heads, -1), chosen, every[301 - 8 : S].expand(cfg.num_kv_heads, -1)), 1)
+        assert rows.tolist() == want.tolist(), S
+        assert rows.tolist() != plain.select(0, q[i], S).tolist()  # another query would choose others
+    assert view.refreshes == 1
+    assert view.select(0, q[6], 307).tolist() == plain.select(0, q[6], 307).tolist()  # the 6th: afresh
+    assert view.refreshes == 2
+    assert view.select(1, q[6], 307).tolist() == plain.select(1, q[6], 307).tolist()  # each layer its own
+    assert view.refreshes == 2  # one pass, one refresh
+    view.attach(main, 200)  # rewound: nothing held
+    assert not view.held
+
+
+
 @pytest.mark.parametrize("scorer", ["int8", "int4", "dims:8"])
 def test_the_score_copy_holds_the_committed_keys_quantized(lm, scorer):
     """int8 / int4 copies row by row; dims: the int8 copy dimension-major ([L, KVH, Dh, C])."""

@@ -90,21 +90,22 @@ def test_int8_activations_on_gemma_keep_tokenswift_equal_to_ar(long_prompt):
 
 
 def test_the_drafts_copies_of_the_cache_keep_the_windows(gemma, monkeypatch):
-    """Past the 1,024-entry draft budget the draft attends to the int8 copy or the sparse view;
-    their windowed layers read only the window, as the target's do (a draft that read the whole
-    cache there agreed 0.00-0.06). The paper's static tree: drafts accepted, ar's tokens. The
-    tokenswift runs keep the windowed layers in a ring (RING_SLACK 64: 576 slots), which the
-    draft reads there."""
+    """Past the 1,024-entry draft budget the draft attends to the int8 copy, the sparse view or
+    the partial cache's held choice (in the 3 global layers only); their windowed layers read
+    only the window, as the target's do (a draft that read the whole cache there agreed
+    0.00-0.06). The paper's static tree: drafts accepted, ar's tokens. The tokenswift runs keep
+    the windowed layers in a ring (RING_SLACK 64: 576 slots), which the draft reads there."""
     import tokenswift.cache as kvc
 
     ids = gemma.tokenizer(cdne_text()[:12000]).input_ids[:1300]
     want = gemma.generate(ids, 40, method="ar", ignore_eos=True, temperature=0.0).tokens
     monkeypatch.setattr(kvc, "RING_SLACK", 64)
-    for kv in ("int8", "sparse"):
+    for kv in ("int8", "sparse", "partial"):
         got = gemma.generate(ids, 40, method="tokenswift", tree="1,3,3,3", ignore_eos=True, temperature=0.0,
                              draft_kv=kv)
         assert got.tokens == want and got.stats["draft_kv"] == kv
         assert got.stats["accepted_draft_tokens"] >= 20, (kv, got.stats["accepted_draft_tokens"])
+        assert (got.stats["draft_refreshes"] > 0) == (kv == "partial")
     last = list(gemma.steps(ids, 4, method="tokenswift", ignore_eos=True, temperature=0.0))[-1]
     # the 3 global layers whole; the ring grew once, for the prefill's 512-token chunks (512 + 511 > 576)
     assert last.kv.ringed and last.kv.ring == 1088 and last.kv.k.shape[0] == 3 and last.kv.base > 0

@@ -424,6 +424,13 @@ class SparseKV:
 
     A KV head's weight of an entry sums its query group's softmax weights over the scored entries.
 
+    With `hold` > 0 a layer's choice is kept: the queries after the one that made it attend to the
+    same sinks and chosen entries plus every entry from the choice's recent window on, until `hold`
+    entries have joined since; then the next query chooses afresh. That is the paper's partial
+    cache (its selection made by one query, refreshed once `budget // 4` tokens are committed)
+    without a copy of the chosen rows: on a cache whose sliding-window layers keep a ring, it
+    selects in the whole-context layers only, and a windowed layer reads its window whole.
+
     The view holds the main cache (`attach`): its entries, positions and length are main's, and a
     draft pass writes its K/V there as on the main cache (truncated away afterwards). Where
     attention runs natively, the dims scorer's choice and the attention over the chosen rows are
@@ -437,7 +444,8 @@ class SparseKV:
     SCORERS = ("exact", "int8", "int4", "dims")
     GROUP = 32  # values a 4-bit scale covers (a whole row where head_dim is not a multiple)
 
-    def __init__(self, cfg: ModelConfig, budget: int, sinks: int = 16, recent: int = 64, scorer: str = "int8") -> None:
+    def __init__(self, cfg: ModelConfig, budget: int, sinks: int = 16, recent: int = 64, scorer: str = "int8",
+                 hold: int = 0) -> None:
         kind, _, r = scorer.partition(":")
         if (kind not in self.SCORERS or (kind == "dims") != bool(r)
                 or (r and not (r.isdigit() and 0 < int(r) <= cfg.head_dim and int(r) % 4 == 0))):
@@ -451,6 +459,13 @@ class SparseKV:
         self.ks: torch.Tensor | None = None  # [L, KVH, C, Dh / GROUP or 1] float32 scales
         self.synced = 0  # main entries [0, synced) are in the copy
         self.reads = 0  # entries the last pass attended to, per KV head
+        self.hold = hold
+        # hold > 0: layer -> (b, chosen [KVH, B] int64): its kept choice, made by a query when the
+        # recent window began at entry b (every entry from b on is read while the choice holds)
+        self.held: dict[int, tuple[int, torch.Tensor]] = {}
+        self.refreshes = 0  # passes in which kept choices were made afresh
+        self._chose_at = -1  # S of the last pass that made one
+        self._attached = 0  # N of the last attach
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, scorer: str) -> int:
@@ -466,7 +481,9 @@ class SparseKV:
 
     def attach(self, main: KVCache, N: int) -> None:
         """Views `main`, whose entries [0, N) are committed: the copy catches up with them."""
-        self.main = main
+        if main is not self.main or N < self._attached:  # another cache, or this one rewound: choose anew
+            self.held.clear()
+        self.main, self._attached = main, N
         if self.scorer == "exact":
             return
         L, _, KH, C, D = main.k.shape
@@ -558,10 +575,15 @@ class SparseKV:
         s, r = min(self.sinks, S), min(self.recent, S)
         a, b = s, S - r  # the entries that compete for the budget
         native = attention_path(q.device, q.dtype, D) == "native"
-        if self.scorer == "dims" and native and b - a > self.budget:  # sinks, chosen and recent in one call
+        every = torch.arange(S, device=q.device)
+        if self.hold:
+            kept = self.held.get(li)
+            if kept is not None and kept[0] <= S <= kept[0] + r + self.hold:
+                b0, idx = kept
+                return torch.cat((every[:s].expand(KH, -1), idx, every[b0:S].expand(KH, -1)), dim=1)
+        if self.scorer == "dims" and native and b - a > self.budget and not self.hold:  # sinks, chosen, recent in one call
             j = self._index(li)
             return kernels.sparse_select_dims(q, self.kq[j], self.ks[j, :, :, 0], a, b, S, self.budget, self.dims)
-        every = torch.arange(S, device=q.device)
         if b - a <= self.budget:
             return every.expand(KH, -1).contiguous()
         if self.scorer == "dims":
@@ -571,6 +593,10 @@ class SparseKV:
             qg = q[0, 0].view(KH, H // KH, D)  # [KVH, G, Dh]
             w = torch.softmax(self._scores(li, qg, a, b).float(), dim=-1).sum(1)  # [KVH, M]
             idx = w.topk(self.budget, dim=-1).indices.sort(dim=-1).values + a  # [KVH, B]
+        if self.hold:
+            self.held[li] = (b, idx)
+            if S != self._chose_at:
+                self.refreshes, self._chose_at = self.refreshes + 1, S
         return torch.cat((every[:s].expand(KH, -1), idx, every[b:S].expand(KH, -1)), dim=1)  # [KVH, s+B+r]
 
     def dims_weights(self, li: int, qg: torch.Tensor, a: int, b: int) -> torch.Tensor:

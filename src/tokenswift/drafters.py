@@ -178,9 +178,15 @@ class SelfDrafter:
             else:
                 log.warning("draft_vocab %d is ignored: the %s draft's head cannot be cut to part of the vocabulary "
                             "(draft_weights float can)", vocab, "int4" if draft is not target else "model's")
+        self.held: SparseKV | None = None  # kv "partial" over a cache whose windowed layers keep a ring
         if self.kv == "partial":
             self.cache = DraftCache(cfg, budget=budget, sinks=sinks, extra=max_depth + 1, dtype=target.kv_dtype,
                                     device=target.device, rope_len=rope_len)
+            # the same selection as a view of main's whole-context layers (`SparseKV` with `hold`):
+            # the windowed layers' old entries are gone from the ring, and their windows are small
+            recent = max(64, max_depth + 1)
+            self.held = SparseKV(cfg, max(1, budget - sinks - recent - budget // 4), sinks, recent, "exact",
+                                 hold=budget // 4)
         dev = target.device
         self.tok = torch.empty(1, 1, dtype=torch.int64, device=dev)  # [1, 1]
         self.pos = torch.empty(1, 1, dtype=torch.int64, device=dev)  # [1, 1]
@@ -190,7 +196,7 @@ class SelfDrafter:
 
     @property
     def refreshes(self) -> int:
-        return self.cache.refreshes if self.cache is not None else 0
+        return (self.cache.refreshes + self.held.refreshes) if self.cache is not None else 0
 
     def _cache_for(self, main: KVCache, N: int, root: int) -> tuple[KVCache, int]:
         """The cache the draft attends to at root position N, and its length to restore."""
@@ -207,6 +213,9 @@ class SelfDrafter:
                                     main=main)
             self.q8.sync(main, N)
             return self.q8, N
+        if main.ringed:  # kv "partial"
+            self.held.attach(main, N)
+            return self.held, N
         c = self.cache
         if not c.valid:  # re-select the partial cache with this root's query over the full cache
             if self.probs is None or self.probs.shape[-1] < main.capacity:
@@ -226,7 +235,7 @@ class SelfDrafter:
         self.pos.fill_(position)
         reads = cache.length + 1
         if cache.sparse:
-            reads = min(reads, cache.sinks + cache.budget + cache.recent)
+            reads = min(reads, cache.sinks + cache.budget + cache.recent + cache.hold)
         self.max_reads = max(self.max_reads, reads)
         return self.model(self.tok, self.pos, cache)[0, -1]
 

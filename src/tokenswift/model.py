@@ -601,9 +601,10 @@ class Decoder(nn.Module):
     def kv_ring(self, capacity: int, draft_kv: str | None = None) -> int | None:
         """The ring a run's cache of `capacity` entries gives the sliding-window layers
         (`cache.ring_slots`), or None: they keep every entry where the model has no windows,
-        the context is short, or the draft's selection (`draft_kv` "partial") reads every
-        layer's entries."""
-        if draft_kv == "partial":
+        the context is short, or the draft's selection (`draft_kv` "partial") runs on torch's
+        attention (its copy of the chosen entries is taken from every layer; on the native
+        kernels it selects in the whole-context layers only and reads the ring's windows)."""
+        if draft_kv == "partial" and attention_path(self.device, self.dtype, self.cfg.head_dim) != "native":
             return None
         return ring_slots(self.cfg, capacity)
 
