@@ -58,7 +58,7 @@ def main() -> None:
         mats = [(getattr(L, n), getattr(L, n).shape[1]) for L in dec.layers for n in _MATRICES]  # (weight, width)
         mb = sum(nbytes(w) for w, _ in mats) / 1e6
         for level in levels:
-            kernels.ops = kernels.load_level(level)
+            kernels.use_level(level)
             cells, first = [], None
             for m in rows:
                 xs = {k: torch.randn(m, k) for k in {k for _, k in mats}}

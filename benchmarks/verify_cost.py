@@ -69,7 +69,7 @@ def main() -> None:
 
     for level in args.isa.split(",") if args.isa else [kernels.isa()]:
         if level != "torch":
-            kernels.ops = kernels.load_level(level)
+            kernels.use_level(level)
         print(f"isa {level}")
         contexts(args, m, cfg, tokens, path)
 

@@ -61,6 +61,17 @@ def test_the_level_in_use_is_reported():
     assert kernels.isa() == want.lower()
 
 
+def test_use_level_switches_the_ops_and_the_name_stats_give(monkeypatch, levels):
+    """What the A/B benchmarks call between levels: later calls run that build, `isa()` names it."""
+    monkeypatch.setattr(kernels, "ops", kernels.ops)
+    monkeypatch.setitem(kernels._state, "level", kernels.isa())
+    for lv in levels:
+        kernels.use_level(lv)
+        assert kernels.ops is levels[lv] and kernels.isa() == lv
+    with pytest.raises(ValueError, match="instruction level must be one of avx2, avx512, got 'amx'"):
+        kernels.use_level("amx")
+
+
 def test_a_level_the_cpu_lacks_turns_the_kernels_off_with_the_reason():
     """In a fresh process: TOKENSWIFT_ISA naming something unavailable is refused in one log line,
     and a GGUF model (which needs the kernels) says why in its error."""

@@ -162,6 +162,18 @@ def load_level(level: str):
     return _built[level]
 
 
+def use_level(level: str) -> None:
+    """Runs every later kernel call at `level` (an A/B benchmark in one process): its build
+    becomes `ops` and `isa()` names it. The native kernels must be on."""
+    global ops
+    if not native():
+        raise ValueError(f"instruction level {level!r} needs the native kernels, which are off ({why_not()})")
+    if level not in LEVELS:
+        raise ValueError(f"instruction level must be one of {', '.join(LEVELS)}, got {level!r}")
+    ops = load_level(level)
+    _state["level"] = level
+
+
 def native() -> bool:
     """Whether the native kernels are loaded (building them on the first call)."""
     global ops
