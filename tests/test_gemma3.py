@@ -113,10 +113,11 @@ def test_the_drafts_copies_of_the_cache_keep_the_windows(gemma, monkeypatch):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc")
 def test_gemma3_loads_in_350_mb(gemma):
-    """The weights (253 MB on disk, kept as blocks) grow a fresh process's RSS by at most 350 MB.
-    The tokenizer beside them (transformers imported, then the BPE over Gemma's 262,144 tokens and
-    514,906 merges read back as the generic fast tokenizer, freed heap trimmed) by at most 200 MB:
-    it was 339 MiB as Gemma's own tokenizer class built it."""
+    """The weights (253 MB on disk, kept as blocks) and the tokenizer together grow a fresh
+    process's RSS by at most 350 MiB: 273 MiB for the weights, 35 MiB more for the tokenizer
+    (`spm.SpmTokenizer`, a dict of Gemma's 262,144 tokens as bytes; measured here, at most 45).
+    transformers' tokenizer of the file took 137 MiB (its import, then the Rust BPE with 514,906
+    merges), 339 MiB as Gemma's own tokenizer class built it."""
     code = (
         "import gc, os\n"
         "from tokenswift import kernels\n"
@@ -133,7 +134,7 @@ def test_gemma3_loads_in_350_mb(gemma):
     assert r.returncode == 0, r.stderr[-2000:]
     model, tok = map(int, r.stdout.split()[-2:])
     print(f"gemma3-270m: RSS grows {model} MiB for the model, {tok} MiB more for its tokenizer")
-    assert model <= 350 and tok <= 200
+    assert tok <= 45 and model + tok <= 350
 
 
 @pytest.mark.slow

