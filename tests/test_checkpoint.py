@@ -151,15 +151,18 @@ def _wait_for_tokens(path, n: int, proc: subprocess.Popen, timeout: float = 120)
 
 def test_ctrl_c_leaves_a_valid_checkpoint_and_exit_130(smollm, tmp_path):
     path = tmp_path / "ck.json"
-    want = smollm.generate(PROMPT, 150, method="ar", seed=2, ignore_eos=True, **SAMPLING)
+    # long enough to be still running when the signal comes (150 tokens took 1.0 s on a Zen 4 and
+    # were done before it), with tokens written past the last every-7 save by then
+    n = 400
+    want = smollm.generate(PROMPT, n, method="ar", seed=2, ignore_eos=True, **SAMPLING)
     # SIGINT as a terminal's Ctrl-C finds it: a suite started in the background (`cmd &` in a
     # script) hands its children SIGINT ignored, and a CLI run that way rightly keeps ignoring it
-    proc = subprocess.Popen(_cli("--prompt", PROMPT, "--max-new-tokens", "150", "--seed", "2", *CLI_SAMPLING,
+    proc = subprocess.Popen(_cli("--prompt", PROMPT, "--max-new-tokens", str(n), "--seed", "2", *CLI_SAMPLING,
                                  "--checkpoint", str(path), "--checkpoint-every", "7", "--stats"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_tokens(path, 7, proc)
-    time.sleep(1.0)
+    time.sleep(0.3)
     assert proc.poll() is None
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -167,7 +170,7 @@ def test_ctrl_c_leaves_a_valid_checkpoint_and_exit_130(smollm, tmp_path):
     assert f"tokens saved in {path}: continue with tokenswift generate --resume {path}" in err.decode()
     assert "Traceback" not in err.decode()
     ck = Checkpoint.load(path)
-    assert 0 < len(ck.tokens) < 150 and ck.tokens == want.tokens[: len(ck.tokens)]
+    assert 0 < len(ck.tokens) < n and ck.tokens == want.tokens[: len(ck.tokens)]
     # what was printed is what was saved: the save at exit holds every token written, not only the last
     # every-7 save
     assert out.decode() == smollm.decode(ck.tokens)
