@@ -182,6 +182,32 @@ def test_ctrl_c_leaves_a_valid_checkpoint_and_exit_130(smollm, tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["tokens"] == want.tokens
 
 
+def test_an_interrupt_between_a_save_and_the_print_still_prints_every_saved_token(smollm, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """Ctrl-C landing while a step's tokens are saved, before the CLI printed them (what the
+    subprocess test above hit now and then): stdout still ends with the text of every token the
+    checkpoint holds."""
+    import tokenswift.checkpoint as cp
+    from tokenswift import cli
+
+    path = tmp_path / "ck.json"
+    real, hit = cp.save_to, []
+
+    def save_then_interrupt(ck, where):
+        real(ck, where)
+        if len(ck.tokens) >= 7 and not hit:
+            hit.append(len(ck.tokens))
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cp, "save_to", save_then_interrupt)
+    rc = cli.main(["generate", "--prompt", PROMPT, "--max-new-tokens", "60", "--seed", "2", *CLI_SAMPLING,
+                   "--checkpoint", str(path), "--checkpoint-every", "7", "--method", "ar"])
+    assert rc == 130 and hit
+    ck = Checkpoint.load(path)
+    assert len(ck.tokens) == hit[0]  # saved, never yielded to the CLI's loop
+    assert capsys.readouterr().out == smollm.decode(ck.tokens)
+
+
 def _kill_and_resume(smollm, tmp_path, n: int, kills: int, seed: int, span: int):
     """Starts a seeded sampling run with --checkpoint and SIGKILLs it `kills` times, resuming it each
     time: the first kill at a random moment of its first seconds (usually while the model loads),

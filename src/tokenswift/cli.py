@@ -516,6 +516,10 @@ def _run_generate(args: argparse.Namespace, ck: Any, ck_path: Path | None) -> in
                     bars("tokens", len(ck.tokens), ck.max_new_tokens,
                          {"tokens_per_s": stats.get("decode_tokens_per_s", 0)})
     except KeyboardInterrupt:
+        # stdout gets the text of every token the checkpoint holds: the interrupt can land after
+        # a step's tokens were committed (and saved) but before they were printed, and the stream
+        # holds back a character not yet finished
+        emit(text_stream.push(ck.tokens[len(text_stream.ids):]) + text_stream.flush())
         # a long run stopped on purpose (one segment of a resumable job) still reports what it did
         if args.stats:
             out.flush()
