@@ -576,27 +576,26 @@ class SparseKV:
         a, b = s, S - r  # the entries that compete for the budget
         native = attention_path(q.device, q.dtype, D) == "native"
         every = torch.arange(S, device=q.device)
-        if self.hold:
-            kept = self.held.get(li)
-            if kept is not None and kept[0] <= S <= kept[0] + r + self.hold:
-                b0, idx = kept
-                return torch.cat((every[:s].expand(KH, -1), idx, every[b0:S].expand(KH, -1)), dim=1)
-        if self.scorer == "dims" and native and b - a > self.budget and not self.hold:  # sinks, chosen, recent in one call
-            j = self._index(li)
-            return kernels.sparse_select_dims(q, self.kq[j], self.ks[j, :, :, 0], a, b, S, self.budget, self.dims)
-        if b - a <= self.budget:
-            return every.expand(KH, -1).contiguous()
-        if self.scorer == "dims":
-            w = self.dims_weights(li, q[0, 0].view(KH, H // KH, D).float(), a, b)  # [KVH, M]
-            idx = torch.sort(w, dim=-1, descending=True, stable=True).indices[:, : self.budget].sort(-1).values + a
+        kept = self.held.get(li)  # (hold > 0 only)
+        if kept is not None and kept[0] <= S <= kept[0] + r + self.hold:
+            b, idx = kept  # the choice holds: its entries, and every entry from its recent window on
         else:
-            qg = q[0, 0].view(KH, H // KH, D)  # [KVH, G, Dh]
-            w = torch.softmax(self._scores(li, qg, a, b).float(), dim=-1).sum(1)  # [KVH, M]
-            idx = w.topk(self.budget, dim=-1).indices.sort(dim=-1).values + a  # [KVH, B]
-        if self.hold:
-            self.held[li] = (b, idx)
-            if S != self._chose_at:
-                self.refreshes, self._chose_at = self.refreshes + 1, S
+            if self.scorer == "dims" and native and b - a > self.budget and not self.hold:  # all in one call
+                j = self._index(li)
+                return kernels.sparse_select_dims(q, self.kq[j], self.ks[j, :, :, 0], a, b, S, self.budget, self.dims)
+            if b - a <= self.budget:
+                return every.expand(KH, -1).contiguous()
+            if self.scorer == "dims":
+                w = self.dims_weights(li, q[0, 0].view(KH, H // KH, D).float(), a, b)  # [KVH, M]
+                idx = torch.sort(w, dim=-1, descending=True, stable=True).indices[:, : self.budget].sort(-1).values + a
+            else:
+                qg = q[0, 0].view(KH, H // KH, D)  # [KVH, G, Dh]
+                w = torch.softmax(self._scores(li, qg, a, b).float(), dim=-1).sum(1)  # [KVH, M]
+                idx = w.topk(self.budget, dim=-1).indices.sort(dim=-1).values + a  # [KVH, B]
+            if self.hold:
+                self.held[li] = (b, idx)
+                if S != self._chose_at:
+                    self.refreshes, self._chose_at = self.refreshes + 1, S
         return torch.cat((every[:s].expand(KH, -1), idx, every[b:S].expand(KH, -1)), dim=1)  # [KVH, s+B+r]
 
     def dims_weights(self, li: int, qg: torch.Tensor, a: int, b: int) -> torch.Tensor:
