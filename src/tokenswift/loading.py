@@ -417,8 +417,8 @@ class GGUFHeader:
     arrays (tokens, merges, scores, types) are stepped over, not decoded: the gguf package's
     reader decodes all 262,144 entries of Gemma 3's vocabulary into Python objects (17 s here).
     `meta` maps each key to its value (strings, numbers, lists); a skipped array leaves its length
-    as `<key>.count`, and `arrays[key]` (its item type, length, offset of its first item) for a
-    reader of its own (`spm.SpmTokenizer.from_gguf`). `tensors=False` reads the metadata alone
+    as `<key>.count`, and `arrays[key]` (its item type, length, offset of its first item), which
+    `array(key)` reads when asked (`spm.SpmTokenizer.from_gguf`). `tensors=False` reads the metadata alone
     (no tensor table; the gguf package is not imported)."""
 
     def __init__(self, path: Path, tensors: bool = True) -> None:
@@ -481,6 +481,26 @@ class GGUFHeader:
         (n,) = struct.unpack_from("<Q", self._buf, at)
         return bytes(self._buf[at + 8 : at + 8 + n]).decode("utf-8", errors="replace"), at + 8 + n
 
+    def array(self, key: str) -> "list[bytes] | np.ndarray":
+        """A skipped array (`arrays`), read now: strings as their raw bytes, numbers as a numpy
+        view of the file."""
+        itype, count, at = self.arrays[key]
+        if itype == _GGUF_STRING:
+            return self._raw_strings(at, count)[0]
+        if itype in _GGUF_SCALARS:
+            return np.frombuffer(self._buf, dtype=np.dtype(_GGUF_SCALARS[itype]), count=count, offset=at)
+        raise ValueError(f"GGUF array {key} holds value type {itype}, neither strings nor numbers")
+
+    def _raw_strings(self, at: int, count: int, keep: bool = True) -> tuple[list[bytes], int]:
+        """`count` strings from `at` -> (their bytes, or [] where not `keep`; the next offset)."""
+        out = []
+        for _ in range(count):
+            (n,) = struct.unpack_from("<Q", self._buf, at)
+            if keep:
+                out.append(bytes(self._buf[at + 8 : at + 8 + n]))
+            at += 8 + n
+        return out, at
+
     def _value(self, vtype: int, at: int, skip: bool = False) -> tuple[Any, int]:
         """-> (value, next offset); a skipped array's value is its length."""
         if vtype in _GGUF_SCALARS:
@@ -498,13 +518,8 @@ class GGUFHeader:
                 arr = np.frombuffer(self._buf, dtype=np.dtype(_GGUF_SCALARS[itype]), count=count, offset=at)
                 return arr.tolist(), at + size * count
             if itype == _GGUF_STRING:
-                out = []
-                for _ in range(count):
-                    (n,) = struct.unpack_from("<Q", self._buf, at)
-                    if not skip:
-                        out.append(bytes(self._buf[at + 8 : at + 8 + n]).decode("utf-8", errors="replace"))
-                    at += 8 + n
-                return (count if skip else out), at
+                raw, at = self._raw_strings(at, count, keep=not skip)
+                return (count if skip else [r.decode("utf-8", errors="replace") for r in raw]), at
             out = []
             for _ in range(count):  # arrays of arrays: rare, small
                 v, at = self._value(itype, at)

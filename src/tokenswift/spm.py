@@ -32,7 +32,6 @@ import functools
 import heapq
 import itertools
 import re
-import struct
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -196,8 +195,16 @@ class SpmTokenizer:
             meta = header.meta
             if not cls.supports(meta):
                 raise Unsupported(f"{Path(path).name}: not a SentencePiece vocabulary without a space prefix")
-            tokens = _gguf_strings(header._buf, header.arrays["tokenizer.ggml.tokens"])
-            types = _gguf_ints(header._buf, header.arrays["tokenizer.ggml.token_type"])
+            try:
+                tokens = header.array("tokenizer.ggml.tokens")
+                types = header.array("tokenizer.ggml.token_type")
+            except ValueError as e:
+                raise Unsupported(str(e)) from None
+            if not isinstance(tokens, list):
+                raise Unsupported(f"the token array holds {tokens.dtype} numbers, not strings")
+            if isinstance(types, list) or types.dtype not in (np.dtype("<u4"), np.dtype("<i4")):
+                raise Unsupported("the token types are not 32-bit integers")
+            types = types.astype(np.int32)
         finally:
             del header  # the file's pages go with the map
         bos = meta.get("tokenizer.ggml.bos_token_id")
@@ -465,27 +472,6 @@ def _bytes_text(raw: bytearray) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return "\ufffd" * len(raw)
-
-
-def _gguf_strings(buf: memoryview, where: tuple[int, int, int]) -> list[bytes]:
-    itype, count, at = where
-    if itype != 8:
-        raise Unsupported(f"the token array holds GGUF type {itype}, not strings")
-    out = []
-    length = struct.Struct("<Q").unpack_from
-    for _ in range(count):
-        (n,) = length(buf, at)
-        out.append(bytes(buf[at + 8 : at + 8 + n]))
-        at += 8 + n
-    return out
-
-
-def _gguf_ints(buf: memoryview, where: tuple[int, int, int]) -> np.ndarray:
-    itype, count, at = where
-    dtype = {4: "<u4", 5: "<i4"}.get(itype)
-    if dtype is None:
-        raise Unsupported(f"the token types are GGUF type {itype}, not 32-bit integers")
-    return np.frombuffer(buf, dtype=dtype, count=count, offset=at).astype(np.int32)
 
 
 _TEMPLATES: dict[str, Any] = {}
