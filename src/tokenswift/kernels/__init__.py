@@ -65,6 +65,18 @@ LEVELS: dict[str, dict[str, tuple[str, ...]]] = {
                          "-mavx512vnni"),
                "cpu": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")},
 }
+# Instructions a level uses where the CPU has them (a /proc/cpuinfo flag -> compiler flags), with
+# a plain path of the same bits where it lacks them: vdpbf16ps for bfloat16 attention (`bf16`).
+_OPTIONAL = {"avx512": {"avx512_bf16": ("-mavx512bf16",)}}
+
+
+def level_flags(level: str) -> list[str]:
+    """The compiler flags of `level`'s build on this CPU."""
+    have = cpu_flags()
+    extra = [f for flag, fs in _OPTIONAL.get(level, {}).items() if flag in have for f in fs]
+    return list(LEVELS[level]["flags"]) + extra
+
+
 # Named by TOKENSWIFT_ISA, but no kernels of their own yet
 _UNBUILT = {"amx": "the AMX (tile) kernels are not built yet"}
 _lock = threading.Lock()
@@ -133,7 +145,7 @@ def chosen_level() -> tuple[str | None, str]:
 def build_dir(level: str = "avx2") -> Path:
     root = Path(os.environ.get("TOKENSWIFT_CACHE", Path.home() / ".cache" / "tokenswift"))
     src = b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)
-    flags = " ".join(_COMMON + list(LEVELS[level]["flags"]))
+    flags = " ".join(_COMMON + level_flags(level))
     key = hashlib.sha256(src + flags.encode() + torch.__version__.encode()).hexdigest()[:16]
     return root / "kernels" / f"{level}-{key}"
 
@@ -155,7 +167,7 @@ def load_level(level: str):
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    flags = _COMMON + list(LEVELS[level]["flags"]) + [f"-DTS_NS=tokenswift_{level}"]
+    flags = _COMMON + level_flags(level) + [f"-DTS_NS=tokenswift_{level}"]
     cpp_extension.load(name=f"tokenswift_cpu_{level}", sources=[str(p) for p in _SOURCES], extra_cflags=flags,
                        extra_ldflags=["-fopenmp"], build_directory=str(d), is_python_module=False, verbose=False)
     _built[level] = getattr(torch.ops, f"tokenswift_{level}")
@@ -228,10 +240,11 @@ def attention(
     k_scale: torch.Tensor | None = None,  # [B, KH, S] float32: int8 K/V only (row = scale * int8 row)
     v_scale: torch.Tensor | None = None,  # [B, KH, S]
     kv_start: torch.Tensor | None = None,  # [B, T] int64: row t sees cached keys kv_start[b, t] .. S-T-1 only
+    bf16: bool = False,  # bfloat16 attention (bfloat16 K/V, D % 32 == 0): see attention_reference
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # [B, T, H*D] (and [B, T, H] log-sum-exp)
     """With `kv_start` (a sliding window), each row's visible keys begin at its own start and are
     chunked from there: a row's bits equal its one-token pass over k[:, :, kv_start:]."""
-    out, l = ops.attention(q, k, v, mask, chunk, lse, k_scale, v_scale, kv_start)
+    out, l = ops.attention(q, k, v, mask, chunk, lse, k_scale, v_scale, kv_start, bf16)
     return (out, l) if lse else out
 
 
@@ -278,14 +291,26 @@ def quantize_q8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return r.round().clamp(-127, 127).to(torch.int8), s
 
 
-def attention_reference(q, k, v, mask=None, k_scale=None, v_scale=None):  # shapes as in attention
+def to_bf16_ftz(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to bfloat16 (nearest even) with |x| < 2^-126 as 0, back in x's dtype: how
+    bfloat16 attention takes its query rows and probabilities."""
+    x = torch.where(x.abs() < torch.finfo(torch.float32).tiny, torch.zeros_like(x), x)
+    return x.float().bfloat16().to(x.dtype)
+
+
+def attention_reference(q, k, v, mask=None, k_scale=None, v_scale=None, bf16=False, chunk=CHUNK):
     """The same attention in plain torch, float64: every cached key plus the new keys the mask
     allows (causal when None), softmax, weighted values; int8 K/V times their row scales (and,
     for head_dim a multiple of 32, the query rows rounded to int8 as the kernel's integer scores
-    take them). -> [B, T, H*D] float32."""
+    take them). With `bf16`, bfloat16 attention: the query rows rounded to bfloat16, and in each
+    chunk of `chunk` visible keys the probabilities exp(s - the chunk's max) rounded to bfloat16
+    where they weight the values (their sum unrounded), the chunks merged as the kernel merges
+    them. -> [B, T, H*D] float32."""
     B, T, H, D = q.shape
     KH, S = k.shape[1], k.shape[2]
     G = H // KH
+    if bf16:
+        return _attention_reference_bf16(q, k, v, mask, chunk)
     if k_scale is not None:
         k = k.double() * k_scale.double()[..., None]
         v = v.double() * v_scale.double()[..., None]
@@ -301,6 +326,33 @@ def attention_reference(q, k, v, mask=None, k_scale=None, v_scale=None):  # shap
     s = s.masked_fill(~allow[:, None], float("-inf"))
     o = torch.einsum("bhts,bhsd->bthd", torch.softmax(s, -1), vv)
     return o.reshape(B, T, H * D).float()
+
+
+def _attention_reference_bf16(q, k, v, mask, chunk):
+    B, T, H, D = q.shape
+    KH, S = k.shape[1], k.shape[2]
+    n, G = S - T, H // KH
+    qb = to_bf16_ftz(q).double()
+    kk = k.double().repeat_interleave(G, dim=1)  # [B, H, S, D]
+    vv = v.double().repeat_interleave(G, dim=1)
+    m = torch.ones(1, T, T, dtype=torch.bool).tril() if mask is None else mask
+    out = torch.empty(B, T, H, D, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            new = [n + i for i in range(T) if m[0 if m.shape[0] == 1 else b, t, i]]
+            vis = torch.tensor(list(range(n)) + new)  # the row's visible keys, in the order chunked
+            s = torch.einsum("hd,hsd->hs", qb[b, t], kk[b][:, vis])  # [H, V]
+            parts = []
+            for c0 in range(0, len(vis), chunk):
+                sc = s[:, c0 : c0 + chunk]
+                mc = sc.amax(-1, keepdim=True)  # [H, 1]
+                e = torch.exp(sc - mc)
+                o = torch.einsum("hs,hsd->hd", to_bf16_ftz(e.float()).double(), vv[b][:, vis[c0 : c0 + chunk]])
+                parts.append((mc, e.sum(-1, keepdim=True), o))
+            M = torch.stack([p[0] for p in parts]).amax(0)  # [H, 1]
+            w = [torch.exp(p[0] - M) for p in parts]
+            out[b, t] = sum(wi * p[2] for wi, p in zip(w, parts)) / sum(wi * p[1] for wi, p in zip(w, parts))
+    return out.reshape(B, T, H * D).float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,12 +537,12 @@ def attn_in(
 
 
 def attn_block(x, norm, eps, w, bias, q_norm, k_norm, cos, sin, heads, kv_heads, q_scale, kc, vc, layer, start,
-               mask=None, chunk: int = CHUNK) -> torch.Tensor:
+               mask=None, chunk: int = CHUNK, bf16: bool = False) -> torch.Tensor:
     """`attn_in` writing the cache, then `attention` of its queries over the layer's keys
     0 .. start + T under `mask` ([1 or B, T, T] among the new tokens; None = causal)
     -> [B, T, H*Dh]: the same numbers as the two calls, with no views made in Python."""
     return ops.attn_block(x, norm, eps, w.packed, w.qt, w.shape[0], bias, q_norm, k_norm, cos, sin,
-                                           heads, kv_heads, q_scale, kc, vc, layer, start, mask, chunk)
+                          heads, kv_heads, q_scale, kc, vc, layer, start, mask, chunk, bf16)
 
 
 def attn_out_mlp(x, att, wo, bo, norm, eps, wgu, bgu, wd, bd, post_attn=None, post_mlp=None,

@@ -150,17 +150,187 @@ inline void scores_i8(const int8_t* const* q, const int8_t* const* kj, int D, fl
   }
 }
 
+// ---- bfloat16 attention (`bf16`: the model with "bf16 attention", bfloat16 K/V) --------------
+// Each query row is rounded to bfloat16 once and each probability before it weights its value
+// row; products are summed in float32 in the order AVX-512's vdpbf16ps sums them: lane i of an
+// accumulator takes element pair (2i, 2i+1) of 32, the odd element's product first, each product
+// (exact: two 8-bit mantissas) added with one rounding. On a CPU without that instruction the
+// same order is two FMAs a pair, so both give the same bits. Values below 2^-126 in a query row or
+// a probability are flushed to zero first, as the instruction treats them; K/V elements that
+// small (never written by a model in practice) are the one case where the two may differ.
+
+// n floats -> bfloat16 bits, round to nearest even, |x| < 2^-126 to +0 (n % 8 == 0)
+inline void to_bf16_ftz(const float* x, int n, uint16_t* out) {
+  const __m256 tiny = _mm256_set1_ps(std::numeric_limits<float>::min());
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i bias = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+  for (int i = 0; i < n; i += 8) {
+    __m256 v = _mm256_loadu_ps(x + i);
+    v = _mm256_and_ps(v, _mm256_cmp_ps(_mm256_andnot_ps(sign, v), tiny, _CMP_GE_OQ));
+    __m256i u = _mm256_castps_si256(v);
+    u = _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+    u = _mm256_srli_epi32(u, 16);
+    __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), h);
+  }
+}
+
+#ifndef __AVX512BF16__
+// 16 bfloat16 -> their odd elements' and even elements' float32 values (lane i: 2i+1, 2i)
+inline void split_bf16(const void* p, __m256& odd, __m256& even) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+#endif
+
+// Scores of RR (1 or 2) bfloat16 query rows against four bfloat16 keys (D % 32 == 0): per pair
+// of a row and a key, 16 lanes of pair sums over the head dim, lanes 0-7 plus lanes 8-15, then
+// the hsum8 tree. -> s[r][0..4)
+template <int RR>
+inline void scores_bf(const uint16_t* const* q, const c10::BFloat16* const* kj, int D, float* const* s) {
+  __m256 h[8];
+#ifdef __AVX512BF16__
+  __m512 acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
+  for (int d = 0; d < D; d += 32) {
+    __m512bh qv[RR];
+    for (int r = 0; r < RR; ++r) qv[r] = (__m512bh)_mm512_loadu_si512(q[r] + d);
+    for (int j = 0; j < 4; ++j) {
+      const __m512bh kv = (__m512bh)_mm512_loadu_si512(kj[j] + d);
+      for (int r = 0; r < RR; ++r) acc[r * 4 + j] = _mm512_dpbf16_ps(acc[r * 4 + j], qv[r], kv);
+    }
+  }
+  for (int i = 0; i < 8; ++i) h[i] = _mm256_add_ps(_mm512_castps512_ps256(acc[i]), _mm512_extractf32x8_ps(acc[i], 1));
+#else
+  __m256 acc[8][2];
+  for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int d = 0; d < D; d += 32)
+    for (int half = 0; half < 2; ++half) {
+      __m256 qo[RR], qe[RR];
+      for (int r = 0; r < RR; ++r) split_bf16(q[r] + d + 16 * half, qo[r], qe[r]);
+      for (int j = 0; j < 4; ++j) {
+        __m256 ko, ke;
+        split_bf16(kj[j] + d + 16 * half, ko, ke);
+        for (int r = 0; r < RR; ++r) {
+          __m256& a = acc[r * 4 + j][half];
+          a = _mm256_fmadd_ps(qe[r], ke, _mm256_fmadd_ps(qo[r], ko, a));
+        }
+      }
+    }
+  for (int i = 0; i < 8; ++i) h[i] = _mm256_add_ps(acc[i][0], acc[i][1]);
+#endif
+  if (RR == 1)
+    for (int i = 4; i < 8; ++i) h[i] = _mm256_setzero_ps();
+  const __m256 t = hsum8(h);
+  _mm_storeu_ps(s[0], _mm256_castps256_ps128(t));
+  if (RR == 2) _mm_storeu_ps(s[1], _mm256_extractf128_ps(t, 1));
+}
+
+// o_r += sum over key pairs (j, j+1) in [j0, j1) of p_r[j+1] v_{j+1} + p_r[j] v_j for RR rows, the
+// values' 32-element blocks d0 .. d0+NB: per output element one chain, key j+1's product then
+// key j's, pair after pair (p as bfloat16 bits, pairs padded with a zero probability). With
+// vdpbf16ps the accumulators hold each block's elements as unpacklo/unpackhi_epi16 of two rows
+// leave them (per 128-bit lane: elements 0-3 in lo, 4-7 in hi); `pv_bf_unpermute` restores the
+// order once a chunk is done. Without it, o is in element order throughout.
+template <int RR, int NB>
+inline void pv_bf_tile(const uint16_t* const* p, const c10::BFloat16* const* vp, int j0, int j1, int d0,
+                       float* const* o) {
+#ifdef __AVX512BF16__
+  __m512 lo[RR][NB], hi[RR][NB];
+  for (int r = 0; r < RR; ++r)
+    for (int b = 0; b < NB; ++b) {
+      lo[r][b] = _mm512_loadu_ps(o[r] + (d0 + b) * 32);
+      hi[r][b] = _mm512_loadu_ps(o[r] + (d0 + b) * 32 + 16);
+    }
+  for (int j = j0; j < j1; j += 2) {
+    __m512bh pj[RR];
+    for (int r = 0; r < RR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, p[r] + j, 4);
+      pj[r] = (__m512bh)_mm512_set1_epi32(pair);
+    }
+    for (int b = 0; b < NB; ++b) {
+      const __m512i v0 = _mm512_loadu_si512(vp[j] + (d0 + b) * 32), v1 = _mm512_loadu_si512(vp[j + 1] + (d0 + b) * 32);
+      const __m512bh L = (__m512bh)_mm512_unpacklo_epi16(v0, v1), Hh = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
+      for (int r = 0; r < RR; ++r) {
+        lo[r][b] = _mm512_dpbf16_ps(lo[r][b], pj[r], L);
+        hi[r][b] = _mm512_dpbf16_ps(hi[r][b], pj[r], Hh);
+      }
+    }
+  }
+  for (int r = 0; r < RR; ++r)
+    for (int b = 0; b < NB; ++b) {
+      _mm512_storeu_ps(o[r] + (d0 + b) * 32, lo[r][b]);
+      _mm512_storeu_ps(o[r] + (d0 + b) * 32 + 16, hi[r][b]);
+    }
+#else
+  __m256 acc[RR][NB][4];
+  for (int r = 0; r < RR; ++r)
+    for (int b = 0; b < NB; ++b)
+      for (int e = 0; e < 4; ++e) acc[r][b][e] = _mm256_loadu_ps(o[r] + (d0 + b) * 32 + e * 8);
+  for (int j = j0; j < j1; j += 2) {
+    __m256 p0[RR], p1[RR];
+    for (int r = 0; r < RR; ++r) {
+      p0[r] = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(p[r][j]) << 16)));
+      p1[r] = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(p[r][j + 1]) << 16)));
+    }
+    for (int b = 0; b < NB; ++b)
+      for (int e = 0; e < 4; ++e) {
+        const __m256 x1 = load8(vp[j + 1] + (d0 + b) * 32 + e * 8), x0 = load8(vp[j] + (d0 + b) * 32 + e * 8);
+        for (int r = 0; r < RR; ++r)
+          acc[r][b][e] = _mm256_fmadd_ps(p0[r], x0, _mm256_fmadd_ps(p1[r], x1, acc[r][b][e]));
+      }
+  }
+  for (int r = 0; r < RR; ++r)
+    for (int b = 0; b < NB; ++b)
+      for (int e = 0; e < 4; ++e) _mm256_storeu_ps(o[r] + (d0 + b) * 32 + e * 8, acc[r][b][e]);
+#endif
+}
+
+template <int RR>
+inline void pv_bf_rows(const uint16_t* const* p, const c10::BFloat16* const* vp, int j0, int j1, int NB,
+                       float* const* o) {
+  for (int d0 = 0; d0 < NB; d0 += 2) {
+    if (NB - d0 == 1)
+      pv_bf_tile<RR, 1>(p, vp, j0, j1, d0, o);
+    else
+      pv_bf_tile<RR, 2>(p, vp, j0, j1, d0, o);
+  }
+}
+
+// o[D] back to element order after vdpbf16ps' interleaved accumulation (a no-op without it)
+inline void pv_bf_unpermute(float* o, int D) {
+#ifdef __AVX512BF16__
+  // lo lane 4l + k holds element 8l + k, hi lane 4l + k element 8l + 4 + k (l 128-bit lane, k < 4)
+  alignas(64) static const int32_t first[16] = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23};
+  alignas(64) static const int32_t second[16] = {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+  const __m512i i0 = _mm512_load_si512(first), i1 = _mm512_load_si512(second);
+  for (int d = 0; d < D; d += 32) {
+    const __m512 L = _mm512_loadu_ps(o + d), Hh = _mm512_loadu_ps(o + d + 16);
+    _mm512_storeu_ps(o + d, _mm512_permutex2var_ps(L, i0, Hh));
+    _mm512_storeu_ps(o + d + 16, _mm512_permutex2var_ps(L, i1, Hh));
+  }
+#else
+  (void)o;
+  (void)D;
+#endif
+}
+
 // One chunk's softmax partial for R query rows over nk keys (nk <= chunk): per row the chunk's
 // max score m, sum of exp(s - m) l, and sum of exp(s - m) v (o[D]). Keys and values come as
 // pointers to rows of D (float32, or int8 with per-row scales ksc/vsc: a score is the scale times
 // the integer row's dot product, a value row enters with its probability times its scale). `s` is
 // scratch of R * pad8(nk) floats. Row r's partial goes to out[r * (D + 2) ...] as m, l, o[D]: the
 // layout the merge reads. With `q8` (int8 keys, D % 32 == 0) the scores are integer dot products
-// of the rows' int8 copies q8[r] (scale qsc[r]) with the keys.
+// of the rows' int8 copies q8[r] (scale qsc[r]) with the keys. With `qb` (bfloat16 K/V, D % 32
+// == 0) the scores and the weighted values are bfloat16 attention's: the rows' bfloat16 copies
+// qb[r] against the keys, and the probabilities rounded to bfloat16 (the sums l stay float32's).
 template <typename E>
 void chunk_partial(int R, const float* const* qp, int nk, const E* const* kp, const E* const* vp,
                    const float* ksc, const float* vsc, int D, float* s, float* out,
-                   const int8_t* const* q8 = nullptr, const float* qsc = nullptr) {
+                   const int8_t* const* q8 = nullptr, const float* qsc = nullptr,
+                   const uint16_t* const* qb = nullptr) {
   const int NV = D / 8;
   const int nkp = (nk + 7) & ~7;
   // scores, four keys by two rows at a time (an odd last row alone; the last group repeats its
@@ -180,6 +350,20 @@ void chunk_partial(int R, const float* const* qp, int nk, const E* const* kp, co
             case 2: scores_i8<2>(qr, kj, D, sr); break;
             default: scores_i8<3>(qr, kj, D, sr); break;
           }
+        }
+        continue;
+      }
+    }
+    if constexpr (std::is_same_v<E, c10::BFloat16>) {
+      if (qb) {
+        int r = 0;
+        for (; r + 1 < R; r += 2) {
+          float* sr[2] = {s + r * nkp + j0, s + (r + 1) * nkp + j0};
+          scores_bf<2>(qb + r, kj, D, sr);
+        }
+        if (r < R) {
+          float* sr[1] = {s + r * nkp + j0};
+          scores_bf<1>(qb + r, kj, D, sr);
         }
         continue;
       }
@@ -217,6 +401,43 @@ void chunk_partial(int R, const float* const* qp, int nk, const E* const* kp, co
   float* o_out = out + 2;  // row r's o at o_out + r * (D + 2)
   const int P = D + 2;
   for (int r = 0; r < R; ++r) std::fill(o_out + r * P, o_out + r * P + D, 0.0f);
+  if constexpr (std::is_same_v<E, c10::BFloat16>) {
+    if (qb) {  // the probabilities as bfloat16, zero past nk (the pad of an odd last pair)
+      static thread_local std::vector<uint16_t> pbuf;
+      if (pbuf.size() < static_cast<size_t>(R) * nkp) pbuf.resize(static_cast<size_t>(R) * nkp);
+      for (int r = 0; r < R; ++r) to_bf16_ftz(s + r * nkp, nkp, pbuf.data() + r * nkp);
+      const int ne = nk & ~1;  // keys in whole pairs
+      for (int j = 0; j < std::min(nk, PF); ++j) prefetch_row(vp[j], D);
+      for (int j0 = 0; j0 < nk; j0 += 32) {
+        const int j1 = std::min(ne, j0 + 32);
+        for (int j = j0 + PF; j < std::min(j0 + 32 + PF, nk); ++j) prefetch_row(vp[j], D);
+        const bool last = j0 + 32 >= nk && ne < nk;  // this tile ends with the odd key: with a zero partner
+        const E* odd[2] = {vp[nk - 1], vp[nk - 1]};
+        for (int r = 0; r < R; r += 3) {
+          const int r1 = std::min(r + 1, R - 1), r2 = std::min(r + 2, R - 1);
+          const uint16_t* pr[3] = {pbuf.data() + r * nkp, pbuf.data() + r1 * nkp, pbuf.data() + r2 * nkp};
+          const uint16_t* pl[3] = {pr[0] + ne, pr[1] + ne, pr[2] + ne};
+          float* orow[3] = {o_out + r * P, o_out + r1 * P, o_out + r2 * P};
+          switch (std::min(3, R - r)) {
+            case 1:
+              pv_bf_rows<1>(pr, vp, j0, j1, D / 32, orow);
+              if (last) pv_bf_rows<1>(pl, odd, 0, 2, D / 32, orow);
+              break;
+            case 2:
+              pv_bf_rows<2>(pr, vp, j0, j1, D / 32, orow);
+              if (last) pv_bf_rows<2>(pl, odd, 0, 2, D / 32, orow);
+              break;
+            default:
+              pv_bf_rows<3>(pr, vp, j0, j1, D / 32, orow);
+              if (last) pv_bf_rows<3>(pl, odd, 0, 2, D / 32, orow);
+              break;
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r) pv_bf_unpermute(o_out + r * P, D);
+      return;
+    }
+  }
   for (int j = 0; j < std::min(nk, PF); ++j) prefetch_row(vp[j], D);
   for (int j0 = 0; j0 < nk; j0 += 32) {
     const int j1 = std::min(nk, j0 + 32);
@@ -294,7 +515,7 @@ inline float merge_partials(int64_t nc, const F& part, int64_t D, float* dst) {
 template <typename KT>
 void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask,
                     int64_t chunk, at::Tensor& out, at::Tensor* lse, const at::Tensor* kscale = nullptr,
-                    const at::Tensor* vscale = nullptr, const int64_t* kv_start = nullptr) {
+                    const at::Tensor* vscale = nullptr, const int64_t* kv_start = nullptr, bool bf = false) {
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
   const int64_t KH = k.size(1), S = k.size(2), G = H / KH;
   const int64_t n = S - T;  // cached keys, visible to every row (from its kv_start on, when given)
@@ -342,12 +563,23 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         }
   auto q8row = [&](int64_t b, int64_t t, int64_t h) { return q8buf.data() + ((b * T + t) * H + h) * D; };
   auto q8scale = [&](int64_t b, int64_t t, int64_t h) { return q8s[(b * T + t) * H + h]; };
+  // bfloat16 attention: the query rows rounded to bfloat16, row (b, t, h) at ((b * T + t) * H + h)
+  std::vector<uint16_t> qbbuf(bf ? B * T * H * D : 0);
+  if (bf)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < H; ++h)
+          to_bf16_ftz(qrow(b, t, h), static_cast<int>(D), qbbuf.data() + ((b * T + t) * H + h) * D);
+  auto qbrow = [&](int64_t b, int64_t t, int64_t h) {
+    return static_cast<const uint16_t*>(qbbuf.data() + ((b * T + t) * H + h) * D);
+  };
 
   at::parallel_for(0, B * KH * nfull, 1, [&](int64_t begin, int64_t end) {
     KVRows<KT> kv;
     std::vector<int64_t> idx(chunk);
     std::vector<const float*> qp(GT);
     std::vector<const int8_t*> q8p(GT);
+    std::vector<const uint16_t*> qbp(GT);
     std::vector<float> qs(GT);
     static thread_local Scratch s_buf;
     float* s = s_buf.get(static_cast<size_t>(GT) * ((chunk + 7) & ~7));
@@ -359,6 +591,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       for (int64_t t = 0; t < T; ++t)
         for (int64_t g = 0; g < G; ++g) {
           qp[t * G + g] = qrow(b, t, kh * G + g);
+          if (bf) qbp[t * G + g] = qbrow(b, t, kh * G + g);
           if (iq) {
             q8p[t * G + g] = q8row(b, t, kh * G + g);
             qs[t * G + g] = q8scale(b, t, kh * G + g);
@@ -369,7 +602,8 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       for (int64_t r0 = 0; r0 < GT; r0 += ROW_GROUP) {
         const int rn = static_cast<int>(std::min<int64_t>(ROW_GROUP, GT - r0));
         chunk_partial(rn, qp.data() + r0, chunk, kv.kp.data(), kv.vp.data(), kv.kscale(), kv.vscale(), D, s,
-                      dst + r0 * P, iq ? q8p.data() + r0 : nullptr, iq ? qs.data() + r0 : nullptr);
+                      dst + r0 * P, iq ? q8p.data() + r0 : nullptr, iq ? qs.data() + r0 : nullptr,
+                      bf ? qbp.data() + r0 : nullptr);
       }
     }
   });
@@ -382,6 +616,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     std::vector<int64_t> idx(tail_max);
     std::vector<const float*> qp(G);
     std::vector<const int8_t*> q8p(G);
+    std::vector<const uint16_t*> qbp(G);
     std::vector<float> qs(G);
     static thread_local Scratch s_buf, t_buf;
     float* s = s_buf.get(static_cast<size_t>(G) * ((chunk + 7) & ~7));
@@ -395,6 +630,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         if (mrow ? mrow[i] : i <= t) idx[cnt++] = n + i;
       for (int64_t g = 0; g < G; ++g) {
         qp[g] = qrow(b, t, kh * G + g);
+        if (bf) qbp[g] = qbrow(b, t, kh * G + g);
         if (iq) {
           q8p[g] = q8row(b, t, kh * G + g);
           qs[g] = q8scale(b, t, kh * G + g);
@@ -406,7 +642,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         kv.fill(kd + b * ksb + kh * ksh, vd + b * vsb + kh * vsh, kss, vss, idx.data() + c0, nk, kbase_s(b, kh),
                 vbase_s(b, kh), kcs, vcs);
         chunk_partial(G, qp.data(), nk, kv.kp.data(), kv.vp.data(), kv.kscale(), kv.vscale(), D, s,
-                      tail + c * G * P, iq ? q8p.data() : nullptr, iq ? qs.data() : nullptr);
+                      tail + c * G * P, iq ? q8p.data() : nullptr, iq ? qs.data() : nullptr, bf ? qbp.data() : nullptr);
       }
       // merge in chunk order: prefix chunks 0..nfull-1, then the tail's
       const float* pbase = pre + static_cast<size_t>((b * KH + kh) * nfull) * GT * P;
@@ -505,7 +741,7 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
                                              const c10::optional<at::Tensor>& mask, int64_t chunk, bool want_lse,
                                              const c10::optional<at::Tensor>& k_scale,
                                              const c10::optional<at::Tensor>& v_scale,
-                                             const c10::optional<at::Tensor>& kv_start) {
+                                             const c10::optional<at::Tensor>& kv_start, bool bf16) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q [B,T,H,D], k/v [B,KH,S,D]");
   TORCH_CHECK(q.scalar_type() == at::kFloat, "attention: q must be float32");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "attention: k and v dtypes differ");
@@ -517,6 +753,9 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
   TORCH_CHECK(D % 8 == 0, "attention: head_dim must be a multiple of 8");
   TORCH_CHECK(k.size(2) >= T && T >= 1, "attention: fewer keys than new tokens");
   TORCH_CHECK(chunk >= 8 && chunk % 8 == 0, "attention: chunk must be a positive multiple of 8");
+  TORCH_CHECK(!bf16 || (k.scalar_type() == at::kBFloat16 && D % 32 == 0),
+              "attention: bfloat16 attention needs bfloat16 K/V and head_dim a multiple of 32, got ",
+              k.scalar_type(), " and head_dim ", D);
   const at::Tensor* mp = nullptr;
   at::Tensor m;
   if (mask.has_value()) {
@@ -551,7 +790,9 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
   }
   switch (k.scalar_type()) {
     case at::kFloat: attention_impl<float>(q, k, v, mp, chunk, out, lp, nullptr, nullptr, ksp); break;
-    case at::kBFloat16: attention_impl<c10::BFloat16>(q, k, v, mp, chunk, out, lp, nullptr, nullptr, ksp); break;
+    case at::kBFloat16:
+      attention_impl<c10::BFloat16>(q, k, v, mp, chunk, out, lp, nullptr, nullptr, ksp, bf16);
+      break;
     case at::kHalf: attention_impl<c10::Half>(q, k, v, mp, chunk, out, lp, nullptr, nullptr, ksp); break;
     case at::kChar: attention_impl<int8_t>(q, k, v, mp, chunk, out, lp, &*k_scale, &*v_scale, ksp); break;
     default: TORCH_CHECK(false, "attention: K/V must be float32, bfloat16, float16 or int8");
@@ -876,7 +1117,7 @@ void quantize_q8(const at::Tensor& x, at::Tensor& q, at::Tensor& scale) {
 
 TORCH_LIBRARY_FRAGMENT(TS_NS, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, int chunk, bool want_lse, Tensor? k_scale=None, "
-        "Tensor? v_scale=None, Tensor? kv_start=None) -> (Tensor, Tensor)");
+        "Tensor? v_scale=None, Tensor? kv_start=None, bool bf16=False) -> (Tensor, Tensor)");
   m.def("attention_rows(Tensor q, Tensor k, Tensor v, Tensor rows, int chunk) -> Tensor");
   m.def("sparse_select_dims(Tensor q, Tensor kt, Tensor ks, int a, int b, int S, int budget, int dims) -> Tensor");
   m.def("quantize_q8(Tensor x, Tensor(a!) q, Tensor(b!) scale) -> ()");

@@ -154,6 +154,6 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
                                              const c10::optional<at::Tensor>& mask, int64_t chunk, bool want_lse,
                                              const c10::optional<at::Tensor>& k_scale,
                                              const c10::optional<at::Tensor>& v_scale,
-                                             const c10::optional<at::Tensor>& kv_start);
+                                             const c10::optional<at::Tensor>& kv_start, bool bf16);
 
 }  // namespace TS_NS
