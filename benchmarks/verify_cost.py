@@ -4,6 +4,7 @@ LM head for every row) and the layers' attention alone, beside the time to read 
 and V once (the memory floor of one-token attention).
 
     python benchmarks/verify_cost.py --contexts 4096,16384 --tokens 1,2,4,8,16 [--kv-dtype bfloat16]
+        [--attention-dtype bfloat16]
         [--activations int8] [--isa avx2,avx512]
 
 The cache holds random K/V (the cost does not depend on the values); positions past the model's
@@ -52,19 +53,20 @@ def main() -> None:
     ap.add_argument("--acceptance", type=float, default=0.87, help="per-depth acceptance of a chained draft")
     ap.add_argument("--draft-cost", type=float, default=0.25, help="a drafted token's cost, share of a one-token pass")
     ap.add_argument("--activations", default="float", choices=["float", "int8"])
+    ap.add_argument("--attention-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--isa", default="", help="instruction levels to time in turn (default: the one chosen)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     lm = tokenswift.load(args.model, heads="none", draft_weights="float", kv_dtype=args.kv_dtype,
-                         activations=args.activations)
+                         activations=args.activations, attention_dtype=args.attention_dtype)
     m = lm.model
     cfg = m.cfg
     tokens = [int(t) for t in args.tokens.split(",")]
     path = attention_path(m.device, m.dtype, cfg.head_dim)
     print(f"model {cfg.num_layers} layers, {cfg.num_heads} query / {cfg.num_kv_heads} KV heads; weights packed: "
           f"{m.packed}; attention: {path}; KV {str(m.kv_dtype).removeprefix('torch.')}; {args.threads} threads; "
-          f"activations {m.activations}")
+          f"activations {m.activations}; attention arithmetic {m.attention_dtype}")
     from tokenswift import kernels
 
     for level in args.isa.split(",") if args.isa else [kernels.isa()]:
@@ -109,7 +111,8 @@ def contexts(args, m, cfg, tokens: list[int], path: str) -> None:
                     keys, vals = cache.k[li, :, :, : C + T], cache.v[li, :, :, : C + T]
                     if keys.dtype != q.dtype and path != "native":
                         keys, vals = keys.to(q.dtype), vals.to(q.dtype)  # as the decoder does
-                    _attention(q, keys, vals, mask.unsqueeze(0), bias if T > 1 else None, None, 0, None, path)
+                    _attention(q, keys, vals, mask.unsqueeze(0), bias if T > 1 else None, None, 0, None, path,
+                               bf16=m.bf16_attention)
 
             t_full = median_ms(full, args.repeats)
             t_att = median_ms(attention, args.repeats)

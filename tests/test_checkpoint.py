@@ -102,18 +102,22 @@ def test_resume_from_any_prefix_equals_the_whole_run(smollm, tmp_path):
     assert Checkpoint.load(path).tokens == want.tokens
 
 
-def test_a_resumed_run_keeps_its_kv_dtype(tmp_path):
+@pytest.mark.parametrize("option,value", [("kv_dtype", "bfloat16"), ("attention_dtype", "bfloat16")])
+def test_a_resumed_run_keeps_its_kv_dtype(tmp_path, option, value):
     import tokenswift
+    from tokenswift import kernels
 
-    lm = tokenswift.load("smollm2-135m", kv_dtype="bfloat16")
+    if option == "attention_dtype" and not kernels.native():
+        pytest.skip(f"bfloat16 attention needs the native kernels: {kernels.why_not()}")
+    lm = tokenswift.load("smollm2-135m", **{option: value})
     want = lm.generate(PROMPT, 20, method="ar", seed=2, ignore_eos=True, **SAMPLING)
     path = tmp_path / "ck.json"
     r = subprocess.run(_cli("--prompt", PROMPT, "--max-new-tokens", "20", "--seed", "2", *CLI_SAMPLING,
-                            "--kv-dtype", "bfloat16", "--checkpoint", str(path), "--json"),
+                            "--" + option.replace("_", "-"), value, "--checkpoint", str(path), "--json"),
                        capture_output=True, timeout=300)
     assert r.returncode == 0, r.stderr.decode()
     ck = Checkpoint.load(path)
-    assert ck.options["kv_dtype"] == "bfloat16" and ck.tokens == want.tokens
+    assert ck.options["kv_dtype"] == "bfloat16" and ck.options.get(option) == value and ck.tokens == want.tokens
     ck.tokens, ck.finish_reason = ck.tokens[:7], None
     ck.save(path)
     r = subprocess.run(_cli("--resume", str(path), "--json"), capture_output=True, timeout=300)

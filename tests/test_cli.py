@@ -34,6 +34,8 @@ BAD = [
     (["--prompt", "hi", "--tree", "3,zero"], "bad --tree '3,zero'"),
     (["--prompt", "hi", "--draft-budget", "8"], "--draft-budget must be an integer in [64, 16777216], got 8"),
     (["--prompt", "hi", "--checkpoint-every", "0"], "--checkpoint-every must be >= 1, got 0"),
+    (["--prompt", "hi", "--attention-dtype", "bfloat16", "--kv-dtype", "float16"],
+     "--attention-dtype 'bfloat16' computes over a bfloat16 cache, and the KV dtype asked for is float16"),
     (["--resume", "{d}/missing.json"], "checkpoint file not found: {d}/missing.json"),
     (["--resume", "{d}/ok.txt"], "checkpoint {d}/ok.txt is damaged (not JSON"),
 ]

@@ -89,6 +89,17 @@ def test_int8_activations_on_gemma_keep_tokenswift_equal_to_ar(long_prompt):
         assert got.tokens == want and got.stats["accepted_draft_tokens"] > 0
 
 
+def test_bf16_attention_on_gemma_keeps_tokenswift_equal_to_ar(long_prompt):
+    """bfloat16 attention over Gemma's head_dim 256, its windowed layers (per-row starts) and its
+    global ones: a different model than float32 attention's, the same text from both methods."""
+    lm = tokenswift.load("gemma3-270m", device="cpu", attention_dtype="bfloat16")
+    assert lm.model.attention_dtype == "bfloat16" and lm.model.kv_dtype == torch.bfloat16
+    for kw in (dict(temperature=0.0), dict(tokenswift.PAPER_SAMPLING, seed=3)):
+        want = lm.generate(long_prompt, 40, method="ar", ignore_eos=True, **kw).tokens
+        got = lm.generate(long_prompt, 40, method="tokenswift", tree="1,3,3,3", ignore_eos=True, **kw)
+        assert got.tokens == want and got.stats["accepted_draft_tokens"] > 0
+
+
 def test_the_drafts_copies_of_the_cache_keep_the_windows(gemma, monkeypatch):
     """Past the 1,024-entry draft budget the draft attends to the int8 copy, the sparse view or
     the partial cache's held choice (in the 3 global layers only); their windowed layers read

@@ -394,6 +394,7 @@ def load(
     kv_dtype: str = "auto",
     weights: str = "auto",
     activations: str = "float",
+    attention_dtype: str = "float32",
 ) -> LM:
     """Loads a model: the embedded default `"smollm2-135m"`, a `.gguf` file, or a Hugging Face
     directory (config.json + safetensors). `rope_scaling` such as `"yarn:4"` extends the context.
@@ -411,11 +412,15 @@ def load(
     dequantizes them, "q8_0"/"q4_0" quantize a float checkpoint at load (a different model).
     `activations`: "float" (default) or "int8": the GGUF weight blocks multiply int8-rounded
     activations in integers, llama.cpp's arithmetic (faster, a different model).
+    `attention_dtype`: "float32" (default) or "bfloat16": attention over the cache rounds its
+    queries and probabilities to bfloat16 and sums their products in float32 (the AVX-512 BF16
+    instruction where the CPU has it; faster, a different model; the cache bfloat16).
     `compile`: torch.compile the decode, draft and verify passes at static shapes (CUDA graphs on
     GPUs); each pass size compiles on first use, the tokens are the same.
     Under `torchrun --nproc-per-node N` the model is split across the N processes (parallel.py).
     """
     loaded = load_model(model, device=device, dtype=dtype, rope_scaling=rope_scaling, draft_weights=draft_weights,
-                        compile=compile, kv_dtype=kv_dtype, weights=weights, activations=activations)
+                        compile=compile, kv_dtype=kv_dtype, weights=weights, activations=activations,
+                        attention_dtype=attention_dtype)
     return LM(loaded, heads=resolve_heads(heads, loaded.model, loaded.name),
               seq=resolve_seq_drafter(drafter, loaded.model, loaded.name))

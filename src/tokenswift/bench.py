@@ -314,6 +314,8 @@ def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Seque
         compared = ref is not None and name in OURS  # other engines draw their own random numbers
         first = first_difference(tokens, ref) if compared else None
         where = lm.model.kernels if name in OURS else {"llamacpp": "llama.cpp"}.get(name, "transformers")
+        if name in OURS and lm.model.bf16_attention:
+            where += ", bf16 attention"
         for r in recs:  # per length: a late difference leaves the shorter lengths equal
             r["same_as_ar"] = (first is None or first >= r["length"]) if compared else None
             r["kernels"] = where
@@ -353,7 +355,8 @@ def numerics(lm: Any, rope_scaling: str | None) -> dict[str, Any]:
     m = lm.model
     return {"model": lm.name, "dtype": str(m.dtype).removeprefix("torch."),
             "kv_dtype": str(m.kv_dtype).removeprefix("torch."), "weights": m.quantized or "float",
-            "activations": m.activations, "rope_scaling": rope_scaling, "compile": False, "device": str(m.device)}
+            "activations": m.activations, "rope_scaling": rope_scaling, "compile": False, "device": str(m.device),
+            **({"attention_dtype": m.attention_dtype} if m.bf16_attention else {})}
 
 
 def prefill_rows(lm: Any, prompt: list[int], run_len: int, kv_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
@@ -602,7 +605,8 @@ class BenchSetup:
     @classmethod
     def load(cls, model: str, heads: str, device: str | None, dtype: str | None, rope_scaling: str | None,
              prompt_file: Path | None, prefix: int, lengths: Sequence[int], greedy: bool, seed: int,
-             kv_dtype: str = "auto", weights: str = "auto", activations: str = "float") -> "BenchSetup":
+             kv_dtype: str = "auto", weights: str = "auto", activations: str = "float",
+             attention_dtype: str = "float32") -> "BenchSetup":
         import tokenswift
 
         started = time.perf_counter()
@@ -616,7 +620,7 @@ class BenchSetup:
         except OSError as e:
             raise ValueError(f"prompt file {text_path}: {e.strerror}") from None
         lm = tokenswift.load(model, heads=heads, device=device, dtype=dtype, rope_scaling=rope_scaling, kv_dtype=kv_dtype,
-                              weights=weights, activations=activations)
+                              weights=weights, activations=activations, attention_dtype=attention_dtype)
         need = prefix + max(lengths)
         auto = rope_scaling is None and need > lm.config.context_length
         if auto:  # the smallest power-of-two YaRN factor that holds the runs
@@ -625,7 +629,7 @@ class BenchSetup:
                 factor *= 2
             rope_scaling = f"yarn:{factor}"
             lm = tokenswift.load(model, heads=heads, device=device, dtype=dtype, rope_scaling=rope_scaling, kv_dtype=kv_dtype,
-                              weights=weights, activations=activations)
+                              weights=weights, activations=activations, attention_dtype=attention_dtype)
         chars = 8 * prefix  # encode only what the prefix needs (whole books take minutes)
         while True:
             ids = lm.encode(text[:chars], max_tokens=sys.maxsize)  # the bench cuts the prompt itself
@@ -646,7 +650,7 @@ class BenchSetup:
             "dtype": str(self.lm.model.dtype).replace("torch.", ""),
             "kv_dtype": str(self.lm.model.kv_dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
             "weights": self.lm.model.quantized or "float", "activations": self.lm.model.activations,
-            "bench_seconds": time.perf_counter() - self.started, "command": command,
+            "attention_dtype": self.lm.model.attention_dtype, "bench_seconds": time.perf_counter() - self.started, "command": command,
         })
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=1, default=str))

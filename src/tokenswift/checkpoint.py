@@ -172,7 +172,8 @@ def load_model_for(ck: Checkpoint, path: str | os.PathLike[str] | None = None) -
                          rope_scaling=o["rope_scaling"], draft_weights=o["spec"].get("draft_weights", "auto"),
                          drafter=o.get("seq_drafter", "auto"), compile=bool(o.get("compile", False)),
                          kv_dtype=o.get("kv_dtype", "auto"), weights=o.get("weights", "auto"),
-                         activations=o.get("activations", "float"))
+                         activations=o.get("activations", "float"),
+                         attention_dtype=o.get("attention_dtype", "float32"))
     ck.check_vocabulary(path, lm.config.vocab_size)
     fp = model_fingerprint(lm.config)
     if ck.model_fingerprint is not None and ck.model_fingerprint != fp:
@@ -285,6 +286,8 @@ class KVRows:
         meta = {"numerics": {k: self.ck.options.get(k) for k in self.NUMERICS},
                 "fingerprint": self.ck.model_fingerprint, "dtype": str(cache.k.dtype).removeprefix("torch."),
                 "shape": [int(cache.num_layers), int(KH), int(D)], "rope_len": int(cache.rope_len)}
+        if self.ck.options.get("attention_dtype", "float32") != "float32":  # absent otherwise: older files match
+            meta["numerics"]["attention_dtype"] = self.ck.options["attention_dtype"]
         if cache.ringed if ring is None else ring:
             meta["ring"] = True
         body = json.dumps(meta, sort_keys=True).encode("utf-8")

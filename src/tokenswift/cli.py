@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default float32 on CPU, bfloat16 on CUDA)")
     _param_args(g, "kv_dtype")
-    _param_args(g, "weights", "activations")
+    _param_args(g, "weights", "activations", "attention_dtype")
     g.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR",
                    help="extend the context, e.g. yarn:4 (types: linear, dynamic, yarn, llama3)")
     g.add_argument("--compile", action="store_true", help=COMPILE_HELP)
@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     b.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
     _param_args(b, "kv_dtype")
-    _param_args(b, "weights", "activations")
+    _param_args(b, "weights", "activations", "attention_dtype")
 
     v = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                        description="OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (streamed "
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     v.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
     _param_args(v, "kv_dtype")
-    _param_args(v, "weights", "activations")
+    _param_args(v, "weights", "activations", "attention_dtype")
     v.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR",
                    help="extend the context, e.g. yarn:4 (types: linear, dynamic, yarn, llama3)")
     v.add_argument("--compile", action="store_true", help=COMPILE_HELP)
@@ -359,7 +359,7 @@ def _read_prompt(args: argparse.Namespace) -> str:
 # The generate options the text depends on (besides the sampling and speculation options):
 # a checkpoint records them and --resume reuses them.
 _RUN_OPTIONS = ("prompt", "prompt_file", "model", "heads", "device", "dtype", "kv_dtype", "weights", "activations",
-                "rope_scaling", "method", "chat", "max_new_tokens", "ignore_eos", "paper_defaults", "no_ngrams")
+                "attention_dtype", "rope_scaling", "method", "chat", "max_new_tokens", "ignore_eos", "paper_defaults", "no_ngrams")
 
 
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -382,7 +382,7 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
         seq_drafter = "none"
     options = {"model": args.model, "heads": args.heads, "seq_drafter": seq_drafter, "device": args.device,
                "dtype": args.dtype, "kv_dtype": args.kv_dtype, "weights": args.weights, "activations": args.activations,
-               "rope_scaling": args.rope_scaling, "method": args.method, "chat": args.chat,
+               "attention_dtype": args.attention_dtype, "rope_scaling": args.rope_scaling, "method": args.method, "chat": args.chat,
                "max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos,
                "sampling": sampling, "spec": spec, "compile": args.compile}
     _check_options(options, _flag_name)
@@ -412,6 +412,7 @@ def _check_options(o: dict[str, Any], name_of: Any, prefix: str = "") -> None:
         PARAMS["kv_dtype"].check(o.get("kv_dtype", "auto"))  # checkpoints before kv_dtype have none
         PARAMS["weights"].check(o.get("weights", "auto"))  # nor before weights
         PARAMS["activations"].check(o.get("activations", "float"))
+        PARAMS["attention_dtype"].check(o.get("attention_dtype", "float32"))
         section = "sampling"
         SamplingConfig(**o["sampling"])
         section = "spec"
@@ -801,7 +802,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     paths = _bench_outputs(args, stem)
     setup = BenchSetup.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype,
                             kv_dtype=args.kv_dtype, weights=args.weights, activations=args.activations,
-                            rope_scaling=args.rope_scaling,
+                            attention_dtype=args.attention_dtype, rope_scaling=args.rope_scaling,
                             prompt_file=args.prompt_file,
                             prefix=prefix, lengths=lengths, greedy=args.greedy, seed=args.seed)
     if setup.auto_rope:
@@ -872,7 +873,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if _rank() > 0:  # tensor parallel: rank 0 serves, the others run its generations beside it
         lm = tokenswift.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype,
                              rope_scaling=args.rope_scaling, compile=args.compile, kv_dtype=args.kv_dtype,
-                             weights=args.weights, activations=args.activations)
+                             weights=args.weights, activations=args.activations,
+                             attention_dtype=args.attention_dtype)
         _lead_or_follow(lm)
         return 0
     try:  # before the model loads, so that a taken port fails at once
@@ -882,7 +884,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     lm = tokenswift.load(args.model, heads=args.heads, device=args.device, dtype=args.dtype,
                          rope_scaling=args.rope_scaling, compile=args.compile, kv_dtype=args.kv_dtype,
-                         weights=args.weights, activations=args.activations)
+                         weights=args.weights, activations=args.activations,
+                         attention_dtype=args.attention_dtype)
     _lead_or_follow(lm)
     server = make_server(lm, names=[args.model], api_key=args.api_key, queue_size=args.queue_size,
                          max_body_bytes=args.max_body_bytes or MAX_BODY_BYTES)

@@ -79,6 +79,7 @@ def _stats(method: str, prompt_len: int, new: int, timer: Timer, finish: str | N
         "decode_tokens_per_s": new / decode,
         "finish_reason": finish,
         "kernels": model.kernels,
+        "attention_dtype": model.attention_dtype,
     }
 
 

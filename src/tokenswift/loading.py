@@ -169,6 +169,7 @@ def load_model(
     kv_dtype: str = "auto",
     weights: str = "auto",
     activations: str = "float",
+    attention_dtype: str = "float32",
 ) -> Loaded:
     """`pack=False` keeps plain weight tensors (autograd through the LM head, as head training
     needs); packing only changes the speed of CPU inference. `draft_weights` "int4" means that
@@ -184,8 +185,11 @@ def load_model(
     (a different model than the float one). Blocks are kept only where the native kernels run,
     on a CPU, in float32, packed, without tensor parallelism; elsewhere they are dequantized.
     `activations` "int8" has the weight blocks multiply int8-rounded activations in integers
-    (`Decoder.int8_activations`; a different model)."""
+    (`Decoder.int8_activations`; a different model). `attention_dtype` "bfloat16" has attention
+    over the cache round its queries and probabilities to bfloat16 (`Decoder.bf16_attention`; a
+    different model; the cache bfloat16)."""
     PARAMS["draft_weights"].check(draft_weights)
+    PARAMS["attention_dtype"].check(attention_dtype)
     PARAMS["kv_dtype"].check(kv_dtype)
     PARAMS["weights"].check(weights)
     PARAMS["activations"].check(activations)
@@ -223,7 +227,14 @@ def load_model(
     dec = Decoder(local, dtype=dt, device=dev)
     dec.load_tensors(tensors)
     dec.tp, dec.full_cfg = tp, cfg
-    dec.kv_dtype = dt if kv_dtype == "auto" else getattr(torch, kv_dtype)
+    if attention_dtype == "bfloat16" and kv_dtype not in ("auto", "bfloat16"):
+        raise ParamError("attention_dtype", "", f" 'bfloat16' computes over a bfloat16 cache, and the KV dtype "
+                                                f"asked for is {kv_dtype} (leave it auto, or make it bfloat16)")
+    if attention_dtype == "bfloat16" and cfg.head_dim % 32:
+        raise ParamError("attention_dtype", "", f" 'bfloat16' needs head_dim a multiple of 32, and this model's "
+                                                f"is {cfg.head_dim}")
+    dec.kv_dtype = (torch.bfloat16 if attention_dtype == "bfloat16" else dt) if kv_dtype == "auto" \
+        else getattr(torch, kv_dtype)
     dec.eval()
     del tensors
     # A quantized target's own matrices already read about as few bytes as an int4 copy's (and
@@ -233,6 +244,19 @@ def load_model(
         dec.compile(mode="reduce-overhead" if dev.type == "cuda" else None)
     elif pack and dev.type == "cpu" and (how := dec.pack()):
         log.info("weights packed for %s", "the native row-invariant kernel" if how == "native" else "oneDNN")
+    if attention_dtype == "bfloat16":
+        from .model import attention_path
+
+        if dec.packed != "native" or attention_path(dev, dec.dtype, cfg.head_dim) != "native":
+            if dev.type != "cpu":
+                why = f"device {dev}"
+            elif compile or not pack:
+                why = "compile" if compile else "pack=False"
+            else:
+                why = kernels.why_not() or "attention off the native path"
+            raise ParamError("attention_dtype", "", f" 'bfloat16' runs on the native CPU kernels, which this "
+                                                    f"model does not use here ({why})")
+        dec.bf16_attention = True
     if activations == "int8":
         n = dec.int8_activations()
         if n == 0:

@@ -324,6 +324,9 @@ class Decoder(nn.Module):
         # The KV cache's element type for every cache of a run (`load(kv_dtype=...)`): attention
         # reads it and computes in float32; the model dtype unless chosen.
         self.kv_dtype = dtype
+        # bfloat16 attention (`load(attention_dtype="bfloat16")`, over a bfloat16 cache): the native
+        # kernel rounds the queries and probabilities to bfloat16 (kernels.attention's `bf16`)
+        self.bf16_attention = False
         # Tensor parallelism (parallel.py): this rank's group, and the whole model's config
         # (`cfg` is this rank's share then: 1/N of the heads and MLP width).
         self.tp = None
@@ -362,6 +365,11 @@ class Decoder(nn.Module):
         """What the matmuls and attention run on: the native kernels' instruction level ('avx2',
         'avx512'), or 'torch' (torch's kernels: a GPU, or the native ones off)."""
         return kernels.isa() if self.packed == "native" else "torch"
+
+    @property
+    def attention_dtype(self) -> str:
+        """"bfloat16" where attention over the cache computes in bfloat16, else "float32"."""
+        return "bfloat16" if self.bf16_attention else "float32"
 
     @property
     def activations(self) -> str:
@@ -718,6 +726,10 @@ class Decoder(nn.Module):
         native_layers = (self.packed == "native" and path == "native" and reduce is None and qkv_fn is None
                          and not torch.is_grad_enabled())
         H, KH = cfg.num_heads, cfg.num_kv_heads
+
+        def bf16(keys: torch.Tensor | None) -> bool:  # bfloat16 attention over these keys
+            return self.bf16_attention and keys is not None and keys.dtype == torch.bfloat16
+
         x = self.embed_rows(tokens)  # [B, T, D]
         if cfg.embed_scale != 1.0:  # Gemma: the scale rounded to the embedding's dtype, as transformers does
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
@@ -743,7 +755,7 @@ class Decoder(nn.Module):
             kc, vc, lj, off = cache.slot(li) if cache is not None and not quant else (None, None, li, 0)
             if whole:
                 att = kernels.attn_block(x, L.attn_norm, cfg.rms_norm_eps, L.wqkv, L.bqkv, L.q_norm, L.k_norm, cos,
-                                         sin, H, KH, scale, kc, vc, lj, n - off, block)  # [B, T, H*Dh]
+                                         sin, H, KH, scale, kc, vc, lj, n - off, block, bf16=bf16(kc))  # [B, T, H*Dh]
             else:
                 direct = False  # whether the new k/v rows are already in the cache
                 if native_layers:
@@ -771,7 +783,7 @@ class Decoder(nn.Module):
                         vc[lj, :, :, n - off : S - off] = v.transpose(1, 2)
                     if w in window_starts:  # a window's few hundred entries: read them all
                         att = kernels.attention(qs, kc[lj, :, :, : S - off], vc[lj, :, :, : S - off], block,
-                                                kv_start=kv_start(w, off))
+                                                kv_start=kv_start(w, off), bf16=bf16(kc))
                     else:
                         att = cache.attend(li, qs, S)
                 elif cache is not None:
@@ -788,12 +800,13 @@ class Decoder(nn.Module):
                         raise ValueError("attention probabilities over every entry need a cache without a ring")
                     att = _attention_plain(qs, keys, vals, None, None, 0, None, probs_out=attn_probs[li])
                 elif att is None and w in window_starts:
-                    att = kernels.attention(qs, keys, vals, block, kv_start=kv_start(w, off))  # [B, T, H*Dh]
+                    att = kernels.attention(qs, keys, vals, block, kv_start=kv_start(w, off),
+                                            bf16=bf16(keys))  # [B, T, H*Dh]
                 elif att is None and off:  # a ring's keys start at entry `off`
                     att = _attention(qs, keys, vals, block, bias, None if full is None else full[..., off:], lo - off,
-                                     wmask, path, None if allow is None else allow[..., off:])
+                                     wmask, path, None if allow is None else allow[..., off:], bf16(keys))
                 elif att is None:
-                    att = _attention(qs, keys, vals, block, bias, full, lo, wmask, path, allow)  # [B, T, H*Dh]
+                    att = _attention(qs, keys, vals, block, bias, full, lo, wmask, path, allow, bf16(keys))
             if native_layers:
                 x = kernels.attn_out_mlp(x, att, L.wo, L.bo, L.mlp_norm, cfg.rms_norm_eps, L.w_gate_up,
                                          L.b_gate_up, L.w_down, L.b_down, L.post_attn_norm, L.post_mlp_norm,
@@ -957,12 +970,15 @@ def _attention(
     wmask: torch.Tensor | None,  # [Bm, T, S-lo]
     path: str = "fused",  # attention_path(): "native", "fused" (torch's CPU kernel) or "portable"
     allow: torch.Tensor | None = None,  # [Bm, 1, G*T, S] the portable path's mask (T > 1)
+    bf16: bool = False,  # bfloat16 attention (the native kernel's; bfloat16 K/V)
 ) -> torch.Tensor:  # [B, T, H*D]
     B, T, H, D = q.shape
+    if bf16 and (path != "native" or full is not None or wmask is not None):
+        raise ValueError("bfloat16 attention runs on the native kernel only, over a cache with no per-key mask")
     if full is not None or wmask is not None:
         return _attention_plain(q, keys, vals, block, full, lo, wmask)
     if path == "native":
-        return kernels.attention(q, keys[:, :, lo:], vals[:, :, lo:], block)
+        return kernels.attention(q, keys[:, :, lo:], vals[:, :, lo:], block, bf16=bf16)
     cpu_fused = path == "fused"
     K = keys.shape[1]
     if T == 1:  # one query per head: grouped queries [B, K, G, D] (head h = k·G + g), K/V read in place
