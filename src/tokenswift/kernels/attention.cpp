@@ -7,7 +7,8 @@
 //   merged in chunk order. A row of a T-token pass and the same token's one-token pass see the
 //   same visible sequence (its ancestors committed in path order), hence the same bits.
 //   Chunks that lie wholly in the cached prefix are shared by all G*T rows of a KV head, so each
-//   K/V tile is read once for all of them.
+//   K/V tile is read once for all of them. With `bf16` (bfloat16 K/V) it is bfloat16 attention:
+//   queries and probabilities rounded to bfloat16, products summed in float32 in vdpbf16ps' order.
 // attention_rows, sparse_select_dims: the sparse draft's attention over listed rows, and its
 //   choice of them. quantize_q8: K/V rows to int8 for the draft's copy of the cache.
 
@@ -157,7 +158,8 @@ inline void scores_i8(const int8_t* const* q, const int8_t* const* kj, int D, fl
 // (exact: two 8-bit mantissas) added with one rounding. On a CPU without that instruction the
 // same order is two FMAs a pair, so both give the same bits. Values below 2^-126 in a query row or
 // a probability are flushed to zero first, as the instruction treats them; K/V elements that
-// small (never written by a model in practice) are the one case where the two may differ.
+// small, or a partial sum that small (the instruction flushes it, an FMA keeps it), are where the
+// two may differ: products of two normal numbers of a model's scale stay far above it.
 
 // n floats -> bfloat16 bits, round to nearest even, |x| < 2^-126 to +0 (n % 8 == 0)
 inline void to_bf16_ftz(const float* x, int n, uint16_t* out) {
