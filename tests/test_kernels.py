@@ -152,6 +152,22 @@ def test_quantize_q8_matches_its_reference_bitwise():
     assert not cache[2, :, :, :10].any() and not cache[1].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantize_q8_reads_a_16_bit_cache_in_place_with_the_bits_of_its_float32_copy(dtype):
+    """The draft's int8 copy is built from a bfloat16/float16 cache directly (`Q8KVCache.sync`):
+    each row widened exactly, so the codes and scales of quantizing x.float()."""
+    g = torch.Generator().manual_seed(1)
+    cache = (torch.randn(3, 2, 4, 70, 64, generator=g) * 3).to(dtype)  # [L, B, KH, S, D]
+    cache[1, 0, 2, 9] = 0.0
+    x = cache[:, 0, :, 5:61]  # a strided view, as sync passes it: [L, KH, 56, D]
+    q, s = torch.empty(x.shape, dtype=torch.int8), torch.empty(x.shape[:3])
+    kernels.quantize_q8(x, q, s)
+    rq, rs = _q8(x.float())
+    assert torch.equal(q, rq) and torch.equal(s, rs)
+    with pytest.raises(RuntimeError, match="quantize_q8: x must be float32, bfloat16 or float16, got Double"):
+        kernels.quantize_q8(x.double(), q, s)
+
+
 @pytest.mark.parametrize("shape", SHAPES[:5], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("masked", [False, True], ids=["causal", "tree"])
 def test_int8_attention_matches_reference(shape, masked):

@@ -313,13 +313,12 @@ class Q8KVCache(KVCache):
             raise ValueError("an int8 copy of a cache whose sliding-window layers keep a ring serves that cache only")
         a = min(self.length, N)
         # all layers at once, SYNC_ROWS entries at a time: [L, KVH, rows, Dh] viewed as the
-        # kernel's [B, KVH, T, Dh]. Rows are quantized one by one, so the blocks give the same
-        # bits; their float32 copy stays small (the whole 84K-entry prompt of a resumed run at
-        # once took 1.9 GB beside the caches)
+        # kernel's [B, KVH, T, Dh], read in place (a 16-bit cache is widened a row at a time in
+        # the kernel). Rows are quantized one by one, so the blocks give the same bits.
         for b in range(a, N, self.SYNC_ROWS):
             e = min(N, b + self.SYNC_ROWS)
-            kernels.quantize_q8(main.k[:, 0, :, b:e].float(), self.k[:, 0, :, b:e], self.ks[:, 0, :, b:e])
-            kernels.quantize_q8(main.v[:, 0, :, b:e].float(), self.v[:, 0, :, b:e], self.vs[:, 0, :, b:e])
+            kernels.quantize_q8(main.k[:, 0, :, b:e], self.k[:, 0, :, b:e], self.ks[:, 0, :, b:e])
+            kernels.quantize_q8(main.v[:, 0, :, b:e], self.v[:, 0, :, b:e], self.vs[:, 0, :, b:e])
         if a < N:
             self.pos[a:N] = main.pos[a:N]
         self.length = N

@@ -279,8 +279,9 @@ def sparse_select_dims(
 
 
 def quantize_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
-    """x [B, KH, T, D] float32 -> q (int8, same shape) and scale [B, KH, T], written in place:
-    per row scale = max|x| / 127 and q = round(x / scale) (0 for an all-zero row)."""
+    """x [B, KH, T, D] float32 (or a bfloat16/float16 cache view, widened exactly) -> q (int8,
+    same shape) and scale [B, KH, T], written in place: per row scale = max|x| / 127 and
+    q = round(x / scale) (0 for an all-zero row)."""
     ops.quantize_q8(x, q, scale)
 
 

@@ -1093,26 +1093,46 @@ at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const a
 
 // x [B, KH, T, D] float32 -> q int8 and scale [B, KH, T], written in place (views of a cache):
 // per row scale = max|x| / 127, q = round-to-even(x / scale), 0 for an all-zero row. The same
-// arithmetic as `kernels.quantize_q8_reference`, so both give the same bits.
+// arithmetic as `kernels.quantize_q8_reference`, so both give the same bits. A bfloat16 or
+// float16 x (a cache layer itself) is widened a row at a time, exactly, into float32 first: the
+// bits of quantizing x.float(), without that copy of the whole block.
+template <typename E>
+void quantize_q8_impl(const at::Tensor& x, at::Tensor& q, at::Tensor& scale) {
+  const int64_t KH = x.size(1), T = x.size(2), D = x.size(3);
+  const E* xd = x.data_ptr<E>();
+  int8_t* qd = q.data_ptr<int8_t>();
+  float* sd = scale.data_ptr<float>();
+  at::parallel_for(0, x.size(0) * KH * T, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(std::is_same_v<E, float> ? 0 : D);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t t = it % T, h = (it / T) % KH, b = it / (T * KH);
+      const E* xr = xd + b * x.stride(0) + h * x.stride(1) + t * x.stride(2);
+      const float* xf;
+      if constexpr (std::is_same_v<E, float>) {
+        xf = xr;
+      } else {
+        for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(row.data() + d, load8(xr + d));
+        xf = row.data();
+      }
+      sd[b * scale.stride(0) + h * scale.stride(1) + t * scale.stride(2)] =
+          quantize_row(xf, D, qd + b * q.stride(0) + h * q.stride(1) + t * q.stride(2));
+    }
+  });
+}
+
 void quantize_q8(const at::Tensor& x, at::Tensor& q, at::Tensor& scale) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar && q.sizes() == x.sizes(),
-              "quantize_q8: x float32 [B, KH, T, D], q int8 of the same shape");
+  TORCH_CHECK(x.dim() == 4 && q.scalar_type() == at::kChar && q.sizes() == x.sizes(),
+              "quantize_q8: x [B, KH, T, D], q int8 of the same shape");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 3 && scale.sizes() == x.sizes().slice(0, 3),
               "quantize_q8: scale float32 [B, KH, T]");
   TORCH_CHECK(x.stride(3) == 1 && q.stride(3) == 1, "quantize_q8: last dim must be contiguous");
-  const int64_t B = x.size(0), KH = x.size(1), T = x.size(2), D = x.size(3);
-  TORCH_CHECK(D % 8 == 0, "quantize_q8: head_dim must be a multiple of 8");
-  const float* xd = x.data_ptr<float>();
-  int8_t* qd = q.data_ptr<int8_t>();
-  float* sd = scale.data_ptr<float>();
-  at::parallel_for(0, B * KH * T, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t t = it % T, h = (it / T) % KH, b = it / (T * KH);
-      sd[b * scale.stride(0) + h * scale.stride(1) + t * scale.stride(2)] =
-          quantize_row(xd + b * x.stride(0) + h * x.stride(1) + t * x.stride(2), D,
-                       qd + b * q.stride(0) + h * q.stride(1) + t * q.stride(2));
-    }
-  });
+  TORCH_CHECK(x.size(3) % 8 == 0, "quantize_q8: head_dim must be a multiple of 8");
+  switch (x.scalar_type()) {
+    case at::kFloat: quantize_q8_impl<float>(x, q, scale); break;
+    case at::kBFloat16: quantize_q8_impl<c10::BFloat16>(x, q, scale); break;
+    case at::kHalf: quantize_q8_impl<c10::Half>(x, q, scale); break;
+    default: TORCH_CHECK(false, "quantize_q8: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  }
 }
 
 }  // namespace TS_NS
