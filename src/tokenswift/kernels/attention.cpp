@@ -231,12 +231,13 @@ inline void scores_bf(const uint16_t* const* q, const c10::BFloat16* const* kj, 
 
 // o_r += sum over key pairs (j, j+1) in [j0, j1) of p_r[j+1] v_{j+1} + p_r[j] v_j for RR rows, the
 // values' 32-element blocks d0 .. d0+NB: per output element one chain, key j+1's product then
-// key j's, pair after pair (p as bfloat16 bits, pairs padded with a zero probability). With
+// key j's, pair after pair (p as bfloat16 bits; an odd count nk of keys ends with a pair whose
+// partner is key nk-1 again under the zero probability that pads p). With
 // vdpbf16ps the accumulators hold each block's elements as unpacklo/unpackhi_epi16 of two rows
 // leave them (per 128-bit lane: elements 0-3 in lo, 4-7 in hi); `pv_bf_unpermute` restores the
 // order once a chunk is done. Without it, o is in element order throughout.
 template <int RR, int NB>
-inline void pv_bf_tile(const uint16_t* const* p, const c10::BFloat16* const* vp, int j0, int j1, int d0,
+inline void pv_bf_tile(const uint16_t* const* p, const c10::BFloat16* const* vp, int nk, int j0, int j1, int d0,
                        float* const* o) {
 #ifdef __AVX512BF16__
   __m512 lo[RR][NB], hi[RR][NB];
@@ -252,8 +253,9 @@ inline void pv_bf_tile(const uint16_t* const* p, const c10::BFloat16* const* vp,
       std::memcpy(&pair, p[r] + j, 4);
       pj[r] = (__m512bh)_mm512_set1_epi32(pair);
     }
+    const c10::BFloat16* w1 = vp[std::min(j + 1, nk - 1)];
     for (int b = 0; b < NB; ++b) {
-      const __m512i v0 = _mm512_loadu_si512(vp[j] + (d0 + b) * 32), v1 = _mm512_loadu_si512(vp[j + 1] + (d0 + b) * 32);
+      const __m512i v0 = _mm512_loadu_si512(vp[j] + (d0 + b) * 32), v1 = _mm512_loadu_si512(w1 + (d0 + b) * 32);
       const __m512bh L = (__m512bh)_mm512_unpacklo_epi16(v0, v1), Hh = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
       for (int r = 0; r < RR; ++r) {
         lo[r][b] = _mm512_dpbf16_ps(lo[r][b], pj[r], L);
@@ -277,9 +279,10 @@ inline void pv_bf_tile(const uint16_t* const* p, const c10::BFloat16* const* vp,
       p0[r] = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(p[r][j]) << 16)));
       p1[r] = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(p[r][j + 1]) << 16)));
     }
+    const c10::BFloat16* w1 = vp[std::min(j + 1, nk - 1)];
     for (int b = 0; b < NB; ++b)
       for (int e = 0; e < 4; ++e) {
-        const __m256 x1 = load8(vp[j + 1] + (d0 + b) * 32 + e * 8), x0 = load8(vp[j] + (d0 + b) * 32 + e * 8);
+        const __m256 x1 = load8(w1 + (d0 + b) * 32 + e * 8), x0 = load8(vp[j] + (d0 + b) * 32 + e * 8);
         for (int r = 0; r < RR; ++r)
           acc[r][b][e] = _mm256_fmadd_ps(p0[r], x0, _mm256_fmadd_ps(p1[r], x1, acc[r][b][e]));
       }
@@ -291,13 +294,13 @@ inline void pv_bf_tile(const uint16_t* const* p, const c10::BFloat16* const* vp,
 }
 
 template <int RR>
-inline void pv_bf_rows(const uint16_t* const* p, const c10::BFloat16* const* vp, int j0, int j1, int NB,
+inline void pv_bf_rows(const uint16_t* const* p, const c10::BFloat16* const* vp, int nk, int j0, int j1, int NB,
                        float* const* o) {
   for (int d0 = 0; d0 < NB; d0 += 2) {
     if (NB - d0 == 1)
-      pv_bf_tile<RR, 1>(p, vp, j0, j1, d0, o);
+      pv_bf_tile<RR, 1>(p, vp, nk, j0, j1, d0, o);
     else
-      pv_bf_tile<RR, 2>(p, vp, j0, j1, d0, o);
+      pv_bf_tile<RR, 2>(p, vp, nk, j0, j1, d0, o);
   }
 }
 
@@ -408,31 +411,19 @@ void chunk_partial(int R, const float* const* qp, int nk, const E* const* kp, co
       static thread_local std::vector<uint16_t> pbuf;
       if (pbuf.size() < static_cast<size_t>(R) * nkp) pbuf.resize(static_cast<size_t>(R) * nkp);
       for (int r = 0; r < R; ++r) to_bf16_ftz(s + r * nkp, nkp, pbuf.data() + r * nkp);
-      const int ne = nk & ~1;  // keys in whole pairs
+      const int npair = (nk + 1) & ~1;  // keys in pairs, an odd last one with its zero-weight partner
       for (int j = 0; j < std::min(nk, PF); ++j) prefetch_row(vp[j], D);
       for (int j0 = 0; j0 < nk; j0 += 32) {
-        const int j1 = std::min(ne, j0 + 32);
+        const int j1 = std::min(npair, j0 + 32);
         for (int j = j0 + PF; j < std::min(j0 + 32 + PF, nk); ++j) prefetch_row(vp[j], D);
-        const bool last = j0 + 32 >= nk && ne < nk;  // this tile ends with the odd key: with a zero partner
-        const E* odd[2] = {vp[nk - 1], vp[nk - 1]};
         for (int r = 0; r < R; r += 3) {
           const int r1 = std::min(r + 1, R - 1), r2 = std::min(r + 2, R - 1);
           const uint16_t* pr[3] = {pbuf.data() + r * nkp, pbuf.data() + r1 * nkp, pbuf.data() + r2 * nkp};
-          const uint16_t* pl[3] = {pr[0] + ne, pr[1] + ne, pr[2] + ne};
           float* orow[3] = {o_out + r * P, o_out + r1 * P, o_out + r2 * P};
           switch (std::min(3, R - r)) {
-            case 1:
-              pv_bf_rows<1>(pr, vp, j0, j1, D / 32, orow);
-              if (last) pv_bf_rows<1>(pl, odd, 0, 2, D / 32, orow);
-              break;
-            case 2:
-              pv_bf_rows<2>(pr, vp, j0, j1, D / 32, orow);
-              if (last) pv_bf_rows<2>(pl, odd, 0, 2, D / 32, orow);
-              break;
-            default:
-              pv_bf_rows<3>(pr, vp, j0, j1, D / 32, orow);
-              if (last) pv_bf_rows<3>(pl, odd, 0, 2, D / 32, orow);
-              break;
+            case 1: pv_bf_rows<1>(pr, vp, nk, j0, j1, D / 32, orow); break;
+            case 2: pv_bf_rows<2>(pr, vp, nk, j0, j1, D / 32, orow); break;
+            default: pv_bf_rows<3>(pr, vp, nk, j0, j1, D / 32, orow); break;
           }
         }
       }
