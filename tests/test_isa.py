@@ -163,6 +163,41 @@ def test_attention_gives_the_same_bits_on_every_level(levels, dtype):
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), lv
 
 
+@pytest.mark.parametrize("S, budget, dims, H, KH, D", [
+    (3000, 150, 16, 9, 3, 64),  # SmolLM2's heads; spans of 2,048 entries, the last part of one
+    (9000, 2000, 16, 9, 3, 64),  # a budget the sample's floor can undershoot
+    (700, 1, 8, 9, 3, 64),
+    (333, 50, 12, 12, 4, 32),  # entries off a block of 64 and 32: the one-at-a-time tail
+    (5000, 250, 32, 8, 1, 256),  # Gemma 3's head_dim, eight rows a KV head
+])
+def test_the_sparse_draft_chooses_the_same_rows_on_every_level(levels, S, budget, dims, H, KH, D):
+    """`sparse_select_dims` (VNNI and 16-wide exps on AVX-512, maddubs and 8-wide on AVX2):
+    the same integer scores, the same float32 operations per entry and the same sums, hence the
+    same rows, on queries with and without a dominant dimension."""
+    from tokenswift.cache import SparseKV
+    from tokenswift.config import ModelConfig
+
+    (l0, o0), *rest = _two(levels)
+    cfg = ModelConfig(arch="llama", vocab_size=32, hidden_size=H * D, intermediate_size=8, num_layers=1, num_heads=H,
+                      num_kv_heads=KH, head_dim=D)
+    g = torch.Generator().manual_seed(S + dims)
+    view = SparseKV(cfg, budget=budget, sinks=16, recent=64, scorer=f"dims:{dims}")
+
+    class Main:  # what attach reads of a cache
+        k = torch.randn(1, 1, KH, S + 5, D, generator=g).to(torch.bfloat16)
+        where = [(0, 0)]
+    view.attach(Main, S)
+    a, b = view.sinks, S - view.recent
+    for scale in (0.3, 2.0):
+        q = torch.randn(1, 1, H, D, generator=g) * scale
+        q[0, 0, :, 3] *= 1 + 4 * (scale > 1)
+        want = o0.sparse_select_dims(q, view.kq[0], view.ks[0, :, :, 0], a, b, S, budget, dims)
+        assert want.shape == (KH, a + budget + S - b)
+        for lv, ops in rest:
+            assert torch.equal(ops.sparse_select_dims(q, view.kq[0], view.ks[0, :, :, 0], a, b, S, budget, dims),
+                               want), lv
+
+
 def _same_logits_on_every_level(pairs, monkeypatch, lm, ids: list[int]) -> None:
     """`_forward_logits` with each level's ops in turn: the same bits."""
     out = {}

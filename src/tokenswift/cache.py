@@ -574,14 +574,14 @@ class SparseKV:
         s, r = min(self.sinks, S), min(self.recent, S)
         a, b = s, S - r  # the entries that compete for the budget
         native = attention_path(q.device, q.dtype, D) == "native"
+        if self.scorer == "dims" and native and b - a > self.budget and not self.hold:  # all in one call
+            j = self._index(li)
+            return kernels.sparse_select_dims(q, self.kq[j], self.ks[j, :, :, 0], a, b, S, self.budget, self.dims)
         every = torch.arange(S, device=q.device)
         kept = self.held.get(li)  # (hold > 0 only)
         if kept is not None and kept[0] <= S <= kept[0] + r + self.hold:
             b, idx = kept  # the choice holds: its entries, and every entry from its recent window on
         else:
-            if self.scorer == "dims" and native and b - a > self.budget and not self.hold:  # all in one call
-                j = self._index(li)
-                return kernels.sparse_select_dims(q, self.kq[j], self.ks[j, :, :, 0], a, b, S, self.budget, self.dims)
             if b - a <= self.budget:
                 return every.expand(KH, -1).contiguous()
             if self.scorer == "dims":
@@ -623,8 +623,8 @@ class SparseKV:
         rows = self.select(li, q, S)  # [KVH, R]
         self.reads = rows.shape[1]
         j = self._index(li)
+        if attention_path(q.device, q.dtype, q.shape[-1]) == "native":  # the layer's whole storage: rows < S
+            return kernels.attention_rows(q, self.main.k[j], self.main.v[j], rows)
         keys, vals = self.main.k[j, :, :, :S], self.main.v[j, :, :, :S]  # [1, KVH, S, Dh]
-        if attention_path(q.device, q.dtype, q.shape[-1]) == "native":
-            return kernels.attention_rows(q, keys, vals, rows)
         g = rows[None, :, :, None].expand(-1, -1, -1, q.shape[-1])
         return _attention_plain(q, keys.gather(2, g).to(q.dtype), vals.gather(2, g).to(q.dtype), None, None, 0, None)

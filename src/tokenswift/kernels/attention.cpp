@@ -832,13 +832,58 @@ inline void dims_block32(const int8_t* base, int64_t ld, const int64_t* dm, int6
   }
 }
 
+#if defined(__AVX512VNNI__)
+// The same integers for 64 entries [j, j+64) by VNNI (the AVX-512 build): the four dims' bytes
+// interleaved as in `dims_block32`, now per 128-bit lane of 16 entries, so that each 32-bit lane
+// holds one entry's four (unsigned) key bytes and vpdpbusd adds its four products with the row's
+// codes: one instruction for 16 entries and four dims, where maddubs, madd and add took three for
+// 8. Integer sums: the same as `dims_block32`'s, whatever the order. out[g][64] in entry order.
+template <int GG>
+inline void dims_block64_vnni(const int8_t* base, int64_t ld, const int64_t* dm, int64_t nq, const int32_t* qpat,
+                              int64_t j, int32_t (*out)[64]) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i acc[GG][4];
+  for (int g = 0; g < GG; ++g)
+    for (int r = 0; r < 4; ++r) acc[g][r] = _mm512_setzero_si512();
+  for (int64_t t = 0; t < nq; ++t) {
+    const __m512i A = _mm512_loadu_si512(base + dm[4 * t] * ld + j);
+    const __m512i B = _mm512_loadu_si512(base + dm[4 * t + 1] * ld + j);
+    const __m512i C = _mm512_loadu_si512(base + dm[4 * t + 2] * ld + j);
+    const __m512i E = _mm512_loadu_si512(base + dm[4 * t + 3] * ld + j);
+    const __m512i ab0 = _mm512_unpacklo_epi8(A, B), ab1 = _mm512_unpackhi_epi8(A, B);
+    const __m512i ce0 = _mm512_unpacklo_epi8(C, E), ce1 = _mm512_unpackhi_epi8(C, E);
+    // z[r], 128-bit lane L: entries 16L + 4r .. 16L + 4r + 3, a dword each
+    const __m512i z[4] = {_mm512_xor_si512(_mm512_unpacklo_epi16(ab0, ce0), flip),
+                          _mm512_xor_si512(_mm512_unpackhi_epi16(ab0, ce0), flip),
+                          _mm512_xor_si512(_mm512_unpacklo_epi16(ab1, ce1), flip),
+                          _mm512_xor_si512(_mm512_unpackhi_epi16(ab1, ce1), flip)};
+    for (int g = 0; g < GG; ++g) {
+      const __m512i qv = _mm512_set1_epi32(qpat[g * nq + t]);
+      for (int r = 0; r < 4; ++r) acc[g][r] = _mm512_dpbusd_epi32(acc[g][r], z[r], qv);
+    }
+  }
+  // lane L of z[0..3] holds entries 16L .. 16L+15: a 4x4 transpose of 128-bit lanes
+  for (int g = 0; g < GG; ++g) {
+    const __m512i* c = acc[g];
+    const __m512i t0 = _mm512_shuffle_i32x4(c[0], c[1], 0x44), t1 = _mm512_shuffle_i32x4(c[2], c[3], 0x44);
+    const __m512i t2 = _mm512_shuffle_i32x4(c[0], c[1], 0xEE), t3 = _mm512_shuffle_i32x4(c[2], c[3], 0xEE);
+    _mm512_storeu_si512(out[g], _mm512_shuffle_i32x4(t0, t1, 0x88));
+    _mm512_storeu_si512(out[g] + 16, _mm512_shuffle_i32x4(t0, t1, 0xDD));
+    _mm512_storeu_si512(out[g] + 32, _mm512_shuffle_i32x4(t2, t3, 0x88));
+    _mm512_storeu_si512(out[g] + 48, _mm512_shuffle_i32x4(t2, t3, 0xDD));
+  }
+}
+#endif
+
 // The sparse draft's rows for one query (q [1, 1, H, D], scaled) in one layer, scored against an
 // int8 copy of the keys kept dimension-major (kt [KH, D, >= S]: row d holds dim d of every entry;
 // ks [KH, >= S] the entries' row scales), as SparQ scores keys by the query's largest dimensions.
 // Per KV head: the `dims` dims where the group's sum of |q| is largest; each query row's values
 // there rounded to 7 bits (scale max|q|/64); every entry of [a, b) scored by integer dot products
-// (`dims_block32`), times its row scale and the query's; each row's softmax over those entries,
-// summed over the group, weighs an entry. Rows out: [0, a) (sinks), the top `budget` of [a, b) by
+// (`dims_block32`, or `dims_block64_vnni` on AVX-512: the same integers), times its row scale and
+// the query's; each row's softmax over those entries, summed over the group, weighs an entry
+// (16 lanes at a time on AVX-512, each lane's operations and every sum's order as on AVX2's 8, so
+// both levels choose the same rows). Rows out: [0, a) (sinks), the top `budget` of [a, b) by
 // weight (ties: the earlier entry), then [b, S) (the recent window), ascending: [KH, a + budget +
 // S - b] int64. The top `budget` come from a floor estimated on every 16th weight, then an exact
 // choice (`nth_element`) among the entries above it: no sort of them all.
@@ -907,7 +952,12 @@ at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const a
   float* smp = sc + KH * G * M;
   std::vector<float> pmax(static_cast<size_t>(KH * spans * G)), psum(static_cast<size_t>(KH * spans * G));
   at::parallel_for(0, KH * spans, 1, [&](int64_t begin, int64_t end) {
-    alignas(32) int32_t dot[8][32];
+#if defined(__AVX512VNNI__)
+    constexpr int64_t BLK = 64;  // entries a block call scores
+#else
+    constexpr int64_t BLK = 32;
+#endif
+    alignas(64) int32_t dot[8][BLK];
     for (int64_t it = begin; it < end; ++it) {
       const int64_t kh = it / spans, j0 = (it % spans) * SPAN, j1 = std::min(M, j0 + SPAN);
       const int8_t* base = kd + kh * kt_h + a;
@@ -917,24 +967,33 @@ at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const a
       __m256 mx[8];
       for (int64_t g = 0; g < G; ++g) mx[g] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
       int64_t j = j0;
-      for (; j + 32 <= j1; j += 32) {
-        // the copy's rows are `dims` streams read 32 bytes at a time: more than the hardware
+      for (; j + BLK <= j1; j += BLK) {
+        // the copy's rows are `dims` streams read a block at a time: more than the hardware
         // prefetchers follow (in a model the layer's copy comes from memory, and the choice ran at
         // a fifth of its bandwidth), so each line is asked for 1 KB ahead
-        if (((a + j) & 63) == 0 && j + 1024 < j1)
+        if ((BLK == 64 || ((a + j) & 63) == 0) && j + 1024 < j1)
           for (int64_t i = 0; i < dims; ++i) _mm_prefetch(reinterpret_cast<const char*>(base + dm[i] * kt_d + j + 1024), _MM_HINT_T0);
         for (int64_t g0 = 0; g0 < G; g0 += 4) {  // up to four rows a call: their accumulators stay in registers
+#if defined(__AVX512VNNI__)
+          switch (std::min<int64_t>(4, G - g0)) {
+            case 1: dims_block64_vnni<1>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
+            case 2: dims_block64_vnni<2>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
+            case 3: dims_block64_vnni<3>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
+            default: dims_block64_vnni<4>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
+          }
+#else
           switch (std::min<int64_t>(4, G - g0)) {
             case 1: dims_block32<1>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
             case 2: dims_block32<2>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
             case 3: dims_block32<3>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
             default: dims_block32<4>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
           }
+#endif
         }
         for (int64_t g = 0; g < G; ++g) {
           const __m256i off = _mm256_set1_epi32(corr[kh * G + g]);
           const __m256 qs = _mm256_set1_ps(qsc[kh * G + g]);
-          for (int r = 0; r < 4; ++r) {
+          for (int r = 0; r < BLK / 8; ++r) {
             const __m256i d = _mm256_load_si256(reinterpret_cast<const __m256i*>(dot[g] + 8 * r));
             const __m256 s = _mm256_mul_ps(
                 _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d, off)), _mm256_loadu_ps(srow + j + 8 * r)), qs);
@@ -963,6 +1022,15 @@ at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const a
         const __m256 mv = _mm256_set1_ps(m);
         __m256 lv = _mm256_setzero_ps();
         int64_t i = j0;
+#if defined(__AVX512F__)
+        // 16 at a time, the two halves added in entry order: the same sum as 8 at a time
+        for (const __m512 mw = _mm512_set1_ps(m); i + 16 <= j1; i += 16) {
+          const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + i), mw));
+          _mm512_storeu_ps(sr + i, e);
+          lv = _mm256_add_ps(lv, _mm512_castps512_ps256(e));
+          lv = _mm256_add_ps(lv, _mm512_extractf32x8_ps(e, 1));
+        }
+#endif
         for (; i + 8 <= j1; i += 8) {
           const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + i), mv));
           _mm256_storeu_ps(sr + i, e);
@@ -1025,8 +1093,23 @@ at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const a
     const float* e = sc + kh * G * M;
     const float* f = factor.data() + (kh * spans + sp) * G;
     const __m256 l = _mm256_set1_ps(fl);
-    alignas(32) float x8[8];
+    alignas(64) float x8[16];
     int64_t j = j0;
+#if defined(__AVX512F__)
+    for (const __m512 l16 = _mm512_set1_ps(fl); j + 16 <= j1; j += 16) {  // each lane as below
+      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(e + j), _mm512_set1_ps(f[0]));
+      for (int64_t g = 1; g < G; ++g)
+        x = _mm512_add_ps(x, _mm512_mul_ps(_mm512_loadu_ps(e + g * M + j), _mm512_set1_ps(f[g])));
+      uint32_t m = _mm512_cmp_ps_mask(x, l16, _CMP_GE_OQ);
+      if (m) {
+        _mm512_store_ps(x8, x);
+        for (; m; m &= m - 1) {
+          const int r = __builtin_ctz(m);
+          c.push_back(key(x8[r], j + r));
+        }
+      }
+    }
+#endif
     for (; j + 8 <= j1; j += 8) {
       __m256 x = _mm256_mul_ps(_mm256_loadu_ps(e + j), _mm256_set1_ps(f[0]));
       for (int64_t g = 1; g < G; ++g)
