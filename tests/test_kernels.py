@@ -336,3 +336,46 @@ def test_attention_with_per_row_starts_equals_each_rows_window_alone(dtype):
         assert torch.equal(out[:, t : t + 1], one), t
     with pytest.raises(RuntimeError, match=r"kv_start 1201 outside \[0, 1200\]"):
         kernels.attention(q, k, v, mask, kv_start=torch.full((1, T), 1201))
+
+
+def _huge_kb(t: torch.Tensor) -> int:
+    """AnonHugePages (kB) of the mapping that holds t's memory (/proc/self/smaps)."""
+    a, kb, inside = t.data_ptr(), 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= a < hi
+            elif inside and head == "AnonHugePages:":
+                kb = int(line.split()[1])
+    return kb
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "none"
+    return text[text.index("[") + 1 : text.index("]")]
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="no transparent huge pages on this system")
+def test_the_kv_cache_and_packed_weights_lie_on_huge_pages():
+    """A step streams the cache and the large packed weights: both lie in fresh memory advised
+    onto 2 MiB pages, so the OS backs them with huge pages (the system allowing it) as they are
+    first written; small tensors are left alone."""
+    from tokenswift.cache import KVCache
+    from tokenswift.config import ModelConfig
+
+    cfg = ModelConfig(arch="llama", vocab_size=32, hidden_size=256, intermediate_size=8, num_layers=4, num_heads=4,
+                      num_kv_heads=2, head_dim=64)
+    c = KVCache(cfg, capacity=8192, dtype=torch.bfloat16)  # 8 MiB each of K and V
+    assert not c.k.any() and not c.v.any()  # zeros, as torch.zeros
+    c.k.fill_(1.0)  # the first write faults the pages in
+    assert _huge_kb(c.k) >= 4096
+    small = torch.arange(1000)
+    assert kernels.huge_copy(small) is small  # under 4 MiB: no huge page would fit, left as it is
+    w = kernels.huge_copy(torch.arange(3 << 20, dtype=torch.int32))  # 12 MiB, as a packed weight
+    assert torch.equal(w, torch.arange(3 << 20, dtype=torch.int32)) and _huge_kb(w) >= 8192
+    assert w.data_ptr() % kernels.HUGE_PAGE == 0

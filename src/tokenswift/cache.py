@@ -87,13 +87,14 @@ class KVCache:
             self.where[i] = (1, j)
         self.whole_layers, self.ring_layers = whole, ringed
         shape = (len(whole), batch, cfg.num_kv_heads, capacity, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [Lw, B, KVH, C, Dh]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [Lw, B, KVH, C, Dh]
+        # on huge pages: a step reads all of it (`kernels.zeros_huge`)
+        self.k = kernels.zeros_huge(shape, dtype, device)  # [Lw, B, KVH, C, Dh]
+        self.v = kernels.zeros_huge(shape, dtype, device)  # [Lw, B, KVH, C, Dh]
         self.rk = self.rv = None
         if self.ring:
             rshape = (len(ringed), batch, cfg.num_kv_heads, self.ring, cfg.head_dim)
-            self.rk = torch.zeros(rshape, dtype=dtype, device=device)  # [Lr, B, KVH, R, Dh]
-            self.rv = torch.zeros(rshape, dtype=dtype, device=device)  # [Lr, B, KVH, R, Dh]
+            self.rk = kernels.zeros_huge(rshape, dtype, device)  # [Lr, B, KVH, R, Dh]
+            self.rv = kernels.zeros_huge(rshape, dtype, device)  # [Lr, B, KVH, R, Dh]
         self.base = 0  # the entry ring slot 0 holds
         self.num_layers = cfg.num_layers
         self.pos = torch.zeros(capacity, dtype=torch.int64, device=device)  # [C]
@@ -270,12 +271,12 @@ class Q8KVCache(KVCache):
             self.where, self.whole_layers, self.ring_layers = main.where, main.whole_layers, main.ring_layers
             self.window = main.window
         shape = (len(self.whole_layers), 1, cfg.num_kv_heads, capacity, cfg.head_dim)
-        # empty, not zeros: entries are written before they are read, and the pages of a 100K
-        # context's copy (1.2 GB) are then touched as the text grows, not all at once
-        self.k = torch.empty(shape, dtype=torch.int8, device=device)  # [L, 1, KVH, C, Dh]
-        self.v = torch.empty(shape, dtype=torch.int8, device=device)
-        self.ks = torch.empty(shape[:4], dtype=torch.float32, device=device)  # [L, 1, KVH, C] row scales
-        self.vs = torch.empty(shape[:4], dtype=torch.float32, device=device)
+        # pages faulted in by their first write: those of a 100K context's copy (1.2 GB) are
+        # touched as the text grows, not all at once
+        self.k = kernels.zeros_huge(shape, torch.int8, device)  # [L, 1, KVH, C, Dh]
+        self.v = kernels.zeros_huge(shape, torch.int8, device)
+        self.ks = kernels.zeros_huge(shape[:4], torch.float32, device)  # [L, 1, KVH, C] row scales
+        self.vs = kernels.zeros_huge(shape[:4], torch.float32, device)
         self.pos = torch.zeros(capacity, dtype=torch.int64, device=device)  # [C]
         if rope_len is None:
             self.rope_len = capacity
@@ -490,8 +491,8 @@ class SparseKV:
         if cap < C:
             groups = D // self.group if self.scorer == "int4" else 1
             shape = (L, KH, D, C) if self.scorer == "dims" else (L, KH, C, D)
-            self.kq = torch.empty(shape, dtype=torch.int8, device=main.k.device)
-            self.ks = torch.empty(L, KH, C, groups, dtype=torch.float32, device=main.k.device)
+            self.kq = kernels.zeros_huge(shape, torch.int8, main.k.device)
+            self.ks = kernels.zeros_huge((L, KH, C, groups), torch.float32, main.k.device)
             self.synced = 0
         a = min(self.synced, N)
         for b in range(a, N, Q8KVCache.SYNC_ROWS):
