@@ -135,6 +135,36 @@ def test_planner_explores_ever_less_often_while_plain_steps_win():
     assert p.explorations == 4 and drafted == [5, 15, 35, 75]
 
 
+@pytest.mark.parametrize("draft_s, measured_at, now, want", [
+    (0.06, 1000, 1000, False),  # a drafted token dearer than a step: no chain can pay
+    (0.05, 1000, 1000, False),  # as dear as a step: 2 tokens for 2.05 steps at best
+    (0.03, 1000, 1000, True),  # depth 1 accepted: 2 tokens for 1.65 steps
+    (0.06, 1000, 2000, False),  # measured at half today's context: still its own
+    (0.06, 1000, 2001, True),  # measured at under half: stale, worth measuring again
+    (None, 0, 1000, True),  # never measured
+])
+def test_could_pay_is_the_rate_of_a_chain_accepted_whole(draft_s, measured_at, now, want):
+    p = _planner({1: 0.05, 2: 0.0525, 5: 0.06}, draft_s, q0=0.3)
+    p._draft_ctx = {"self": measured_at} if draft_s is not None else {}
+    p._ctx = now
+    ar = next(q for q in p.plans() if q.plain)
+    assert p.could_pay("self", ar) is want
+
+
+def test_planner_skips_explorations_no_draft_could_win_until_the_context_doubles():
+    """A drafted token measured at a step's cost (a short context: it reads the same weights):
+    an exploration could not find a winning draft, so none is paid for; once the context has
+    doubled since the draft's cost was measured, one is again."""
+    p = _planner({1: 0.05, 5: 0.06}, 0.05, q0=0.9, explore_every=5)
+    p._draft_ctx = {"self": 1000}
+    drafted = [i for i in range(1, 101) if p.choose(1000 + i).draft]
+    assert drafted == [] and p.explorations == 0 and p.explorations_skipped == 4
+    for i in range(101, 400):
+        if p.choose(1900 + i).draft:  # the context passes 2000 at i = 101
+            break
+    assert p.explorations == 1 and p.iterations == 155  # the next exploration due: 75 + 80
+
+
 def test_planner_explores_at_the_base_interval_again_once_a_draft_wins():
     p = _planner({1: 0.05, 5: 0.06}, 0.05, q0=0.3, explore_every=5)
     for i in range(40):

@@ -368,7 +368,10 @@ class SpeculativeRun:
         """Keeps the root's and the accepted nodes' KV in path order; feeds the drafters."""
         st = self.st
         k = len(res.accepted)
-        st.main.keep(torch.tensor([st.N] + [st.N + i for i in res.accepted], dtype=torch.int64))
+        if res.accepted == list(range(1, k + 1)):  # a plain step, or a chain's prefix: already in place
+            st.main.truncate(st.N + 1 + k)
+        else:
+            st.main.keep(torch.tensor([st.N] + [st.N + i for i in res.accepted], dtype=torch.int64))
         if self.drafter is not None:
             self.drafter.committed(st.main, st.N, 1 + k)
         if self.seq is not None:  # features at the root and the accepted nodes pair with the next tokens
@@ -419,7 +422,8 @@ class SpeculativeRun:
         if self.planner is not None:
             p = self.planner
             out["auto"] = {"plan": self.plan.describe() if self.plan is not None else None, "changes": p.choices,
-                           "explorations": p.explorations, "draft_iterations": c.draft_iterations,
+                           "explorations": p.explorations, "explorations_skipped": p.explorations_skipped,
+                           "draft_iterations": c.draft_iterations,
                            # acceptance over the iterations that drafted (AR steps excluded)
                            "draft_acceptance_rate": c.accepted / c.drafted if c.drafted else 0.0}
         return out

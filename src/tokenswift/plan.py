@@ -276,6 +276,9 @@ class AutoPlanner:
         self._next_explore = explore_every
         self._held: Plan | None = None  # the plain plan held until _replan
         self._replan = 0
+        self._ctx = 0  # the context of the iteration being planned
+        self._draft_ctx: dict[str, int] = {}  # drafter -> the context its cost was last measured at
+        self.explorations_skipped = 0  # explorations no draft could have won (`could_pay`)
 
     # -- measurements -------------------------------------------------------------------------
 
@@ -286,6 +289,7 @@ class AutoPlanner:
         if plan.depth:
             old = self.t_draft[plan.drafter]
             self.t_draft[plan.drafter] = self._blend("draft:" + plan.drafter, old, draft_s / plan.depth)
+            self._draft_ctx[plan.drafter] = self._ctx
         T = trie_size
         self.costs[T] = self._blend(T, self.costs.get(T), verify_s)
         per_tok = other_s / max(tokens, 1)
@@ -341,12 +345,29 @@ class AutoPlanner:
                         out.append(Plan(g, paths, k, tokens, secs, size, who))
         return out
 
+    def could_pay(self, who: str, ar: Plan) -> bool:
+        """Whether a chain of `who` could beat the plain step `ar` if every drafted token were
+        accepted (the upper bound of what exploring it can find), at the costs measured; True
+        while its cost is unmeasured, or was measured at under half today's context (a draft's
+        cost grows more slowly with the context than a step's: a bound from then is stale)."""
+        t = self.t_draft[who]
+        if t is None or 2 * self._draft_ctx.get(who, 0) < self._ctx:
+            return True
+        c1, m = fit_line(self.costs, SLOPE_PRIOR)
+        best = 0.0
+        for g in range(1, self.max_depth + 1):
+            tokens = 1.0 + g
+            verify = self.costs.get(1 + g, c1 + m * g)
+            best = max(best, tokens / (g * t + verify + self.t_token * tokens))
+        return best > self.rate(ar)
+
     def rate(self, plan: Plan) -> float:
         """The plan's expected tokens per second, calibrated by what its kind really gave."""
         return plan.rate * self.cal[plan.kind].factor
 
     def choose(self, ctx: int) -> Plan:
         self.iterations += 1
+        self._ctx = ctx
         # the first iterations measure before the model plans: a plain step (what every plan is
         # compared with), then a modest chain (what a drafted token costs). Plain first: a chain
         # measured alone fits a line through one size, and the plain step it extrapolates to was
@@ -371,6 +392,12 @@ class AutoPlanner:
             # only learn from plans that run. While plain steps stay best, ever less often.
             self._gap = min(2 * max(self._gap, self.explore_every), EXPLORE_MAX) if best is ar else self.explore_every
             self._next_explore = self.iterations + self._gap
+            if best is ar and not any(self.could_pay(w, ar) for w in self.drafters):
+                # not even a chain accepted whole would beat the plain step (a short context, where
+                # a drafted token reads as many weight bytes as a step): nothing to learn by paying
+                explore = False
+                self.explorations_skipped += 1
+        if explore:
             self.explorations += 1
             turn = self.explorations % (3 + (len(self.drafters) > 1))
             if turn == 3:  # another drafter's best chain
