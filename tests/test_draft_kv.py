@@ -259,6 +259,35 @@ def test_bad_sparse_scorers_are_named(lm):
             SparseKV(lm.model.cfg, budget=16, scorer=bad)
 
 
+@native
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_sparse_layer_gives_the_three_calls_bits(lm, monkeypatch, kv_dtype):
+    """`kernels.attn_block_sparse` (attn_in, the dims choice and attention_rows in one call) is
+    what a draft pass over the view runs: the hidden state, the rows read and the K/V written are
+    those of the unfused path, bit for bit."""
+    from tokenswift.cache import SparseKV
+
+    m = lm.model
+    calls = []
+    real = kernels.attn_block_sparse
+    monkeypatch.setattr(kernels, "attn_block_sparse", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = {}
+    for fused in (True, False):
+        main = KVCache(m.cfg, capacity=408, dtype=kv_dtype)
+        m.prefill(torch.arange(3, 403).unsqueeze(0) % m.cfg.vocab_size, main)
+        view = SparseKV(m.cfg, budget=37, sinks=4, recent=8, scorer="dims:8")
+        view.attach(main, 400)
+        if not fused:
+            monkeypatch.setattr(view, "fused_choice", lambda li, S: None)
+        with torch.inference_mode():  # as a draft pass runs (the native layer halves take no autograd)
+            h = m(torch.tensor([[17]]), torch.tensor([[400]]), view)[0, -1]
+        out[fused] = (h, view.reads, main.k[:, :, :, 400].clone(), main.v[:, :, :, 400].clone())
+    assert len(calls) == m.cfg.num_layers  # the fused run alone, every layer
+    (h1, r1, k1, v1), (h0, r0, k0, v0) = out[True], out[False]
+    assert torch.equal(h1, h0) and r1 == r0 == 4 + 37 + 8
+    assert torch.equal(k1, k0) and torch.equal(v1, v0)
+
+
 @native  # draft_kv "sparse" is refused without the native kernels (test_int8_without_the_native_kernels_...)
 @pytest.mark.parametrize("scorer", ["exact", "int4", "dims:8"])
 def test_drafting_over_the_sparse_view_writes_the_ar_tokens(lm, monkeypatch, scorer):

@@ -598,6 +598,20 @@ class SparseKV:
                     self.refreshes, self._chose_at = self.refreshes + 1, S
         return torch.cat((every[:s].expand(KH, -1), idx, every[b:S].expand(KH, -1)), dim=1)  # [KVH, s+B+r]
 
+    def fused_choice(self, li: int, S: int) -> tuple[torch.Tensor, torch.Tensor, int, int, int, int] | None:
+        """What `kernels.attn_block_sparse` needs to choose layer li's rows of [0, S) itself, as
+        `select` would natively: (copy [KVH, Dh, C] int8, scales [KVH, C], a, b, budget, dims);
+        None where `select` takes another road (another scorer, kept choices, a context within
+        the budget). Counts the rows it will read (`reads`)."""
+        if self.scorer != "dims" or self.hold:
+            return None
+        a, b = min(self.sinks, S), S - min(self.recent, S)
+        if b - a <= self.budget:
+            return None
+        j = self._index(li)
+        self.reads = a + self.budget + S - b
+        return self.kq[j], self.ks[j, :, :, 0], a, b, self.budget, self.dims
+
     def dims_weights(self, li: int, qg: torch.Tensor, a: int, b: int) -> torch.Tensor:
         """The dims scorer's weights of entries [a, b) for qg [KVH, G, Dh] float32 -> [KVH, M]
         float64: the scores `sparse_select_dims` computes (the group's R dims, each row rounded

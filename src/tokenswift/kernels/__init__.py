@@ -590,6 +590,16 @@ def attn_block(x, norm, eps, w, bias, q_norm, k_norm, cos, sin, heads, kv_heads,
                           heads, kv_heads, q_scale, kc, vc, layer, start, mask, chunk, bf16)
 
 
+def attn_block_sparse(x, norm, eps, w, bias, q_norm, k_norm, cos, sin, heads, kv_heads, q_scale, kc, vc, layer, start,
+                      kt, ks, a: int, b: int, budget: int, dims: int, chunk: int = CHUNK) -> torch.Tensor:
+    """One token's `attn_in` writing the cache (at `start`), then the sparse draft's choice of the
+    layer's rows by its query (`sparse_select_dims` over kt [KH, Dh, >= start+1] int8 and ks
+    [KH, >= start+1]) and `attention_rows` over them -> [1, 1, H*Dh]: the same numbers as the
+    three calls, in one."""
+    return ops.attn_block_sparse(x, norm, eps, w.packed, w.qt, w.shape[0], bias, q_norm, k_norm, cos, sin, heads,
+                                 kv_heads, q_scale, kc, vc, layer, start, kt, ks, a, b, budget, dims, chunk)
+
+
 def attn_out_mlp(x, att, wo, bo, norm, eps, wgu, bgu, wd, bd, post_attn=None, post_mlp=None,
                  gelu: bool = False) -> torch.Tensor:
     """x [B, T, D], att [B, T, H*Dh] -> x1 + down(silu(gate(h)) * up(h)) with x1 = x + att Wo^T + bo,

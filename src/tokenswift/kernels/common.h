@@ -179,5 +179,10 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
                                              const c10::optional<at::Tensor>& k_scale,
                                              const c10::optional<at::Tensor>& v_scale,
                                              const c10::optional<at::Tensor>& kv_start, bool bf16);
+// the sparse draft's choice of rows and its attention over them (attention.cpp)
+at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& ks, int64_t a, int64_t b,
+                              int64_t S, int64_t budget, int64_t dims);
+at::Tensor attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
+                          int64_t chunk);
 
 }  // namespace TS_NS

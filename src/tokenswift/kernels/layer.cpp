@@ -206,6 +206,25 @@ at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm, double eps, c
   return std::get<0>(attention(q, k, v, mask, chunk, false, c10::nullopt, c10::nullopt, c10::nullopt, bf16));
 }
 
+// attn_in for one token, then the sparse draft's attention (`SparseKV` with the dims scorer): its
+// query chooses the rows of the layer's keys 0 .. start + 1 (`sparse_select_dims` over the copy
+// kt/ks: entries [0, a), the top `budget` of [a, b), [b, start + 1)) and attends to them
+// (`attention_rows`): the three calls of the unfused path in one, the same numbers. -> [1, 1, H * Dh]
+at::Tensor attn_block_sparse(const at::Tensor& x, const at::Tensor& norm, double eps, const at::Tensor& packed,
+                             int64_t qt, int64_t N, const c10::optional<at::Tensor>& bias,
+                             const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm,
+                             const at::Tensor& cos, const at::Tensor& sin, int64_t H, int64_t KH, double q_scale,
+                             const at::Tensor& kc, const at::Tensor& vc, int64_t layer, int64_t start,
+                             const at::Tensor& kt, const at::Tensor& ks, int64_t a, int64_t b, int64_t budget,
+                             int64_t dims, int64_t chunk) {
+  TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.size(1) == 1, "attn_block_sparse: one token, x [1, 1, D]");
+  at::Tensor qkv = attn_in(x, norm, eps, packed, qt, N, bias, q_norm, k_norm, cos, sin, H, KH, q_scale, kc, vc, layer,
+                           start);
+  at::Tensor q = qkv.narrow(2, 0, H);
+  at::Tensor rows = sparse_select_dims(q, kt, ks, a, b, start + 1, budget, dims);
+  return attention_rows(q, kc.select(0, layer), vc.select(0, layer), rows, chunk);
+}
+
 // The second half: x + att Wo^T + bo, then that plus the MLP of its norm:
 // x1 = x + o(att); h = norm(x1); x1 + down(silu(gate(h)) * up(h)). x [B, T, D], att [B, T, H*Dh].
 at::Tensor attn_out_mlp(const at::Tensor& x, const at::Tensor& att, const at::Tensor& wo, int64_t qt_o, int64_t n_o,
@@ -280,6 +299,10 @@ TORCH_LIBRARY(TS_NS, m) {
   m.def("attn_block(Tensor x, Tensor norm, float eps, Tensor w, int qtype, int n, Tensor? bias, Tensor? q_norm, "
         "Tensor? k_norm, Tensor cos, Tensor sin, int heads, int kv_heads, float q_scale, Tensor(a!) kc, "
         "Tensor(b!) vc, int layer, int start, Tensor? mask, int chunk, bool bf16=False) -> Tensor");
+  m.def("attn_block_sparse(Tensor x, Tensor norm, float eps, Tensor w, int qtype, int n, Tensor? bias, "
+        "Tensor? q_norm, Tensor? k_norm, Tensor cos, Tensor sin, int heads, int kv_heads, float q_scale, "
+        "Tensor(a!) kc, Tensor(b!) vc, int layer, int start, Tensor kt, Tensor ks, int a, int b, int budget, "
+        "int dims, int chunk) -> Tensor");
   m.def("attn_out_mlp(Tensor x, Tensor att, Tensor wo, int qt_o, int n_o, Tensor? bo, Tensor norm, float eps, "
         "Tensor wgu, int qt_gu, int n_gu, Tensor? bgu, Tensor wd, int qt_d, int n_d, Tensor? bd, "
         "Tensor? post_attn=None, Tensor? post_mlp=None, bool gelu=False) -> Tensor");
@@ -289,5 +312,6 @@ TORCH_LIBRARY_IMPL(TS_NS, CPU, m) {
   m.impl("rms_norm", &TS_NS::rms_norm);
   m.impl("attn_in", &TS_NS::attn_in);
   m.impl("attn_block", &TS_NS::attn_block);
+  m.impl("attn_block_sparse", &TS_NS::attn_block_sparse);
   m.impl("attn_out_mlp", &TS_NS::attn_out_mlp);
 }
