@@ -22,8 +22,9 @@ for the CPU's instruction level (AVX2+FMA, or AVX-512 with VNNI: `LEVELS`).
 - `attn_in` / `attn_out_mlp`: a decoder layer's two halves around attention in one call each
   (norms, the matmuls of either weight form, RoPE, the cache write; the output projection,
   residuals and the SiLU MLP), row by row, so a decode step runs two calls a layer (`attn_block`
-  is `attn_in` then `attention`) instead of about ninety small torch ops. `rms_norm` is their
-  norm alone (the final norm).
+  is `attn_in` then `attention`; `attn_block_sparse`, `attn_in` then the sparse draft's choice
+  and `attention_rows`) instead of about ninety small torch ops. `rms_norm` is their norm alone
+  (the final norm).
 
 The extension is compiled once per torch version and source (about a minute on 2 cores) into
 `$TOKENSWIFT_CACHE` (default `~/.cache/tokenswift`) and loaded from there afterwards. Where it
