@@ -482,7 +482,8 @@ class QuantLinear:
         sub = object.__new__(QuantLinear)
         sub.qtype, sub.shape, sub.dtype, sub.device, sub.act8 = self.qtype, (int(ids.numel()), self.shape[1]), \
             self.dtype, self.device, self.act8
-        sub.packed = huge_copy(ops.pack_q_rows(self.packed, QTYPES[self.qtype], self.shape[0], ids))
+        # (not copied onto huge pages: the draft's head is rebuilt as the text's vocabulary grows)
+        sub.packed = ops.pack_q_rows(self.packed, QTYPES[self.qtype], self.shape[0], ids)
         return sub
 
 
