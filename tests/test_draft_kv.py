@@ -394,10 +394,12 @@ def test_drafting_over_part_of_the_vocabulary_writes_the_ar_tokens(lm, monkeypat
 @native
 @pytest.mark.parametrize("kv", ["int8", "sparse"])
 def test_a_long_prompts_copy_is_built_before_the_first_draft(lm, monkeypatch, kv):
-    """The int8 copy / the sparse view's key copy of a prompt past the budget is made at the
-    prefill (`prepare`), so that the first draft's time, from which the planner learns what a
-    draft costs, is a draft's: measured, a 16K prompt's copy made the first sparse draft cost
-    178 ms a token against ~25."""
+    """The int8 copy / the sparse view's key copy of a prompt past the budget, and the draft's
+    head over the prompt's part of the vocabulary, are made at the prefill (`prepare`), and the
+    entries committed since the last draft are copied before the next one is timed
+    (`catch_up`), so that a draft's time, from which the planner learns what a draft costs, is a
+    draft's: measured, a 16K prompt's copy made the first sparse draft cost 178 ms a token
+    against ~25, and a 1,024-token prompt (the budget) 23 ms against 8.7."""
     from tokenswift import engine
 
     made = []
@@ -411,14 +413,18 @@ def test_a_long_prompts_copy_is_built_before_the_first_draft(lm, monkeypatch, kv
     proposals = []
     real_propose = drafters.SelfDrafter.propose
 
-    def propose(self, main, *a, **kw):  # the copy holds the prompt before any draft runs
-        proposals.append(self.q8.length if self.q8 is not None else self.sparse.synced)
-        return real_propose(self, main, *a, **kw)
+    def propose(self, main, history, N, *a, **kw):  # the copy and the vocabulary's head are ready before it
+        proposals.append((self.q8.length if self.q8 is not None else self.sparse.synced, self.vocab.rebuilds,
+                          self.vocab.member[prompt].all().item(), N))
+        return real_propose(self, main, history, N, *a, **kw)
 
     monkeypatch.setattr(drafters.SelfDrafter, "propose", propose)
     prompt = [i * 5 % 90 + 3 for i in range(300)]
-    lm.generate(prompt, 130, ignore_eos=True, draft_kv=kv, draft_budget=64, draft_weights="float", tree="1,1",
-                temperature=0.0)
+    lm.generate(prompt, 130, ignore_eos=True, draft_kv=kv, draft_budget=64, draft_weights="float", tree="auto",
+                draft_vocab=24, temperature=0.0)
     d = made[-1]
     assert (d.q8.length if kv == "int8" else d.sparse.synced) >= 300
-    assert proposals and proposals[0] >= 300
+    assert proposals and proposals[0][1:3] == (1, True)
+    # every draft, the first and those after stretches of plain steps, finds the copy holding
+    # every committed entry: their quantization is timed as the loop's, not as the draft's
+    assert all(length == N for length, _, _, N in proposals)

@@ -128,13 +128,17 @@ class DraftVocab:
             self.pending += int(new.numel())
             self.seen = n
 
+    def build(self) -> None:
+        """The head's rows for the set as it stands."""
+        self.ids = self.member.nonzero().squeeze(1).to(self.model.device)
+        head = self.model.lm_head
+        self.head = head.subset(self.ids) if not isinstance(head, torch.Tensor) else head[self.ids]
+        self.pending = 0
+        self.rebuilds += 1
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [1, D] -> [1, V], -inf outside the set
         if self.pending >= (1 if self.head is None else self.REBUILD):
-            self.ids = self.member.nonzero().squeeze(1).to(self.model.device)
-            head = self.model.lm_head
-            self.head = head.subset(self.ids) if not isinstance(head, torch.Tensor) else head[self.ids]
-            self.pending = 0
-            self.rebuilds += 1
+            self.build()
         sub = linear(self.model.final_norm(hidden), self.head, None).float()  # [1, n]
         self.full.fill_(float("-inf"))
         self.full.index_copy_(1, self.ids, sub)
@@ -208,11 +212,9 @@ class SelfDrafter:
             self.sparse.attach(main, N)
             return self.sparse, N
         if self.kv == "int8":
-            if self.q8 is None or (main.ringed and self.q8.main is not main):
-                self.q8 = Q8KVCache(self.target.cfg, main.capacity, device=main.k.device, rope_len=self.rope_len,
-                                    main=main)
-            self.q8.sync(main, N)
-            return self.q8, N
+            q8 = self._q8_for(main)
+            q8.sync(main, N)
+            return q8, N
         if main.ringed:  # kv "partial"
             self.held.attach(main, N)
             return self.held, N
@@ -277,12 +279,33 @@ class SelfDrafter:
         cache.truncate(restore)
         return Proposal(cands)
 
-    def prepare(self, main: KVCache, N: int) -> None:
-        """Builds the int8 copy (or the sparse view's key copy) of a prompt longer than the budget
-        now, so that the first draft's time (which the planner learns the draft's cost from) is a
-        draft's, not the copy's."""
-        if self.kv in ("int8", "sparse") and N > self.budget:
-            self._cache_for(main, N, 0)
+    def prepare(self, main: KVCache, N: int, history: torch.Tensor | None = None) -> None:
+        """Builds the int8 copy (or the sparse view's key copy) of a prompt that reaches the
+        budget, and the head over part of the vocabulary for the prompt's tokens (history
+        [0, N)), now, so that the first draft's time (which the planner learns the draft's cost
+        from) is a draft's, not theirs."""
+        self.catch_up(main, N, ahead=1)  # the first draft's root comes after the prompt's N entries
+        if self.vocab is not None and history is not None:
+            self.vocab.see(history, N)
+            self.vocab.build()
+
+    def catch_up(self, main: KVCache, N: int, ahead: int = 0) -> None:
+        """Brings the int8 copy / the key copy up to main's committed entries [0, N) where a draft
+        at root N + ahead would read one: the entries committed since the last draft (hundreds
+        after a stretch of plain steps) are quantized here, before the draft is timed, and not
+        inside it."""
+        if self.kv not in ("int8", "sparse") or N + ahead <= self.budget:
+            return
+        if self.kv == "sparse":
+            self.sparse.attach(main, N)
+        else:
+            self._q8_for(main).sync(main, N)
+
+    def _q8_for(self, main: KVCache) -> Q8KVCache:
+        if self.q8 is None or (main.ringed and self.q8.main is not main):
+            self.q8 = Q8KVCache(self.target.cfg, main.capacity, device=main.k.device, rope_len=self.rope_len,
+                                main=main)
+        return self.q8
 
     def committed(self, main: KVCache, start: int, n: int) -> None:
         """main entries [start, start+n) were just committed (exact target K/V)."""

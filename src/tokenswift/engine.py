@@ -275,7 +275,7 @@ class SpeculativeRun:
                                    spec.draft_budget, spec.sinks, self.draft_kv, depth,
                                    rope_len=run_len, vocab=spec.draft_vocab) if draft_model is not None else None
         if self.drafter is not None:
-            self.drafter.prepare(main, n0)
+            self.drafter.prepare(main, n0, history)
         self.plan: Plan | None = None
 
     # -- stages ---------------------------------------------------------------------------------
@@ -442,6 +442,8 @@ class SpeculativeRun:
             c.iterations += 1
             t0 = clock()
             plan = self.choose_plan()
+            if self.drafter is not None and (plan.drafter == "self" if plan is not None else self.depth):
+                self.drafter.catch_up(st.main, st.N)  # per committed token, not per drafted one
             t1 = clock()
             prop = self.draft(plan)
             t2 = clock()
