@@ -231,6 +231,37 @@ def test_planner_stops_drafting_when_drafts_give_less_than_expected():
     assert p.cal["spec"].factor == pytest.approx(0.4) and p.cal["plain"].factor == 1.0
 
 
+def test_a_machine_that_slows_down_does_not_make_unmeasured_drafts_win():
+    """Plain steps give 0.88 of what the model expects (another job took the cores, the costs lag
+    behind): drafts, never measured, are expected 5 % below plain steps and stay there, as the
+    machine's slowness is theirs too; before, plain steps alone were calibrated down and the
+    drafts, at 1.0, won at a loss."""
+    p = _planner({1: 0.10, 2: 0.125}, 0.075, q0=0.9, depth=1)
+    plan = p.choose(4096)
+    assert plan.plain
+    for i in range(3 * HOLD):
+        p.observe(plan, 1, 0.0, plan.expected_seconds / 0.88, 0.0, 1)
+        p.costs, p._seen = {1: 0.10, 2: 0.125}, {}
+        plan = p.choose(4096)
+        assert plan.plain, i
+    assert p.cal["plain"].factor == pytest.approx(0.88)
+
+
+def test_drafts_are_calibrated_against_what_plain_steps_give_at_the_time():
+    """The machine runs at half speed: plain steps and drafting iterations both give half their
+    expected rate. Plain steps' calibration carries that; the drafts' own is 1.0 (they gave
+    what plain steps did, relative to the model)."""
+    p = _planner({1: 0.10, 9: 0.12}, 0.03, q0=0.95)
+    ar = next(q for q in p.plans() if q.plain)
+    for _ in range(6):
+        p.observe(ar, 1, 0.0, 2 * ar.expected_seconds, 0.0, 1)
+    spec = max((q for q in p.plans() if q.draft), key=p.rate)
+    for _ in range(6):
+        p.observe(spec, spec.trie_size, 0.0, 2 * spec.expected_seconds, 0.0, spec.expected_tokens)
+    assert p.cal["plain"].factor == pytest.approx(0.5) and p.cal["spec"].factor == pytest.approx(1.0)
+    assert p.rate(spec) == pytest.approx(0.5 * spec.rate)
+
+
 def test_planner_needs_a_clear_gain_to_leave_ar():
     # the best drafting plan is worth ~3 % more than AR on paper: within the noise margin, so AR
     p = _planner({1: 0.10, 2: 0.104}, 0.092, q0=1.0, depth=1)

@@ -18,9 +18,11 @@ prior cost (a third of a step). "g = 0, k = 0" is a plain AR step through the sa
 drafting plan must beat it by `margin`.
 
 The model can be wrong in ways its parts do not show (a verify cost per trie size measured long
-ago, a slope fitted through few sizes): so each kind of plan, plain or speculative, carries the
-ratio of the tokens per second its iterations really gave to what the model expected of them,
-and plans are compared at their calibrated rates. While plain steps win, the plan is recomputed
+ago, a slope fitted through few sizes): so plain steps carry the ratio of the tokens per second
+their iterations really gave to what the model expected of them, speculative plans that ratio
+over plain steps' at the time (a machine slowing down moves both kinds: calibrated apart, plain
+steps alone looked 12 % slow at 16K on a busy VM and unmeasured drafts won at a loss), and plans
+are compared at their calibrated rates. While plain steps win, the plan is recomputed
 every `HOLD` iterations only, and the drafts tried now and then to re-measure them come further
 and further apart (up to `EXPLORE_MAX` iterations), so that a run where speculation cannot pay
 costs little more than `ar`.
@@ -297,7 +299,10 @@ class AutoPlanner:
         self.t_token = (1 - a) * self.t_token + a * per_tok if self.t_token else per_tok
         if plan.modelled:
             secs = draft_s + verify_s + other_s
-            self.cal[plan.kind].update(tokens, secs, plan.expected_tokens, plan.expected_seconds)
+            # speculative plans against what plain steps give at the time: a machine that slows
+            # down (or speeds up) moves both kinds, so only their ratio is the drafts' own
+            rel = self.cal["plain"].factor if plan.kind == "spec" else 1.0
+            self.cal[plan.kind].update(tokens, secs, plan.expected_tokens * rel, plan.expected_seconds)
 
     def _blend(self, key: Any, old: float | None, new: float) -> float:
         """The running cost `key` after measuring `new`: weighted by how recent `old` is."""
@@ -362,8 +367,11 @@ class AutoPlanner:
         return best > self.rate(ar)
 
     def rate(self, plan: Plan) -> float:
-        """The plan's expected tokens per second, calibrated by what its kind really gave."""
-        return plan.rate * self.cal[plan.kind].factor
+        """The plan's expected tokens per second, calibrated by what plain steps really give now
+        and, for a speculative plan, by what its kind gave beyond that (1.0 until measured: a
+        slower machine does not make unmeasured drafts look better than plain steps)."""
+        f = self.cal["plain"].factor
+        return plan.rate * f * (self.cal["spec"].factor if plan.kind == "spec" else 1.0)
 
     def choose(self, ctx: int) -> Plan:
         self.iterations += 1
