@@ -368,8 +368,9 @@ HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
 
 
 def zeros_huge(shape, dtype: torch.dtype, device="cpu") -> torch.Tensor:
-    """`torch.zeros` for memory a decode step streams through whole (the KV cache, packed
-    weights): on Linux, fresh anonymous memory advised onto transparent huge pages (madvise
+    """`torch.zeros` for memory a decode step streams through whole (the KV cache, large packed
+    weights), allocated before the time that matters (a fault on a huge page may compact memory
+    first: the draft's copies, written after the prefill, keep small pages): on Linux, fresh anonymous memory advised onto transparent huge pages (madvise
     MADV_HUGEPAGE; granted where the system's THP setting is "madvise" or "always"), aligned to
     2 MiB. Over 4 KiB pages every page costs a TLB miss a step and stops the hardware prefetchers
     at its end (SmolLM2 at 1K context, Zen 4: a step 8.7 -> 7.2 ms; docs/benchmarks.md). Its zero
