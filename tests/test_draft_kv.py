@@ -278,7 +278,7 @@ def test_the_fused_sparse_layer_gives_the_three_calls_bits(lm, monkeypatch, kv_d
         view = SparseKV(m.cfg, budget=37, sinks=4, recent=8, scorer="dims:8")
         view.attach(main, 400)
         if not fused:
-            monkeypatch.setattr(view, "fused_choice", lambda li, S: None)
+            view.fuse = False  # the three calls: attn_in, sparse_select_dims, attention_rows
         with torch.inference_mode():  # as a draft pass runs (the native layer halves take no autograd)
             h = m(torch.tensor([[17]]), torch.tensor([[400]]), view)[0, -1]
         out[fused] = (h, view.reads, main.k[:, :, :, 400].clone(), main.v[:, :, :, 400].clone())

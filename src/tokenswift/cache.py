@@ -441,6 +441,7 @@ class SparseKV:
     for speed)."""
 
     ordered = False  # attention mixes positions per head: no sliding-window masks
+    fuse = True  # a draft pass may choose and attend in the layer's own call (`kernels.attn_block_sparse`)
     quantized = False
     sparse = True
     SCORERS = ("exact", "int8", "int4", "dims")
@@ -578,9 +579,9 @@ class SparseKV:
         s, r = min(self.sinks, S), min(self.recent, S)
         a, b = s, S - r  # the entries that compete for the budget
         native = attention_path(q.device, q.dtype, D) == "native"
-        if self.scorer == "dims" and native and b - a > self.budget and not self.hold:  # all in one call
-            j = self._index(li)
-            return kernels.sparse_select_dims(q, self.kq[j], self.ks[j, :, :, 0], a, b, S, self.budget, self.dims)
+        if native and (choice := self.native_choice(li, S)):  # all in one call
+            kt, ks, a, b, budget, dims = choice
+            return kernels.sparse_select_dims(q, kt, ks, a, b, S, budget, dims)
         every = torch.arange(S, device=q.device)
         kept = self.held.get(li)  # (hold > 0 only)
         if kept is not None and kept[0] <= S <= kept[0] + r + self.hold:
@@ -601,11 +602,11 @@ class SparseKV:
                     self.refreshes, self._chose_at = self.refreshes + 1, S
         return torch.cat((every[:s].expand(KH, -1), idx, every[b:S].expand(KH, -1)), dim=1)  # [KVH, s+B+r]
 
-    def fused_choice(self, li: int, S: int) -> tuple[torch.Tensor, torch.Tensor, int, int, int, int] | None:
-        """What `kernels.attn_block_sparse` needs to choose layer li's rows of [0, S) itself, as
-        `select` would natively: (copy [KVH, Dh, C] int8, scales [KVH, C], a, b, budget, dims);
-        None where `select` takes another road (another scorer, kept choices, a context within
-        the budget). Counts the rows it will read (`reads`)."""
+    def native_choice(self, li: int, S: int) -> tuple[torch.Tensor, torch.Tensor, int, int, int, int] | None:
+        """The arguments of the native choice of layer li's rows of [0, S) (`sparse_select_dims`,
+        alone in `select` or inside `kernels.attn_block_sparse`): (copy [KVH, Dh, C] int8, scales
+        [KVH, C], a, b, budget, dims); None where `select` takes another road (another scorer,
+        kept choices, a context within the budget). Counts the rows it will read (`reads`)."""
         if self.scorer != "dims" or self.hold:
             return None
         a, b = min(self.sinks, S), S - min(self.recent, S)

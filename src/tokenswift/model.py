@@ -755,7 +755,7 @@ class Decoder(nn.Module):
             kc, vc, lj, off = cache.slot(li) if cache is not None and not quant else (None, None, li, 0)
             # the sparse draft's one token, its choice of rows and its attention over them in one call
             fused = (native_layers and cache is not None and cache.sparse and T == 1 and B == 1 and not off
-                     and attn_probs is None and w not in window_starts and cache.fused_choice(li, S))
+                     and attn_probs is None and w not in window_starts and cache.fuse and cache.native_choice(li, S))
             if whole:
                 att = kernels.attn_block(x, L.attn_norm, cfg.rms_norm_eps, L.wqkv, L.bqkv, L.q_norm, L.k_norm, cos,
                                          sin, H, KH, scale, kc, vc, lj, n - off, block, bf16=bf16(kc))  # [B, T, H*Dh]

@@ -377,8 +377,7 @@ def zeros_huge(shape, dtype: torch.dtype, device="cpu") -> torch.Tensor:
     pages are faulted in by the first write, huge, so a long context's cache is touched as the
     text grows, not all at allocation. Elsewhere (another OS, a GPU, under 4 MiB) torch.zeros."""
     n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if (torch.device(device).type != "cpu" or n < 2 * HUGE_PAGE or platform.system() != "Linux"
-            or not hasattr(mmap, "MADV_HUGEPAGE")):
+    if not _huge_pages_fit(torch.device(device), n):
         return torch.zeros(shape, dtype=dtype, device=device)
     # private anonymous memory (a shared mapping would be shmem, whose huge pages are off by default):
     # zero-filled; the tensor's buffer keeps it mapped
@@ -396,10 +395,17 @@ def zeros_huge(shape, dtype: torch.dtype, device="cpu") -> torch.Tensor:
 
 def huge_copy(t: torch.Tensor) -> torch.Tensor:
     """t (a packed weight the C++ side allocated and filled) copied onto huge pages (`zeros_huge`);
-    t itself where that would not give any (under 4 MiB, not a CPU tensor, not Linux)."""
-    if t.device.type != "cpu" or t.numel() * t.element_size() < 2 * HUGE_PAGE or platform.system() != "Linux":
+    t itself where that would not give any."""
+    if not _huge_pages_fit(t.device, t.numel() * t.element_size()):
         return t
     return zeros_huge(t.shape, t.dtype).copy_(t)
+
+
+def _huge_pages_fit(device: torch.device, nbytes: int) -> bool:
+    """Whether `zeros_huge` can give n bytes on `device` huge pages: a CPU tensor of at least two
+    (one whole 2 MiB page inside, whatever the alignment), on Linux."""
+    return (device.type == "cpu" and nbytes >= 2 * HUGE_PAGE and platform.system() == "Linux"
+            and hasattr(mmap, "MADV_HUGEPAGE"))
 
 
 # ---------------------------------------------------------------------------------------------

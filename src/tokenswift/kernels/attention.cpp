@@ -875,6 +875,23 @@ inline void dims_block64_vnni(const int8_t* base, int64_t ld, const int64_t* dm,
 }
 #endif
 
+// The level's block of entries scored a call: 64 by VNNI on AVX-512, 32 by maddubs elsewhere.
+#if defined(__AVX512VNNI__)
+constexpr int64_t DIMS_BLK = 64;
+template <int GG>
+inline void dims_block(const int8_t* base, int64_t ld, const int64_t* dm, int64_t nq, const int32_t* qpat, int64_t j,
+                       int32_t (*out)[DIMS_BLK]) {
+  dims_block64_vnni<GG>(base, ld, dm, nq, qpat, j, out);
+}
+#else
+constexpr int64_t DIMS_BLK = 32;
+template <int GG>
+inline void dims_block(const int8_t* base, int64_t ld, const int64_t* dm, int64_t nq, const int32_t* qpat, int64_t j,
+                       int32_t (*out)[DIMS_BLK]) {
+  dims_block32<GG>(base, ld, dm, nq, qpat, j, out);
+}
+#endif
+
 // The sparse draft's rows for one query (q [1, 1, H, D], scaled) in one layer, scored against an
 // int8 copy of the keys kept dimension-major (kt [KH, D, >= S]: row d holds dim d of every entry;
 // ks [KH, >= S] the entries' row scales), as SparQ scores keys by the query's largest dimensions.
@@ -952,11 +969,7 @@ at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const a
   float* smp = sc + KH * G * M;
   std::vector<float> pmax(static_cast<size_t>(KH * spans * G)), psum(static_cast<size_t>(KH * spans * G));
   at::parallel_for(0, KH * spans, 1, [&](int64_t begin, int64_t end) {
-#if defined(__AVX512VNNI__)
-    constexpr int64_t BLK = 64;  // entries a block call scores
-#else
-    constexpr int64_t BLK = 32;
-#endif
+    constexpr int64_t BLK = DIMS_BLK;
     alignas(64) int32_t dot[8][BLK];
     for (int64_t it = begin; it < end; ++it) {
       const int64_t kh = it / spans, j0 = (it % spans) * SPAN, j1 = std::min(M, j0 + SPAN);
@@ -974,21 +987,12 @@ at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const a
         if ((BLK == 64 || ((a + j) & 63) == 0) && j + 1024 < j1)
           for (int64_t i = 0; i < dims; ++i) _mm_prefetch(reinterpret_cast<const char*>(base + dm[i] * kt_d + j + 1024), _MM_HINT_T0);
         for (int64_t g0 = 0; g0 < G; g0 += 4) {  // up to four rows a call: their accumulators stay in registers
-#if defined(__AVX512VNNI__)
           switch (std::min<int64_t>(4, G - g0)) {
-            case 1: dims_block64_vnni<1>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
-            case 2: dims_block64_vnni<2>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
-            case 3: dims_block64_vnni<3>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
-            default: dims_block64_vnni<4>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
+            case 1: dims_block<1>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
+            case 2: dims_block<2>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
+            case 3: dims_block<3>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
+            default: dims_block<4>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
           }
-#else
-          switch (std::min<int64_t>(4, G - g0)) {
-            case 1: dims_block32<1>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
-            case 2: dims_block32<2>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
-            case 3: dims_block32<3>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
-            default: dims_block32<4>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
-          }
-#endif
         }
         for (int64_t g = 0; g < G; ++g) {
           const __m256i off = _mm256_set1_epi32(corr[kh * G + g]);
