@@ -132,12 +132,15 @@ def test_matmuls_are_row_invariant_on_every_level_and_equal_across_levels(levels
         assert torch.equal(y, ref), f"{lv} differs from {next(iter(out))}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8],
+@pytest.mark.parametrize("dtype, D", [(torch.float32, 64), (torch.bfloat16, 64), (torch.float16, 64),
+                                      (torch.int8, 64), (torch.int8, 128), (torch.int8, 32)],
                          ids=lambda d: str(d).removeprefix("torch."))
-def test_attention_gives_the_same_bits_on_every_level(levels, dtype):
+def test_attention_gives_the_same_bits_on_every_level(levels, dtype, D):
+    """int8 K/V: AVX-512 scores 16 keys a block, keys in lanes (vpdpbusd), where D % 64 == 0;
+    AVX2 pairs rows and keys (maddubs) and sums across lanes: the same integers."""
     (l0, o0), *rest = _two(levels)
     g = torch.Generator().manual_seed(1)
-    B, T, H, KH, S, D = 1, 9, 8, 2, 700, 64
+    B, T, H, KH, S = 1, 9, 8, 2, 700
     q = torch.randn(B, T, H, D, generator=g) * 0.3
     k = torch.randn(B, KH, S, D, generator=g)
     v = torch.randn(B, KH, S, D, generator=g)

@@ -66,7 +66,7 @@ inline void pv_tile(const float* const* p, const E* const* vp, int j0, int j1, i
 }
 
 template <int RR, typename E>
-inline void pv_rows(const float* const* p, const E* const* vp, int j0, int j1, int NV, float* const* o) {
+inline void pv_rows8(const float* const* p, const E* const* vp, int j0, int j1, int NV, float* const* o) {
   for (int d0 = 0; d0 < NV; d0 += 4) {
     switch (std::min(4, NV - d0)) {
       case 1: pv_tile<RR, 1, E>(p, vp, j0, j1, d0, o); break;
@@ -75,6 +75,48 @@ inline void pv_rows(const float* const* p, const E* const* vp, int j0, int j1, i
       default: pv_tile<RR, 4, E>(p, vp, j0, j1, d0, o); break;
     }
   }
+}
+
+#if defined(__AVX512F__)
+// pv_tile sixteen elements a vector (d0 and NB in blocks of 16): each output element the same
+// FMA chain in key order, so the same bits with half the instructions and widenings.
+template <int RR, int NB, typename E>
+inline void pv_tile16(const float* const* p, const E* const* vp, int j0, int j1, int d0, float* const* o) {
+  __m512 acc[RR][NB];
+  for (int r = 0; r < RR; ++r)
+    for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_loadu_ps(o[r] + (d0 + b) * 16);
+  for (int j = j0; j < j1; ++j) {
+    __m512 pj[RR];
+    for (int r = 0; r < RR; ++r) pj[r] = _mm512_set1_ps(p[r][j]);
+    const E* v = vp[j] + d0 * 16;
+    for (int b = 0; b < NB; ++b) {
+      const __m512 vv = load16(v + b * 16);
+      for (int r = 0; r < RR; ++r) acc[r][b] = _mm512_fmadd_ps(pj[r], vv, acc[r][b]);
+    }
+  }
+  for (int r = 0; r < RR; ++r)
+    for (int b = 0; b < NB; ++b) _mm512_storeu_ps(o[r] + (d0 + b) * 16, acc[r][b]);
+}
+#endif
+
+// rows' o over D = 8 NV elements: 16 a vector where the build and D allow, else 8
+template <int RR, typename E>
+inline void pv_rows(const float* const* p, const E* const* vp, int j0, int j1, int NV, float* const* o) {
+#if defined(__AVX512F__)
+  if (NV % 2 == 0) {
+    const int N16 = NV / 2;
+    for (int d0 = 0; d0 < N16; d0 += 4) {
+      switch (std::min(4, N16 - d0)) {
+        case 1: pv_tile16<RR, 1, E>(p, vp, j0, j1, d0, o); break;
+        case 2: pv_tile16<RR, 2, E>(p, vp, j0, j1, d0, o); break;
+        case 3: pv_tile16<RR, 3, E>(p, vp, j0, j1, d0, o); break;
+        default: pv_tile16<RR, 4, E>(p, vp, j0, j1, d0, o); break;
+      }
+    }
+    return;
+  }
+#endif
+  pv_rows8<RR, E>(p, vp, j0, j1, NV, o);
 }
 
 // One row against four keys: the same chains and the same tree as scores_2x4, half the work.
@@ -150,6 +192,73 @@ inline void scores_i8(const int8_t* const* q, const int8_t* const* kj, int D, fl
     if (r + 1 < RR) _mm_storeu_ps(s[r + 1], _mm256_extractf128_ps(f, 1));
   }
 }
+
+#if defined(__AVX512VNNI__)
+// The same integers with 16 keys in the 16 lanes (D % 64 == 0): the keys' 64-byte blocks
+// transposed once into 16 vectors of their 4-byte groups, shared by every query row, then one
+// vpdpbusd a row and group (the group's 4 query bytes broadcast): no horizontal sums, whose cost
+// grew with the rows. The keys enter as unsigned (k + 128); the offset is taken back exactly with
+// 128 times the row's byte sum. A row's 16 scores are exact integers, as scores_i8's.
+struct KeysX16 {
+  alignas(64) int32_t g[16][16];  // g[t][i]: key i's bytes 4t .. 4t+3 of the block, offset to unsigned
+  // kj[0..16): key rows; bytes [d0, d0 + 64) of each
+  void load(const int8_t* const* kj, int d0) {
+    __m512i r[16], a[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(kj[i] + d0);
+    for (int i = 0; i < 16; i += 2) {
+      a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+      a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    // b[4i + c], 128-bit lane L: keys 4i .. 4i+3, group 4L + c
+    for (int i = 0; i < 16; i += 4) {
+      r[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
+      r[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
+      r[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
+      r[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
+    }
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int c = 0; c < 4; ++c) {
+      const __m512i x = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), y = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+      const __m512i z = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44),
+                    w = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+      _mm512_store_si512(g[c], _mm512_xor_si512(_mm512_shuffle_i32x4(x, z, 0x88), flip));
+      _mm512_store_si512(g[4 + c], _mm512_xor_si512(_mm512_shuffle_i32x4(x, z, 0xDD), flip));
+      _mm512_store_si512(g[8 + c], _mm512_xor_si512(_mm512_shuffle_i32x4(y, w, 0x88), flip));
+      _mm512_store_si512(g[12 + c], _mm512_xor_si512(_mm512_shuffle_i32x4(y, w, 0xDD), flip));
+    }
+  }
+};
+
+// 128 times the sum of a query row's D bytes (D % 64 == 0): what the keys' offset adds to a score
+inline int32_t offset_i8(const int8_t* q, int D) {
+  __m512i acc = _mm512_setzero_si512();
+  for (int d = 0; d < D; d += 64)
+    acc = _mm512_dpbusd_epi32(acc, _mm512_set1_epi8(1), _mm512_loadu_si512(q + d));
+  return 128 * _mm512_reduce_add_epi32(acc);
+}
+
+// R query rows (R <= 12) against keys kj[0..16) -> s[r][0..n) (n <= 16) as float sums (unscaled)
+inline void scores_i8_x16(int R, const int8_t* const* q, const int32_t* off, const int8_t* const* kj, int D, int n,
+                          float* const* s) {
+  KeysX16 kt;
+  __m512i acc[12];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+  for (int d0 = 0; d0 < D; d0 += 64) {
+    kt.load(kj, d0);
+    for (int t = 0; t < 16; ++t) {
+      const __m512i k = _mm512_load_si512(kt.g[t]);
+      for (int r = 0; r < R; ++r) {
+        int32_t qg;
+        std::memcpy(&qg, q[r] + d0 + 4 * t, 4);
+        acc[r] = _mm512_dpbusd_epi32(acc[r], k, _mm512_set1_epi32(qg));
+      }
+    }
+  }
+  const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+  for (int r = 0; r < R; ++r)
+    _mm512_mask_storeu_ps(s[r], m, _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], _mm512_set1_epi32(off[r]))));
+}
+#endif
 
 // ---- bfloat16 attention (`bf16`: the model with "bf16 attention", bfloat16 K/V) --------------
 // Each query row is rounded to bfloat16 once and each probability before it weights its value
@@ -338,9 +447,27 @@ void chunk_partial(int R, const float* const* qp, int nk, const E* const* kp, co
                    const uint16_t* const* qb = nullptr) {
   const int NV = D / 8;
   const int nkp = (nk + 7) & ~7;
+  bool scored = false;
+#if defined(__AVX512VNNI__)
+  if constexpr (std::is_same_v<E, int8_t>) {
+    if (q8 && D % 64 == 0 && R <= 12) {  // 16 keys a block, all rows (the last block repeats its last key)
+      int32_t off[12];
+      float* sr[12];
+      for (int r = 0; r < R; ++r) off[r] = offset_i8(q8[r], D);
+      for (int j0 = 0; j0 < nkp; j0 += 16) {
+        const E* kj[16];
+        for (int j = 0; j < 16; ++j) kj[j] = kp[std::min(j0 + j, nk - 1)];
+        for (int j = j0 + PF; j < std::min(j0 + PF + 16, nk); ++j) prefetch_row(kp[j], D);
+        for (int r = 0; r < R; ++r) sr[r] = s + r * nkp + j0;
+        scores_i8_x16(R, q8, off, kj, D, std::min(16, nkp - j0), sr);
+      }
+      scored = true;
+    }
+  }
+#endif
   // scores, four keys by two rows at a time (an odd last row alone; the last group repeats its
   // last key, and those slots are discarded)
-  for (int j0 = 0; j0 < nkp; j0 += 4) {
+  for (int j0 = 0; j0 < (scored ? 0 : nkp); j0 += 4) {
     const E* kj[4];
     for (int j = 0; j < 4; ++j) kj[j] = kp[std::min(j0 + j, nk - 1)];
     if ((j0 & 7) == 0)
@@ -392,7 +519,17 @@ void chunk_partial(int R, const float* const* qp, int nk, const E* const* kp, co
     m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
     const float m = _mm_cvtss_f32(m4);
     __m256 mv = _mm256_set1_ps(m), lv = _mm256_setzero_ps();
-    for (int j = 0; j < nkp; j += 8) {
+    int j = 0;
+#if defined(__AVX512F__)
+    // 16 at a time, the two halves added in key order: the same exps and the same sum as 8 at a time
+    for (const __m512 mw = _mm512_set1_ps(m); j + 16 <= nkp; j += 16) {
+      const __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mw));
+      _mm512_storeu_ps(sr + j, p);
+      lv = _mm256_add_ps(lv, _mm512_castps512_ps256(p));
+      lv = _mm256_add_ps(lv, _mm512_extractf32x8_ps(p, 1));
+    }
+#endif
+    for (; j < nkp; j += 8) {
       __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv));
       _mm256_storeu_ps(sr + j, p);
       lv = _mm256_add_ps(lv, p);
