@@ -162,6 +162,72 @@ def test_same_as_ar_is_judged_per_length_and_the_first_difference_is_kept(tiny, 
     assert res["runs"]["tokenswift"]["first_difference"] is None
 
 
+def test_rounds_run_the_methods_round_robin_and_take_medians_of_same_round_ratios(tiny, monkeypatch):
+    """A drifting machine slows whole stretches of time: with rounds the methods alternate, and a
+    speedup is the median of each round's ratio to the same round's ar, not a ratio of two runs
+    taken minutes apart."""
+    import tokenswift.bench as bench
+
+    real = bench.run_ours
+    calls = []
+    # the machine's speed per call: round 0 fast, round 1 three times slower, round 2 fast
+    slow = {0: 1.0, 1: 1.0, 2: 3.0, 3: 3.0, 4: 1.0, 5: 1.0}
+    cost = {"ar": 2.0, "ngram": 1.0}  # ngram: half ar's decode time in every round
+
+    def timed(lm, prompt, lengths, name, *a):
+        recs, tokens, stats = real(lm, prompt, lengths, name, *a)
+        k = slow[len(calls)]
+        calls.append(name)
+        for r in recs:
+            r["prefill_seconds"], r["decode_seconds"] = 0.5 * k, cost[name] * k * r["length"] / 10
+            r["wall_seconds"] = r["prefill_seconds"] + r["decode_seconds"]
+            r["decode_tokens_per_s"] = r["length"] / r["decode_seconds"]
+        return recs, tokens, stats
+
+    monkeypatch.setattr(bench, "run_ours", timed)
+    seen = []
+    res = run_bench(tiny, [1, 2, 3], [5, 10], ["ngram", "ar"], rounds=3, on_method=seen.append)
+    assert calls == ["ar", "ngram"] * 3
+    assert res["rounds"] == 3 and len(seen) == 5 and all(p["partial"] for p in seen)
+    recs = {(r["method"], r["length"]): r for r in res["records"]}
+    assert len(recs) == 4
+    ng, ar = recs[("ngram", 10)], recs[("ar", 10)]
+    assert ng["decode_speedup_rounds"] == [2.0, 2.0, 2.0] and ng["decode_speedup"] == 2.0
+    assert ar["decode_speedup"] == 1.0 and ng["rounds"] == 3
+    assert ng["decode_seconds_rounds"] == [1.0, 3.0, 1.0] and ng["decode_seconds"] == 1.0  # the median
+    assert ng["decode_tokens_per_s"] == 10.0 and ng["decode_tokens_per_s_rounds"] == [10.0, 10 / 3, 10.0]
+    assert all(r["same_as_ar"] for r in recs.values())
+    assert res["runs"]["ngram"]["rounds"] == 3 and res["runs"]["ngram"]["same_as_ar"] is True
+
+
+def test_a_difference_in_any_round_is_kept(tiny, monkeypatch):
+    import tokenswift.bench as bench
+
+    real = bench.run_ours
+    n = {"ngram": 0}
+
+    def second_round_off(lm, prompt, lengths, name, *a):
+        recs, tokens, stats = real(lm, prompt, lengths, name, *a)
+        if name == "ngram":
+            n["ngram"] += 1
+            if n["ngram"] == 2:
+                tokens = list(tokens)
+                tokens[7] = (tokens[7] + 1) % 96
+        return recs, tokens, stats
+
+    monkeypatch.setattr(bench, "run_ours", second_round_off)
+    res = run_bench(tiny, [1, 2, 3], [4, 10], ["ar", "ngram"], rounds=3)
+    same = {(r["method"], r["length"]): r["same_as_ar"] for r in res["records"]}
+    assert same[("ngram", 4)] is True and same[("ngram", 10)] is False
+    assert res["runs"]["ngram"]["first_difference"] == 7 and res["runs"]["ngram"]["same_as_ar"] is False
+
+
+@pytest.mark.parametrize("rounds", [0, -1, 1.5, True])
+def test_rounds_must_be_a_positive_integer(tiny, rounds):
+    with pytest.raises(ValueError, match=f"rounds must be an integer >= 1, got {rounds!r}"):
+        run_bench(tiny, [1, 2, 3], [4], ["ar"], rounds=rounds)
+
+
 def test_transformers_runs_our_sampler(tiny):
     """The hf methods get one logits processor = our penalty + filters, so transformers samples
     the same distribution; and the hf run itself yields checkpoint records."""
@@ -187,6 +253,8 @@ def test_transformers_runs_our_sampler(tiny):
     (["bench", "--prompt-file", "/nonexistent/x.txt"], "prompt file /nonexistent/x.txt: No such file"),
     (["bench", "--contexts", "4k"], "--contexts must be comma-separated integers, got '4k'"),
     (["bench", "--kv-dtype", "int8"], "argument --kv-dtype: invalid choice: 'int8'"),
+    (["bench", "--rounds", "0"], "--rounds must be >= 1, got 0"),
+    (["bench", "--rounds", "two"], "--rounds must be an integer, got 'two'"),
 ])
 def test_bench_cli_errors_are_one_line(argv, msg, capsys):
     assert main(argv) == 2
@@ -247,6 +315,21 @@ def test_bench_cli_writes_json_csv_png(tmp_path, capsys):
     assert (out / "t.csv").exists() and (out / "t.png").exists()
 
 
+def test_bench_cli_rounds(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("The history of the hacker culture, told in many small pieces. " * 20)
+    out = tmp_path / "out"
+    rc = main(["bench", "--prompt-file", str(text), "--prefix", "32", "--lengths", "8", "--methods", "ar,ngram",
+               "--rounds", "2", "--out", str(out), "--name", "t"])
+    assert rc == 0
+    assert "the median of 2 rounds" in capsys.readouterr().out
+    res = json.loads((out / "t.json").read_text())
+    assert res["rounds"] == 2 and all(r["rounds"] == 2 and r["same_as_ar"] for r in res["records"])
+    assert all(len(r["decode_speedup_rounds"]) == 2 for r in res["records"])
+    with open(out / "t.csv") as f:
+        assert [r["rounds"] for r in csv.DictReader(f)] == ["2", "2"]
+
+
 def test_context_sweep_runs_each_context_side_by_side(tiny, tmp_path):
     from tokenswift.bench import run_sweep, sweep_table, write_sweep_png
 
@@ -269,6 +352,16 @@ def test_context_sweep_runs_each_context_side_by_side(tiny, tmp_path):
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match=r"contexts must lie in \[1, 96\]"):
         run_sweep(tiny, prompt, [200], [8], ["ar"])
+
+
+def test_a_sweep_runs_its_rounds_at_each_context(tiny):
+    from tokenswift.bench import run_sweep, sweep_table
+
+    prompt = list(range(1, 65))
+    res = run_sweep(tiny, prompt, [32, 64], [6], ["ar", "tokenswift"], rounds=2)
+    assert res["rounds"] == 2 and len(res["records"]) == 4
+    assert all(r["rounds"] == 2 and len(r["decode_speedup_rounds"]) == 2 and r["same_as_ar"] for r in res["records"])
+    assert len(sweep_table(res).splitlines()) == 2 + 4
 
 
 def test_the_sweep_prefills_each_context_once(tiny, monkeypatch):

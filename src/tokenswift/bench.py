@@ -24,6 +24,7 @@ import importlib.util
 import json
 import logging
 import os
+import statistics
 import sys
 import time
 import zlib
@@ -279,72 +280,132 @@ def available(name: str) -> str | None:
 def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Sequence[str],
               sampling: dict[str, Any] | None = None,
               progress: Callable[[str, int, int], None] | None = None,
-              on_method: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+              on_method: Callable[[dict[str, Any]], None] | None = None, rounds: int = 1) -> dict[str, Any]:
     """Runs every method on `prompt` for max(lengths) new tokens; returns a JSON-ready result.
     `on_method` gets the result so far after each method (`"partial": True` until the last), so
-    a long bench that is stopped keeps the methods it finished."""
+    a long bench that is stopped keeps the methods it finished.
+
+    With `rounds` > 1 the methods run that many times round-robin (ar, m1, m2, ar, m1, m2, ...),
+    so that a machine whose speed drifts (a shared VM: ±10% within minutes) slows every method
+    alike. A record then holds the median of its rounds' times (`rounds`, and each round's decode
+    speed in `decode_tokens_per_s_rounds`), and its speedups are the median of each round's ratio
+    to the same round's `ar` (`decode_speedup_rounds`). Every round's tokens are compared with the
+    first `ar` run's."""
     lengths = sorted({int(L) for L in lengths})
     if not lengths or lengths[0] < 1:
         raise ValueError(f"lengths must be positive integers, got {list(lengths)}")
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method {bad[0]!r}; available: {', '.join(METHODS)}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
     sampling = dict(PAPER_SAMPLING if sampling is None else sampling)
-    records: list[dict[str, Any]] = []
+    per_round: dict[str, list[list[dict[str, Any]]]] = {}  # method -> each round's records
     runs: dict[str, Any] = {}
     ref: list[int] | None = None
     order = sorted(methods, key=lambda m: m != "ar")  # ar first: the others are compared to it
-    for name in order:
-        why = available(name)
-        if why is not None:
-            runs[name] = {"skipped": why}
-            log.warning("bench: skipping %s: %s", name, why)
-            continue
-        runner = run_ours if name in OURS else (run_llamacpp if name == "llamacpp" else run_hf)
-        try:
-            recs, tokens, stats = runner(lm, prompt, lengths, name, sampling, progress)
-        except Exception as e:  # another project's API: its failure must not lose the other runs
-            if name in OURS:
-                raise
-            runs[name] = {"skipped": f"{type(e).__name__}: {e}"}
-            log.warning("bench: %s failed: %s: %s", name, type(e).__name__, e)
-            continue
-        if name == "ar":
-            ref = tokens
-        compared = ref is not None and name in OURS  # other engines draw their own random numbers
-        first = first_difference(tokens, ref) if compared else None
-        where = lm.model.kernels if name in OURS else {"llamacpp": "llama.cpp"}.get(name, "transformers")
-        if name in OURS and lm.model.bf16_attention:
-            where += ", bf16 attention"
-        for r in recs:  # per length: a late difference leaves the shorter lengths equal
-            r["same_as_ar"] = (first is None or first >= r["length"]) if compared else None
-            r["kernels"] = where
-        records.extend(recs)
-        run = {"new_tokens": len(tokens), "same_as_ar": (first is None) if compared else None,
-               "first_difference": first}
-        if stats:
-            run["stats"] = {k: v for k, v in stats.items() if k != "auto"}
-            if "auto" in stats:
-                run["auto"] = stats["auto"]
-        runs[name] = run
-        if on_method is not None and name != order[-1]:
-            on_method(_result(records, runs, lengths, order, prompt, sampling, partial=True))
-    return _result(records, runs, lengths, order, prompt, sampling, partial=False)
+    last = (rounds - 1, order[-1])
+
+    def merged() -> list[dict[str, Any]]:
+        return [r for name in order if name in per_round for r in _median_records(per_round[name])]
+
+    for rnd in range(rounds):
+        for name in order:
+            if "skipped" in runs.get(name, {}):
+                continue
+            why = available(name)
+            if why is not None:
+                runs[name] = {"skipped": why}
+                log.warning("bench: skipping %s: %s", name, why)
+                continue
+            runner = run_ours if name in OURS else (run_llamacpp if name == "llamacpp" else run_hf)
+            try:
+                recs, tokens, stats = runner(lm, prompt, lengths, name, sampling, progress)
+            except Exception as e:  # another project's API: its failure must not lose the other runs
+                if name in OURS:
+                    raise
+                runs[name] = {"skipped": f"{type(e).__name__}: {e}"}
+                per_round.pop(name, None)
+                log.warning("bench: %s failed: %s: %s", name, type(e).__name__, e)
+                continue
+            if name == "ar" and ref is None:
+                ref = tokens
+            compared = ref is not None and name in OURS  # other engines draw their own random numbers
+            first = first_difference(tokens, ref) if compared else None
+            where = lm.model.kernels if name in OURS else {"llamacpp": "llama.cpp"}.get(name, "transformers")
+            if name in OURS and lm.model.bf16_attention:
+                where += ", bf16 attention"
+            for r in recs:  # per length: a late difference leaves the shorter lengths equal
+                r["same_as_ar"] = (first is None or first >= r["length"]) if compared else None
+                r["kernels"] = where
+            per_round.setdefault(name, []).append(recs)
+            before = runs.get(name, {}).get("first_difference")
+            if before is not None:  # the earliest difference of any round
+                first = before if first is None else min(first, before)
+            run = {"new_tokens": len(tokens), "same_as_ar": (first is None) if compared else None,
+                   "first_difference": first}
+            if rounds > 1:
+                run["rounds"] = rnd + 1
+            if stats:  # the last round's
+                run["stats"] = {k: v for k, v in stats.items() if k != "auto"}
+                if "auto" in stats:
+                    run["auto"] = stats["auto"]
+            runs[name] = run
+            if on_method is not None and (rnd, name) != last:
+                on_method(_result(merged(), runs, lengths, order, prompt, sampling, partial=True, rounds=rounds))
+    return _result(merged(), runs, lengths, order, prompt, sampling, partial=False, rounds=rounds)
+
+
+_TIMES = ("wall_seconds", "prefill_seconds", "decode_seconds")
+
+
+def _median_records(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One method's records of one or more rounds -> one record per length: the first round's,
+    with the times the median of the rounds' (speeds from those), the peak memory their largest,
+    `same_as_ar` true only where every round's was, and each round's times kept for the speedups."""
+    if len(rounds) == 1:
+        return rounds[0]
+    out = []
+    for rs in zip(*rounds):
+        r = dict(rs[0])
+        for k in _TIMES:
+            r[k] = statistics.median(x[k] for x in rs)
+            r[f"{k}_rounds"] = [x[k] for x in rs]
+        r["tokens_per_s"] = r["length"] / r["wall_seconds"]
+        r["decode_tokens_per_s"] = r["length"] / r["decode_seconds"]
+        r["decode_tokens_per_s_rounds"] = [x["decode_tokens_per_s"] for x in rs]
+        r["peak_memory_mib"] = max(x["peak_memory_mib"] for x in rs)
+        same = [x["same_as_ar"] for x in rs]
+        r["same_as_ar"] = None if None in same else all(same)
+        r["rounds"] = len(rs)
+        out.append(r)
+    return out
 
 
 def _result(records: list[dict[str, Any]], runs: dict[str, Any], lengths: list[int], order: Sequence[str],
-            prompt: list[int], sampling: dict[str, Any], partial: bool) -> dict[str, Any]:
-    """The JSON-ready result of the runs so far, each record compared with `ar`'s."""
+            prompt: list[int], sampling: dict[str, Any], partial: bool, rounds: int = 1) -> dict[str, Any]:
+    """The JSON-ready result of the runs so far, each record compared with `ar`'s (round by
+    round where there are rounds: the median of the rounds' ratios)."""
     ar = {r["length"]: r for r in records if r["method"] == "ar"}
     for r in records:
         base = ar.get(r["length"])
-        r["speedup"] = base["wall_seconds"] / r["wall_seconds"] if base else None
-        r["decode_speedup"] = base["decode_seconds"] / r["decode_seconds"] if base else None
+        r["speedup"] = r["decode_speedup"] = None
+        if base and "wall_seconds_rounds" in r and "wall_seconds_rounds" in base:
+            n = min(len(r["wall_seconds_rounds"]), len(base["wall_seconds_rounds"]))  # a partial result's rounds
+            pairs = range(n)
+            r["speedup"] = statistics.median(base["wall_seconds_rounds"][i] / r["wall_seconds_rounds"][i] for i in pairs)
+            r["decode_speedup_rounds"] = [base["decode_seconds_rounds"][i] / r["decode_seconds_rounds"][i] for i in pairs]
+            r["decode_speedup"] = statistics.median(r["decode_speedup_rounds"])
+        elif base:
+            r["speedup"] = base["wall_seconds"] / r["wall_seconds"]
+            r["decode_speedup"] = base["decode_seconds"] / r["decode_seconds"]
         if base:
             for n in (1, 2, 3, 4):
                 r[f"distinct_{n}_vs_ar"] = r[f"distinct_{n}"] - base[f"distinct_{n}"]
     out = {"records": list(records), "runs": dict(runs), "lengths": lengths, "methods": list(order),
            "prompt_tokens": len(prompt), "sampling": sampling}
+    if rounds > 1:
+        out["rounds"] = rounds
     if partial:
         out["partial"] = True
     return out
@@ -396,7 +457,7 @@ def run_sweep(lm: Any, prompt: list[int], contexts: Sequence[int], lengths: Sequ
               sampling: dict[str, Any] | None = None,
               progress: Callable[[str, int, int], None] | None = None,
               on_context: Callable[[dict[str, Any]], None] | None = None,
-              kv_dir: Path | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+              kv_dir: Path | None = None, options: dict[str, Any] | None = None, rounds: int = 1) -> dict[str, Any]:
     """The context sweep: for each context C, the first C tokens of `prompt` as the prompt, then
     every method side by side as in `run_bench` (same seed, compared with `ar` at that context).
     Records carry `context`; `on_context` gets the result so far after each context.
@@ -405,7 +466,8 @@ def run_sweep(lm: Any, prompt: list[int], contexts: Sequence[int], lengths: Sequ
     (`Decoder.prefill_memo`: the same computation, so the same bits): at 100K a prefill is most
     of an hour here. So a method's `prefill_seconds` after the first is a copy's; the sweep's
     figures are decode speeds. With `kv_dir`, each context's prefill is read from there or saved
-    there (`prefill_rows`; `options`: its numerics), for later sweeps."""
+    there (`prefill_rows`; `options`: its numerics), for later sweeps. `rounds`: as `run_bench`'s,
+    at each context."""
     contexts = sorted({int(c) for c in contexts})
     if not contexts or contexts[0] < 1 or contexts[-1] > len(prompt):
         raise ValueError(f"contexts must lie in [1, {len(prompt)}] (the prompt's tokens), got {contexts}")
@@ -413,7 +475,7 @@ def run_sweep(lm: Any, prompt: list[int], contexts: Sequence[int], lengths: Sequ
     if model is not None:
         model.prefill_memo = {}
     try:
-        return _sweep(lm, prompt, contexts, lengths, methods, sampling, progress, on_context, kv_dir, options)
+        return _sweep(lm, prompt, contexts, lengths, methods, sampling, progress, on_context, kv_dir, options, rounds)
     finally:
         if model is not None:
             model.prefill_memo = None
@@ -422,7 +484,7 @@ def run_sweep(lm: Any, prompt: list[int], contexts: Sequence[int], lengths: Sequ
 def _sweep(lm: Any, prompt: list[int], contexts: list[int], lengths: Sequence[int], methods: Sequence[str],
            sampling: dict[str, Any] | None, progress: Callable[[str, int, int], None] | None,
            on_context: Callable[[dict[str, Any]], None] | None, kv_dir: Path | None = None,
-           options: dict[str, Any] | None = None) -> dict[str, Any]:
+           options: dict[str, Any] | None = None, rounds: int = 1) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     runs: dict[str, Any] = {}
     prefills: dict[str, Any] = {}
@@ -432,7 +494,7 @@ def _sweep(lm: Any, prompt: list[int], contexts: list[int], lengths: Sequence[in
         if kv_dir is not None and getattr(lm, "model", None) is not None:
             prefills[str(C)] = prefill_rows(lm, prompt[:C], C + max(lengths), kv_dir, options or {})
             log.info("context %d: %d of its rows read from %s", C, prefills[str(C)]["rows_read"], kv_dir)
-        res = run_bench(lm, prompt[:C], lengths, methods, sampling, progress=step)
+        res = run_bench(lm, prompt[:C], lengths, methods, sampling, progress=step, rounds=rounds)
         for r in res["records"]:
             r["context"] = C
         records.extend(res["records"])
@@ -440,6 +502,8 @@ def _sweep(lm: Any, prompt: list[int], contexts: list[int], lengths: Sequence[in
         out = {"sweep": True, "contexts": [c for c in contexts if c <= C], "records": list(records),
                "runs": dict(runs), "lengths": res["lengths"], "methods": res["methods"], "sampling": res["sampling"],
                "prompt_tokens": C}
+        if rounds > 1:
+            out["rounds"] = rounds
         if prefills:
             out["prefills"] = dict(prefills)
         if C != contexts[-1]:
@@ -506,7 +570,7 @@ def _finish(fig: Any, axes: Any, xlabel: str, title: str, path: str | Path) -> N
 CSV_FIELDS = ("context", "method", "length", "wall_seconds", "prefill_seconds", "decode_seconds", "tokens_per_s",
               "decode_tokens_per_s", "speedup", "decode_speedup", "acceptance_rate", "tokens_per_iteration",
               "ngram_share", "depth_acceptance", "distinct_1", "distinct_2", "distinct_3", "distinct_4",
-              "peak_memory_mib", "same_as_ar")
+              "peak_memory_mib", "same_as_ar", "rounds", "decode_speedup_rounds")
 
 
 def write_csv(result: dict[str, Any], path: str | Path) -> None:

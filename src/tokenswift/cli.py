@@ -239,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", default=",".join(_bench_defaults()),
                    help="comma-separated, from: " + ", ".join(_bench_methods()) + f" (default {','.join(_bench_defaults())})")
     b.add_argument("--seed", type=_int("--seed"), default=0, help="sampling seed (default 0)")
+    b.add_argument("--rounds", type=_int("--rounds"), default=1, metavar="N",
+                   help="run the methods N times round-robin (ar, m1, ..., ar, m1, ...) and report medians, each "
+                        "speedup the median of the rounds' ratios to the same round's ar: for a machine whose speed "
+                        "drifts, such as a shared VM (default 1)")
     b.add_argument("--greedy", action="store_true", help="greedy instead of the paper's sampler (not for speed claims)")
     b.add_argument("--rope-scaling", default=None, metavar="KIND:FACTOR",
                    help="extend the context, e.g. yarn:4 for 32K on SmolLM2 (default: auto when needed)")
@@ -791,6 +795,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CliError(f"--{e}") from None
     if args.prefix < 1:
         raise CliError(f"--prefix must be >= 1, got {args.prefix}")
+    if args.rounds < 1:
+        raise CliError(f"--rounds must be >= 1, got {args.rounds}")
     if args.prefill_kv is not None and not contexts:
         raise CliError(f"--prefill-kv {args.prefill_kv} needs --contexts (it keeps a sweep's prefills)")
     if args.prefill_kv is not None and args.prefill_kv.exists() and not args.prefill_kv.is_dir():
@@ -818,9 +824,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if contexts:
             result = run_sweep(setup.lm, setup.prompt, contexts, lengths, methods, setup.sampling, progress=bars,
                                on_context=save, kv_dir=args.prefill_kv,
-                               options=numerics(setup.lm, setup.rope_scaling))
+                               options=numerics(setup.lm, setup.rope_scaling), rounds=args.rounds)
         else:
-            result = run_bench(setup.lm, setup.prompt, lengths, methods, setup.sampling, progress=bars, on_method=save)
+            result = run_bench(setup.lm, setup.prompt, lengths, methods, setup.sampling, progress=bars, on_method=save,
+                               rounds=args.rounds)
     finally:
         bars.close()
     save(result)
@@ -842,6 +849,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         paths.pop("png")
         sys.stderr.write("tokenswift: matplotlib is not installed; no PNG (pip install 'tokenswift[bench]')\n")
     print(sweep_table(result) if contexts else table(result))
+    if args.rounds > 1:
+        print(f"each figure: the median of {args.rounds} rounds, the methods run round-robin; each speedup: the "
+              "median of the rounds' ratios to the same round's ar")
     for name, why in skipped.items():
         print(f"{name}: skipped ({why})")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
