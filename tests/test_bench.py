@@ -189,6 +189,10 @@ def test_rounds_run_the_methods_round_robin_and_take_medians_of_same_round_ratio
     res = run_bench(tiny, [1, 2, 3], [5, 10], ["ngram", "ar"], rounds=3, on_method=seen.append)
     assert calls == ["ar", "ngram"] * 3
     assert res["rounds"] == 3 and len(seen) == 5 and all(p["partial"] for p in seen)
+    # saved after round 1's ar: ngram has one round, paired with ar's round 0 only (not with the
+    # median of ar's two rounds, one of them slow)
+    early = {r["method"]: r for r in seen[2]["records"] if r["length"] == 10}
+    assert early["ngram"]["decode_speedup_rounds"] == [2.0] and early["ngram"]["decode_speedup"] == 2.0
     recs = {(r["method"], r["length"]): r for r in res["records"]}
     assert len(recs) == 4
     ng, ar = recs[("ngram", 10)], recs[("ar", 10)]
@@ -362,6 +366,8 @@ def test_a_sweep_runs_its_rounds_at_each_context(tiny):
     assert res["rounds"] == 2 and len(res["records"]) == 4
     assert all(r["rounds"] == 2 and len(r["decode_speedup_rounds"]) == 2 and r["same_as_ar"] for r in res["records"])
     assert len(sweep_table(res).splitlines()) == 2 + 4
+    with pytest.raises(ValueError, match="rounds must be an integer >= 1, got 0"):  # before any prefill
+        run_sweep(tiny, prompt, [32], [6], ["ar"], rounds=0)
 
 
 def test_the_sweep_prefills_each_context_once(tiny, monkeypatch):

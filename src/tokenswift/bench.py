@@ -289,8 +289,9 @@ def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Seque
     so that a machine whose speed drifts (a shared VM: ±10% within minutes) slows every method
     alike. A record then holds the median of its rounds' times (`rounds`, and each round's decode
     speed in `decode_tokens_per_s_rounds`), and its speedups are the median of each round's ratio
-    to the same round's `ar` (`decode_speedup_rounds`). Every round's tokens are compared with the
-    first `ar` run's."""
+    to the same round's `ar` (`decode_speedup_rounds`; a partial result pairs the rounds both
+    have). Every round's tokens are compared with the first `ar` run's. An external method that
+    fails in any round is reported as skipped, with the reason, and none of its rounds kept."""
     lengths = sorted({int(L) for L in lengths})
     if not lengths or lengths[0] < 1:
         raise ValueError(f"lengths must be positive integers, got {list(lengths)}")
@@ -307,7 +308,7 @@ def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Seque
     last = (rounds - 1, order[-1])
 
     def merged() -> list[dict[str, Any]]:
-        return [r for name in order if name in per_round for r in _median_records(per_round[name])]
+        return [r for name in order if name in per_round for r in _median_records(per_round[name], rounds > 1)]
 
     for rnd in range(rounds):
         for name in order:
@@ -359,11 +360,13 @@ def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Seque
 _TIMES = ("wall_seconds", "prefill_seconds", "decode_seconds")
 
 
-def _median_records(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One method's records of one or more rounds -> one record per length: the first round's,
+def _median_records(rounds: list[list[dict[str, Any]]], keep: bool = True) -> list[dict[str, Any]]:
+    """One method's records of its rounds so far -> one record per length: the first round's,
     with the times the median of the rounds' (speeds from those), the peak memory their largest,
-    `same_as_ar` true only where every round's was, and each round's times kept for the speedups."""
-    if len(rounds) == 1:
+    `same_as_ar` true only where every round's was, and each round's times kept (`keep`; also
+    for a single round so far) for the per-round speedups. A length some round did not reach
+    is left out."""
+    if len(rounds) == 1 and not keep:
         return rounds[0]
     out = []
     for rs in zip(*rounds):
@@ -468,6 +471,8 @@ def run_sweep(lm: Any, prompt: list[int], contexts: Sequence[int], lengths: Sequ
     figures are decode speeds. With `kv_dir`, each context's prefill is read from there or saved
     there (`prefill_rows`; `options`: its numerics), for later sweeps. `rounds`: as `run_bench`'s,
     at each context."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:  # before an hour of prefill
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
     contexts = sorted({int(c) for c in contexts})
     if not contexts or contexts[0] < 1 or contexts[-1] > len(prompt):
         raise ValueError(f"contexts must lie in [1, {len(prompt)}] (the prompt's tokens), got {contexts}")
