@@ -237,11 +237,13 @@ inline int32_t offset_i8(const int8_t* q, int D) {
   return 128 * _mm512_reduce_add_epi32(acc);
 }
 
-// R query rows (R <= 12) against keys kj[0..16) -> s[r][0..n) (n <= 16) as float sums (unscaled)
-inline void scores_i8_x16(int R, const int8_t* const* q, const int32_t* off, const int8_t* const* kj, int D, int n,
+// R query rows (R <= 12) against keys kj[0..16) -> s[r][0..n) (n <= 16) as float sums (unscaled);
+// R a template argument, so that the accumulators stay in registers
+template <int R>
+inline void scores_i8_x16(const int8_t* const* q, const int32_t* off, const int8_t* const* kj, int D, int n,
                           float* const* s) {
   KeysX16 kt;
-  __m512i acc[12];
+  __m512i acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
   for (int d0 = 0; d0 < D; d0 += 64) {
     kt.load(kj, d0);
@@ -459,7 +461,21 @@ void chunk_partial(int R, const float* const* qp, int nk, const E* const* kp, co
         for (int j = 0; j < 16; ++j) kj[j] = kp[std::min(j0 + j, nk - 1)];
         for (int j = j0 + PF; j < std::min(j0 + PF + 16, nk); ++j) prefetch_row(kp[j], D);
         for (int r = 0; r < R; ++r) sr[r] = s + r * nkp + j0;
-        scores_i8_x16(R, q8, off, kj, D, std::min(16, nkp - j0), sr);
+        const int n = std::min(16, nkp - j0);
+        switch (R) {
+          case 1: scores_i8_x16<1>(q8, off, kj, D, n, sr); break;
+          case 2: scores_i8_x16<2>(q8, off, kj, D, n, sr); break;
+          case 3: scores_i8_x16<3>(q8, off, kj, D, n, sr); break;
+          case 4: scores_i8_x16<4>(q8, off, kj, D, n, sr); break;
+          case 5: scores_i8_x16<5>(q8, off, kj, D, n, sr); break;
+          case 6: scores_i8_x16<6>(q8, off, kj, D, n, sr); break;
+          case 7: scores_i8_x16<7>(q8, off, kj, D, n, sr); break;
+          case 8: scores_i8_x16<8>(q8, off, kj, D, n, sr); break;
+          case 9: scores_i8_x16<9>(q8, off, kj, D, n, sr); break;
+          case 10: scores_i8_x16<10>(q8, off, kj, D, n, sr); break;
+          case 11: scores_i8_x16<11>(q8, off, kj, D, n, sr); break;
+          default: scores_i8_x16<12>(q8, off, kj, D, n, sr); break;
+        }
       }
       scored = true;
     }
