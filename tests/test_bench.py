@@ -186,8 +186,11 @@ def test_rounds_run_the_methods_round_robin_and_take_medians_of_same_round_ratio
 
     monkeypatch.setattr(bench, "run_ours", timed)
     seen = []
-    res = run_bench(tiny, [1, 2, 3], [5, 10], ["ngram", "ar"], rounds=3, on_method=seen.append)
+    phases = []
+    res = run_bench(tiny, [1, 2, 3], [5, 10], ["ngram", "ar"], rounds=3, on_method=seen.append,
+                    progress=lambda phase, done, total: phases.append(phase) if done == total else None)
     assert calls == ["ar", "ngram"] * 3
+    assert phases == [f"{m} (round {r}/3)" for r in (1, 2, 3) for m in ("ar", "ngram")]
     assert res["rounds"] == 3 and len(seen) == 5 and all(p["partial"] for p in seen)
     # saved after round 1's ar: ngram has one round, paired with ar's round 0 only (not with the
     # median of ar's two rounds, one of them slow)

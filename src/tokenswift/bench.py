@@ -311,6 +311,9 @@ def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Seque
         return [r for name in order if name in per_round for r in _median_records(per_round[name], rounds > 1)]
 
     for rnd in range(rounds):
+        # a progress phase per round, so that a bar starts afresh (one method alone keeps its name)
+        step = progress if progress is None or rounds == 1 else \
+            (lambda name, done, total, r=rnd: progress(f"{name} (round {r + 1}/{rounds})", done, total))
         for name in order:
             if "skipped" in runs.get(name, {}):
                 continue
@@ -321,7 +324,7 @@ def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Seque
                 continue
             runner = run_ours if name in OURS else (run_llamacpp if name == "llamacpp" else run_hf)
             try:
-                recs, tokens, stats = runner(lm, prompt, lengths, name, sampling, progress)
+                recs, tokens, stats = runner(lm, prompt, lengths, name, sampling, step)
             except Exception as e:  # another project's API: its failure must not lose the other runs
                 if name in OURS:
                     raise
