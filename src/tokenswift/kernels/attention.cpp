@@ -534,24 +534,8 @@ void chunk_partial(int R, const float* const* qp, int nk, const E* const* kp, co
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
     const float m = _mm_cvtss_f32(m4);
-    __m256 mv = _mm256_set1_ps(m), lv = _mm256_setzero_ps();
-    int j = 0;
-#if defined(__AVX512F__)
-    // 16 at a time, the two halves added in key order: the same exps and the same sum as 8 at a time
-    for (const __m512 mw = _mm512_set1_ps(m); j + 16 <= nkp; j += 16) {
-      const __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mw));
-      _mm512_storeu_ps(sr + j, p);
-      lv = _mm256_add_ps(lv, _mm512_castps512_ps256(p));
-      lv = _mm256_add_ps(lv, _mm512_extractf32x8_ps(p, 1));
-    }
-#endif
-    for (; j < nkp; j += 8) {
-      __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv));
-      _mm256_storeu_ps(sr + j, p);
-      lv = _mm256_add_ps(lv, p);
-    }
     out[r * (D + 2)] = m;
-    out[r * (D + 2) + 1] = hsum(lv);
+    out[r * (D + 2) + 1] = hsum(exp_shift_sum8(sr, nkp, m));  // nkp % 8 == 0: every key
     if (vsc)
       for (int j = 0; j < nk; ++j) sr[j] *= vsc[j];
   }
@@ -1176,25 +1160,8 @@ at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const a
         float m = tail[g];
         for (float x : l) m = std::max(m, x);
         float* sr = sc + (kh * G + g) * M;
-        const __m256 mv = _mm256_set1_ps(m);
-        __m256 lv = _mm256_setzero_ps();
-        int64_t i = j0;
-#if defined(__AVX512F__)
-        // 16 at a time, the two halves added in entry order: the same sum as 8 at a time
-        for (const __m512 mw = _mm512_set1_ps(m); i + 16 <= j1; i += 16) {
-          const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + i), mw));
-          _mm512_storeu_ps(sr + i, e);
-          lv = _mm256_add_ps(lv, _mm512_castps512_ps256(e));
-          lv = _mm256_add_ps(lv, _mm512_extractf32x8_ps(e, 1));
-        }
-#endif
-        for (; i + 8 <= j1; i += 8) {
-          const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + i), mv));
-          _mm256_storeu_ps(sr + i, e);
-          lv = _mm256_add_ps(lv, e);
-        }
-        float sum = hsum(lv);
-        for (; i < j1; ++i) {
+        float sum = hsum(exp_shift_sum8(sr + j0, j1 - j0, m));
+        for (int64_t i = j0 + (j1 - j0) / 8 * 8; i < j1; ++i) {  // the last entries, one at a time
           sr[i] = std::exp(sr[i] - m);
           sum += sr[i];
         }

@@ -79,6 +79,29 @@ inline __m512 exp512(__m512 x) {
 }
 #endif
 
+// x[i] = exp(x[i] - m) in place for i < n rounded down to 8 (exp256's bits per element, 16 a
+// vector where the build has AVX-512) -> the 8 lanes' sums of those exps, each lane's additions in
+// index order (a 16-wide vector's two halves added one after the other): the same sums at either
+// width. The softmax of attention's chunks and of the sparse draft's choice.
+inline __m256 exp_shift_sum8(float* x, int64_t n, float m) {
+  __m256 lv = _mm256_setzero_ps();
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (const __m512 mw = _mm512_set1_ps(m); i + 16 <= n; i += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i), mw));
+    _mm512_storeu_ps(x + i, e);
+    lv = _mm256_add_ps(lv, _mm512_castps512_ps256(e));
+    lv = _mm256_add_ps(lv, _mm512_extractf32x8_ps(e, 1));
+  }
+#endif
+  for (const __m256 mv = _mm256_set1_ps(m); i + 8 <= n; i += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
+    _mm256_storeu_ps(x + i, e);
+    lv = _mm256_add_ps(lv, e);
+  }
+  return lv;
+}
+
 // Eight vectors -> one vector of their eight horizontal sums, each by the same tree
 // ((x0+x1)+(x2+x3)) + ((x4+x5)+(x6+x7)), so a sum's bits do not depend on its slot.
 inline __m256 hsum8(const __m256* a) {
