@@ -298,8 +298,7 @@ def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Seque
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method {bad[0]!r}; available: {', '.join(METHODS)}")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    _check_rounds(rounds)
     sampling = dict(PAPER_SAMPLING if sampling is None else sampling)
     per_round: dict[str, list[list[dict[str, Any]]]] = {}  # method -> each round's records
     runs: dict[str, Any] = {}
@@ -358,6 +357,11 @@ def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Seque
             if on_method is not None and (rnd, name) != last:
                 on_method(_result(merged(), runs, lengths, order, prompt, sampling, partial=True, rounds=rounds))
     return _result(merged(), runs, lengths, order, prompt, sampling, partial=False, rounds=rounds)
+
+
+def _check_rounds(rounds: Any) -> None:
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
 
 
 _TIMES = ("wall_seconds", "prefill_seconds", "decode_seconds")
@@ -474,8 +478,7 @@ def run_sweep(lm: Any, prompt: list[int], contexts: Sequence[int], lengths: Sequ
     figures are decode speeds. With `kv_dir`, each context's prefill is read from there or saved
     there (`prefill_rows`; `options`: its numerics), for later sweeps. `rounds`: as `run_bench`'s,
     at each context."""
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:  # before an hour of prefill
-        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    _check_rounds(rounds)  # before an hour of prefill
     contexts = sorted({int(c) for c in contexts})
     if not contexts or contexts[0] < 1 or contexts[-1] > len(prompt):
         raise ValueError(f"contexts must lie in [1, {len(prompt)}] (the prompt's tokens), got {contexts}")
