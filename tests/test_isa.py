@@ -20,12 +20,15 @@ pytestmark = pytest.mark.skipif(not kernels.native(), reason=f"native kernels of
 
 AVX2 = {"avx2", "fma", "f16c"}
 AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
+AMX = AVX512 | {"amx_tile", "amx_int8", "amx_bf16"}
 
 
 @pytest.fixture(scope="module")
 def levels():
-    """Every level this CPU runs -> its op namespace (each built once)."""
-    return {lv: kernels.load_level(lv) for lv in kernels.levels_present()}
+    """Every level this CPU runs -> its op namespace (each built once), and where it runs avx512,
+    `amx_emu` (the AMX unit with its tile instructions modelled: its layout checked everywhere)."""
+    present = kernels.levels_present()
+    return {lv: kernels.load_level(lv) for lv in present + (["amx_emu"] if "avx512" in present else [])}
 
 
 def _two(levels):
@@ -41,12 +44,21 @@ def _two(levels):
     (AVX2, "AVX2", "", "avx2", ""),
     (AVX2, "AVX2", "avx512", None, "TOKENSWIFT_ISA=avx512: this CPU lacks it (it has: avx2)"),
     (AVX512, "AVX2", "", "avx2", ""),  # the flags, but an OS that does not save 512-bit registers
-    (AVX512 | {"amx_tile", "amx_int8"}, "AVX512", "amx", None, "the AMX (tile) kernels are not built yet"),
-    (AVX512, "AVX512", "sse4", None, "TOKENSWIFT_ISA='sse4' is not one of avx2, avx512"),
+    (AMX, "AVX512", "", "amx", ""),
+    (AMX, "AVX512", "avx512", "avx512", ""),
+    (AMX | {"no_amx_permit"}, "AVX512", "", "avx512", ""),  # Linux refuses the tile state
+    (AMX | {"no_amx_permit"}, "AVX512", "amx", None, "TOKENSWIFT_ISA=amx: this CPU lacks it (it has: avx2, avx512)"),
+    (AMX, "AVX2", "", "avx2", ""),
+    (AVX512, "AVX512", "amx", None, "TOKENSWIFT_ISA=amx: this CPU lacks it (it has: avx2, avx512)"),
+    (AVX512, "AVX512", "sse4", None, "TOKENSWIFT_ISA='sse4' is not one of avx2, avx512, amx"),
+    (AVX512, "AVX512", "amx_emu", None, "TOKENSWIFT_ISA='amx_emu' is not one of avx2, avx512, amx"),
     ({"sse4_2"}, "DEFAULT", "", None, "no AVX2"),
 ])
 def test_dispatch_picks_the_best_level_present_and_honours_TOKENSWIFT_ISA(monkeypatch, flags, cap, env, want, why):
-    monkeypatch.setattr(kernels, "cpu_flags", lambda: set(flags))
+    """AMX is a level only where the CPU has the tile flags and Linux grants the process the tile
+    state (`amx_permitted`; `no_amx_permit` stands for a refusal here)."""
+    monkeypatch.setattr(kernels, "amx_permitted", lambda: "no_amx_permit" not in flags)
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: set(flags) - {"no_amx_permit"})
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: cap)
     monkeypatch.setenv("TOKENSWIFT_ISA", env)
     level, reason = kernels.chosen_level()
@@ -65,11 +77,47 @@ def test_use_level_switches_the_ops_and_the_name_stats_give(monkeypatch, levels)
     """What the A/B benchmarks call between levels: later calls run that build, `isa()` names it."""
     monkeypatch.setattr(kernels, "ops", kernels.ops)
     monkeypatch.setitem(kernels._state, "level", kernels.isa())
-    for lv in levels:
+    for lv in (lv for lv in levels if lv in kernels.LEVELS):
         kernels.use_level(lv)
         assert kernels.ops is levels[lv] and kernels.isa() == lv
-    with pytest.raises(ValueError, match="instruction level must be one of avx2, avx512, got 'amx'"):
-        kernels.use_level("amx")
+    with pytest.raises(ValueError, match="instruction level must be one of avx2, avx512, amx, got 'amx_emu'"):
+        kernels.use_level("amx_emu")  # a test build, never a model's
+    lacks = [lv for lv in kernels.LEVELS if lv not in kernels.levels_present()]
+    for lv in lacks:  # its first instruction would kill the process
+        with pytest.raises(ValueError, match=f"instruction level '{lv}': this CPU lacks it"):
+            kernels.use_level(lv)
+
+
+class _Skewed:
+    """A level's ops whose many-row int8 products are off by one: tile code gone wrong."""
+
+    def __init__(self, ops):
+        self._ops = ops
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+
+    def qlinear(self, x, *a):
+        y = self._ops.qlinear(x, *a)
+        return y + 1 if x.shape[0] >= 4 else y
+
+
+def test_amx_tiles_that_disagree_with_their_rows_alone_are_not_used(monkeypatch, levels, caplog):
+    """The guard run before a level with tiles takes a model: the modelled tiles pass it; tiles
+    whose 16-row product differs from the rows alone leave the avx512 level running, with a warning."""
+    if "amx_emu" not in levels:
+        pytest.skip("no avx512 level on this CPU")
+    assert kernels.amx_disagrees(levels["amx_emu"]) == ""
+    assert kernels.amx_disagrees(_Skewed(levels["amx_emu"])).startswith("a 16-row int8 product differs")
+    monkeypatch.setattr(kernels, "ops", kernels.ops)
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.delenv("TOKENSWIFT_ISA", raising=False)
+    monkeypatch.setattr(kernels, "chosen_level", lambda: ("amx", ""))
+    monkeypatch.setattr(kernels, "load_level", lambda lv: _Skewed(levels["amx_emu"]) if lv == "amx" else levels[lv])
+    with caplog.at_level("WARNING", logger="tokenswift"):
+        assert kernels.native()
+    assert kernels.isa() == "avx512" and kernels.ops is levels["avx512"]
+    assert "AMX kernels not used: a 16-row int8 product differs from its rows alone" in caplog.text
 
 
 def test_a_level_the_cpu_lacks_turns_the_kernels_off_with_the_reason():
@@ -78,11 +126,14 @@ def test_a_level_the_cpu_lacks_turns_the_kernels_off_with_the_reason():
     code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
             "from tokenswift import kernels\n"
             "print(kernels.native(), kernels.isa())\n")
-    env = {**os.environ, "TOKENSWIFT_ISA": "amx"}
+    lacks = [lv for lv in kernels.LEVELS if lv not in kernels.levels_present()]
+    if not lacks:
+        pytest.skip("this CPU runs every level")
+    env = {**os.environ, "TOKENSWIFT_ISA": lacks[-1]}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "torch"]
-    assert "native CPU kernels off: TOKENSWIFT_ISA=amx: the AMX (tile) kernels are not built yet" in r.stderr
+    assert f"native CPU kernels off: TOKENSWIFT_ISA={lacks[-1]}: this CPU lacks it (it has: " in r.stderr
 
 
 def _weights(qtype: str, N: int, K: int, seed: int):

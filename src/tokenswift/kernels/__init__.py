@@ -56,33 +56,40 @@ log = logging.getLogger("tokenswift")
 CHUNK = 256
 
 _SOURCES = [Path(__file__).with_name(f) for f in ("attention.cpp", "linear.cpp", "layer.cpp", "sample.cpp")]
-_HEADERS = [Path(__file__).with_name("common.h")]
+_HEADERS = [Path(__file__).with_name(f) for f in ("common.h", "amx.h")]
 _COMMON = ["-O3", "-ffp-contract=off", "-fopenmp"]
 # One build of the sources per instruction level, each with its own flags and its own op
 # namespace (torch.ops.tokenswift_<level>), so a process can hold two levels side by side (the
 # tests compare them). `cpu` flags each level needs, as /proc/cpuinfo names them. The AVX-512
-# unit adds 16-wide float tiles and VNNI int8 tiles (linear.cpp's `#if` blocks); everything else
-# is the same source, so the same bits.
+# unit adds 16-wide float tiles and VNNI int8 tiles (linear.cpp's `#if` blocks); the AMX unit is
+# the AVX-512 one whose int8-activation matmuls of 4 rows and more run on AMX tiles (amx.h); the
+# rest is the same source, so the same bits.
+_AVX512 = ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni")
+_AVX512_CPU = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
 LEVELS: dict[str, dict[str, tuple[str, ...]]] = {
     "avx2": {"flags": ("-mavx2", "-mfma", "-mf16c"), "cpu": ("avx2", "fma", "f16c")},
-    "avx512": {"flags": ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-                         "-mavx512vnni"),
-               "cpu": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")},
+    "avx512": {"flags": _AVX512, "cpu": _AVX512_CPU},
+    "amx": {"flags": _AVX512 + ("-mamx-tile", "-mamx-int8"), "cpu": _AVX512_CPU + ("amx_tile", "amx_int8")},
+}
+# Builds for the tests only, never chosen to run a model: `amx_emu` is the `amx` unit with the tile
+# instructions modelled in AVX-512 code (amx.h), so that its layout is checked where the CPU has
+# no AMX; it runs wherever `avx512` does.
+TEST_LEVELS: dict[str, dict[str, tuple[str, ...]]] = {
+    "amx_emu": {"flags": _AVX512 + ("-DTS_AMX_EMU",), "cpu": _AVX512_CPU},
 }
 # Instructions a level uses where the CPU has them (a /proc/cpuinfo flag -> compiler flags), with
 # a plain path of the same bits where it lacks them: vdpbf16ps for bfloat16 attention (`bf16`).
-_OPTIONAL = {"avx512": {"avx512_bf16": ("-mavx512bf16",)}}
+_OPTIONAL = {"avx512": {"avx512_bf16": ("-mavx512bf16",)}, "amx": {"avx512_bf16": ("-mavx512bf16",)},
+             "amx_emu": {"avx512_bf16": ("-mavx512bf16",)}}
 
 
 def level_flags(level: str) -> list[str]:
     """The compiler flags of `level`'s build on this CPU."""
     have = cpu_flags()
     extra = [f for flag, fs in _OPTIONAL.get(level, {}).items() if flag in have for f in fs]
-    return list(LEVELS[level]["flags"]) + extra
+    return list({**LEVELS, **TEST_LEVELS}[level]["flags"]) + extra
 
 
-# Named by TOKENSWIFT_ISA, but no kernels of their own yet
-_UNBUILT = {"amx": "the AMX (tile) kernels are not built yet"}
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool, "why": str, "level": str
 _built: dict[str, object] = {}  # level -> its op namespace
@@ -101,6 +108,20 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def amx_permitted() -> bool:
+    """Whether Linux lets this process use the AMX tile state: it must be asked for once per process
+    (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)); without it the first tile instruction
+    kills the process."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18
+        return libc.syscall(sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def levels_present() -> list[str]:
     """The instruction levels this CPU (and its OS) can run, lowest first."""
     flags = cpu_flags()
@@ -110,6 +131,8 @@ def levels_present() -> list[str]:
     out = [lv for lv, d in LEVELS.items() if set(d["cpu"]) <= flags]
     if cap != "AVX512":  # the OS does not save the 512-bit registers
         out = [lv for lv in out if lv == "avx2"]
+    if "amx" in out and not amx_permitted():
+        out.remove("amx")
     return out
 
 
@@ -137,8 +160,6 @@ def chosen_level() -> tuple[str | None, str]:
     want = os.environ.get("TOKENSWIFT_ISA", "").strip().lower()
     if not want:
         return (have[-1], "") if have else (None, "no AVX2")
-    if want in _UNBUILT:
-        return None, f"TOKENSWIFT_ISA={want}: {_UNBUILT[want]} (levels: {', '.join(LEVELS)})"
     if want not in LEVELS:
         return None, f"TOKENSWIFT_ISA={want!r} is not one of {', '.join(LEVELS)}"
     if want not in have:
@@ -186,6 +207,8 @@ def use_level(level: str) -> None:
         raise ValueError(f"instruction level {level!r} needs the native kernels, which are off ({why_not()})")
     if level not in LEVELS:
         raise ValueError(f"instruction level must be one of {', '.join(LEVELS)}, got {level!r}")
+    if level not in levels_present():
+        raise ValueError(f"instruction level {level!r}: this CPU lacks it (it has: {', '.join(levels_present())})")
     ops = load_level(level)
     _state["level"] = level
 
@@ -206,6 +229,11 @@ def native() -> bool:
         if why is None:
             try:
                 ops = load_level(level)
+                if level == "amx" and not os.environ.get("TOKENSWIFT_ISA"):
+                    bad = amx_disagrees(ops)
+                    if bad:  # a guard for tile code first run on a new machine: the level below runs
+                        log.warning("AMX kernels not used: %s; running avx512", bad)
+                        level, ops = "avx512", load_level("avx512")
             except Exception as e:  # a failed build must not stop generation: the torch paths run
                 why = f"the build failed ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e})"
         _state["ok"] = why is None
@@ -216,6 +244,26 @@ def native() -> bool:
         else:
             log.info("native CPU kernels on, %s (row-invariant attention and float32 matmuls)", level)
         return why is None
+
+
+def amx_disagrees(level_ops) -> str:
+    """'' where a build's int8-activation matmul gives the same bits for 16 rows at once (the AMX
+    tiles' path) as for each row alone (the VNNI path), else what differed: a check of a few
+    microseconds before a level with tiles runs a model."""
+    g = torch.Generator().manual_seed(0)
+    N, K = 48, 64
+    raw = torch.randint(0, 256, (N, K // 32, 18), dtype=torch.uint8, generator=g)
+    raw[:, :, :2] = torch.tensor([0.01], dtype=torch.float16).view(torch.uint8)  # each block's scale d
+    w = level_ops.pack_q(raw.reshape(N, -1), QTYPES["q4_0"], K)
+    x = torch.randn(16, K, generator=g)
+    try:
+        rows = torch.cat([level_ops.qlinear(x[i : i + 1], w, QTYPES["q4_0"] | ACT8, N, None) for i in range(16)])
+        whole = level_ops.qlinear(x, w, QTYPES["q4_0"] | ACT8, N, None)
+    except RuntimeError as e:
+        return f"a 16-row int8 product raised {e}"
+    if not torch.equal(rows, whole):
+        return f"a 16-row int8 product differs from its rows alone (max |diff| {(rows - whole).abs().max().item():.3g})"
+    return ""
 
 
 def why_not() -> str:

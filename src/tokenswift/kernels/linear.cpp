@@ -10,6 +10,7 @@
 // is computed by the same instructions in the same order whatever the number of rows in the call.
 
 #include "common.h"
+#include "amx.h"
 
 namespace TS_NS {
 
@@ -670,6 +671,56 @@ inline void qtile_i8(const __m256i* xb, int64_t K, const float* dx, const int32_
 // is unsigned, so signed codes enter as q + 128 (q xor 0x80) and 128 * sum(qx) is taken back;
 // the other types' codes are unsigned already. The sums are the same integers as `qtile_i8`'s
 // and the float epilogue is its, lane for lane: the same bits.
+
+// The unsigned codes of inputs 4t..4t+3 (t = 0..7) of 16 outputs of a panel block (codes: the
+// block's codes from the group's first output), four bytes a lane: vpdpbusd's first operand, and
+// row t of an AMX tile of the block (the same layout).
+template <int QT>
+inline __m512i vnni_codes(const uint8_t* codes, int t) {
+  __m512i w;
+  if constexpr (nibbles(QT)) {  // bytes 2t, 2t+1 hold inputs (4t, 4t+1) and (4t+2, 4t+3) as nibble pairs
+    const __m512i e0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 2 * t * BLOCK)));
+    const __m512i e1 =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (2 * t + 1) * BLOCK)));
+    const __m512i v = _mm512_or_si512(e0, _mm512_slli_epi32(e1, 16));
+    w = _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(0x000F000F)),
+                        _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x00F000F0)), 4));
+  } else {  // inputs 4t..4t+3: four rows of 16 outputs, interleaved by output
+    auto row = [&](int k) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k * BLOCK)); };
+    const __m128i a0 = row(4 * t), a1 = row(4 * t + 1), a2 = row(4 * t + 2), a3 = row(4 * t + 3);
+    const __m128i l01 = _mm_unpacklo_epi8(a0, a1), h01 = _mm_unpackhi_epi8(a0, a1);
+    const __m128i l23 = _mm_unpacklo_epi8(a2, a3), h23 = _mm_unpackhi_epi8(a2, a3);
+    w = _mm512_castsi128_si512(_mm_unpacklo_epi16(l01, l23));
+    w = _mm512_inserti32x4(w, _mm_unpackhi_epi16(l01, l23), 1);
+    w = _mm512_inserti32x4(w, _mm_unpacklo_epi16(h01, h23), 2);
+    w = _mm512_inserti32x4(w, _mm_unpackhi_epi16(h01, h23), 3);
+    if constexpr (signed_codes(QT)) w = _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));
+  }
+  return w;
+}
+
+// A row's block sums (s0: every input, or inputs 0-15 for Q6_K; s1: Q6_K's 16-31) of 16 outputs,
+// as vnni_codes' unsigned codes make them, into acc: the offsets taken back as integers, then the
+// block's float epilogue. dw, dw1, mw from `act8_scales`; dxr, sr, s0r the row's block scale, code
+// sum and first half's code sum.
+template <int QT>
+inline __m512 act8_epilogue(__m512i s0, __m512i s1, __m512 dw, __m512 dw1, __m512 mw, float dxr, int32_t sr,
+                            int32_t s0r, __m512 acc) {
+  if constexpr (two_scales(QT)) {
+    const __m512i i0 = _mm512_sub_epi32(s0, _mm512_set1_epi32(128 * s0r));
+    const __m512i i1 = _mm512_sub_epi32(s1, _mm512_set1_epi32(128 * (sr - s0r)));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(dw, _mm512_set1_ps(dxr)), acc);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(dw1, _mm512_set1_ps(dxr)), acc);
+  } else {
+    __m512i is = s0;
+    if (signed_codes(QT)) is = _mm512_sub_epi32(is, _mm512_set1_epi32(128 * sr));
+    if (QT == QT_Q4_0) is = _mm512_sub_epi32(is, _mm512_set1_epi32(8 * sr));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_set1_ps(dxr)), acc);
+    if constexpr (has_min(QT)) acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(dxr * static_cast<float>(sr)), acc);
+  }
+  return acc;
+}
+
 template <int QT, int R>
 inline void qtile_vnni(const int8_t* xq, int64_t K, const float* dx, const int32_t* sx, const int32_t* sh,
                        const uint8_t* wb, int64_t KB, int g, float* y) {
@@ -684,25 +735,7 @@ inline void qtile_vnni(const int8_t* xq, int64_t K, const float* dx, const int32
     for (int r = 0; r < R; ++r)
       for (int h = 0; h < H; ++h) s32[r][h] = _mm512_setzero_si512();
     for (int t = 0; t < 8; ++t) {
-      __m512i w;
-      if constexpr (nibbles(QT)) {  // bytes 2t, 2t+1 hold inputs (4t, 4t+1) and (4t+2, 4t+3) as nibble pairs
-        const __m512i e0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 2 * t * BLOCK)));
-        const __m512i e1 =
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (2 * t + 1) * BLOCK)));
-        const __m512i v = _mm512_or_si512(e0, _mm512_slli_epi32(e1, 16));
-        w = _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(0x000F000F)),
-                            _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x00F000F0)), 4));
-      } else {  // inputs 4t..4t+3: four rows of 16 outputs, interleaved by output
-        auto row = [&](int k) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k * BLOCK)); };
-        const __m128i a0 = row(4 * t), a1 = row(4 * t + 1), a2 = row(4 * t + 2), a3 = row(4 * t + 3);
-        const __m128i l01 = _mm_unpacklo_epi8(a0, a1), h01 = _mm_unpackhi_epi8(a0, a1);
-        const __m128i l23 = _mm_unpacklo_epi8(a2, a3), h23 = _mm_unpackhi_epi8(a2, a3);
-        w = _mm512_castsi128_si512(_mm_unpacklo_epi16(l01, l23));
-        w = _mm512_inserti32x4(w, _mm_unpackhi_epi16(l01, l23), 1);
-        w = _mm512_inserti32x4(w, _mm_unpacklo_epi16(h01, h23), 2);
-        w = _mm512_inserti32x4(w, _mm_unpackhi_epi16(h01, h23), 3);
-        if constexpr (signed_codes(QT)) w = _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));
-      }
+      const __m512i w = vnni_codes<QT>(codes, t);
       const int h = H == 2 ? t / 4 : 0;
       for (int r = 0; r < R; ++r) {
         int32_t quad;
@@ -712,25 +745,90 @@ inline void qtile_vnni(const int8_t* xq, int64_t K, const float* dx, const int32
     }
     __m512 dw, dw1, mw;
     act8_scales<QT, V16>(blk, g * 16, dw, dw1, mw);
-    for (int r = 0; r < R; ++r) {
-      const float dxr = dx[r * KB + kb];
-      const int32_t sr = sx[r * KB + kb], s0 = sh[r * KB + kb];
-      if constexpr (two_scales(QT)) {
-        const __m512i i0 = _mm512_sub_epi32(s32[r][0], _mm512_set1_epi32(128 * s0));
-        const __m512i i1 = _mm512_sub_epi32(s32[r][H - 1], _mm512_set1_epi32(128 * (sr - s0)));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(dw, _mm512_set1_ps(dxr)), acc[r]);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(dw1, _mm512_set1_ps(dxr)), acc[r]);
-      } else {
-        __m512i is = s32[r][0];
-        if (signed_codes(QT)) is = _mm512_sub_epi32(is, _mm512_set1_epi32(128 * sr));
-        if (QT == QT_Q4_0) is = _mm512_sub_epi32(is, _mm512_set1_epi32(8 * sr));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_set1_ps(dxr)), acc[r]);
-        if constexpr (has_min(QT))
-          acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(dxr * static_cast<float>(sr)), acc[r]);
-      }
-    }
+    for (int r = 0; r < R; ++r)
+      acc[r] = act8_epilogue<QT>(s32[r][0], s32[r][H - 1], dw, dw1, mw, dx[r * KB + kb], sx[r * KB + kb],
+                                 sh[r * KB + kb], acc[r]);
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * BLOCK + g * 16, acc[r]);
+}
+#endif
+
+#if defined(TS_AMX)
+// The same integer block sums on AMX tiles (the `amx` build; `amx_emu` models the tiles): for up
+// to 16 rows and the 16 outputs of a panel group, one TDPBSUD per block multiplies the rows' 32
+// int8 codes (tile A, read in place from the quantized rows) by the block's codes laid out as
+// vnni_codes lays them (tile B: its row t is vnni_codes(t), unsigned), into 16 x 16 int32 sums
+// (tile C), which are stored and go through `act8_epilogue` row by row. The same integers as the
+// VNNI tile's and the same epilogue: the same bits, so a pass may take this path for some row
+// counts and the VNNI one for others. Q6_K's two halves (inputs 0-15, 16-31) are two products of
+// 16 inputs into two C tiles. A panel's B tiles are laid out once for all the pass's rows.
+//
+// Rows from which a pass takes the tiles. Not measured yet (no machine with AMX has run this);
+// below it the VNNI tile, whose one-row cost carries no tile store and reload.
+constexpr int64_t AMX_MIN_ROWS = 4;
+
+// Tiles: 0 (and 3) C: R rows of 16 int32; 1 (and 4) A: R rows of 32 (16) codes; 2 (and 5) B: 8 (4)
+// rows of 64 bytes.
+inline TileConfig act8_tiles(int R, bool halves) {
+  TileConfig c;
+  for (int t : {0, 3}) c.rows[t] = static_cast<uint8_t>(R), c.colsb[t] = 64;
+  for (int t : {1, 4}) c.rows[t] = static_cast<uint8_t>(R), c.colsb[t] = halves ? 16 : 32;
+  for (int t : {2, 5}) c.rows[t] = halves ? 4 : 8, c.colsb[t] = 64;
+  if (!halves)
+    for (int t : {3, 4, 5}) c.rows[t] = 0, c.colsb[t] = 0;
+  return c;
+}
+
+// Every row of x (codes xq [M][K], scales dx and code sums sx, sh [M][KB]) against one panel
+// (wb) -> y [M][48]. wt: KB * 3 * 512 bytes for the panel's B tiles.
+template <int QT>
+void qpanel_amx(const int8_t* xq, int64_t M, int64_t K, const float* dx, const int32_t* sx, const int32_t* sh,
+                const uint8_t* wb, int64_t KB, uint8_t* wt, float* y) {
+  const int64_t PB = panel_block_bytes(QT);
+  constexpr bool halves = two_scales(QT);
+  for (int64_t kb = 0; kb < KB; ++kb)
+    for (int g = 0; g < 3; ++g)
+      for (int t = 0; t < 8; ++t)
+        _mm512_storeu_si512(wt + ((kb * 3 + g) * 8 + t) * 64, vnni_codes<QT>(wb + kb * PB + codes_at(QT) + g * 16, t));
+  alignas(64) int32_t c[2][16][16];
+  int configured = 0;
+  for (int64_t m0 = 0; m0 < M; m0 += 16) {
+    const int R = static_cast<int>(std::min<int64_t>(16, M - m0));
+    if (R != configured) tile_config(act8_tiles(R, halves)), configured = R;
+    const int8_t* xr = xq + m0 * K;
+    for (int g = 0; g < 3; ++g) {
+      __m512 acc[16];
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t kb = 0; kb < KB; ++kb) {
+        const uint8_t* b = wt + (kb * 3 + g) * 512;
+        TS_TILE_ZERO(0);
+        if constexpr (halves) {
+          TS_TILE_ZERO(3);
+          TS_TILE_LOAD(1, xr + kb * 32, K);
+          TS_TILE_LOAD(4, xr + kb * 32 + 16, K);
+          TS_TILE_LOAD(2, b, 64);
+          TS_TILE_LOAD(5, b + 256, 64);
+          TS_TILE_DPBSUD(0, 1, 2);
+          TS_TILE_DPBSUD(3, 4, 5);
+          TS_TILE_STORE(3, c[1], 64);
+        } else {
+          TS_TILE_LOAD(1, xr + kb * 32, K);
+          TS_TILE_LOAD(2, b, 64);
+          TS_TILE_DPBSUD(0, 1, 2);
+        }
+        TS_TILE_STORE(0, c[0], 64);
+        __m512 dw, dw1, mw;
+        act8_scales<QT, V16>(wb + kb * PB, g * 16, dw, dw1, mw);
+        for (int r = 0; r < R; ++r) {
+          const int64_t i = (m0 + r) * KB + kb;
+          acc[r] = act8_epilogue<QT>(_mm512_load_si512(c[0][r]), _mm512_load_si512(c[halves ? 1 : 0][r]), dw, dw1,
+                                     mw, dx[i], sx[i], sh[i], acc[r]);
+        }
+      }
+      for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (m0 + r) * BLOCK + g * 16, acc[r]);
+    }
+  }
+  tile_release();
 }
 #endif
 
@@ -750,6 +848,20 @@ void qlinear_i8_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd,
     int16_t pair;
     std::memcpy(&pair, xq.data() + 2 * i, 2);
     xb[i] = _mm256_set1_epi16(pair);
+  }
+#endif
+#if defined(TS_AMX)
+  if (M >= AMX_MIN_ROWS) {
+    at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<uint8_t> wt(KB * 3 * 512);
+      std::vector<float> buf(M * BLOCK);
+      for (int64_t nb = b0; nb < b1; ++nb) {
+        const int64_t n0 = nb * BLOCK, nn = std::min(BLOCK, N - n0);
+        qpanel_amx<QT>(xq.data(), M, K, dx.data(), sx.data(), sh.data(), wd + nb * KB * PB, KB, wt.data(), buf.data());
+        store_rows(buf.data(), M, nn, yd, ldy, n0, bd, rd);
+      }
+    });
+    return;
   }
 #endif
   // up to 8 rows share each expanded code vector (the codes' unpacking is most of a row's work)

@@ -1,0 +1,105 @@
+// The AMX tile operations the int8 matmul uses (linear.cpp), as the instructions (the `amx`
+// level, built with -mamx-tile -mamx-int8) or as a model of them in AVX-512 code (TS_AMX_EMU,
+// the `amx_emu` build the tests load where the CPU has no AMX). The model follows the Intel
+// SDM's pseudocode: a tile is up to 16 rows of up to 64 bytes with its shape from the loaded
+// configuration; a load fills the configured rows and columns and zeroes the rest; TDPBSUD adds
+// to C[m][n] the four products of A's signed bytes 4k..4k+3 of row m with B's unsigned bytes of
+// row k at column group n, for k < A's colsb / 4, in 32-bit integers without saturation; shapes
+// that do not match (C rows != A rows, A colsb / 4 != B rows, C colsb != B colsb) fault, as the
+// instruction raises #UD. Integer sums are exact, so the model and the instruction agree on any
+// order of their products: what the model checks is the layout (which bytes meet which).
+#pragma once
+
+#include "common.h"
+
+#if defined(__AMX_INT8__) || defined(TS_AMX_EMU)
+#define TS_AMX 1
+
+namespace TS_NS {
+
+// The 64-byte operand of LDTILECFG (palette 1): per tile its bytes a row and its rows
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
+
+#if defined(TS_AMX_EMU)
+struct EmuTiles {
+  alignas(64) uint8_t t[8][16][64];
+  TileConfig cfg;
+  bool configured = false;
+};
+inline EmuTiles& emu_tiles() {
+  thread_local EmuTiles e;
+  return e;
+}
+inline void tile_config(const TileConfig& c) {
+  EmuTiles& e = emu_tiles();
+  e.cfg = c;
+  e.configured = true;
+  std::memset(e.t, 0, sizeof(e.t));  // LDTILECFG zeroes every tile
+}
+inline void tile_release() { emu_tiles().configured = false; }
+inline void emu_check(int t) {
+  TORCH_CHECK(emu_tiles().configured && emu_tiles().cfg.rows[t] > 0, "amx_emu: tile ", t, " used unconfigured");
+}
+template <int T>
+inline void tile_load(const void* p, int64_t stride) {
+  emu_check(T);
+  EmuTiles& e = emu_tiles();
+  const int rows = e.cfg.rows[T], colsb = e.cfg.colsb[T];
+  const uint8_t* src = static_cast<const uint8_t*>(p);
+  std::memset(e.t[T], 0, sizeof(e.t[T]));
+  for (int r = 0; r < rows; ++r) std::memcpy(e.t[T][r], src + r * stride, colsb);
+}
+template <int T>
+inline void tile_store(void* p, int64_t stride) {
+  emu_check(T);
+  EmuTiles& e = emu_tiles();
+  for (int r = 0; r < e.cfg.rows[T]; ++r) std::memcpy(static_cast<uint8_t*>(p) + r * stride, e.t[T][r], e.cfg.colsb[T]);
+}
+template <int T>
+inline void tile_zero() {
+  emu_check(T);
+  std::memset(emu_tiles().t[T], 0, sizeof(emu_tiles().t[T]));
+}
+template <int C, int A, int B>
+inline void tile_dpbsud() {
+  emu_check(C), emu_check(A), emu_check(B);
+  EmuTiles& e = emu_tiles();
+  const TileConfig& c = e.cfg;
+  TORCH_CHECK(c.rows[C] == c.rows[A] && c.colsb[A] / 4 == c.rows[B] && c.colsb[C] == c.colsb[B] && c.colsb[C] == 64,
+              "amx_emu: tdpbsud shapes do not match (#UD)");
+  for (int m = 0; m < c.rows[C]; ++m) {
+    __m512i acc = _mm512_loadu_si512(e.t[C][m]);
+    for (int k = 0; k < c.colsb[A] / 4; ++k) {
+      int32_t quad;
+      std::memcpy(&quad, e.t[A][m] + 4 * k, 4);
+      // vpdpbusd: unsigned bytes of its first source times signed bytes of its second, four a
+      // lane, added without saturation: TDPBSUD's DPBD with A (signed) and B (unsigned) swapped
+      acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(e.t[B][k]), _mm512_set1_epi32(quad));
+    }
+    _mm512_storeu_si512(e.t[C][m], acc);
+  }
+}
+#define TS_TILE_LOAD(t, p, stride) tile_load<t>(p, stride)
+#define TS_TILE_STORE(t, p, stride) tile_store<t>(p, stride)
+#define TS_TILE_ZERO(t) tile_zero<t>()
+#define TS_TILE_DPBSUD(c, a, b) tile_dpbsud<c, a, b>()
+#else
+inline void tile_config(const TileConfig& c) { _tile_loadconfig(&c); }
+inline void tile_release() { _tile_release(); }
+// The intrinsics paste their tile numbers into the instruction's text: literal numbers only.
+#define TS_TILE_LOAD(t, p, stride) _tile_loadd(t, p, stride)
+#define TS_TILE_STORE(t, p, stride) _tile_stored(t, p, stride)
+#define TS_TILE_ZERO(t) _tile_zero(t)
+#define TS_TILE_DPBSUD(c, a, b) _tile_dpbsud(c, a, b)
+#endif
+
+}  // namespace TS_NS
+
+#endif
