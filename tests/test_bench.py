@@ -117,6 +117,51 @@ def test_a_failing_external_method_keeps_the_other_runs(tiny, monkeypatch):
         run_bench(tiny, [1, 2, 3], [4], ["ar"])
 
 
+def test_an_external_method_runs_in_its_own_process_and_its_crash_skips_only_it(tiny, monkeypatch):
+    """llama.cpp built for a CPU with AMX segfaulted on prompt batches: a crash in another engine's
+    native code must end that method, not the bench. Its process reports progress and results;
+    its error or its death is the method's skip reason, and the runs before and after it stay."""
+    import os
+
+    import bench_children
+    import tokenswift.bench as bench
+
+    seen = []
+    recs, tokens, stats = bench.run_isolated(bench_children.finishes, {"name": "llamacpp", "total": 3}, "llamacpp", 3,
+                                             lambda name, done, total: seen.append((name, done, total)))
+    assert seen == [("llamacpp", 1, 3), ("llamacpp", 2, 3), ("llamacpp", 3, 3)]
+    assert tokens == [0, 1, 2] and stats == {"prompt_batch": 1} and recs[0]["pid"] != os.getpid()
+    with pytest.raises(bench.ExternalFailure, match=r"^TypeError: generate\(\) got an unexpected keyword"):
+        bench.run_isolated(bench_children.fails, {}, "llamacpp", 3)
+
+    def crashing(lm, prompt, lengths, name, sampling, progress=None):
+        return bench.run_isolated(bench_children.crashes, {}, name, max(lengths), progress)
+
+    monkeypatch.setattr(bench, "available", lambda name: None)
+    monkeypatch.setattr(bench, "run_llamacpp", crashing)
+    res = run_bench(tiny, [1, 2, 3], [4], ["ar", "llamacpp", "tokenswift"])
+    assert res["runs"]["llamacpp"] == {"skipped": "llamacpp's process ended without a result (killed by SIGSEGV)"}
+    assert {r["method"] for r in res["records"]} == {"ar", "tokenswift"}
+
+
+def test_llamacpp_evaluates_its_prompt_a_token_at_a_time_where_its_build_has_amx(tiny, monkeypatch):
+    """What the bench's table says of such a run, from the stats the child returns."""
+    import tokenswift.bench as bench
+
+    def amx_run(lm, prompt, lengths, name, sampling, progress=None):
+        rec = {"method": name, "length": lengths[0], "wall_seconds": 1.0, "prefill_seconds": 0.5,
+               "decode_seconds": 0.5, "tokens_per_s": 4.0, "decode_tokens_per_s": 8.0, "peak_memory_mib": 1.0,
+               **{f"distinct_{n}": 0.0 for n in (1, 2, 3, 4)}}
+        return [rec], [1] * lengths[0], {"prompt_batch": 1, "prompt_batch_why": "llama.cpp built with AMX"}
+
+    monkeypatch.setattr(bench, "available", lambda name: None)
+    monkeypatch.setattr(bench, "run_llamacpp", amx_run)
+    res = run_bench(tiny, [1, 2, 3], [4], ["ar", "llamacpp"])
+    rec = next(r for r in res["records"] if r["method"] == "llamacpp")
+    assert rec["kernels"] == "llama.cpp, prompt a token a batch"
+    assert res["runs"]["llamacpp"]["stats"]["prompt_batch"] == 1
+
+
 def test_each_finished_method_is_handed_over_before_the_next_runs(tiny, monkeypatch):
     """A 16K bench runs for hours: what it finished must survive a stop (Ctrl-C, a crash)."""
     import tokenswift.bench as bench

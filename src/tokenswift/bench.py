@@ -234,36 +234,109 @@ def llamacpp_options(lm: Any) -> dict[str, Any]:
     return opts
 
 
+class ExternalFailure(RuntimeError):
+    """Another engine's run failed (its error, or its process's end, in the message)."""
+
+
+# What llama.cpp's build says of itself when it has AMX kernels: natively built llama-cpp-python
+# 0.3.x crashed in `decode` on batches of more than one token there (a Xeon with AMX), so its prompt
+# is then evaluated a token at a time (its decode is a token at a time anyway).
+LLAMACPP_AMX = b"AMX_INT8 = 1"
+
+
+def _llamacpp_child(job: dict[str, Any], out: Any) -> None:
+    """llama.cpp's run, in its own process: ("progress", n) as tokens come, then ("done", records,
+    tokens, stats) or ("error", message)."""
+    try:
+        import llama_cpp
+
+        amx = LLAMACPP_AMX in llama_cpp.llama_print_system_info()
+        batch = 1 if amx else 512
+        sampling, prompt, lengths = job["sampling"], job["prompt"], job["lengths"]
+        total = max(lengths)
+        # seed and penalty window are the model's settings in llama-cpp-python, not generate()'s
+        llm = llama_cpp.Llama(model_path=job["source"], n_ctx=len(prompt) + total + 8, n_threads=job["threads"],
+                              n_batch=batch, n_ubatch=batch, verbose=False, logits_all=False,
+                              seed=int(sampling.get("seed", 0)),
+                              last_n_tokens_size=int(sampling.get("penalty_window", 64)), **job["options"])
+        cp = Checkpoints(lengths, job["name"], "cpu")
+        _reset_peak()
+        start = time.perf_counter()
+        prefill = None
+        tokens: list[int] = []
+        gen = llm.generate(prompt, temp=float(sampling.get("temperature", 1.0)), top_k=0, top_p=1.0,
+                           min_p=float(sampling.get("min_p", 0.0)), repeat_penalty=float(sampling.get("penalty", 1.0)))
+        for tok in gen:
+            wall = time.perf_counter() - start
+            prefill = wall if prefill is None else prefill
+            tokens.append(int(tok))
+            for L in cp.due(len(tokens)):
+                cp.add(L, tokens, wall, prefill, {})
+            out.put(("progress", len(tokens)))
+            if len(tokens) >= total:
+                break
+        stats = {"prompt_batch": batch}
+        if amx:
+            stats["prompt_batch_why"] = "llama.cpp built with AMX: batches of more than one token crashed its decode"
+        out.put(("done", cp.records, tokens, stats))
+    except Exception as e:  # noqa: BLE001  (reported to the parent, which skips the method)
+        out.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def run_isolated(target: Callable[[dict[str, Any], Any], None], job: dict[str, Any], name: str, total: int,
+                 progress: Callable[[str, int, int], None] | None = None) -> tuple[list[dict[str, Any]], list[int], dict]:
+    """Runs `target(job, queue)` in a fresh process (spawned: nothing of this one's threads or
+    memory) and returns what it reports ("done", records, tokens, stats), passing its "progress"
+    on. Its error, or its process ending without a result (a crash: the signal is named), raises
+    ExternalFailure; this process goes on."""
+    import multiprocessing
+    import queue
+    import signal
+
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=target, args=(job, out), daemon=True)
+    proc.start()
+    try:
+        while True:
+            try:
+                msg = out.get(timeout=0.2)
+            except queue.Empty:
+                if proc.is_alive():
+                    continue
+                try:  # what it put just before it ended
+                    msg = out.get(timeout=2.0)
+                except queue.Empty:
+                    code = proc.exitcode
+                    how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+                    raise ExternalFailure(f"{name}'s process ended without a result ({how})") from None
+            if msg[0] == "progress":
+                if progress is not None:
+                    progress(name, int(msg[1]), total)
+            elif msg[0] == "error":
+                raise ExternalFailure(str(msg[1]))
+            else:
+                _, records, tokens, stats = msg
+                return records, tokens, stats
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
 def run_llamacpp(lm: Any, prompt: list[int], lengths: list[int], name: str, sampling: dict[str, Any],
                  progress: Callable[[str, int, int], None] | None = None) -> tuple[list[dict[str, Any]], list[int], dict]:
-    import llama_cpp
-
+    """llama.cpp (llama-cpp-python) on the same GGUF file, in a process of its own: a crash of it
+    (a segfault in its native code) skips this method instead of ending the bench. Its peak memory
+    is that process's (llama.cpp's model and cache, without ours). Stats: `prompt_batch`, the
+    tokens its prompt was evaluated in at a time (1 where its build has AMX, `LLAMACPP_AMX`)."""
     src = Path(lm.source)
     if src.suffix != ".gguf":
         raise ValueError(f"llamacpp needs a .gguf model, got {src}")
-    total = max(lengths)
-    # seed and penalty window are the model's settings in llama-cpp-python, not generate()'s
-    llm = llama_cpp.Llama(model_path=str(src), n_ctx=len(prompt) + total + 8, n_threads=os.cpu_count() or 1,
-                          verbose=False, logits_all=False, seed=int(sampling.get("seed", 0)),
-                          last_n_tokens_size=int(sampling.get("penalty_window", 64)), **llamacpp_options(lm))
-    cp = Checkpoints(lengths, name, "cpu")
-    _reset_peak()
-    start = time.perf_counter()
-    prefill = None
-    tokens: list[int] = []
-    gen = llm.generate(prompt, temp=float(sampling.get("temperature", 1.0)), top_k=0, top_p=1.0,
-                       min_p=float(sampling.get("min_p", 0.0)), repeat_penalty=float(sampling.get("penalty", 1.0)))
-    for tok in gen:
-        wall = time.perf_counter() - start
-        prefill = wall if prefill is None else prefill
-        tokens.append(int(tok))
-        for L in cp.due(len(tokens)):
-            cp.add(L, tokens, wall, prefill, {})
-        if progress is not None:
-            progress(name, len(tokens), total)
-        if len(tokens) >= total:
-            break
-    return cp.records, tokens, {}
+    job = {"source": str(src), "prompt": [int(t) for t in prompt], "lengths": [int(L) for L in lengths],
+           "name": name, "sampling": dict(sampling), "options": llamacpp_options(lm), "threads": os.cpu_count() or 1}
+    return run_isolated(_llamacpp_child, job, name, max(lengths), progress)
 
 
 def available(name: str) -> str | None:
@@ -327,7 +400,7 @@ def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Seque
             except Exception as e:  # another project's API: its failure must not lose the other runs
                 if name in OURS:
                     raise
-                runs[name] = {"skipped": f"{type(e).__name__}: {e}"}
+                runs[name] = {"skipped": str(e) if isinstance(e, ExternalFailure) else f"{type(e).__name__}: {e}"}
                 per_round.pop(name, None)
                 log.warning("bench: %s failed: %s: %s", name, type(e).__name__, e)
                 continue
@@ -336,6 +409,8 @@ def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Seque
             compared = ref is not None and name in OURS  # other engines draw their own random numbers
             first = first_difference(tokens, ref) if compared else None
             where = lm.model.kernels if name in OURS else {"llamacpp": "llama.cpp"}.get(name, "transformers")
+            if stats.get("prompt_batch") == 1:
+                where += ", prompt a token a batch"
             if name in OURS and lm.model.bf16_attention:
                 where += ", bf16 attention"
             for r in recs:  # per length: a late difference leaves the shorter lengths equal
