@@ -134,7 +134,7 @@ def test_loading_makes_the_cache_bfloat16_and_names_what_does_not_fit(tiny_dir):
     with pytest.raises(ParamError, match=r"attention_dtype 'bfloat16' computes over a bfloat16 cache, and the KV "
                                          r"dtype asked for is float16 \(leave it auto, or make it bfloat16\)"):
         tokenswift.load(str(tiny_dir), heads="none", attention_dtype="bfloat16", kv_dtype="float16")
-    with pytest.raises(ParamError, match=r"attention_dtype must be one of float32, bfloat16, got 'int8'"):
+    with pytest.raises(ParamError, match=r"attention_dtype must be one of float32, bfloat16, bfloat16-amx, got 'int8'"):
         tokenswift.load(str(tiny_dir), attention_dtype="int8")
 
 

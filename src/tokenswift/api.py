@@ -412,9 +412,11 @@ def load(
     dequantizes them, "q8_0"/"q4_0" quantize a float checkpoint at load (a different model).
     `activations`: "float" (default) or "int8": the GGUF weight blocks multiply int8-rounded
     activations in integers, llama.cpp's arithmetic (faster, a different model).
-    `attention_dtype`: "float32" (default) or "bfloat16": attention over the cache rounds its
+    `attention_dtype`: "float32" (default), "bfloat16" or "bfloat16-amx": attention over the cache rounds its
     queries and probabilities to bfloat16 and sums their products in float32 (the AVX-512 BF16
-    instruction where the CPU has it; faster, a different model; the cache bfloat16).
+    instruction where the CPU has it; faster, a different model; the cache bfloat16); "bfloat16-amx"
+    the same roundings with the products summed in the order of AMX's bfloat16 tiles (on the tiles
+    where the CPU has them, else in AVX-512 vectors; another model again).
     `compile`: torch.compile the decode, draft and verify passes at static shapes (CUDA graphs on
     GPUs); each pass size compiles on first use, the tokens are the same.
     Under `torchrun --nproc-per-node N` the model is split across the N processes (parallel.py).

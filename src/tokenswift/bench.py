@@ -412,7 +412,7 @@ def run_bench(lm: Any, prompt: list[int], lengths: Sequence[int], methods: Seque
             if stats.get("prompt_batch") == 1:
                 where += ", prompt a token a batch"
             if name in OURS and lm.model.bf16_attention:
-                where += ", bf16 attention"
+                where += ", bf16-amx attention" if lm.model.bf16_order == "amx" else ", bf16 attention"
             for r in recs:  # per length: a late difference leaves the shorter lengths equal
                 r["same_as_ar"] = (first is None or first >= r["length"]) if compared else None
                 r["kernels"] = where

@@ -227,14 +227,14 @@ def load_model(
     dec = Decoder(local, dtype=dt, device=dev)
     dec.load_tensors(tensors)
     dec.tp, dec.full_cfg = tp, cfg
-    if attention_dtype == "bfloat16" and kv_dtype not in ("auto", "bfloat16"):
-        raise ParamError("attention_dtype", "", f" 'bfloat16' computes over a bfloat16 cache, and the KV dtype "
-                                                f"asked for is {kv_dtype} (leave it auto, or make it bfloat16)")
-    if attention_dtype == "bfloat16" and cfg.head_dim % 32:
-        raise ParamError("attention_dtype", "", f" 'bfloat16' needs head_dim a multiple of 32, and this model's "
-                                                f"is {cfg.head_dim}")
-    dec.kv_dtype = (torch.bfloat16 if attention_dtype == "bfloat16" else dt) if kv_dtype == "auto" \
-        else getattr(torch, kv_dtype)
+    bf16 = attention_dtype in ("bfloat16", "bfloat16-amx")
+    if bf16 and kv_dtype not in ("auto", "bfloat16"):
+        raise ParamError("attention_dtype", "", f" {attention_dtype!r} computes over a bfloat16 cache, and the KV "
+                                                f"dtype asked for is {kv_dtype} (leave it auto, or make it bfloat16)")
+    if bf16 and cfg.head_dim % 32:
+        raise ParamError("attention_dtype", "", f" {attention_dtype!r} needs head_dim a multiple of 32, and this "
+                                                f"model's is {cfg.head_dim}")
+    dec.kv_dtype = (torch.bfloat16 if bf16 else dt) if kv_dtype == "auto" else getattr(torch, kv_dtype)
     dec.eval()
     del tensors
     # A quantized target's own matrices already read about as few bytes as an int4 copy's (and
@@ -244,7 +244,7 @@ def load_model(
         dec.compile(mode="reduce-overhead" if dev.type == "cuda" else None)
     elif pack and dev.type == "cpu" and (how := dec.pack()):
         log.info("weights packed for %s", "the native row-invariant kernel" if how == "native" else "oneDNN")
-    if attention_dtype == "bfloat16":
+    if bf16:
         from .model import attention_path
 
         if dec.packed != "native" or attention_path(dev, dec.dtype, cfg.head_dim) != "native":
@@ -254,9 +254,13 @@ def load_model(
                 why = "compile" if compile else "pack=False"
             else:
                 why = kernels.why_not() or "attention off the native path"
-            raise ParamError("attention_dtype", "", f" 'bfloat16' runs on the native CPU kernels, which this "
-                                                    f"model does not use here ({why})")
+            raise ParamError("attention_dtype", "", f" {attention_dtype!r} runs on the native CPU kernels, which "
+                                                    f"this model does not use here ({why})")
+        if attention_dtype == "bfloat16-amx" and kernels.isa() not in ("avx512", "amx"):
+            raise ParamError("attention_dtype", "", f" 'bfloat16-amx' runs on the avx512 and amx kernel levels, and "
+                                                    f"the kernels here run at {kernels.isa()}")
         dec.bf16_attention = True
+        dec.bf16_order = "amx" if attention_dtype == "bfloat16-amx" else "vdpbf16ps"
     if activations == "int8":
         n = dec.int8_activations()
         if n == 0:

@@ -325,8 +325,11 @@ class Decoder(nn.Module):
         # reads it and computes in float32; the model dtype unless chosen.
         self.kv_dtype = dtype
         # bfloat16 attention (`load(attention_dtype="bfloat16")`, over a bfloat16 cache): the native
-        # kernel rounds the queries and probabilities to bfloat16 (kernels.attention's `bf16`)
+        # kernel rounds the queries and probabilities to bfloat16 (kernels.attention's `bf16`), and
+        # sums their products in the order of AVX-512's vdpbf16ps ("vdpbf16ps") or of AMX's tiles
+        # ("amx": `attention_dtype="bfloat16-amx"`)
         self.bf16_attention = False
+        self.bf16_order = "vdpbf16ps"
         # Tensor parallelism (parallel.py): this rank's group, and the whole model's config
         # (`cfg` is this rank's share then: 1/N of the heads and MLP width).
         self.tp = None
@@ -368,8 +371,11 @@ class Decoder(nn.Module):
 
     @property
     def attention_dtype(self) -> str:
-        """"bfloat16" where attention over the cache computes in bfloat16, else "float32"."""
-        return "bfloat16" if self.bf16_attention else "float32"
+        """"bfloat16" (or "bfloat16-amx", in AMX's order) where attention over the cache computes in
+        bfloat16, else "float32"."""
+        if not self.bf16_attention:
+            return "float32"
+        return "bfloat16-amx" if self.bf16_order == "amx" else "bfloat16"
 
     @property
     def activations(self) -> str:
@@ -727,8 +733,9 @@ class Decoder(nn.Module):
                          and not torch.is_grad_enabled())
         H, KH = cfg.num_heads, cfg.num_kv_heads
 
-        def bf16(keys: torch.Tensor | None) -> bool:  # bfloat16 attention over these keys
-            return self.bf16_attention and keys is not None and keys.dtype == torch.bfloat16
+        def bf16(keys: torch.Tensor | None) -> bool | str:  # bfloat16 attention over these keys (its order)
+            return self.bf16_order if self.bf16_attention and keys is not None and keys.dtype == torch.bfloat16 \
+                else False
 
         x = self.embed_rows(tokens)  # [B, T, D]
         if cfg.embed_scale != 1.0:  # Gemma: the scale rounded to the embedding's dtype, as transformers does
@@ -976,7 +983,7 @@ def _attention(
     wmask: torch.Tensor | None,  # [Bm, T, S-lo]
     path: str = "fused",  # attention_path(): "native", "fused" (torch's CPU kernel) or "portable"
     allow: torch.Tensor | None = None,  # [Bm, 1, G*T, S] the portable path's mask (T > 1)
-    bf16: bool = False,  # bfloat16 attention (the native kernel's; bfloat16 K/V)
+    bf16: bool | str = False,  # bfloat16 attention (the native kernel's; bfloat16 K/V), "amx": in AMX's order
 ) -> torch.Tensor:  # [B, T, H*D]
     B, T, H, D = q.shape
     if bf16 and (path != "native" or full is not None or wmask is not None):

@@ -135,12 +135,15 @@ _LIST: list[Param] = [
           "float = all dequantized; q8_0/q4_0 = quantized at load (a different model than the float one; q4_0 "
           "keeps the embedding and LM head at q8_0) (default auto)", flag="--weights",
           choices=("auto", "float", "q8_0", "q4_0")),
-    Param("attention_dtype", str, "float32", "one of float32, bfloat16",
+    Param("attention_dtype", str, "float32", "one of float32, bfloat16, bfloat16-amx",
           "the arithmetic of attention over the KV cache: float32, or bfloat16 = the queries and the softmax's "
           "probabilities rounded to bfloat16 and their products summed in float32 (the AVX-512 BF16 "
           "instruction where the CPU has it; faster, a different model: ar and tokenswift still write the same "
-          "text). bfloat16 needs the native CPU kernels, a bfloat16 cache (kv_dtype auto becomes bfloat16) and "
-          "head_dim a multiple of 32 (default float32)", flag="--attention-dtype", choices=("float32", "bfloat16")),
+          "text); bfloat16-amx = the same roundings with the products summed in the order of AMX's bfloat16 "
+          "tiles (on the AMX tiles where the CPU has them, else in AVX-512 vectors; another model again). Both "
+          "need the native CPU kernels, a bfloat16 cache (kv_dtype auto becomes bfloat16) and head_dim a "
+          "multiple of 32 (default float32)", flag="--attention-dtype",
+          choices=("float32", "bfloat16", "bfloat16-amx")),
     Param("activations", str, "float", "one of float, int8",
           "what the GGUF weight blocks multiply: float = the float32 activations (the numbers of the "
           "dequantized model); int8 = each row rounded to int8 per block of 32 and multiplied in integers, "

@@ -79,7 +79,8 @@ TEST_LEVELS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 # Instructions a level uses where the CPU has them (a /proc/cpuinfo flag -> compiler flags), with
 # a plain path of the same bits where it lacks them: vdpbf16ps for bfloat16 attention (`bf16`).
-_OPTIONAL = {"avx512": {"avx512_bf16": ("-mavx512bf16",)}, "amx": {"avx512_bf16": ("-mavx512bf16",)},
+_OPTIONAL = {"avx512": {"avx512_bf16": ("-mavx512bf16",)},
+             "amx": {"avx512_bf16": ("-mavx512bf16",), "amx_bf16": ("-mamx-bf16",)},
              "amx_emu": {"avx512_bf16": ("-mavx512bf16",)}}
 
 
@@ -292,11 +293,12 @@ def attention(
     k_scale: torch.Tensor | None = None,  # [B, KH, S] float32: int8 K/V only (row = scale * int8 row)
     v_scale: torch.Tensor | None = None,  # [B, KH, S]
     kv_start: torch.Tensor | None = None,  # [B, T] int64: row t sees cached keys kv_start[b, t] .. S-T-1 only
-    bf16: bool = False,  # bfloat16 attention (bfloat16 K/V, D % 32 == 0): see attention_reference
+    bf16: bool | str = False,  # bfloat16 attention (bfloat16 K/V, D % 32 == 0): see attention_reference;
+    # "amx": its products summed in AMX-BF16's order (the avx512 and amx levels)
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # [B, T, H*D] (and [B, T, H] log-sum-exp)
     """With `kv_start` (a sliding window), each row's visible keys begin at its own start and are
     chunked from there: a row's bits equal its one-token pass over k[:, :, kv_start:]."""
-    out, l = ops.attention(q, k, v, mask, chunk, lse, k_scale, v_scale, kv_start, bf16)
+    out, l = ops.attention(q, k, v, mask, chunk, lse, k_scale, v_scale, kv_start, bool(bf16), bf16 == "amx")
     return (out, l) if lse else out
 
 
@@ -342,6 +344,25 @@ def quantize_q8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = x.abs().amax(-1) / 127.0  # [...]
     r = torch.where(s[..., None] > 0, x / s[..., None], torch.zeros_like(x))
     return r.round().clamp(-127, 127).to(torch.int8), s
+
+
+def tile_dpbf16ps_reference(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """What one AMX TDPBF16PS computes, in the order the Intel SDM's pseudocode gives: c float32
+    [M, N] + a bfloat16 [M, 2K] times b bfloat16 [K, 2N] (row k of b: N pairs), where per output
+    the even elements' products (a[m, 2k] b[k, 2n]) are summed over k in order from zero, the odd
+    elements' likewise, and c + (even + odd) is the result; every step in float32, rounding to
+    nearest even, denormals read and written as zero (torch's flush-denormal mode)."""
+    torch.set_flush_denormal(True)  # this thread's MXCSR (FTZ and DAZ); tensors this small stay on it
+    try:
+        A, B = a.float(), b.float()  # exact; each product of two bfloat16 numbers is exact in float32
+        even = torch.zeros_like(c)
+        odd = torch.zeros_like(c)
+        for k in range(B.shape[0]):
+            even = even + A[:, 2 * k, None] * B[k, 0::2][None, :]
+            odd = odd + A[:, 2 * k + 1, None] * B[k, 1::2][None, :]
+        return c + (even + odd)
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def to_bf16_ftz(x: torch.Tensor) -> torch.Tensor:
@@ -639,12 +660,13 @@ def attn_in(
 
 
 def attn_block(x, norm, eps, w, bias, q_norm, k_norm, cos, sin, heads, kv_heads, q_scale, kc, vc, layer, start,
-               mask=None, chunk: int = CHUNK, bf16: bool = False) -> torch.Tensor:
+               mask=None, chunk: int = CHUNK, bf16: bool | str = False) -> torch.Tensor:
     """`attn_in` writing the cache, then `attention` of its queries over the layer's keys
     0 .. start + T under `mask` ([1 or B, T, T] among the new tokens; None = causal)
     -> [B, T, H*Dh]: the same numbers as the two calls, with no views made in Python."""
     return ops.attn_block(x, norm, eps, w.packed, w.qt, w.shape[0], bias, q_norm, k_norm, cos, sin,
-                          heads, kv_heads, q_scale, kc, vc, layer, start, mask, chunk, bf16)
+                          heads, kv_heads, q_scale, kc, vc, layer, start, mask, chunk, bool(bf16),
+                          bf16 == "amx")
 
 
 def attn_block_sparse(x, norm, eps, w, bias, q_norm, k_norm, cos, sin, heads, kv_heads, q_scale, kc, vc, layer, start,

@@ -8,12 +8,22 @@
 // that do not match (C rows != A rows, A colsb / 4 != B rows, C colsb != B colsb) fault, as the
 // instruction raises #UD. Integer sums are exact, so the model and the instruction agree on any
 // order of their products: what the model checks is the layout (which bytes meet which).
+// TDPBF16PS (AMX-BF16, bfloat16 attention in the tiles' order) is modelled after the SDM's
+// pseudocode, which fixes an order: per row m and output n, the even elements' products
+// a[2k] b[2k] over the instruction's k = 0 .. A colsb / 4 - 1 chained by FMAs into one float32 sum
+// from zero, the odd elements' into another, then C = C + (even + odd); every step rounds to
+// nearest even with denormal inputs read as zero and denormal results flushed (DAZ, FTZ). Whether
+// the hardware sums in exactly that order is for a machine with AMX to confirm (`tile_dpbf16ps`
+// runs one instruction on given tiles; tests/test_amx_bf16.py compares it with that order).
 #pragma once
 
 #include "common.h"
 
 #if defined(__AMX_INT8__) || defined(TS_AMX_EMU)
 #define TS_AMX 1
+#if defined(__AMX_BF16__) || defined(TS_AMX_EMU)
+#define TS_AMX_BF16 1
+#endif
 
 namespace TS_NS {
 
@@ -90,6 +100,33 @@ inline void tile_dpbsud() {
 #define TS_TILE_STORE(t, p, stride) tile_store<t>(p, stride)
 #define TS_TILE_ZERO(t) tile_zero<t>()
 #define TS_TILE_DPBSUD(c, a, b) tile_dpbsud<c, a, b>()
+
+template <int C, int A, int B>
+inline void tile_dpbf16ps() {
+  emu_check(C), emu_check(A), emu_check(B);
+  EmuTiles& e = emu_tiles();
+  const TileConfig& c = e.cfg;
+  TORCH_CHECK(c.rows[C] == c.rows[A] && c.colsb[A] / 4 == c.rows[B] && c.colsb[C] == c.colsb[B],
+              "amx_emu: tdpbf16ps shapes do not match (#UD)");
+  const __mmask16 live = static_cast<__mmask16>((1u << (c.colsb[C] / 4)) - 1);
+  FlushDenormals ftz;
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int m = 0; m < c.rows[C]; ++m) {
+    __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+    for (int k = 0; k < c.colsb[A] / 4; ++k) {
+      uint32_t pair;
+      std::memcpy(&pair, e.t[A][m] + 4 * k, 4);
+      const __m512 ae = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(pair << 16)));
+      const __m512 ao = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(pair & 0xFFFF0000u)));
+      const __m512i b = _mm512_loadu_si512(e.t[B][k]);
+      even = _mm512_fmadd_ps(ae, _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)), even);
+      odd = _mm512_fmadd_ps(ao, _mm512_castsi512_ps(_mm512_and_si512(b, hi)), odd);
+    }
+    const __m512 acc = _mm512_add_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(e.t[C][m])), _mm512_add_ps(even, odd));
+    _mm512_mask_storeu_ps(reinterpret_cast<float*>(e.t[C][m]), live, acc);
+  }
+}
+#define TS_TILE_DPBF16PS(c, a, b) tile_dpbf16ps<c, a, b>()
 #else
 inline void tile_config(const TileConfig& c) { _tile_loadconfig(&c); }
 inline void tile_release() { _tile_release(); }
@@ -98,6 +135,9 @@ inline void tile_release() { _tile_release(); }
 #define TS_TILE_STORE(t, p, stride) _tile_stored(t, p, stride)
 #define TS_TILE_ZERO(t) _tile_zero(t)
 #define TS_TILE_DPBSUD(c, a, b) _tile_dpbsud(c, a, b)
+#if defined(__AMX_BF16__)
+#define TS_TILE_DPBF16PS(c, a, b) _tile_dpbf16ps(c, a, b)
+#endif
 #endif
 
 }  // namespace TS_NS

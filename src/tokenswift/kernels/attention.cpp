@@ -13,6 +13,7 @@
 //   choice of them. quantize_q8: K/V rows to int8 for the draft's copy of the cache.
 
 #include "common.h"
+#include "amx.h"
 
 namespace TS_NS {
 
@@ -433,6 +434,283 @@ inline void pv_bf_unpermute(float* o, int D) {
 #endif
 }
 
+#if defined(__AVX512F__)
+// ---- bfloat16 attention in AMX's order (`bf16_amx`: the model with "bf16-amx attention") -------
+// The same roundings as bfloat16 attention above (query rows and probabilities to bfloat16, the
+// sums l in float32), but every dot product summed as AMX-BF16's TDPBF16PS sums it (amx.h): in
+// blocks of 32 elements (a score: 32 dims of the head; a weighted value: 32 keys of the chunk),
+// within a block the even elements' products chained by FMAs from zero, the odd elements' in
+// another chain, then acc = acc + (even + odd), acc from zero, blocks in order; every step with
+// denormals read and written as zero. The `amx` build (and `amx_emu`) computes it on tiles: a
+// chunk's keys are tile A and the query rows' pairs tile B (scores of 16 keys x R rows), then the
+// rows' probabilities are tile A and pairs of value rows tile B (R rows x 16 value elements). The
+// `avx512` build computes the same chains in vectors: 16 keys in the lanes (their 64-byte blocks
+// transposed into pairs) for the scores, 16 value elements in the lanes for the sums. Each row's
+// bits depend only on its own sequence of keys, so passes stay row-invariant.
+
+// 16 rows of 16 int32 -> their transpose, in place (r[k] lane n = old r[n] lane k)
+inline void transpose16_epi32(__m512i* r) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // rows 4g..4g+3: u[4g + e] holds their element 4L + e in 128-bit lane L
+    u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int e = 0; e < 4; ++e) {  // 128-bit lane g of element 4L + e <- lane L of u[4g + e]
+    const __m512i v0 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x44), v1 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xEE);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x44),
+                  v3 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xEE);
+    r[e] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    r[4 + e] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+    r[8 + e] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    r[12 + e] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+  }
+}
+
+inline __m512 bf16_even(__m512i pairs) { return _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)); }
+inline __m512 bf16_odd(__m512i pairs) {
+  return _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+// 16 bfloat16 -> float32
+inline __m512 bf16_widen(const void* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// Scores of RN query rows (float32 values of their bfloat16 bits) against 16 keys (kj; D = 32 NB)
+// in AMX's order: per 32-dim block the keys' 64 bytes transposed into pairs, each row's even dims'
+// FMA chain and odd dims' from zero, acc = acc + (even + odd) from zero, blocks in order -> s[r][0..16)
+// where `live`.
+template <int RN>
+inline void scores_amx_order(const c10::BFloat16* const* kj, int NB, const float* const* qr, float* const* s,
+                             __mmask16 live) {
+  __m512 acc[RN];
+  for (int r = 0; r < RN; ++r) acc[r] = _mm512_setzero_ps();
+  for (int b = 0; b < NB; ++b) {
+    __m512i t[16];
+    for (int i = 0; i < 16; ++i) t[i] = _mm512_loadu_si512(kj[i] + 32 * b);
+    transpose16_epi32(t);  // t[k]: pair k (dims 32b + 2k, +1) of the 16 keys
+    __m512 even[RN], odd[RN];
+    for (int r = 0; r < RN; ++r) even[r] = odd[r] = _mm512_setzero_ps();
+    for (int k = 0; k < 16; ++k) {
+      const __m512 te = bf16_even(t[k]), to = bf16_odd(t[k]);
+      for (int r = 0; r < RN; ++r) {
+        even[r] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][32 * b + 2 * k]), te, even[r]);
+        odd[r] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][32 * b + 2 * k + 1]), to, odd[r]);
+      }
+    }
+    for (int r = 0; r < RN; ++r) acc[r] = _mm512_add_ps(acc[r], _mm512_add_ps(even[r], odd[r]));
+  }
+  for (int r = 0; r < RN; ++r) _mm512_mask_storeu_ps(s[r], live, acc[r]);
+}
+
+// RN rows' sums of 32 keys' value rows (vrow(j): bfloat16, zero past the chunk) weighted by their
+// probabilities (pr[r][j], float32 values of bfloat16 bits) over 32 elements from d0, in AMX's
+// order: per element the even keys' FMA chain and the odd keys' from zero, then o[r] += even + odd.
+template <int RN, typename V>
+inline void values_amx_order(const V& vrow, int j0, int d0, const float* const* pr, float* const* o) {
+  __m512 even[RN][2], odd[RN][2];
+  for (int r = 0; r < RN; ++r) even[r][0] = even[r][1] = odd[r][0] = odd[r][1] = _mm512_setzero_ps();
+  for (int j = j0; j < j0 + 32; j += 2) {
+    const __m512 ve0 = bf16_widen(vrow(j) + d0), ve1 = bf16_widen(vrow(j) + d0 + 16);
+    const __m512 vo0 = bf16_widen(vrow(j + 1) + d0), vo1 = bf16_widen(vrow(j + 1) + d0 + 16);
+    for (int r = 0; r < RN; ++r) {
+      even[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(pr[r][j]), ve0, even[r][0]);
+      even[r][1] = _mm512_fmadd_ps(_mm512_set1_ps(pr[r][j]), ve1, even[r][1]);
+      odd[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(pr[r][j + 1]), vo0, odd[r][0]);
+      odd[r][1] = _mm512_fmadd_ps(_mm512_set1_ps(pr[r][j + 1]), vo1, odd[r][1]);
+    }
+  }
+  for (int r = 0; r < RN; ++r)
+    for (int h = 0; h < 2; ++h) {
+      float* dst = o[r] + d0 + 16 * h;
+      _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_add_ps(even[r][h], odd[r][h])));
+    }
+}
+
+// A value row past a chunk's keys (zero), for the last 32-key block's pad
+alignas(64) static const uint16_t kZeroRow[1024] = {};
+
+// One chunk's partial (as chunk_partial's) for R <= 16 rows in AMX's order: qb the rows' bfloat16
+// bits, kp/vp the nk key/value rows (bfloat16, D % 32 == 0, D <= 1024), s scratch of R * pad8(nk).
+void chunk_partial_amx_order(int R, const uint16_t* const* qb, int nk, const c10::BFloat16* const* kp,
+                             const c10::BFloat16* const* vp, int D, float* s, float* out) {
+  TORCH_CHECK(R <= 16, "attention: bf16_amx takes at most 16 query rows a KV head, got ", R);
+  const int nkp = (nk + 7) & ~7, n32 = (nk + 31) & ~31, P = D + 2, NB = D / 32;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  auto vrow = [&](int j) { return j < nk ? reinterpret_cast<const uint16_t*>(vp[j]) : kZeroRow; };
+  static thread_local std::vector<uint16_t> pbuf;
+  if (pbuf.size() < static_cast<size_t>(R) * n32) pbuf.resize(static_cast<size_t>(R) * n32);
+  float* o_out = out + 2;
+#if defined(TS_AMX_BF16)
+  // tiles: 0-3 C of the sums (R rows x 16 elements), 4 A the probabilities (R rows x 32 keys),
+  // 5 B the query pairs (16 pairs x R rows), 6 C the scores (16 keys x R rows), 7 A 16 keys' 32
+  // dims or B 16 pairs of value rows (16 elements)
+  TileConfig cfg;
+  for (int t = 0; t < 4; ++t) cfg.rows[t] = static_cast<uint8_t>(R), cfg.colsb[t] = 64;
+  cfg.rows[4] = static_cast<uint8_t>(R), cfg.colsb[4] = 64;
+  cfg.rows[5] = 16, cfg.colsb[5] = static_cast<uint16_t>(4 * R);
+  cfg.rows[6] = 16, cfg.colsb[6] = static_cast<uint16_t>(4 * R);
+  cfg.rows[7] = 16, cfg.colsb[7] = 64;
+  tile_config(cfg);
+  alignas(64) uint32_t qpair[32][16][16];  // [dims block][pair k][row]: B of the scores, 64-byte rows
+  for (int b = 0; b < NB; ++b)
+    for (int k = 0; k < 16; ++k)
+      for (int r = 0; r < R; ++r) std::memcpy(&qpair[b][k][r], qb[r] + 32 * b + 2 * k, 4);
+  alignas(64) uint16_t kbuf[16][32];
+  alignas(64) float cs[16][16];
+  for (int j0 = 0; j0 < nk; j0 += 16) {
+    const int n = std::min(16, nk - j0);
+    const int64_t ld = n > 1 ? (kp[j0 + 1] - kp[j0]) : D;
+    bool strided = n == 16 && ld >= D;
+    for (int i = 2; strided && i < 16; ++i) strided = kp[j0 + i] == kp[j0] + i * ld;
+    for (int j = j0 + PF; j < std::min(j0 + PF + 16, nk); ++j) prefetch_row(kp[j], D);
+    TS_TILE_ZERO(6);
+    for (int b = 0; b < NB; ++b) {
+      if (strided) {
+        TS_TILE_LOAD(7, kp[j0] + 32 * b, ld * 2);
+      } else {
+        for (int i = 0; i < 16; ++i) {
+          if (i < n) std::memcpy(kbuf[i], kp[j0 + i] + 32 * b, 64);
+          else std::memset(kbuf[i], 0, 64);
+        }
+        TS_TILE_LOAD(7, kbuf, 64);
+      }
+      TS_TILE_LOAD(5, qpair[b], 64);
+      TS_TILE_DPBF16PS(6, 7, 5);
+    }
+    TS_TILE_STORE(6, cs, 64);
+    for (int i = 0; i < std::min(16, nkp - j0); ++i)
+      for (int r = 0; r < R; ++r) s[r * nkp + j0 + i] = cs[i][r];
+  }
+#else
+  {
+    FlushDenormals ftz;
+    // the rows' bfloat16 values as float32 (exact), read as broadcast operands of the FMAs
+    static thread_local std::vector<float> qf;
+    if (qf.size() < static_cast<size_t>(R) * D) qf.resize(static_cast<size_t>(R) * D);
+    for (int r = 0; r < R; ++r)
+      for (int d = 0; d < D; ++d) {
+        const uint32_t bits = uint32_t{qb[r][d]} << 16;
+        std::memcpy(&qf[static_cast<size_t>(r) * D + d], &bits, 4);
+      }
+    for (int j0 = 0; j0 < nk; j0 += 16) {
+      const int n = std::min(16, nk - j0);
+      for (int j = j0 + PF; j < std::min(j0 + PF + 16, nk); ++j) prefetch_row(kp[j], D);
+      const c10::BFloat16* kj[16];
+      for (int i = 0; i < 16; ++i) kj[i] = kp[j0 + std::min(i, n - 1)];  // past nk the last key: discarded
+      const __mmask16 live = static_cast<__mmask16>((1u << std::min(16, nkp - j0)) - 1);
+      for (int r0 = 0; r0 < R; r0 += 6) {  // six rows' chains in registers beside the 16 pairs
+        const float* qr[6];
+        float* sr[6];
+        const int rn = std::min(6, R - r0);
+        for (int r = 0; r < rn; ++r) {
+          qr[r] = qf.data() + static_cast<size_t>(r0 + r) * D;
+          sr[r] = s + (r0 + r) * nkp + j0;
+        }
+        switch (rn) {
+          case 1: scores_amx_order<1>(kj, NB, qr, sr, live); break;
+          case 2: scores_amx_order<2>(kj, NB, qr, sr, live); break;
+          case 3: scores_amx_order<3>(kj, NB, qr, sr, live); break;
+          case 4: scores_amx_order<4>(kj, NB, qr, sr, live); break;
+          case 5: scores_amx_order<5>(kj, NB, qr, sr, live); break;
+          default: scores_amx_order<6>(kj, NB, qr, sr, live); break;
+        }
+      }
+    }
+  }
+#endif
+  for (int r = 0; r < R; ++r) {  // the softmax partial: as chunk_partial's
+    float* sr = s + r * nkp;
+    for (int j = nk; j < nkp; ++j) sr[j] = ninf;
+    __m256 mx = _mm256_set1_ps(ninf);  // max is exact in any order
+    for (int j = 0; j < nkp; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sr + j));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float m = _mm_cvtss_f32(m4);
+    out[r * P] = m;
+    out[r * P + 1] = hsum(exp_shift_sum8(sr, nkp, m));
+    uint16_t* pr = pbuf.data() + static_cast<size_t>(r) * n32;
+    to_bf16_ftz(sr, nkp, pr);
+    std::fill(pr + nkp, pr + n32, uint16_t{0});
+  }
+  for (int j = 0; j < std::min(nk, PF); ++j) prefetch_row(vp[j], D);
+#if defined(TS_AMX_BF16)
+  alignas(64) uint32_t vpair[16][16];  // B: pair k = value rows 2k, 2k+1 of a 32-key block, 16 elements
+  for (int d0 = 0; d0 < D; d0 += 64) {
+    const int ng = std::min(4, (D - d0) / 16);
+    TS_TILE_ZERO(0);
+    TS_TILE_ZERO(1);
+    TS_TILE_ZERO(2);
+    TS_TILE_ZERO(3);
+    for (int j0 = 0; j0 < n32; j0 += 32) {
+      for (int j = j0 + PF; j < std::min(j0 + 32 + PF, nk); ++j) prefetch_row(vp[j], D);
+      TS_TILE_LOAD(4, pbuf.data() + j0, static_cast<int64_t>(n32) * 2);
+      for (int g = 0; g < ng; ++g) {
+        for (int k = 0; k < 16; ++k) {
+          const __m512i lo = _mm512_cvtepu16_epi32(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow(j0 + 2 * k) + d0 + 16 * g)));
+          const __m512i hi = _mm512_cvtepu16_epi32(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow(j0 + 2 * k + 1) + d0 + 16 * g)));
+          _mm512_store_si512(vpair[k], _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+        TS_TILE_LOAD(7, vpair, 64);
+        switch (g) {
+          case 0: TS_TILE_DPBF16PS(0, 4, 7); break;
+          case 1: TS_TILE_DPBF16PS(1, 4, 7); break;
+          case 2: TS_TILE_DPBF16PS(2, 4, 7); break;
+          default: TS_TILE_DPBF16PS(3, 4, 7); break;
+        }
+      }
+    }
+    const int64_t os = static_cast<int64_t>(P) * 4;
+    if (ng > 0) TS_TILE_STORE(0, o_out + d0, os);
+    if (ng > 1) TS_TILE_STORE(1, o_out + d0 + 16, os);
+    if (ng > 2) TS_TILE_STORE(2, o_out + d0 + 32, os);
+    if (ng > 3) TS_TILE_STORE(3, o_out + d0 + 48, os);
+  }
+  tile_release();
+#else
+  FlushDenormals ftz;
+  // the probabilities as float32 (exact), read as broadcast operands of the FMAs
+  static thread_local std::vector<float> pf;
+  if (pf.size() < static_cast<size_t>(R) * n32) pf.resize(static_cast<size_t>(R) * n32);
+  for (size_t i = 0; i < static_cast<size_t>(R) * n32; ++i) {
+    const uint32_t bits = uint32_t{pbuf[i]} << 16;
+    std::memcpy(&pf[i], &bits, 4);
+  }
+  for (int r = 0; r < R; ++r) std::fill(o_out + r * P, o_out + r * P + D, 0.0f);
+  for (int j0 = 0; j0 < n32; j0 += 32) {
+    for (int j = j0 + PF; j < std::min(j0 + 32 + PF, nk); ++j) prefetch_row(vp[j], D);
+    for (int d0 = 0; d0 < D; d0 += 32)
+      for (int r0 = 0; r0 < R; r0 += 6) {  // six rows' chains in registers beside the value rows
+        const float* pr[6];
+        float* orow[6];
+        const int rn = std::min(6, R - r0);
+        for (int r = 0; r < rn; ++r) {
+          pr[r] = pf.data() + static_cast<size_t>(r0 + r) * n32;
+          orow[r] = o_out + (r0 + r) * P;
+        }
+        switch (rn) {
+          case 1: values_amx_order<1>(vrow, j0, d0, pr, orow); break;
+          case 2: values_amx_order<2>(vrow, j0, d0, pr, orow); break;
+          case 3: values_amx_order<3>(vrow, j0, d0, pr, orow); break;
+          case 4: values_amx_order<4>(vrow, j0, d0, pr, orow); break;
+          case 5: values_amx_order<5>(vrow, j0, d0, pr, orow); break;
+          default: values_amx_order<6>(vrow, j0, d0, pr, orow); break;
+        }
+      }
+  }
+#endif
+}
+#endif
+
 // One chunk's softmax partial for R query rows over nk keys (nk <= chunk): per row the chunk's
 // max score m, sum of exp(s - m) l, and sum of exp(s - m) v (o[D]). Keys and values come as
 // pointers to rows of D (float32, or int8 with per-row scales ksc/vsc: a score is the scale times
@@ -446,7 +724,12 @@ template <typename E>
 void chunk_partial(int R, const float* const* qp, int nk, const E* const* kp, const E* const* vp,
                    const float* ksc, const float* vsc, int D, float* s, float* out,
                    const int8_t* const* q8 = nullptr, const float* qsc = nullptr,
-                   const uint16_t* const* qb = nullptr) {
+                   const uint16_t* const* qb = nullptr, bool amx_order = false) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<E, c10::BFloat16>) {
+    if (qb && amx_order) return chunk_partial_amx_order(R, qb, nk, kp, vp, D, s, out);
+  }
+#endif
   const int NV = D / 8;
   const int nkp = (nk + 7) & ~7;
   bool scored = false;
@@ -645,7 +928,8 @@ inline float merge_partials(int64_t nc, const F& part, int64_t D, float* dst) {
 template <typename KT>
 void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask,
                     int64_t chunk, at::Tensor& out, at::Tensor* lse, const at::Tensor* kscale = nullptr,
-                    const at::Tensor* vscale = nullptr, const int64_t* kv_start = nullptr, bool bf = false) {
+                    const at::Tensor* vscale = nullptr, const int64_t* kv_start = nullptr, bool bf = false,
+                    bool bfa = false) {
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
   const int64_t KH = k.size(1), S = k.size(2), G = H / KH;
   const int64_t n = S - T;  // cached keys, visible to every row (from its kv_start on, when given)
@@ -733,7 +1017,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         const int rn = static_cast<int>(std::min<int64_t>(ROW_GROUP, GT - r0));
         chunk_partial(rn, qp.data() + r0, chunk, kv.kp.data(), kv.vp.data(), kv.kscale(), kv.vscale(), D, s,
                       dst + r0 * P, iq ? q8p.data() + r0 : nullptr, iq ? qs.data() + r0 : nullptr,
-                      bf ? qbp.data() + r0 : nullptr);
+                      bf ? qbp.data() + r0 : nullptr, bfa);
       }
     }
   });
@@ -772,7 +1056,8 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         kv.fill(kd + b * ksb + kh * ksh, vd + b * vsb + kh * vsh, kss, vss, idx.data() + c0, nk, kbase_s(b, kh),
                 vbase_s(b, kh), kcs, vcs);
         chunk_partial(G, qp.data(), nk, kv.kp.data(), kv.vp.data(), kv.kscale(), kv.vscale(), D, s,
-                      tail + c * G * P, iq ? q8p.data() : nullptr, iq ? qs.data() : nullptr, bf ? qbp.data() : nullptr);
+                      tail + c * G * P, iq ? q8p.data() : nullptr, iq ? qs.data() : nullptr, bf ? qbp.data() : nullptr,
+                      bfa);
       }
       // merge in chunk order: prefix chunks 0..nfull-1, then the tail's
       const float* pbase = pre + static_cast<size_t>((b * KH + kh) * nfull) * GT * P;
@@ -871,7 +1156,8 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
                                              const c10::optional<at::Tensor>& mask, int64_t chunk, bool want_lse,
                                              const c10::optional<at::Tensor>& k_scale,
                                              const c10::optional<at::Tensor>& v_scale,
-                                             const c10::optional<at::Tensor>& kv_start, bool bf16) {
+                                             const c10::optional<at::Tensor>& kv_start, bool bf16,
+                                             bool bf16_amx) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q [B,T,H,D], k/v [B,KH,S,D]");
   TORCH_CHECK(q.scalar_type() == at::kFloat, "attention: q must be float32");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "attention: k and v dtypes differ");
@@ -886,6 +1172,12 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
   TORCH_CHECK(!bf16 || (k.scalar_type() == at::kBFloat16 && D % 32 == 0),
               "attention: bfloat16 attention needs bfloat16 K/V and head_dim a multiple of 32, got ",
               k.scalar_type(), " and head_dim ", D);
+#if defined(__AVX512F__)
+  TORCH_CHECK(!bf16_amx || (bf16 && D <= 1024), "attention: bf16_amx is bfloat16 attention's order (bf16=True), ",
+              "head_dim at most 1024, got head_dim ", D);
+#else
+  TORCH_CHECK(!bf16_amx, "attention: bfloat16 attention in AMX's order runs on the avx512 and amx levels only");
+#endif
   const at::Tensor* mp = nullptr;
   at::Tensor m;
   if (mask.has_value()) {
@@ -921,7 +1213,7 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
   switch (k.scalar_type()) {
     case at::kFloat: attention_impl<float>(q, k, v, mp, chunk, out, lp, nullptr, nullptr, ksp); break;
     case at::kBFloat16:
-      attention_impl<c10::BFloat16>(q, k, v, mp, chunk, out, lp, nullptr, nullptr, ksp, bf16);
+      attention_impl<c10::BFloat16>(q, k, v, mp, chunk, out, lp, nullptr, nullptr, ksp, bf16, bf16_amx);
       break;
     case at::kHalf: attention_impl<c10::Half>(q, k, v, mp, chunk, out, lp, nullptr, nullptr, ksp); break;
     case at::kChar: attention_impl<int8_t>(q, k, v, mp, chunk, out, lp, &*k_scale, &*v_scale, ksp); break;
@@ -1333,11 +1625,44 @@ void quantize_q8(const at::Tensor& x, at::Tensor& q, at::Tensor& scale) {
   }
 }
 
+// One TDPBF16PS on given tiles: c float32 [M, N] + a bfloat16 [M, 2K] times b bfloat16 [K, 2N] (b's
+// row k: N pairs), M, N, K <= 16 -> the new c. The instruction on the `amx` level, its model on
+// `amx_emu`: what tests/test_amx_bf16.py holds against the SDM's order.
+at::Tensor run_tile_dpbf16ps(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
+#if defined(TS_AMX_BF16)
+  TORCH_CHECK(c.scalar_type() == at::kFloat && a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 &&
+                  c.dim() == 2 && a.dim() == 2 && b.dim() == 2,
+              "tile_dpbf16ps: c float32 [M, N], a bfloat16 [M, 2K], b bfloat16 [K, 2N]");
+  const int64_t M = c.size(0), N = c.size(1), K = b.size(0);
+  TORCH_CHECK(M >= 1 && M <= 16 && N >= 1 && N <= 16 && K >= 1 && K <= 16 && a.size(0) == M && a.size(1) == 2 * K &&
+                  b.size(1) == 2 * N,
+              "tile_dpbf16ps: shapes must be c [M, N], a [M, 2K], b [K, 2N] with M, N, K in 1..16");
+  at::Tensor out = c.contiguous().clone();
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  TileConfig cfg;
+  cfg.rows[0] = static_cast<uint8_t>(M), cfg.colsb[0] = static_cast<uint16_t>(4 * N);
+  cfg.rows[1] = static_cast<uint8_t>(M), cfg.colsb[1] = static_cast<uint16_t>(4 * K);
+  cfg.rows[2] = static_cast<uint8_t>(K), cfg.colsb[2] = static_cast<uint16_t>(4 * N);
+  tile_config(cfg);
+  TS_TILE_LOAD(0, out.data_ptr<float>(), 4 * N);
+  TS_TILE_LOAD(1, ac.data_ptr<at::BFloat16>(), 4 * K);
+  TS_TILE_LOAD(2, bc.data_ptr<at::BFloat16>(), 4 * N);
+  TS_TILE_DPBF16PS(0, 1, 2);
+  TS_TILE_STORE(0, out.data_ptr<float>(), 4 * N);
+  tile_release();
+  return out;
+#else
+  (void)c, (void)a, (void)b;
+  TORCH_CHECK(false, "tile_dpbf16ps: this build has no AMX-BF16 tiles (the amx and amx_emu levels have)");
+#endif
+}
+
 }  // namespace TS_NS
 
 TORCH_LIBRARY_FRAGMENT(TS_NS, m) {
+  m.def("tile_dpbf16ps(Tensor c, Tensor a, Tensor b) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, int chunk, bool want_lse, Tensor? k_scale=None, "
-        "Tensor? v_scale=None, Tensor? kv_start=None, bool bf16=False) -> (Tensor, Tensor)");
+        "Tensor? v_scale=None, Tensor? kv_start=None, bool bf16=False, bool bf16_amx=False) -> (Tensor, Tensor)");
   m.def("attention_rows(Tensor q, Tensor k, Tensor v, Tensor rows, int chunk) -> Tensor");
   m.def("sparse_select_dims(Tensor q, Tensor kt, Tensor ks, int a, int b, int S, int budget, int dims) -> Tensor");
   m.def("quantize_q8(Tensor x, Tensor(a!) q, Tensor(b!) scale) -> ()");
@@ -1345,6 +1670,7 @@ TORCH_LIBRARY_FRAGMENT(TS_NS, m) {
 
 TORCH_LIBRARY_IMPL(TS_NS, CPU, m) {
   m.impl("attention", &TS_NS::attention);
+  m.impl("tile_dpbf16ps", &TS_NS::run_tile_dpbf16ps);
   m.impl("attention_rows", &TS_NS::attention_rows);
   m.impl("sparse_select_dims", &TS_NS::sparse_select_dims);
   m.impl("quantize_q8", &TS_NS::quantize_q8);

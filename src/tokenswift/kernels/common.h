@@ -116,6 +116,16 @@ inline __m256 hsum8(const __m256* a) {
   return _mm256_add_ps(lo, hi);
 }
 
+// MXCSR's flush-to-zero and denormals-are-zero for this scope (this thread), as AMX's bfloat16
+// products run: a denormal input reads as zero and a denormal result becomes zero.
+struct FlushDenormals {
+  unsigned saved;
+  FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+};
+
 inline float hsum(__m256 v) {
   __m256 a[8] = {v, v, v, v, v, v, v, v};
   return _mm_cvtss_f32(_mm256_castps256_ps128(hsum8(a)));
@@ -216,7 +226,8 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
                                              const c10::optional<at::Tensor>& mask, int64_t chunk, bool want_lse,
                                              const c10::optional<at::Tensor>& k_scale,
                                              const c10::optional<at::Tensor>& v_scale,
-                                             const c10::optional<at::Tensor>& kv_start, bool bf16);
+                                             const c10::optional<at::Tensor>& kv_start, bool bf16,
+                                             bool bf16_amx);
 // the sparse draft's choice of rows and its attention over them (attention.cpp)
 at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& ks, int64_t a, int64_t b,
                               int64_t S, int64_t budget, int64_t dims);

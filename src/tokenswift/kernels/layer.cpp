@@ -197,13 +197,14 @@ at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm, double eps, c
                       int64_t N, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& q_norm,
                       const c10::optional<at::Tensor>& k_norm, const at::Tensor& cos, const at::Tensor& sin, int64_t H,
                       int64_t KH, double q_scale, const at::Tensor& kc, const at::Tensor& vc, int64_t layer,
-                      int64_t start, const c10::optional<at::Tensor>& mask, int64_t chunk, bool bf16) {
+                      int64_t start, const c10::optional<at::Tensor>& mask, int64_t chunk, bool bf16,
+                      bool bf16_amx) {
   at::Tensor qkv = attn_in(x, norm, eps, packed, qt, N, bias, q_norm, k_norm, cos, sin, H, KH, q_scale, kc, vc, layer,
                            start);
   const int64_t S = start + x.size(1);
   at::Tensor q = qkv.narrow(2, 0, H);
   at::Tensor k = kc.select(0, layer).narrow(2, 0, S), v = vc.select(0, layer).narrow(2, 0, S);
-  return std::get<0>(attention(q, k, v, mask, chunk, false, c10::nullopt, c10::nullopt, c10::nullopt, bf16));
+  return std::get<0>(attention(q, k, v, mask, chunk, false, c10::nullopt, c10::nullopt, c10::nullopt, bf16, bf16_amx));
 }
 
 // attn_in for one token, then the sparse draft's attention (`SparseKV` with the dims scorer): its
@@ -298,7 +299,7 @@ TORCH_LIBRARY(TS_NS, m) {
         "Tensor(b!)? vc, int layer, int start) -> Tensor");
   m.def("attn_block(Tensor x, Tensor norm, float eps, Tensor w, int qtype, int n, Tensor? bias, Tensor? q_norm, "
         "Tensor? k_norm, Tensor cos, Tensor sin, int heads, int kv_heads, float q_scale, Tensor(a!) kc, "
-        "Tensor(b!) vc, int layer, int start, Tensor? mask, int chunk, bool bf16=False) -> Tensor");
+        "Tensor(b!) vc, int layer, int start, Tensor? mask, int chunk, bool bf16=False, bool bf16_amx=False) -> Tensor");
   m.def("attn_block_sparse(Tensor x, Tensor norm, float eps, Tensor w, int qtype, int n, Tensor? bias, "
         "Tensor? q_norm, Tensor? k_norm, Tensor cos, Tensor sin, int heads, int kv_heads, float q_scale, "
         "Tensor(a!) kc, Tensor(b!) vc, int layer, int start, Tensor kt, Tensor ks, int a, int b, int budget, "
