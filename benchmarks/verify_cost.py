@@ -4,7 +4,7 @@ LM head for every row) and the layers' attention alone, beside the time to read 
 and V once (the memory floor of one-token attention).
 
     python benchmarks/verify_cost.py --contexts 4096,16384 --tokens 1,2,4,8,16 [--kv-dtype bfloat16]
-        [--attention-dtype bfloat16]
+        [--attention-dtype bfloat16|bfloat16-amx]
         [--activations int8] [--isa avx2,avx512]
 
 The cache holds random K/V (the cost does not depend on the values); positions past the model's
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--acceptance", type=float, default=0.87, help="per-depth acceptance of a chained draft")
     ap.add_argument("--draft-cost", type=float, default=0.25, help="a drafted token's cost, share of a one-token pass")
     ap.add_argument("--activations", default="float", choices=["float", "int8"])
-    ap.add_argument("--attention-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--attention-dtype", default="float32", choices=["float32", "bfloat16", "bfloat16-amx"])
     ap.add_argument("--isa", default="", help="instruction levels to time in turn (default: the one chosen)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
