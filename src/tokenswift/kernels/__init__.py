@@ -1,6 +1,7 @@
 """Native CPU kernels: a thin face over the C++ sources beside it, one per kernel family
-(`attention.cpp`, `linear.cpp`, `layer.cpp`, `sample.cpp`, sharing `common.h`), built on first use
-for the CPU's instruction level (AVX2+FMA, or AVX-512 with VNNI: `LEVELS`).
+(`attention.cpp`, `linear.cpp`, `layer.cpp`, `sample.cpp`, sharing `common.h` and `amx.h`), built on
+first use for the CPU's instruction level (AVX2+FMA, AVX-512 with VNNI, or that with AMX tiles:
+`LEVELS`).
 
 - `attention(q, k, v, mask)`: grouped-query attention of T new tokens over a KV cache (float32,
   bfloat16 or float16 K/V, read in place, or int8 K/V with per-row scales: the draft's copy of
