@@ -121,8 +121,9 @@ def test_ar_and_tokenswift_write_the_same_text_under_bf16_amx_attention(levels, 
         assert len(a.tokens) == 64 and a.tokens == b.tokens
 
 
-def test_bf16_amx_attention_is_refused_where_the_kernels_run_at_avx2(monkeypatch, tmp_path):
-    """The order needs AVX-512 vectors or the tiles; an AVX2 machine is told so in one line."""
+def test_bf16_amx_attention_is_refused_where_the_kernels_run_at_avx2_or_a_kv_head_has_over_16_rows(monkeypatch, tmp_path):
+    """The order needs AVX-512 vectors or the tiles, and a KV head's query heads fit a tile's 16 rows;
+    a load outside that is told so in one line."""
     import tokenswift
     from conftest import tiny_hf_model
     from tokenswift.params import ParamError
@@ -135,3 +136,10 @@ def test_bf16_amx_attention_is_refused_where_the_kernels_run_at_avx2(monkeypatch
     with pytest.raises(ParamError, match=r"attention_dtype 'bfloat16-amx' runs on the avx512 and amx kernel levels, "
                                          r"and the kernels here run at avx2"):
         tokenswift.load(str(tiny_dir), heads="none", attention_dtype="bfloat16-amx")
+    many = tmp_path / "many-heads"
+    tiny_hf_model("llama", seed=2, scale=0.3, max_position_embeddings=1024, hidden_size=72, num_attention_heads=18,
+                  num_key_value_heads=1, head_dim=32).save_pretrained(many)
+    monkeypatch.setattr(kernels, "isa", lambda: "avx512")
+    with pytest.raises(ParamError, match=r"attention_dtype 'bfloat16-amx' takes at most 16 query heads a KV head "
+                                         r"\(a tile's rows\), and this model has 18"):
+        tokenswift.load(str(many), heads="none", attention_dtype="bfloat16-amx")

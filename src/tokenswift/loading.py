@@ -234,6 +234,9 @@ def load_model(
     if bf16 and cfg.head_dim % 32:
         raise ParamError("attention_dtype", "", f" {attention_dtype!r} needs head_dim a multiple of 32, and this "
                                                 f"model's is {cfg.head_dim}")
+    if attention_dtype == "bfloat16-amx" and cfg.num_heads // cfg.num_kv_heads > 16:
+        raise ParamError("attention_dtype", "", f" 'bfloat16-amx' takes at most 16 query heads a KV head (a tile's "
+                                                f"rows), and this model has {cfg.num_heads // cfg.num_kv_heads}")
     dec.kv_dtype = (torch.bfloat16 if bf16 else dt) if kv_dtype == "auto" else getattr(torch, kv_dtype)
     dec.eval()
     del tensors
