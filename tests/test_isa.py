@@ -113,11 +113,25 @@ def test_amx_tiles_that_disagree_with_their_rows_alone_are_not_used(monkeypatch,
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.delenv("TOKENSWIFT_ISA", raising=False)
     monkeypatch.setattr(kernels, "chosen_level", lambda: ("amx", ""))
+    monkeypatch.setattr(kernels, "amx_check", lambda: kernels.amx_disagrees(_Skewed(levels["amx_emu"])))
     monkeypatch.setattr(kernels, "load_level", lambda lv: _Skewed(levels["amx_emu"]) if lv == "amx" else levels[lv])
     with caplog.at_level("WARNING", logger="tokenswift"):
         assert kernels.native()
     assert kernels.isa() == "avx512" and kernels.ops is levels["avx512"]
     assert "AMX kernels not used: a 16-row int8 product differs from its rows alone" in caplog.text
+
+
+def test_the_amx_check_runs_the_tiles_in_a_child_that_may_die(levels):
+    """On a CPU without AMX the check's child dies on its first tile instruction and the guard
+    says so (instead of this process dying); with AMX it passes and marks the build."""
+    if "avx512" not in levels:
+        pytest.skip("the amx build's child needs AVX-512 to reach its tiles")
+    why = kernels.amx_check()
+    if "amx" in kernels.levels_present():
+        assert why == "" and (kernels.build_dir("amx") / "tiles-checked").exists()
+    else:
+        assert why == "the tiles' check process was killed by SIGILL"
+        assert not (kernels.build_dir("amx") / "tiles-checked").exists()
 
 
 def test_a_level_the_cpu_lacks_turns_the_kernels_off_with_the_reason():

@@ -279,6 +279,8 @@ def _llamacpp_child(job: dict[str, Any], out: Any) -> None:
         if amx:
             stats["prompt_batch_why"] = "llama.cpp built with AMX: batches of more than one token crashed its decode"
         out.put(("done", cp.records, tokens, stats))
+        out.close()
+        out.join_thread()  # the result is written before llama.cpp's teardown, which could crash
     except Exception as e:  # noqa: BLE001  (reported to the parent, which skips the method)
         out.put(("error", f"{type(e).__name__}: {e}"))
 

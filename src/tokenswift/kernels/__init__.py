@@ -232,7 +232,7 @@ def native() -> bool:
             try:
                 ops = load_level(level)
                 if level == "amx" and not os.environ.get("TOKENSWIFT_ISA"):
-                    bad = amx_disagrees(ops)
+                    bad = amx_check()
                     if bad:  # a guard for tile code first run on a new machine: the level below runs
                         log.warning("AMX kernels not used: %s; running avx512", bad)
                         level, ops = "avx512", load_level("avx512")
@@ -248,10 +248,38 @@ def native() -> bool:
         return why is None
 
 
+def amx_check() -> str:
+    """'' where the `amx` build's tiles work here, else why not: `amx_disagrees` run in a child
+    process (a tile fault on real hardware kills the process that takes it, which the guard must
+    survive), once per build (a mark beside it records a pass)."""
+    import signal
+    import subprocess
+    import sys
+
+    mark = build_dir("amx") / "tiles-checked"
+    if mark.exists():
+        return ""
+    code = ("from tokenswift import kernels\nkernels.amx_permitted()\n"
+            "print(kernels.amx_disagrees(kernels.load_level('amx')) or 'same bits')\n")
+    env = {**os.environ, "TOKENSWIFT_ISA": "avx512"}  # the child runs the check, not the guard again
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"the tiles' check did not run ({type(e).__name__})"
+    if r.returncode < 0:
+        return f"the tiles' check process was killed by {signal.Signals(-r.returncode).name}"
+    last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else f"exit code {r.returncode}"
+    if r.returncode != 0 or last != "same bits":
+        return last
+    mark.write_text("the amx build's 16-row int8 product gave its rows' bits here\n", encoding="utf-8")
+    return ""
+
+
 def amx_disagrees(level_ops) -> str:
     """'' where a build's int8-activation matmul gives the same bits for 16 rows at once (the AMX
-    tiles' path) as for each row alone (the VNNI path), else what differed: a check of a few
-    microseconds before a level with tiles runs a model."""
+    tiles' path) as for each row alone (the VNNI path), else what differed: 17 small products
+    (milliseconds), which `amx_check` runs in a child process before a level with tiles runs a
+    model."""
     g = torch.Generator().manual_seed(0)
     N, K = 48, 64
     raw = torch.randint(0, 256, (N, K // 32, 18), dtype=torch.uint8, generator=g)
@@ -354,6 +382,8 @@ def tile_dpbf16ps_reference(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -
     elements' likewise, and c + (even + odd) is the result; every step in float32, rounding to
     nearest even, denormals read and written as zero (torch's flush-denormal mode)."""
     torch.set_flush_denormal(True)  # this thread's MXCSR (FTZ and DAZ); tensors this small stay on it
+    # (a product and a sum as two steps equal one FMA unless the product is denormal, which FTZ would
+    # flush before the sum: operands of a model's scale, and the test's, stay far above that)
     try:
         A, B = a.float(), b.float()  # exact; each product of two bfloat16 numbers is exact in float32
         even = torch.zeros_like(c)
@@ -363,7 +393,7 @@ def tile_dpbf16ps_reference(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -
             odd = odd + A[:, 2 * k + 1, None] * B[k, 1::2][None, :]
         return c + (even + odd)
     finally:
-        torch.set_flush_denormal(False)
+        torch.set_flush_denormal(False)  # torch's default (there is no getter to restore another)
 
 
 def to_bf16_ftz(x: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,12 @@ inline EmuTiles& emu_tiles() {
   return e;
 }
 inline void tile_config(const TileConfig& c) {
+  // what LDTILECFG faults on (#GP), so that the model is no more permissive than the hardware
+  TORCH_CHECK(c.palette == 1 && c.start_row == 0, "amx_emu: palette must be 1 and start_row 0");
+  for (int t = 0; t < 16; ++t)
+    TORCH_CHECK(c.rows[t] <= 16 && c.colsb[t] <= 64 && (c.rows[t] == 0) == (c.colsb[t] == 0) && (t < 8 || !c.rows[t]),
+                "amx_emu: tile ", t, " configured with ", int(c.rows[t]), " rows of ", int(c.colsb[t]), " bytes");
+  for (uint8_t b : c.reserved) TORCH_CHECK(b == 0, "amx_emu: reserved bytes of the configuration must be zero");
   EmuTiles& e = emu_tiles();
   e.cfg = c;
   e.configured = true;
@@ -55,7 +61,8 @@ inline void tile_config(const TileConfig& c) {
 }
 inline void tile_release() { emu_tiles().configured = false; }
 inline void emu_check(int t) {
-  TORCH_CHECK(emu_tiles().configured && emu_tiles().cfg.rows[t] > 0, "amx_emu: tile ", t, " used unconfigured");
+  TORCH_CHECK(emu_tiles().configured && emu_tiles().cfg.rows[t] > 0 && emu_tiles().cfg.colsb[t] > 0, "amx_emu: tile ",
+              t, " used unconfigured");
 }
 template <int T>
 inline void tile_load(const void* p, int64_t stride) {
@@ -79,6 +86,7 @@ inline void tile_zero() {
 }
 template <int C, int A, int B>
 inline void tile_dpbsud() {
+  static_assert(C != A && C != B && A != B, "tdpbsud's three tiles must differ (#UD)");
   emu_check(C), emu_check(A), emu_check(B);
   EmuTiles& e = emu_tiles();
   const TileConfig& c = e.cfg;
@@ -103,6 +111,7 @@ inline void tile_dpbsud() {
 
 template <int C, int A, int B>
 inline void tile_dpbf16ps() {
+  static_assert(C != A && C != B && A != B, "tdpbf16ps' three tiles must differ (#UD)");
   emu_check(C), emu_check(A), emu_check(B);
   EmuTiles& e = emu_tiles();
   const TileConfig& c = e.cfg;
@@ -130,8 +139,14 @@ inline void tile_dpbf16ps() {
 #else
 inline void tile_config(const TileConfig& c) { _tile_loadconfig(&c); }
 inline void tile_release() { _tile_release(); }
-// The intrinsics paste their tile numbers into the instruction's text: literal numbers only.
-#define TS_TILE_LOAD(t, p, stride) _tile_loadd(t, p, stride)
+// The intrinsics paste their tile numbers into the instruction's text: literal numbers only. A
+// tile load's asm tells the compiler of no memory it reads: the barrier keeps the stores that
+// fill its buffer (B tiles laid out just before) ahead of it whatever the optimiser does.
+#define TS_TILE_LOAD(t, p, stride)        \
+  do {                                    \
+    __asm__ __volatile__("" ::: "memory"); \
+    _tile_loadd(t, p, stride);            \
+  } while (0)
 #define TS_TILE_STORE(t, p, stride) _tile_stored(t, p, stride)
 #define TS_TILE_ZERO(t) _tile_zero(t)
 #define TS_TILE_DPBSUD(c, a, b) _tile_dpbsud(c, a, b)
