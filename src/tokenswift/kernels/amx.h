@@ -84,14 +84,24 @@ inline void tile_zero() {
   emu_check(T);
   std::memset(emu_tiles().t[T], 0, sizeof(emu_tiles().t[T]));
 }
+// A dot product's operand tiles: configured, and shaped as the instruction requires (C rows = A
+// rows, A's dwords a row = B rows, C colsb = B colsb), else it faults (#UD)
 template <int C, int A, int B>
-inline void tile_dpbsud() {
-  static_assert(C != A && C != B && A != B, "tdpbsud's three tiles must differ (#UD)");
+inline EmuTiles& emu_dot_operands(const char* op) {
+  static_assert(C != A && C != B && A != B, "a tile dot product's three tiles must differ (#UD)");
   emu_check(C), emu_check(A), emu_check(B);
   EmuTiles& e = emu_tiles();
   const TileConfig& c = e.cfg;
-  TORCH_CHECK(c.rows[C] == c.rows[A] && c.colsb[A] / 4 == c.rows[B] && c.colsb[C] == c.colsb[B] && c.colsb[C] == 64,
-              "amx_emu: tdpbsud shapes do not match (#UD)");
+  TORCH_CHECK(c.rows[C] == c.rows[A] && c.colsb[A] / 4 == c.rows[B] && c.colsb[C] == c.colsb[B], "amx_emu: ", op,
+              " shapes do not match (#UD)");
+  return e;
+}
+
+template <int C, int A, int B>
+inline void tile_dpbsud() {
+  EmuTiles& e = emu_dot_operands<C, A, B>("tdpbsud");
+  const TileConfig& c = e.cfg;
+  TORCH_CHECK(c.colsb[C] == 64, "amx_emu: tdpbsud is modelled for 16 outputs a row");
   for (int m = 0; m < c.rows[C]; ++m) {
     __m512i acc = _mm512_loadu_si512(e.t[C][m]);
     for (int k = 0; k < c.colsb[A] / 4; ++k) {
@@ -111,12 +121,8 @@ inline void tile_dpbsud() {
 
 template <int C, int A, int B>
 inline void tile_dpbf16ps() {
-  static_assert(C != A && C != B && A != B, "tdpbf16ps' three tiles must differ (#UD)");
-  emu_check(C), emu_check(A), emu_check(B);
-  EmuTiles& e = emu_tiles();
+  EmuTiles& e = emu_dot_operands<C, A, B>("tdpbf16ps");
   const TileConfig& c = e.cfg;
-  TORCH_CHECK(c.rows[C] == c.rows[A] && c.colsb[A] / 4 == c.rows[B] && c.colsb[C] == c.colsb[B],
-              "amx_emu: tdpbf16ps shapes do not match (#UD)");
   const __mmask16 live = static_cast<__mmask16>((1u << (c.colsb[C] / 4)) - 1);
   FlushDenormals ftz;
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));

@@ -434,6 +434,21 @@ inline void pv_bf_unpermute(float* o, int D) {
 #endif
 }
 
+// A row's scores sr[0..nk) of one chunk (pad8 nkp) -> its partial's m (the max) and l (the sum of
+// exp(s - m)) into ml[0], ml[1], with sr[j] = exp(s - m) left in place (zero past nk)
+inline void chunk_softmax_row(float* sr, int nk, int nkp, float* ml) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int j = nk; j < nkp; ++j) sr[j] = ninf;
+  __m256 mx = _mm256_set1_ps(ninf);  // max is exact in any order
+  for (int j = 0; j < nkp; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sr + j));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+  const float m = _mm_cvtss_f32(m4);
+  ml[0] = m;
+  ml[1] = hsum(exp_shift_sum8(sr, nkp, m));  // nkp % 8 == 0: every key
+}
+
 #if defined(__AVX512F__)
 // ---- bfloat16 attention in AMX's order (`bf16_amx`: the model with "bf16-amx attention") -------
 // The same roundings as bfloat16 attention above (query rows and probabilities to bfloat16, the
@@ -542,7 +557,6 @@ void chunk_partial_amx_order(int R, const uint16_t* const* qb, int nk, const c10
                              const c10::BFloat16* const* vp, int D, float* s, float* out) {
   TORCH_CHECK(R <= 16, "attention: bf16_amx takes at most 16 query rows a KV head, got ", R);
   const int nkp = (nk + 7) & ~7, n32 = (nk + 31) & ~31, P = D + 2, NB = D / 32;
-  const float ninf = -std::numeric_limits<float>::infinity();
   auto vrow = [&](int j) { return j < nk ? reinterpret_cast<const uint16_t*>(vp[j]) : kZeroRow; };
   static thread_local std::vector<uint16_t> pbuf;
   if (pbuf.size() < static_cast<size_t>(R) * n32) pbuf.resize(static_cast<size_t>(R) * n32);
@@ -613,29 +627,14 @@ void chunk_partial_amx_order(int R, const uint16_t* const* qb, int nk, const c10
           qr[r] = qf.data() + static_cast<size_t>(r0 + r) * D;
           sr[r] = s + (r0 + r) * nkp + j0;
         }
-        switch (rn) {
-          case 1: scores_amx_order<1>(kj, NB, qr, sr, live); break;
-          case 2: scores_amx_order<2>(kj, NB, qr, sr, live); break;
-          case 3: scores_amx_order<3>(kj, NB, qr, sr, live); break;
-          case 4: scores_amx_order<4>(kj, NB, qr, sr, live); break;
-          case 5: scores_amx_order<5>(kj, NB, qr, sr, live); break;
-          default: scores_amx_order<6>(kj, NB, qr, sr, live); break;
-        }
+        with_rows<6>(rn, [&](auto RN) { scores_amx_order<decltype(RN)::value>(kj, NB, qr, sr, live); });
       }
     }
   }
 #endif
   for (int r = 0; r < R; ++r) {  // the softmax partial: as chunk_partial's
     float* sr = s + r * nkp;
-    for (int j = nk; j < nkp; ++j) sr[j] = ninf;
-    __m256 mx = _mm256_set1_ps(ninf);  // max is exact in any order
-    for (int j = 0; j < nkp; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sr + j));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-    const float m = _mm_cvtss_f32(m4);
-    out[r * P] = m;
-    out[r * P + 1] = hsum(exp_shift_sum8(sr, nkp, m));
+    chunk_softmax_row(sr, nk, nkp, out + r * P);
     uint16_t* pr = pbuf.data() + static_cast<size_t>(r) * n32;
     to_bf16_ftz(sr, nkp, pr);
     std::fill(pr + nkp, pr + n32, uint16_t{0});
@@ -697,14 +696,7 @@ void chunk_partial_amx_order(int R, const uint16_t* const* qb, int nk, const c10
           pr[r] = pf.data() + static_cast<size_t>(r0 + r) * n32;
           orow[r] = o_out + (r0 + r) * P;
         }
-        switch (rn) {
-          case 1: values_amx_order<1>(vrow, j0, d0, pr, orow); break;
-          case 2: values_amx_order<2>(vrow, j0, d0, pr, orow); break;
-          case 3: values_amx_order<3>(vrow, j0, d0, pr, orow); break;
-          case 4: values_amx_order<4>(vrow, j0, d0, pr, orow); break;
-          case 5: values_amx_order<5>(vrow, j0, d0, pr, orow); break;
-          default: values_amx_order<6>(vrow, j0, d0, pr, orow); break;
-        }
+        with_rows<6>(rn, [&](auto RN) { values_amx_order<decltype(RN)::value>(vrow, j0, d0, pr, orow); });
       }
   }
 #endif
@@ -803,22 +795,13 @@ void chunk_partial(int R, const float* const* qp, int nk, const E* const* kp, co
     for (; r + 1 < R; r += 2) scores_2x4(qp[r], qp[r + 1], kj, NV, s + r * nkp + j0, s + (r + 1) * nkp + j0);
     if (r < R) scores_1x4(qp[r], kj, NV, s + r * nkp + j0);
   }
-  const float ninf = -std::numeric_limits<float>::infinity();
   for (int r = 0; r < R; ++r) {
     float* sr = s + r * nkp;
     if (q8)
       for (int j = 0; j < nk; ++j) sr[j] *= qsc[r];
     if (ksc)
       for (int j = 0; j < nk; ++j) sr[j] *= ksc[j];
-    for (int j = nk; j < nkp; ++j) sr[j] = ninf;
-    __m256 mx = _mm256_set1_ps(ninf);  // max is exact in any order
-    for (int j = 0; j < nkp; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sr + j));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-    const float m = _mm_cvtss_f32(m4);
-    out[r * (D + 2)] = m;
-    out[r * (D + 2) + 1] = hsum(exp_shift_sum8(sr, nkp, m));  // nkp % 8 == 0: every key
+    chunk_softmax_row(sr, nk, nkp, out + r * (D + 2));
     if (vsc)
       for (int j = 0; j < nk; ++j) sr[j] *= vsc[j];
   }

@@ -116,6 +116,18 @@ inline __m256 hsum8(const __m256* a) {
   return _mm256_add_ps(lo, hi);
 }
 
+// f(std::integral_constant<int, R>) for R = rows (1 .. MAX, at most MAX): a row count as a
+// template argument, so that per-row accumulators stay in registers
+template <int MAX, int N = 1, typename F>
+inline void with_rows(int64_t rows, const F& f) {
+  if constexpr (N < MAX) {
+    if (rows == N) return f(std::integral_constant<int, N>{});
+    with_rows<MAX, N + 1>(rows, f);
+  } else {
+    f(std::integral_constant<int, N>{});
+  }
+}
+
 // MXCSR's flush-to-zero and denormals-are-zero for this scope (this thread), as AMX's bfloat16
 // products run: a denormal input reads as zero and a denormal result becomes zero.
 struct FlushDenormals {

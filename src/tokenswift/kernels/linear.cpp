@@ -82,17 +82,6 @@ using VF = V8;
 constexpr int PV_ALL = BLOCK / VF::W;           // vectors in a panel's row of 48 outputs
 constexpr int TILE_ROWS = VF::W == 16 ? 8 : 4;  // rows a tile holds in registers
 
-// f(std::integral_constant<int, R>) for R = rows (1 .. MAX, at most MAX): a tile's row count as
-// a template argument
-template <int MAX = TILE_ROWS, int N = 1, typename F>
-inline void with_rows(int64_t rows, const F& f) {
-  if constexpr (N < MAX) {
-    if (rows == N) return f(std::integral_constant<int, N>{});
-    with_rows<MAX, N + 1>(rows, f);
-  } else {
-    f(std::integral_constant<int, N>{});
-  }
-}
 
 // W [N, K] -> [ceil(N/48), K, 48], zero-padded outputs
 at::Tensor pack_linear(const at::Tensor& w) {
@@ -147,7 +136,7 @@ constexpr bool whole_panel() { return VF::W == 16 || R <= 2; }
 // Up to TILE_ROWS rows of x against one float panel [K][48] into buf [TILE_ROWS][48]
 inline void panel_rows(const float* xr, int64_t ldx, const float* w, int64_t K, int64_t rows, float* buf,
                        const float* pf) {
-  with_rows(rows, [&](auto RR) {
+  with_rows<TILE_ROWS>(rows, [&](auto RR) {
     constexpr int R = decltype(RR)::value;
     if constexpr (whole_panel<R>()) {
       tile<R, PV_ALL>(xr, ldx, w, K, 0, buf, pf);
@@ -513,7 +502,7 @@ void qlinear_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd, in
         if (M > QDIRECT_ROWS) {
           panel_rows(xr, ldx, dense.data(), K, rows, buf, nullptr);
         } else {
-          with_rows(rows, [&](auto RR) {
+          with_rows<TILE_ROWS>(rows, [&](auto RR) {
             constexpr int R = decltype(RR)::value;
             if constexpr (VF::W == 16 && R > 4) {  // a vector at a time: the scales and 8 rows' sums in registers
               for (int v = 0; v < PV_ALL; ++v) qtile<QT, R, 1>(xr, ldx, wb, KB, v, buf);
