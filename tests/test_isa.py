@@ -169,7 +169,8 @@ def _matmul(ops, qtype: str, raw, N: int, K: int, x, b, act8: bool):
     if qtype == "f32":
         return ops.linear(x, ops.pack_linear(raw), N, b)
     qt = KERNEL_QTYPES[qtype]
-    return ops.qlinear(x, ops.pack_q(raw, qt, K), qt | (kernels.ACT8 if act8 else 0), N, b)
+    qt |= kernels.ACT8 if act8 else 0  # int8 activations read panels packed in their code order
+    return ops.qlinear(x, ops.pack_q(raw, qt, K), qt, N, b)
 
 
 CASES = [(q, False) for q in ["f32"] + QTYPES + MORE_QTYPES] + [(q, True) for q in QTYPES + MORE_QTYPES]

@@ -146,11 +146,19 @@ def test_int8_activations_need_weight_blocks():
 
 @pytest.mark.parametrize("qtype", QTYPES + MORE_QTYPES)
 def test_quant_rows_are_the_dequantized_rows(qtype):
+    """In either order of the codes (int8 activations move them in place, and back)."""
     K = 512 if qtype in KQUANTS else 96
     raw = _raw(0.1 * torch.randn(100, K), qtype) if qtype in QTYPES else _random_raw(qtype, 100, K, seed=4)
     ql = QuantLinear(raw, qtype, (100, K))
     ids = torch.tensor([[0, 99, 47], [48, 48, 5]])
-    assert torch.equal(ql.rows(ids), dequantize_reference(raw, qtype, (100, K))[ids])
+    want = dequantize_reference(raw, qtype, (100, K))
+    before = ql.packed.clone()
+    assert torch.equal(ql.rows(ids), want[ids])
+    ql.act8 = True
+    assert not torch.equal(ql.packed, before), "the codes did not move"
+    assert torch.equal(ql.rows(ids), want[ids]) and torch.equal(ql.dense(), want)
+    ql.act8 = False
+    assert torch.equal(ql.packed, before)
 
 
 def test_quant_linear_bad_inputs_name_the_problem():
@@ -225,6 +233,14 @@ def test_a_k_quant_mix_gives_the_dequantized_models_logits_bitwise(tmp_path, kin
     toks = torch.randint(0, hf.config.vocab_size, (1, 40))
     assert torch.equal(_logits(m, toks), _logits(flat.model, toks))
     assert torch.equal(_logits(m, toks[:, :1]), _logits(m, toks)[:, :1])
+    # int8 activations: every stack's parts take the integer products' code order together
+    float_logits = _logits(m, toks)
+    assert m.int8_activations() == len({id(w) for w in m.matrices()})
+    assert all(p.act8 for p in m.layers[1].wqkv.parts)
+    assert torch.equal(m.layers[1].wqkv.dense(), flat.model.layers[1].wqkv.dense())
+    got = _logits(m, toks)
+    assert torch.equal(_logits(m, toks[:, :1]), got[:, :1])
+    assert 0 < ((got - float_logits).norm() / float_logits.norm()).item() < 0.05
 
 
 def test_block_types_the_kernel_does_not_keep_are_named_and_a_file_too_big_is_refused(tmp_path, monkeypatch, caplog):
@@ -458,15 +474,18 @@ def test_the_embedded_model_loads_in_200_mb():
     assert kind == "mixed" and int(mib) <= 200
 
 
+@pytest.mark.parametrize("act8", [False, True], ids=["float", "int8"])
 @pytest.mark.parametrize("qtype", QTYPES + MORE_QTYPES)
-def test_a_subset_of_rows_gives_the_full_matrixs_outputs_at_them(qtype):
+def test_a_subset_of_rows_gives_the_full_matrixs_outputs_at_them(qtype, act8):
     """`subset(ids)`: the rows alone, still blocks (the draft's head over part of the vocabulary):
-    its outputs are the whole matrix's at those rows, bit for bit, for 1 and 5 input rows; the
-    float panels' subset likewise."""
+    its outputs are the whole matrix's at those rows, bit for bit, for 1 and 5 input rows, with
+    float or int8 activations (the codes in their order); the float panels' subset likewise."""
     w, b, x, ql, wd = _case(qtype, (300, 256 if qtype in KQUANTS else 96), seed=7)
-    ids = torch.tensor([0, 1, 47, 48, 49, 95, 96, 150, 299])
+    ql.act8 = act8
+    ids = torch.tensor([0, 1, 47, 48, 49, 95, 96, 150, 299, 17])
     sub = ql.subset(ids)
-    assert sub.shape == (9, wd.shape[1]) and torch.equal(sub.dense(), wd[ids])
+    assert sub.act8 == act8
+    assert sub.shape == (10, wd.shape[1]) and torch.equal(sub.dense(), wd[ids])
     for M in (1, 5):
         assert torch.equal(sub.matmul(x[:M]), ql.matmul(x[:M])[:, ids])
     pl = PackedLinear(wd)

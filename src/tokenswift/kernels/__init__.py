@@ -284,7 +284,7 @@ def amx_disagrees(level_ops) -> str:
     N, K = 48, 64
     raw = torch.randint(0, 256, (N, K // 32, 18), dtype=torch.uint8, generator=g)
     raw[:, :, :2] = torch.tensor([0.01], dtype=torch.float16).view(torch.uint8)  # each block's scale d
-    w = level_ops.pack_q(raw.reshape(N, -1), QTYPES["q4_0"], K)
+    w = level_ops.pack_q(raw.reshape(N, -1), QTYPES["q4_0"] | ACT8, K)
     x = torch.randn(16, K, generator=g)
     try:
         rows = torch.cat([level_ops.qlinear(x[i : i + 1], w, QTYPES["q4_0"] | ACT8, N, None) for i in range(16)])
@@ -543,7 +543,9 @@ def linear_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = 
 
 # ggml's type ids of the block formats `QuantLinear` keeps (linear.cpp's panel layouts)
 QTYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
-ACT8 = 256  # added to a type id: the kernel rounds the activations to int8 (linear.cpp's qlinear_i8_impl)
+# added to a type id: the kernel rounds the activations to int8 (linear.cpp's qlinear_i8_impl), and
+# the panels' codes lie in the order those integer products read them (linear.cpp's `code_at`)
+ACT8 = 256
 
 
 class QuantLinear:
@@ -563,9 +565,25 @@ class QuantLinear:
         self.packed = huge_copy(ops.pack_q(raw, QTYPES[qtype], self.shape[1]))  # [NB, K/32, PB] uint8
         self.dtype = torch.float32  # what it computes in and gives back
         self.device = raw.device
-        # int8 activations (`load(activations="int8")`): each row rounded per block of 32 to int8
-        # and multiplied in integers, llama.cpp's arithmetic; a different model, off by default
-        self.act8 = False
+        self._act8 = False
+
+    @property
+    def act8(self) -> bool:
+        """int8 activations (`load(activations="int8")`): each row rounded per block of 32 to
+        int8 and multiplied in integers, llama.cpp's arithmetic; a different model, off by
+        default. Setting it moves the panels' codes, in place, into the order those products read
+        them (or back)."""
+        return self._act8
+
+    @act8.setter
+    def act8(self, on: bool) -> None:
+        on = bool(on)
+        if on != self._act8:
+            self._relayout(on)
+            self._act8 = on
+
+    def _relayout(self, on: bool) -> None:
+        ops.relayout_q(self.packed, QTYPES[self.qtype], on)
 
     @property
     def nbytes(self) -> int:
@@ -579,7 +597,7 @@ class QuantLinear:
         return ops.qlinear(x, self.packed, self.qt, self.shape[0], b)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:  # [...] int -> [..., K] float32
-        return ops.qrows(self.packed, QTYPES[self.qtype], self.shape[0], ids)
+        return ops.qrows(self.packed, self.qt, self.shape[0], ids)
 
     def dense(self) -> torch.Tensor:  # [N, K]
         return self.rows(torch.arange(self.shape[0]))
@@ -587,10 +605,10 @@ class QuantLinear:
     def subset(self, ids: torch.Tensor) -> "QuantLinear":
         """The rows ids [n] (int64) alone, still blocks: its outputs are this matrix's at those rows."""
         sub = object.__new__(QuantLinear)
-        sub.qtype, sub.shape, sub.dtype, sub.device, sub.act8 = self.qtype, (int(ids.numel()), self.shape[1]), \
+        sub.qtype, sub.shape, sub.dtype, sub.device, sub._act8 = self.qtype, (int(ids.numel()), self.shape[1]), \
             self.dtype, self.device, self.act8
         # (not copied onto huge pages: the draft's head is rebuilt as the text's vocabulary grows)
-        sub.packed = ops.pack_q_rows(self.packed, QTYPES[self.qtype], self.shape[0], ids)
+        sub.packed = ops.pack_q_rows(self.packed, self.qt, self.shape[0], ids)  # in this matrix's code order
         return sub
 
 
@@ -621,13 +639,19 @@ class QuantStack(QuantLinear):
             n = p.packed.numel()
             buf[o : o + n] = p.packed.view(-1)
             q = object.__new__(QuantLinear)  # the part, its panels a view of the stack's buffer
-            q.qtype, q.shape, q.dtype, q.device, q.act8 = p.qtype, p.shape, p.dtype, p.device, False
+            q.qtype, q.shape, q.dtype, q.device, q._act8 = p.qtype, p.shape, p.dtype, p.device, p.act8
             q.packed = buf[o : o + n].view(p.packed.shape)
             self.parts.append(q)
         self.packed = buf
         self.qtype = "+".join(p.qtype for p in parts)
         self.shape = (sum(p.shape[0] for p in parts), K)
-        self.dtype, self.device, self.act8 = torch.float32, parts[0].device, False
+        self.dtype, self.device, self._act8 = torch.float32, parts[0].device, False
+        if any(p.act8 for p in self.parts):  # one code order for the whole stack
+            self.act8 = True
+
+    def _relayout(self, on: bool) -> None:
+        for p in self.parts:  # views of the stack's buffer
+            p.act8 = on
 
     @property
     def qt(self) -> int:

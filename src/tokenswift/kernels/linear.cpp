@@ -211,6 +211,15 @@ void linear_impl(const float* xd, int64_t M, int64_t ldx, const float* wd, int64
 //   Q4_K, Q5_K: d f16, dmin f16, sc u8, mn u8 (this block's) | Q6_K: d f16, sc int8 x 2 (inputs 0-15, 16-31)
 // The K-quants' per-256 fields are repeated in each of their 8 blocks: 5.5 bits a Q4_K weight
 // (the file's 4.5), 9 a Q5_K or Q6_K weight (5.5, 6.56): one layout and one set of tiles for all.
+//
+// Panels multiplied by int8 activations (qt | ACT8) keep the same headers and sizes, but their
+// codes lie in the order the integer products read them (`code_at`): per input quad t (inputs
+// 4t..4t+3) a row of 192 bytes, and in it per group g of 16 outputs 64 bytes with output o's four
+// codes at 4o..4o+3, which is vpdpbusd's operand and row t of an AMX tile (stride 192) as they
+// stand. Nibble types hold quads 2u (low nibbles) and 2u+1 (high) in one such row. Signed codes stay signed (the VNNI and AMX
+// paths offset them as they load them; AVX2's maddubs takes their signs). The codes are laid
+// out once (`pack_q` with ACT8, or `relayout_q` when a loaded model turns int8 activations on),
+// so the products unpack nothing but nibbles.
 
 constexpr int QT_Q4_0 = 2, QT_Q4_1 = 3, QT_Q5_0 = 6, QT_Q5_1 = 7, QT_Q8_0 = 8, QT_Q4_K = 12, QT_Q5_K = 13,
               QT_Q6_K = 14;  // ggml's type ids
@@ -245,6 +254,32 @@ inline int64_t panel_block_bytes(int64_t qt) {
   const int p = panel_qt(qt);
   return codes_at(p) + (nibbles(p) ? 768 : 1536);
 }
+constexpr int64_t ACT8 = 256;  // added to a type id: int8 activations, and the codes in their order
+// bytes of a group's codes (16 outputs) in the int8-activation order
+// In the int8-activation order a row of codes is one quad (a nibble type's: two) of all 48 outputs,
+// group g's 64 bytes at 64g: a block's codes are read front to back, whichever rows a pass takes.
+constexpr int QROW = 192;
+
+// Where the code of input k (0..31) of output i (0..47) lies in a panel block's codes: its byte
+// from the codes' start and its shift (4: a high nibble), in the float order or the int8 one.
+struct CodeAt {
+  int byte, shift;
+};
+inline CodeAt code_at(bool nib, bool act8, int k, int i) {
+  if (!act8) return nib ? CodeAt{(k / 2) * static_cast<int>(BLOCK) + i, 4 * (k % 2)} : CodeAt{k * static_cast<int>(BLOCK) + i, 0};
+  const int g = i / 16, o = i % 16, t = k / 4;
+  return nib ? CodeAt{(t / 2) * QROW + g * 64 + o * 4 + k % 4, 4 * (t % 2)} : CodeAt{t * QROW + g * 64 + o * 4 + k % 4, 0};
+}
+inline uint8_t get_code(const uint8_t* codes, bool nib, bool act8, int k, int i) {
+  const CodeAt c = code_at(nib, act8, k, i);
+  return nib ? (codes[c.byte] >> c.shift) & 0xF : codes[c.byte];
+}
+// into codes that start zero (a nibble is OR-ed in)
+inline void put_code(uint8_t* codes, bool nib, bool act8, int k, int i, uint8_t q) {
+  const CodeAt c = code_at(nib, act8, k, i);
+  codes[c.byte] |= nib ? static_cast<uint8_t>((q & 0xF) << c.shift) : q;
+}
+
 inline void check_qt(int64_t qt) {
   TORCH_CHECK(known_qt(qt), "quantized linear: type ", qt,
               " is not Q4_0 (2), Q4_1 (3), Q5_0 (6), Q5_1 (7), Q8_0 (8), Q4_K (12), Q5_K (13) or Q6_K (14)");
@@ -395,8 +430,11 @@ inline void with_qt(int pqt, const F& f) {
   }
 }
 
-// raw [N, file row bytes] uint8 (a GGUF tensor's rows) -> [ceil(N/48), K/32, PB] uint8
-at::Tensor pack_q(const at::Tensor& raw, int64_t qt, int64_t K) {
+// raw [N, file row bytes] uint8 (a GGUF tensor's rows) -> [ceil(N/48), K/32, PB] uint8, the codes
+// in the int8-activation order where qt has ACT8
+at::Tensor pack_q(const at::Tensor& raw, int64_t qt_arg, int64_t K) {
+  const bool act8 = (qt_arg & ACT8) != 0;
+  const int64_t qt = qt_arg & ~ACT8;
   check_qt(qt);
   TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == at::kByte, "pack_q: uint8 [N, bytes] expected");
   const int64_t FI = file_block_inputs(qt), FB = file_block_bytes(qt);
@@ -421,10 +459,7 @@ at::Tensor pack_q(const at::Tensor& raw, int64_t qt, int64_t K) {
           if (pqt == QT_Q4_1 || pqt == QT_Q5_1 || pqt == QT_Q4_K || pqt == QT_Q5_K) std::memcpy(o + 96 + 2 * i, &blk.m, 2);
           if (pqt == QT_Q4_K || pqt == QT_Q5_K) o[192 + i] = blk.s0, o[240 + i] = blk.s1;
           if (pqt == QT_Q6_K) o[96 + i] = blk.s0, o[144 + i] = blk.s1;
-          if (nibbles(pqt))
-            for (int j = 0; j < 16; ++j) codes[j * BLOCK + i] = uint8_t(blk.q[2 * j] | (blk.q[2 * j + 1] << 4));
-          else
-            for (int k = 0; k < 32; ++k) codes[k * BLOCK + i] = blk.q[k];
+          for (int k = 0; k < 32; ++k) put_code(codes, nibbles(pqt), act8, k, static_cast<int>(i), blk.q[k]);
         }
       }
   });
@@ -584,72 +619,75 @@ inline void act8_scales(const uint8_t* blk, int o, typename V::F& dw, typename V
 }
 
 #if !defined(__AVX512VNNI__)
-// R (1 to 8) rows x 16 outputs (group g of the panel) over every block -> y[r * 48 + g * 16 ...]
+// R (1 to 4) rows x the panel's 48 outputs over every block -> y[r * 48 ...] (which accumulates:
+// one load, FMAs and a store per block and 8 outputs). xb: each row's quads of codes (inputs
+// 4t..4t+3) broadcast to a vector, [M][K/4]. Per 8 outputs (a group's half: 32 bytes of a row of
+// codes, four codes an output) and quad t, maddubs gives each output's two pairs of products as
+// int16, summed over a few quads, then madd by ones widens each output's pairs into its int32
+// lane. The groups are taken block by block, so a panel is read in order.
 template <int QT, int R>
 inline void qtile_i8(const __m256i* xb, int64_t K, const float* dx, const int32_t* sx, const uint8_t* wb, int64_t KB,
-                     int g, float* y) {
+                     float* y) {
   const int64_t PB = panel_block_bytes(QT);
-  __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  const __m256i lo4 = _mm256_set1_epi16(0x000F), hi4 = _mm256_set1_epi16(0x00F0);
+  // quads summed in int16 before widening, |maddubs lane| <= 2 * max|code| * 127: 4 of nibbles,
+  // Q5's or Q6_K's codes (4 * 2 * 32 * 127), 1 of Q8_0's (2 * 128 * 127)
+  constexpr int GP = QT == QT_Q8_0 ? 1 : 4;
+  for (int r = 0; r < R; ++r) std::fill(y + r * BLOCK, y + r * BLOCK + BLOCK, 0.0f);
+  const __m256i ones = _mm256_set1_epi16(1), lo4 = _mm256_set1_epi8(0x0F);
   for (int64_t kb = 0; kb < KB; ++kb) {
     const uint8_t* blk = wb + kb * PB;
-    const uint8_t* codes = blk + codes_at(QT) + g * 16;
-    __m256i s32[R][2][2];  // [row][inputs 0-15, 16-31][outputs 0-7, 8-15]
-    for (int r = 0; r < R; ++r)
-      for (int h = 0; h < 2; ++h) s32[r][h][0] = s32[r][h][1] = _mm256_setzero_si256();
-    // pairs summed in int16 before widening: 8 of nibbles (8 * 2 * 15 * 127), 4 of Q5's or Q6_K's
-    // codes (4 * 2 * 32 * 127), 1 of Q8_0's (2 * 128 * 127)
-    constexpr int GP = nibbles(QT) ? 8 : QT == QT_Q8_0 ? 1 : 4;
-    for (int j0 = 0; j0 < 16; j0 += GP) {
-      __m256i s16[R];
-      for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
-      for (int j = j0; j < j0 + GP; ++j) {
-        __m256i w;
-        if constexpr (nibbles(QT)) {
-          const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + j * BLOCK)));
-          w = _mm256_or_si256(_mm256_and_si256(c, lo4), _mm256_slli_epi16(_mm256_and_si256(c, hi4), 4));
-        } else {
-          const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 2 * j * BLOCK));
-          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (2 * j + 1) * BLOCK));
-          w = _mm256_set_m128i(_mm_unpackhi_epi8(a, b), _mm_unpacklo_epi8(a, b));
-        }
-        if constexpr (signed_codes(QT)) {  // |w| times x with w's sign: maddubs takes unsigned first
-          const __m256i wa = _mm256_sign_epi8(w, w);
-          for (int r = 0; r < R; ++r)
-            s16[r] = _mm256_add_epi16(
-                s16[r], _mm256_maddubs_epi16(wa, _mm256_sign_epi8(_mm256_load_si256(xb + r * (K / 2) + kb * 16 + j), w)));
-        } else {
-          for (int r = 0; r < R; ++r)
-            s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(w, _mm256_load_si256(xb + r * (K / 2) + kb * 16 + j)));
-        }
-      }
-      const int h = j0 / 8;
-      for (int r = 0; r < R; ++r) {
-        s32[r][h][0] = _mm256_add_epi32(s32[r][h][0], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s16[r])));
-        s32[r][h][1] = _mm256_add_epi32(s32[r][h][1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s16[r], 1)));
-      }
-    }
-    for (int oh = 0; oh < 2; ++oh) {
+    const __m256i* xk = xb + kb * 8;
+    for (int v = 0; v < 6; ++v) {  // outputs 8v..8v+7: group v / 2, half v % 2
+      const uint8_t* codes = blk + codes_at(QT) + (v / 2) * 64 + (v % 2) * 32;
       __m256 dw, dw1, mw;
-      act8_scales<QT, V8>(blk, g * 16 + oh * 8, dw, dw1, mw);
-      for (int r = 0; r < R; ++r) {
-        const float dxr = dx[r * KB + kb];
-        if constexpr (two_scales(QT)) {
-          acc[r][oh] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[r][0][oh]), _mm256_mul_ps(dw, _mm256_set1_ps(dxr)), acc[r][oh]);
-          acc[r][oh] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[r][1][oh]), _mm256_mul_ps(dw1, _mm256_set1_ps(dxr)), acc[r][oh]);
-        } else {
-          __m256i is = _mm256_add_epi32(s32[r][0][oh], s32[r][1][oh]);
+      act8_scales<QT, V8>(blk, 8 * v, dw, dw1, mw);
+      __m256i s32[R];
+      for (int r = 0; r < R; ++r) s32[r] = _mm256_setzero_si256();
+      for (int t0 = 0; t0 < 8; t0 += GP) {
+        __m256i s16[R];
+        for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
+        for (int t = t0; t < t0 + GP; ++t) {
+          __m256i w;
+          if constexpr (nibbles(QT)) {
+            w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (t / 2) * QROW));
+            if (t % 2) w = _mm256_srli_epi16(w, 4);
+            w = _mm256_and_si256(w, lo4);
+          } else {
+            w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + t * QROW));
+          }
+          if constexpr (signed_codes(QT)) {  // |w| times x with w's sign: maddubs takes unsigned first
+            const __m256i wa = _mm256_sign_epi8(w, w);
+            for (int r = 0; r < R; ++r)
+              s16[r] = _mm256_add_epi16(
+                  s16[r], _mm256_maddubs_epi16(wa, _mm256_sign_epi8(_mm256_load_si256(xk + r * (K / 4) + t), w)));
+          } else {
+            for (int r = 0; r < R; ++r)
+              s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(w, _mm256_load_si256(xk + r * (K / 4) + t)));
+          }
+        }
+        for (int r = 0; r < R; ++r) s32[r] = _mm256_add_epi32(s32[r], _mm256_madd_epi16(s16[r], ones));
+        if constexpr (two_scales(QT)) {  // Q6_K: inputs 0-15 with their scale, then 16-31 with theirs
+          for (int r = 0; r < R; ++r) {
+            float* yr = y + r * BLOCK + 8 * v;
+            const __m256 d = _mm256_mul_ps(t0 == 0 ? dw : dw1, _mm256_set1_ps(dx[r * KB + kb]));
+            _mm256_storeu_ps(yr, _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[r]), d, _mm256_loadu_ps(yr)));
+            s32[r] = _mm256_setzero_si256();
+          }
+        }
+      }
+      if constexpr (!two_scales(QT)) {
+        for (int r = 0; r < R; ++r) {
+          float* yr = y + r * BLOCK + 8 * v;
+          const float dxr = dx[r * KB + kb];
+          __m256i is = s32[r];
           if (QT == QT_Q4_0) is = _mm256_sub_epi32(is, _mm256_set1_epi32(8 * sx[r * KB + kb]));
-          acc[r][oh] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_mul_ps(dw, _mm256_set1_ps(dxr)), acc[r][oh]);
-          if constexpr (has_min(QT))
-            acc[r][oh] = _mm256_fmadd_ps(mw, _mm256_set1_ps(dxr * static_cast<float>(sx[r * KB + kb])), acc[r][oh]);
+          __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_mul_ps(dw, _mm256_set1_ps(dxr)), _mm256_loadu_ps(yr));
+          if constexpr (has_min(QT)) a = _mm256_fmadd_ps(mw, _mm256_set1_ps(dxr * static_cast<float>(sx[r * KB + kb])), a);
+          _mm256_storeu_ps(yr, a);
         }
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + r * BLOCK + g * 16 + h * 8, acc[r][h]);
 }
 #endif
 
@@ -661,84 +699,103 @@ inline void qtile_i8(const __m256i* xb, int64_t K, const float* dx, const int32_
 // the other types' codes are unsigned already. The sums are the same integers as `qtile_i8`'s
 // and the float epilogue is its, lane for lane: the same bits.
 
-// The unsigned codes of inputs 4t..4t+3 (t = 0..7) of 16 outputs of a panel block (codes: the
-// block's codes from the group's first output), four bytes a lane: vpdpbusd's first operand, and
-// row t of an AMX tile of the block (the same layout).
+// The unsigned codes of inputs 4t..4t+3 (t = 0..7) of a group's 16 outputs (gcodes: the group's
+// codes in the int8-activation order), four bytes a lane: vpdpbusd's first operand, and row t of
+// an AMX tile of the block. Nibbles are masked out of their byte; signed codes are offset by 128
+// (q xor 0x80).
 template <int QT>
-inline __m512i vnni_codes(const uint8_t* codes, int t) {
-  __m512i w;
-  if constexpr (nibbles(QT)) {  // bytes 2t, 2t+1 hold inputs (4t, 4t+1) and (4t+2, 4t+3) as nibble pairs
-    const __m512i e0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 2 * t * BLOCK)));
-    const __m512i e1 =
-        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (2 * t + 1) * BLOCK)));
-    const __m512i v = _mm512_or_si512(e0, _mm512_slli_epi32(e1, 16));
-    w = _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(0x000F000F)),
-                        _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x00F000F0)), 4));
-  } else {  // inputs 4t..4t+3: four rows of 16 outputs, interleaved by output
-    auto row = [&](int k) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k * BLOCK)); };
-    const __m128i a0 = row(4 * t), a1 = row(4 * t + 1), a2 = row(4 * t + 2), a3 = row(4 * t + 3);
-    const __m128i l01 = _mm_unpacklo_epi8(a0, a1), h01 = _mm_unpackhi_epi8(a0, a1);
-    const __m128i l23 = _mm_unpacklo_epi8(a2, a3), h23 = _mm_unpackhi_epi8(a2, a3);
-    w = _mm512_castsi128_si512(_mm_unpacklo_epi16(l01, l23));
-    w = _mm512_inserti32x4(w, _mm_unpackhi_epi16(l01, l23), 1);
-    w = _mm512_inserti32x4(w, _mm_unpacklo_epi16(h01, h23), 2);
-    w = _mm512_inserti32x4(w, _mm_unpackhi_epi16(h01, h23), 3);
-    if constexpr (signed_codes(QT)) w = _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));
+inline __m512i vnni_codes(const uint8_t* gcodes, int t) {
+  if constexpr (nibbles(QT)) {
+    __m512i v = _mm512_loadu_si512(gcodes + (t / 2) * QROW);
+    if (t % 2) v = _mm512_srli_epi16(v, 4);
+    return _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
+  } else {
+    const __m512i w = _mm512_loadu_si512(gcodes + t * QROW);
+    if constexpr (signed_codes(QT)) return _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));
+    return w;
   }
-  return w;
 }
 
-// A row's block sums (s0: every input, or inputs 0-15 for Q6_K; s1: Q6_K's 16-31) of 16 outputs,
-// as vnni_codes' unsigned codes make them, into acc: the offsets taken back as integers, then the
-// block's float epilogue. dw, dw1, mw from `act8_scales`; dxr, sr, s0r the row's block scale, code
-// sum and first half's code sum.
+// acc + float(s - off) * (d * dxr): a block sum's term, the offset off taken back as an integer
+inline __m512 act8_term(__m512i s, int32_t off, __m512 d, float dxr, __m512 acc) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s, _mm512_set1_epi32(off))), _mm512_mul_ps(d, _mm512_set1_ps(dxr)),
+                         acc);
+}
+
+// A row's block sum s of 16 outputs for a type with one scale, as vnni_codes' unsigned codes make
+// it, into acc: the offsets taken back (128 per signed code, Q4_0's 8), then dw and the offset mw
+// (`act8_scales`); dxr, sr the row's block scale and code sum.
+template <int QT>
+inline __m512 act8_one(__m512i s, __m512 dw, __m512 mw, float dxr, int32_t sr, __m512 acc) {
+  const int32_t off = (signed_codes(QT) ? 128 * sr : 0) + (QT == QT_Q4_0 ? 8 * sr : 0);
+  acc = act8_term(s, off, dw, dxr, acc);
+  if constexpr (has_min(QT)) acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(dxr * static_cast<float>(sr)), acc);
+  return acc;
+}
+
+// A row's block sums (s0: every input, or inputs 0-15 for Q6_K; s1: Q6_K's 16-31) into acc, the
+// block's float epilogue; s0r the row's code sum over the block's first 16 inputs.
 template <int QT>
 inline __m512 act8_epilogue(__m512i s0, __m512i s1, __m512 dw, __m512 dw1, __m512 mw, float dxr, int32_t sr,
                             int32_t s0r, __m512 acc) {
   if constexpr (two_scales(QT)) {
-    const __m512i i0 = _mm512_sub_epi32(s0, _mm512_set1_epi32(128 * s0r));
-    const __m512i i1 = _mm512_sub_epi32(s1, _mm512_set1_epi32(128 * (sr - s0r)));
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(dw, _mm512_set1_ps(dxr)), acc);
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(dw1, _mm512_set1_ps(dxr)), acc);
+    acc = act8_term(s0, 128 * s0r, dw, dxr, acc);
+    return act8_term(s1, 128 * (sr - s0r), dw1, dxr, acc);
   } else {
-    __m512i is = s0;
-    if (signed_codes(QT)) is = _mm512_sub_epi32(is, _mm512_set1_epi32(128 * sr));
-    if (QT == QT_Q4_0) is = _mm512_sub_epi32(is, _mm512_set1_epi32(8 * sr));
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, _mm512_set1_ps(dxr)), acc);
-    if constexpr (has_min(QT)) acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(dxr * static_cast<float>(sr)), acc);
+    return act8_one<QT>(s0, dw, mw, dxr, sr, acc);
   }
-  return acc;
 }
 
+// R (1 to 4) rows x the panel's 48 outputs over every block -> y[r * 48 ...]: per input quad t,
+// the three groups' codes against each row's quad broadcast once, three chains a row. A panel is
+// read in order, block after block (one pass over its bytes however its groups lie).
 template <int QT, int R>
 inline void qtile_vnni(const int8_t* xq, int64_t K, const float* dx, const int32_t* sx, const int32_t* sh,
-                       const uint8_t* wb, int64_t KB, int g, float* y) {
+                       const uint8_t* wb, int64_t KB, float* y) {
   const int64_t PB = panel_block_bytes(QT);
-  constexpr int H = two_scales(QT) ? 2 : 1;  // sums kept apart: inputs 0-15 and 16-31 (Q6_K)
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[R][3];
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < 3; ++g) acc[r][g] = _mm512_setzero_ps();
   for (int64_t kb = 0; kb < KB; ++kb) {
     const uint8_t* blk = wb + kb * PB;
-    const uint8_t* codes = blk + codes_at(QT) + g * 16;
-    __m512i s32[R][H];
+    const uint8_t* codes = blk + codes_at(QT);
+    __m512i s32[R][3];
     for (int r = 0; r < R; ++r)
-      for (int h = 0; h < H; ++h) s32[r][h] = _mm512_setzero_si512();
+      for (int g = 0; g < 3; ++g) s32[r][g] = _mm512_setzero_si512();
     for (int t = 0; t < 8; ++t) {
-      const __m512i w = vnni_codes<QT>(codes, t);
-      const int h = H == 2 ? t / 4 : 0;
+      __m512i w[3];
+      for (int g = 0; g < 3; ++g) w[g] = vnni_codes<QT>(codes + g * 64, t);
       for (int r = 0; r < R; ++r) {
         int32_t quad;
         std::memcpy(&quad, xq + r * K + kb * 32 + 4 * t, 4);
-        s32[r][h] = _mm512_dpbusd_epi32(s32[r][h], w, _mm512_set1_epi32(quad));
+        const __m512i b = _mm512_set1_epi32(quad);
+        for (int g = 0; g < 3; ++g) s32[r][g] = _mm512_dpbusd_epi32(s32[r][g], w[g], b);
+      }
+      if constexpr (two_scales(QT)) {
+        if (t == 3 || t == 7) {  // Q6_K: inputs 0-15 with their scale, then 16-31 with theirs
+          for (int g = 0; g < 3; ++g) {
+            __m512 dw, dw1, mw;
+            act8_scales<QT, V16>(blk, g * 16, dw, dw1, mw);
+            for (int r = 0; r < R; ++r) {
+              const int64_t i = r * KB + kb;
+              acc[r][g] = t == 3 ? act8_term(s32[r][g], 128 * sh[i], dw, dx[i], acc[r][g])
+                                 : act8_term(s32[r][g], 128 * (sx[i] - sh[i]), dw1, dx[i], acc[r][g]);
+              s32[r][g] = _mm512_setzero_si512();
+            }
+          }
+        }
       }
     }
-    __m512 dw, dw1, mw;
-    act8_scales<QT, V16>(blk, g * 16, dw, dw1, mw);
-    for (int r = 0; r < R; ++r)
-      acc[r] = act8_epilogue<QT>(s32[r][0], s32[r][H - 1], dw, dw1, mw, dx[r * KB + kb], sx[r * KB + kb],
-                                 sh[r * KB + kb], acc[r]);
+    if constexpr (!two_scales(QT)) {
+      for (int g = 0; g < 3; ++g) {
+        __m512 dw, dw1, mw;
+        act8_scales<QT, V16>(blk, g * 16, dw, dw1, mw);
+        for (int r = 0; r < R; ++r) acc[r][g] = act8_one<QT>(s32[r][g], dw, mw, dx[r * KB + kb], sx[r * KB + kb], acc[r][g]);
+      }
+    }
   }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * BLOCK + g * 16, acc[r]);
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < 3; ++g) _mm512_storeu_ps(y + r * BLOCK + g * 16, acc[r][g]);
 }
 #endif
 
@@ -778,7 +835,7 @@ void qpanel_amx(const int8_t* xq, int64_t M, int64_t K, const float* dx, const i
   for (int64_t kb = 0; kb < KB; ++kb)
     for (int g = 0; g < 3; ++g)
       for (int t = 0; t < 8; ++t)
-        _mm512_storeu_si512(wt + ((kb * 3 + g) * 8 + t) * 64, vnni_codes<QT>(wb + kb * PB + codes_at(QT) + g * 16, t));
+        _mm512_storeu_si512(wt + ((kb * 3 + g) * 8 + t) * 64, vnni_codes<QT>(wb + kb * PB + codes_at(QT) + g * 64, t));
   alignas(64) int32_t c[2][16][16];
   int configured = 0;
   for (int64_t m0 = 0; m0 < M; m0 += 16) {
@@ -831,12 +888,12 @@ void qlinear_i8_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd,
   std::vector<int32_t> sx(M * KB), sh(M * KB);
   quantize_rows_q8(xd, M, ldx, K, xq.data(), dx.data(), sx.data(), sh.data());
 #if !defined(__AVX512VNNI__)
-  // every pair (x_2j, x_2j+1) broadcast to a vector once, read by a plain load in the tiles
-  std::unique_ptr<__m256i[]> xb(new __m256i[M * K / 2]);
-  for (int64_t i = 0; i < M * K / 2; ++i) {
-    int16_t pair;
-    std::memcpy(&pair, xq.data() + 2 * i, 2);
-    xb[i] = _mm256_set1_epi16(pair);
+  // every quad (x_4t .. x_4t+3) broadcast to a vector once, read by a plain load in the tiles
+  std::unique_ptr<__m256i[]> xb(new __m256i[M * K / 4]);
+  for (int64_t i = 0; i < M * K / 4; ++i) {
+    int32_t quad;
+    std::memcpy(&quad, xq.data() + 4 * i, 4);
+    xb[i] = _mm256_set1_epi32(quad);
   }
 #endif
 #if defined(TS_AMX)
@@ -853,35 +910,32 @@ void qlinear_i8_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd,
     return;
   }
 #endif
-  // up to 8 rows share each expanded code vector (the codes' unpacking is most of a row's work)
+  // four rows at a time against all 48 outputs of a panel (VNNI: 3 x 4 sums and 3 x 4 results in
+  // registers), the panel read block after block
+  constexpr int64_t MR = 4;
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-    float buf[8 * BLOCK];
+    float buf[MR * BLOCK];
     for (int64_t nb = b0; nb < b1; ++nb) {
       const uint8_t* wb = wd + nb * KB * PB;
       const int64_t n0 = nb * BLOCK, nn = std::min(BLOCK, N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += 8) {
-        const int64_t rows = std::min<int64_t>(8, M - m0);
+      for (int64_t m0 = 0; m0 < M; m0 += MR) {
+        const int64_t rows = std::min<int64_t>(MR, M - m0);
         const float* dr = dx.data() + m0 * KB;
         const int32_t* sr = sx.data() + m0 * KB;
-        for (int g = 0; g < 3; ++g) {
-          auto run = [&](auto RR) {
-            constexpr int R = decltype(RR)::value;
+        with_rows<MR>(rows, [&](auto RR) {
+          constexpr int R = decltype(RR)::value;
 #if defined(__AVX512VNNI__)
-            qtile_vnni<QT, R>(xq.data() + m0 * K, K, dr, sr, sh.data() + m0 * KB, wb, KB, g, buf);
+          qtile_vnni<QT, R>(xq.data() + m0 * K, K, dr, sr, sh.data() + m0 * KB, wb, KB, buf);
 #else
-            qtile_i8<QT, R>(xb.get() + m0 * K / 2, K, dr, sr, wb, KB, g, buf);
+          qtile_i8<QT, R>(xb.get() + m0 * K / 4, K, dr, sr, wb, KB, buf);
 #endif
-          };
-          with_rows<8>(rows, run);
-        }
+        });
         store_rows(buf, rows, nn, yd + m0 * ldy, ldy, n0, bd, rd ? rd + m0 * ldy : nullptr);
       }
     }
   });
 }
 
-
-constexpr int64_t ACT8 = 256;
 // A fused matrix whose parts hold different block types (a Q4_K_M file's Q4_K q and k with its
 // Q6_K v): uint8 [bytes], an int64 header [2 + 3 * parts] = parts, K, then per part its type, its
 // rows and the byte offset of its panels (`pack_q`'s, whole) in the buffer. Each output is its
@@ -995,7 +1049,9 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, int64_t qt, in
 // those rows of the file: each block's bytes of a row move from its place in its panel to the
 // row's new place. The draft's head over a subset of the vocabulary: its outputs are the full
 // head's at those rows, bit for bit (each output one FMA chain over K, whatever its panel).
-at::Tensor pack_q_rows(const at::Tensor& packed, int64_t qt, int64_t N, const at::Tensor& idx) {
+at::Tensor pack_q_rows(const at::Tensor& packed, int64_t qt_arg, int64_t N, const at::Tensor& idx) {
+  const bool act8 = (qt_arg & ACT8) != 0;  // the codes in the int8-activation order, kept so
+  const int64_t qt = qt_arg & ~ACT8;
   check_qt(qt);
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
                   packed.size(2) == panel_block_bytes(qt) && packed.size(0) == (N + BLOCK - 1) / BLOCK,
@@ -1007,7 +1063,8 @@ at::Tensor pack_q_rows(const at::Tensor& packed, int64_t qt, int64_t N, const at
   for (int64_t r = 0; r < n; ++r) TORCH_CHECK(0 <= id[r] && id[r] < N, "pack_q_rows: row ", id[r], " outside [0, ", N, ")");
   // a row's bytes in a panel block: its header fields, then one byte per code row
   const int pqt = panel_qt(qt);
-  const int64_t CA = codes_at(pqt), ncodes = nibbles(pqt) ? 16 : 32;
+  const int64_t CA = codes_at(pqt);
+  const bool nib = nibbles(pqt);
   const std::vector<HeaderField> fields = header_fields(pqt);
   at::Tensor out = at::zeros({NB, KB, PB}, packed.options());
   const uint8_t* src = packed.data_ptr<uint8_t>();
@@ -1020,7 +1077,8 @@ at::Tensor pack_q_rows(const at::Tensor& packed, int64_t qt, int64_t N, const at
           const uint8_t* s = src + (sb * KB + kb) * PB;
           uint8_t* o = dst + (nb * KB + kb) * PB;
           for (const HeaderField& f : fields) std::memcpy(o + f.at + f.size * i, s + f.at + f.size * si, f.size);
-          for (int64_t k = 0; k < ncodes; ++k) o[CA + k * BLOCK + i] = s[CA + k * BLOCK + si];
+          for (int k = 0; k < 32; ++k)
+            put_code(o + CA, nib, act8, k, static_cast<int>(i), get_code(s + CA, nib, act8, k, static_cast<int>(si)));
         }
       }
   });
@@ -1030,7 +1088,7 @@ at::Tensor pack_q_rows(const at::Tensor& packed, int64_t qt, int64_t N, const at
 // Rows `idx` of the dequantized weight ([n] int64 in 0..N-1 -> [n, K] float32): the embedding
 // lookup of a tied or quantized table, and the dense read-back.
 template <int QT>
-void qrows_impl(const uint8_t* wd, int64_t KB, const int64_t* idx, int64_t n, float* out) {
+void qrows_impl(const uint8_t* wd, int64_t KB, bool act8, const int64_t* idx, int64_t n, float* out) {
   const int64_t PB = panel_block_bytes(QT);
   at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -1057,9 +1115,8 @@ void qrows_impl(const uint8_t* wd, int64_t KB, const int64_t* idx, int64_t n, fl
         }
         const uint8_t* codes = blk + codes_at(QT);
         for (int k = 0; k < 32; ++k) {
-          float q;
-          if (nibbles(QT)) q = float((codes[(k / 2) * BLOCK + i] >> (4 * (k % 2))) & 0xF);
-          else q = float(int8_t(codes[k * BLOCK + i]));
+          const uint8_t c = get_code(codes, nibbles(QT), act8, k, static_cast<int>(i));
+          const float q = nibbles(QT) ? float(c) : float(int8_t(c));
           const float dk = k < 16 ? d0 : d1;
           o[kb * 32 + k] = mul_only(QT) ? q * dk : std::fma(q, dk, m);
         }
@@ -1068,7 +1125,9 @@ void qrows_impl(const uint8_t* wd, int64_t KB, const int64_t* idx, int64_t n, fl
   });
 }
 
-at::Tensor qrows(const at::Tensor& packed, int64_t qt, int64_t N, const at::Tensor& idx) {
+at::Tensor qrows(const at::Tensor& packed, int64_t qt_arg, int64_t N, const at::Tensor& idx) {
+  const bool act8 = (qt_arg & ACT8) != 0;
+  const int64_t qt = qt_arg & ~ACT8;
   check_qt(qt);
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
                   packed.size(2) == panel_block_bytes(qt), "qrows: packed [NB, K/32, PB] uint8 expected");
@@ -1079,10 +1138,33 @@ at::Tensor qrows(const at::Tensor& packed, int64_t qt, int64_t N, const at::Tens
   at::Tensor out = at::empty({n, KB * 32}, packed.options().dtype(at::kFloat));
   const uint8_t* wd = packed.data_ptr<uint8_t>();
   float* od = out.data_ptr<float>();
-  with_qt(panel_qt(qt), [&](auto P) { qrows_impl<decltype(P)::value>(wd, KB, id, n, od); });
+  with_qt(panel_qt(qt), [&](auto P) { qrows_impl<decltype(P)::value>(wd, KB, act8, id, n, od); });
   std::vector<int64_t> shape(idx.sizes().begin(), idx.sizes().end());
   shape.push_back(KB * 32);
   return out.view(shape);
+}
+
+// A packed matrix's codes moved in place into the int8-activation order (act8) or back to the
+// float order: what a loaded model's matrices take when int8 activations are turned on or off.
+// The headers stay; the codes are the same, so the dequantized weights are too.
+void relayout_q(const at::Tensor& packed, int64_t qt, bool act8) {
+  check_qt(qt);
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.size(2) == panel_block_bytes(qt), "relayout_q: packed [NB, K/32, PB] uint8 expected");
+  const int pqt = panel_qt(qt);
+  const bool nib = nibbles(pqt);
+  const int64_t blocks = packed.size(0) * packed.size(1), PB = packed.size(2), CA = codes_at(pqt), n = PB - CA;
+  uint8_t* base = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> was(n);
+    for (int64_t b = b0; b < b1; ++b) {
+      uint8_t* codes = base + b * PB + CA;
+      std::memcpy(was.data(), codes, n);
+      std::memset(codes, 0, n);
+      for (int i = 0; i < BLOCK; ++i)
+        for (int k = 0; k < 32; ++k) put_code(codes, nib, act8, k, i, get_code(was.data(), nib, !act8, k, i));
+    }
+  });
 }
 
 }  // namespace TS_NS
@@ -1094,6 +1176,7 @@ TORCH_LIBRARY_FRAGMENT(TS_NS, m) {
   m.def("qlinear(Tensor x, Tensor packed, int qtype, int n, Tensor? bias) -> Tensor");
   m.def("qrows(Tensor packed, int qtype, int n, Tensor idx) -> Tensor");
   m.def("pack_q_rows(Tensor packed, int qtype, int n, Tensor idx) -> Tensor");
+  m.def("relayout_q(Tensor(a!) packed, int qtype, bool act8) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(TS_NS, CPU, m) {
@@ -1103,4 +1186,5 @@ TORCH_LIBRARY_IMPL(TS_NS, CPU, m) {
   m.impl("qlinear", &TS_NS::qlinear);
   m.impl("qrows", &TS_NS::qrows);
   m.impl("pack_q_rows", &TS_NS::pack_q_rows);
+  m.impl("relayout_q", &TS_NS::relayout_q);
 }
