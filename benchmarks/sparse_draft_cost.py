@@ -5,6 +5,7 @@ The draft pass is the self-draft's: the model's own weights (GGUF blocks), one t
 included; the step is `ar`'s. Run it alone on the machine.
 
     python benchmarks/sparse_draft_cost.py --context 16384 --budgets 2%,5%,10% --scorers dims:16,int8 --vocab 0,16384
+        [--kv-dtype bfloat16 --attention-dtype bfloat16] [--activations int8]
 
 `--vocab N`: the draft's head over the ids below N and the context's tokens (`DraftVocab`; 0: the
 whole head, as the step's).
@@ -33,6 +34,8 @@ def main() -> None:
     ap.add_argument("--scorers", default="dims:16,int8")
     ap.add_argument("--vocab", default="0", help="draft heads to time: 0 (the whole) or N (DraftVocab)")
     ap.add_argument("--kv-dtype", default="float16")
+    ap.add_argument("--activations", default="float", choices=["float", "int8"])
+    ap.add_argument("--attention-dtype", default="float32", choices=["float32", "bfloat16", "bfloat16-amx"])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--prefill-cache", default=None, help="as draft_acceptance.py's: the context's K/V rows")
     args = ap.parse_args()
@@ -42,8 +45,8 @@ def main() -> None:
     factor = 1
     while probe.config.context_length * factor < C + 64:
         factor *= 2
-    lm = tokenswift.load(args.model, heads="none", kv_dtype=args.kv_dtype,
-                         rope_scaling=f"yarn:{factor}" if factor > 1 else None)
+    lm = tokenswift.load(args.model, heads="none", kv_dtype=args.kv_dtype, activations=args.activations,
+                         attention_dtype=args.attention_dtype, rope_scaling=f"yarn:{factor}" if factor > 1 else None)
     m = lm.model
     text = Path(default_text()).read_text(encoding="utf-8")
     ids = lm.encode(text[: 8 * C], max_tokens=10**9)[:C]

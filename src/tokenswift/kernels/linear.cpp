@@ -570,10 +570,12 @@ void qlinear_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd, in
 // products are not the float model's. (llama.cpp rounds the K-quants' activations per 256 inputs,
 // Q8_K; here every type takes the same per-32 rounding, the finer of the two.)
 //
-// Lanes: 16 outputs a vector, each 16-bit lane holding the codes of inputs 2j and 2j+1 of one
-// output, against the row's (qx_2j, qx_2j+1) pair broadcast: maddubs gives each output's two
-// products summed, 32 products an instruction; sums of a few such pairs stay within int16 and are
-// then widened to int32.
+// Lanes (the codes in the int8-activation order, `code_at`): each 32-bit lane one output, its four
+// bytes the codes of inputs 4t..4t+3, against the row's four codes (qx_4t .. qx_4t+3) broadcast.
+// AVX2: maddubs sums each output's two pairs of products into two int16 lanes (32 products an
+// instruction), a few quads are summed in int16 as far as they cannot overflow, and madd by ones
+// widens each output's pairs into its int32 lane. AVX-512 VNNI: vpdpbusd adds the four products
+// into the lane (64 an instruction).
 
 // M rows [M, K] -> codes [M, K], scales [M, K/32], code sums [M, K/32] and the sums of each
 // block's first 16 codes [M, K/32]
@@ -1077,8 +1079,12 @@ at::Tensor pack_q_rows(const at::Tensor& packed, int64_t qt_arg, int64_t N, cons
           const uint8_t* s = src + (sb * KB + kb) * PB;
           uint8_t* o = dst + (nb * KB + kb) * PB;
           for (const HeaderField& f : fields) std::memcpy(o + f.at + f.size * i, s + f.at + f.size * si, f.size);
-          for (int k = 0; k < 32; ++k)
-            put_code(o + CA, nib, act8, k, static_cast<int>(i), get_code(s + CA, nib, act8, k, static_cast<int>(si)));
+          if (act8) {  // an output's four codes (a nibble type's: eight) a row of codes
+            const int64_t from = (si / 16) * 64 + (si % 16) * 4, to = (i / 16) * 64 + (i % 16) * 4;
+            for (int64_t t = 0; t < (nib ? 4 : 8); ++t) std::memcpy(o + CA + t * QROW + to, s + CA + t * QROW + from, 4);
+          } else {  // a byte a row of codes
+            for (int64_t k = 0; k < (nib ? 16 : 32); ++k) o[CA + k * BLOCK + i] = s[CA + k * BLOCK + si];
+          }
         }
       }
   });
