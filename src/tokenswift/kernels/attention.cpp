@@ -1374,7 +1374,7 @@ at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const a
   // softmax; the sample's weights give a floor below the budget-th weight. Pass two: each entry's
   // weight (the group's summed softmax) and the entries at or above the floor, in entry order.
   // Only the exps cross the passes (G x M floats: before, the scores crossed four passes).
-  constexpr int64_t SPAN = 2048, STRIDE = 16;
+  constexpr int64_t SPAN = 2048, STRIDE = 16, SEL_PF = 1024;
   const int64_t spans = (M + SPAN - 1) / SPAN, ns = (M + STRIDE - 1) / STRIDE;
   static thread_local Scratch sc_buf;
   float* sc = sc_buf.get(static_cast<size_t>(KH * G * (M + ns)));  // exps [KH, G, M], sample [KH, G, ns]
@@ -1392,12 +1392,17 @@ at::Tensor sparse_select_dims(const at::Tensor& q, const at::Tensor& kt, const a
       __m256 mx[8];
       for (int64_t g = 0; g < G; ++g) mx[g] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
       int64_t j = j0;
+      // the copy's rows are `dims` streams read a block at a time: more than the hardware
+      // prefetchers follow (in a model the layer's copy comes from memory, and the choice ran at
+      // a fifth of its bandwidth), so each line is asked for SEL_PF entries ahead, past the span's
+      // end too (a thread's next span is mostly the next one), and a span's first SEL_PF entries
+      // as it starts
+      if (j0 == 0 || it == begin)
+        for (int64_t o = 0; o < std::min(SEL_PF, j1 - j0); o += 64)
+          for (int64_t i = 0; i < dims; ++i) _mm_prefetch(reinterpret_cast<const char*>(base + dm[i] * kt_d + j0 + o), _MM_HINT_T0);
       for (; j + BLK <= j1; j += BLK) {
-        // the copy's rows are `dims` streams read a block at a time: more than the hardware
-        // prefetchers follow (in a model the layer's copy comes from memory, and the choice ran at
-        // a fifth of its bandwidth), so each line is asked for 1 KB ahead
-        if ((BLK == 64 || ((a + j) & 63) == 0) && j + 1024 < j1)
-          for (int64_t i = 0; i < dims; ++i) _mm_prefetch(reinterpret_cast<const char*>(base + dm[i] * kt_d + j + 1024), _MM_HINT_T0);
+        if ((BLK == 64 || ((a + j) & 63) == 0) && j + SEL_PF < M)
+          for (int64_t i = 0; i < dims; ++i) _mm_prefetch(reinterpret_cast<const char*>(base + dm[i] * kt_d + j + SEL_PF), _MM_HINT_T0);
         for (int64_t g0 = 0; g0 < G; g0 += 4) {  // up to four rows a call: their accumulators stay in registers
           switch (std::min<int64_t>(4, G - g0)) {
             case 1: dims_block<1>(base, kt_d, dm, nq, qp + g0 * nq, j, dot + g0); break;
