@@ -251,6 +251,31 @@ def test_the_score_copy_holds_the_committed_keys_quantized(lm, scorer):
     assert view.synced == 120
 
 
+@pytest.mark.parametrize("scorer", ["int8", "dims:16"])
+def test_the_score_copy_has_the_same_bits_from_the_native_kernel_and_from_torch(lm, monkeypatch, scorer):
+    """attach quantizes with `kernels.quantize_q8` where the kernels run, else `_quantize`'s
+    torch operations: the same codes and scales, over a float32 and a bfloat16 cache."""
+    from tokenswift import kernels
+    from tokenswift.cache import SparseKV
+
+    if not kernels.native():
+        pytest.skip(f"native kernels off: {kernels.why_not()}")
+    m = lm.model
+    for dtype in (torch.float32, torch.bfloat16):
+        main = _prefilled(m, 150)
+        main.k = main.k.to(dtype)
+        native = SparseKV(m.cfg, budget=16, scorer=scorer)
+        native.attach(main, 70)
+        native.attach(main, 150)
+        with monkeypatch.context() as mp:
+            mp.setattr(kernels, "native", lambda: False)
+            torch_ = SparseKV(m.cfg, budget=16, scorer=scorer)
+            torch_.attach(main, 150)
+        n = 150
+        kq = (lambda v: v.kq[:, :, :, :n]) if scorer.startswith("dims") else (lambda v: v.kq[:, :, :n])
+        assert torch.equal(kq(native), kq(torch_)) and torch.equal(native.ks[:, :, :n], torch_.ks[:, :, :n]), dtype
+
+
 def test_bad_sparse_scorers_are_named(lm):
     from tokenswift.cache import SparseKV
 
