@@ -145,6 +145,20 @@ def test_int8_activations_need_weight_blocks():
 
 
 @pytest.mark.parametrize("qtype", QTYPES + MORE_QTYPES)
+def test_packing_in_the_int8_order_equals_moving_the_codes_there(qtype):
+    """`pack_q` with ACT8 writes the panels `relayout_q` makes of the float order's, and back."""
+    K = 512 if qtype in KQUANTS else 96
+    raw = _raw(0.1 * torch.randn(100, K), qtype) if qtype in QTYPES else _random_raw(qtype, 100, K, seed=5)
+    t = kernels.QTYPES[qtype]
+    plain = kernels.ops.pack_q(raw, t, K)
+    moved = plain.clone()
+    kernels.ops.relayout_q(moved, t, True)
+    assert torch.equal(kernels.ops.pack_q(raw, t | kernels.ACT8, K), moved) and not torch.equal(moved, plain)
+    kernels.ops.relayout_q(moved, t, False)
+    assert torch.equal(moved, plain)
+
+
+@pytest.mark.parametrize("qtype", QTYPES + MORE_QTYPES)
 def test_quant_rows_are_the_dequantized_rows(qtype):
     """In either order of the codes (int8 activations move them in place, and back)."""
     K = 512 if qtype in KQUANTS else 96

@@ -459,7 +459,20 @@ at::Tensor pack_q(const at::Tensor& raw, int64_t qt_arg, int64_t K) {
           if (pqt == QT_Q4_1 || pqt == QT_Q5_1 || pqt == QT_Q4_K || pqt == QT_Q5_K) std::memcpy(o + 96 + 2 * i, &blk.m, 2);
           if (pqt == QT_Q4_K || pqt == QT_Q5_K) o[192 + i] = blk.s0, o[240 + i] = blk.s1;
           if (pqt == QT_Q6_K) o[96 + i] = blk.s0, o[144 + i] = blk.s1;
-          for (int k = 0; k < 32; ++k) put_code(codes, nibbles(pqt), act8, k, static_cast<int>(i), blk.q[k]);
+          // `code_at`'s orders, written a byte (float order) or four (int8 order) at a time
+          if (act8) {
+            const int64_t to = (i / 16) * 64 + (i % 16) * 4;
+            if (nibbles(pqt))  // quad 2u in the low nibbles, 2u + 1 in the high
+              for (int u = 0; u < 4; ++u)
+                for (int c = 0; c < 4; ++c)
+                  codes[u * QROW + to + c] = uint8_t((blk.q[8 * u + c] & 0xF) | (blk.q[8 * u + 4 + c] << 4));
+            else
+              for (int t = 0; t < 8; ++t) std::memcpy(codes + t * QROW + to, blk.q + 4 * t, 4);
+          } else if (nibbles(pqt)) {
+            for (int j = 0; j < 16; ++j) codes[j * BLOCK + i] = uint8_t(blk.q[2 * j] | (blk.q[2 * j + 1] << 4));
+          } else {
+            for (int k = 0; k < 32; ++k) codes[k * BLOCK + i] = blk.q[k];
+          }
         }
       }
   });
