@@ -544,7 +544,7 @@ def linear_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = 
 # ggml's type ids of the block formats `QuantLinear` keeps (linear.cpp's panel layouts)
 QTYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
 # added to a type id: the kernel rounds the activations to int8 (linear.cpp's qlinear_i8_impl), and
-# the panels' codes lie in the order those integer products read them (linear.cpp's `code_at`)
+# the panels' codes lie in the order those integer products read them (linear.cpp's `put_codes`)
 ACT8 = 256
 
 

@@ -213,7 +213,7 @@ void linear_impl(const float* xd, int64_t M, int64_t ldx, const float* wd, int64
 // (the file's 4.5), 9 a Q5_K or Q6_K weight (5.5, 6.56): one layout and one set of tiles for all.
 //
 // Panels multiplied by int8 activations (qt | ACT8) keep the same headers and sizes, but their
-// codes lie in the order the integer products read them (`code_at`): per input quad t (inputs
+// codes lie in the order the integer products read them (`put_codes`): per input quad t (inputs
 // 4t..4t+3) a row of 192 bytes, and in it per group g of 16 outputs 64 bytes with output o's four
 // codes at 4o..4o+3, which is vpdpbusd's operand and row t of an AMX tile (stride 192) as they
 // stand. Nibble types hold quads 2u (low nibbles) and 2u+1 (high) in one such row. Signed codes stay signed (the VNNI and AMX
@@ -259,19 +259,48 @@ constexpr int64_t ACT8 = 256;  // added to a type id: int8 activations, and the 
 // group g's 64 bytes at 64g: a block's codes are read front to back, whichever rows a pass takes.
 constexpr int QROW = 192;
 
-// Where the code of input k (0..31) of output i (0..47) lies in a panel block's codes: its byte
-// from the codes' start and its shift (4: a high nibble), in the float order or the int8 one.
-struct CodeAt {
-  int byte, shift;
-};
-inline CodeAt code_at(bool nib, bool act8, int k, int i) {
-  if (!act8) return nib ? CodeAt{(k / 2) * static_cast<int>(BLOCK) + i, 4 * (k % 2)} : CodeAt{k * static_cast<int>(BLOCK) + i, 0};
-  const int g = i / 16, o = i % 16, t = k / 4;
-  return nib ? CodeAt{(t / 2) * QROW + g * 64 + o * 4 + k % 4, 4 * (t % 2)} : CodeAt{t * QROW + g * 64 + o * 4 + k % 4, 0};
+// Output i's (0..47) 32 codes of a panel block (codes: the block's codes from their start), in
+// the float order or the int8 one. An output's bytes are its own in both orders (a nibble byte
+// holds two codes of one output), so each is written whole. Float order: code row k (a byte
+// each), or byte j holding inputs 2j (low nibble) and 2j + 1. Int8 order: in row t (QROW bytes),
+// output i's four bytes at `quad_at(i)` hold inputs 4t..4t+3; a nibble type's row u holds quad
+// 2u in the low nibbles and 2u + 1 in the high.
+inline int quad_at(int i) { return (i / 16) * 64 + (i % 16) * 4; }
+inline void get_codes(const uint8_t* codes, bool nib, bool act8, int i, uint8_t* q) {
+  if (act8) {
+    const uint8_t* c = codes + quad_at(i);
+    if (!nib) {
+      for (int t = 0; t < 8; ++t) std::memcpy(q + 4 * t, c + t * QROW, 4);
+      return;
+    }
+    for (int u = 0; u < 4; ++u)
+      for (int j = 0; j < 4; ++j) {
+        const uint8_t v = c[u * QROW + j];
+        q[8 * u + j] = v & 0xF, q[8 * u + 4 + j] = v >> 4;
+      }
+  } else if (nib) {
+    for (int j = 0; j < 16; ++j) {
+      const uint8_t v = codes[j * BLOCK + i];
+      q[2 * j] = v & 0xF, q[2 * j + 1] = v >> 4;
+    }
+  } else {
+    for (int k = 0; k < 32; ++k) q[k] = codes[k * BLOCK + i];
+  }
 }
-inline uint8_t get_code(const uint8_t* codes, bool nib, bool act8, int k, int i) {
-  const CodeAt c = code_at(nib, act8, k, i);
-  return nib ? (codes[c.byte] >> c.shift) & 0xF : codes[c.byte];
+inline void put_codes(uint8_t* codes, bool nib, bool act8, int i, const uint8_t* q) {
+  if (act8) {
+    uint8_t* c = codes + quad_at(i);
+    if (!nib) {
+      for (int t = 0; t < 8; ++t) std::memcpy(c + t * QROW, q + 4 * t, 4);
+      return;
+    }
+    for (int u = 0; u < 4; ++u)
+      for (int j = 0; j < 4; ++j) c[u * QROW + j] = uint8_t((q[8 * u + j] & 0xF) | (q[8 * u + 4 + j] << 4));
+  } else if (nib) {
+    for (int j = 0; j < 16; ++j) codes[j * BLOCK + i] = uint8_t((q[2 * j] & 0xF) | (q[2 * j + 1] << 4));
+  } else {
+    for (int k = 0; k < 32; ++k) codes[k * BLOCK + i] = q[k];
+  }
 }
 
 inline void check_qt(int64_t qt) {
@@ -453,20 +482,7 @@ at::Tensor pack_q(const at::Tensor& raw, int64_t qt_arg, int64_t K) {
           if (pqt == QT_Q4_1 || pqt == QT_Q5_1 || pqt == QT_Q4_K || pqt == QT_Q5_K) std::memcpy(o + 96 + 2 * i, &blk.m, 2);
           if (pqt == QT_Q4_K || pqt == QT_Q5_K) o[192 + i] = blk.s0, o[240 + i] = blk.s1;
           if (pqt == QT_Q6_K) o[96 + i] = blk.s0, o[144 + i] = blk.s1;
-          // `code_at`'s orders, written a byte (float order) or four (int8 order) at a time
-          if (act8) {
-            const int64_t to = (i / 16) * 64 + (i % 16) * 4;
-            if (nibbles(pqt))  // quad 2u in the low nibbles, 2u + 1 in the high
-              for (int u = 0; u < 4; ++u)
-                for (int c = 0; c < 4; ++c)
-                  codes[u * QROW + to + c] = uint8_t((blk.q[8 * u + c] & 0xF) | (blk.q[8 * u + 4 + c] << 4));
-            else
-              for (int t = 0; t < 8; ++t) std::memcpy(codes + t * QROW + to, blk.q + 4 * t, 4);
-          } else if (nibbles(pqt)) {
-            for (int j = 0; j < 16; ++j) codes[j * BLOCK + i] = uint8_t(blk.q[2 * j] | (blk.q[2 * j + 1] << 4));
-          } else {
-            for (int k = 0; k < 32; ++k) codes[k * BLOCK + i] = blk.q[k];
-          }
+          put_codes(codes, nibbles(pqt), act8, static_cast<int>(i), blk.q);
         }
       }
   });
@@ -577,7 +593,7 @@ void qlinear_impl(const float* xd, int64_t M, int64_t ldx, const uint8_t* wd, in
 // products are not the float model's. (llama.cpp rounds the K-quants' activations per 256 inputs,
 // Q8_K; here every type takes the same per-32 rounding, the finer of the two.)
 //
-// Lanes (the codes in the int8-activation order, `code_at`): each 32-bit lane one output, its four
+// Lanes (the codes in the int8-activation order, `put_codes`): each 32-bit lane one output, its four
 // bytes the codes of inputs 4t..4t+3, against the row's four codes (qx_4t .. qx_4t+3) broadcast.
 // AVX2: maddubs sums each output's two pairs of products into two int16 lanes (32 products an
 // instruction), a few quads are summed in int16 as far as they cannot overflow, and madd by ones
@@ -1086,12 +1102,9 @@ at::Tensor pack_q_rows(const at::Tensor& packed, int64_t qt_arg, int64_t N, cons
           const uint8_t* s = src + (sb * KB + kb) * PB;
           uint8_t* o = dst + (nb * KB + kb) * PB;
           for (const HeaderField& f : fields) std::memcpy(o + f.at + f.size * i, s + f.at + f.size * si, f.size);
-          if (act8) {  // an output's four codes (a nibble type's: eight) a row of codes
-            const int64_t from = (si / 16) * 64 + (si % 16) * 4, to = (i / 16) * 64 + (i % 16) * 4;
-            for (int64_t t = 0; t < (nib ? 4 : 8); ++t) std::memcpy(o + CA + t * QROW + to, s + CA + t * QROW + from, 4);
-          } else {  // a byte a row of codes
-            for (int64_t k = 0; k < (nib ? 16 : 32); ++k) o[CA + k * BLOCK + i] = s[CA + k * BLOCK + si];
-          }
+          uint8_t q[32];
+          get_codes(s + CA, nib, act8, static_cast<int>(si), q);
+          put_codes(o + CA, nib, act8, static_cast<int>(i), q);
         }
       }
   });
@@ -1126,10 +1139,10 @@ void qrows_impl(const uint8_t* wd, int64_t KB, bool act8, const int64_t* idx, in
         } else if (QT == QT_Q4_0) {
           m = -8.0f * d;
         }
-        const uint8_t* codes = blk + codes_at(QT);
+        uint8_t c[32];
+        get_codes(blk + codes_at(QT), nibbles(QT), act8, static_cast<int>(i), c);
         for (int k = 0; k < 32; ++k) {
-          const uint8_t c = get_code(codes, nibbles(QT), act8, k, static_cast<int>(i));
-          const float q = nibbles(QT) ? float(c) : float(int8_t(c));
+          const float q = nibbles(QT) ? float(c[k]) : float(int8_t(c[k]));
           const float dk = k < 16 ? d0 : d1;
           o[kb * 32 + k] = mul_only(QT) ? q * dk : std::fma(q, dk, m);
         }
@@ -1168,38 +1181,15 @@ void relayout_q(const at::Tensor& packed, int64_t qt, bool act8) {
   const bool nib = nibbles(pqt);
   const int64_t blocks = packed.size(0) * packed.size(1), PB = packed.size(2), CA = codes_at(pqt), n = PB - CA;
   uint8_t* base = packed.data_ptr<uint8_t>();
-  // every code of a block moves to `code_at`'s place in the other order (written out: a call per
-  // code took a 25 MB Q4_0 matrix 71 ms)
   at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
     std::vector<uint8_t> was(n);
+    uint8_t q[32];
     for (int64_t b = b0; b < b1; ++b) {
       uint8_t* codes = base + b * PB + CA;
       std::memcpy(was.data(), codes, n);
-      const uint8_t* w = was.data();
       for (int i = 0; i < BLOCK; ++i) {
-        const int at = (i / 16) * 64 + (i % 16) * 4;  // output i's four bytes in a row of the int8 order
-        if (nib) {  // float order: byte j holds inputs 2j (low) and 2j+1; int8: row u quads 2u, 2u+1
-          for (int u = 0; u < 4; ++u)
-            for (int c = 0; c < 4; ++c) {
-              const int k0 = 8 * u + c, k1 = k0 + 4;  // the low and the high nibble of int8 byte (u, i, c)
-              if (act8) {
-                codes[u * QROW + at + c] = uint8_t(((w[(k0 / 2) * BLOCK + i] >> (4 * (k0 % 2))) & 0xF) |
-                                                   (((w[(k1 / 2) * BLOCK + i] >> (4 * (k1 % 2))) & 0xF) << 4));
-              } else {
-                const uint8_t v = w[u * QROW + at + c];
-                // k0 and k1 are even for c even: each fills one nibble of its float byte
-                uint8_t& f0 = codes[(k0 / 2) * BLOCK + i];
-                uint8_t& f1 = codes[(k1 / 2) * BLOCK + i];
-                f0 = uint8_t((f0 & (0xF0 >> (4 * (k0 % 2)))) | ((v & 0xF) << (4 * (k0 % 2))));
-                f1 = uint8_t((f1 & (0xF0 >> (4 * (k1 % 2)))) | ((v >> 4) << (4 * (k1 % 2))));
-              }
-            }
-        } else {
-          for (int k = 0; k < 32; ++k) {
-            const int q = (k / 4) * QROW + at + k % 4, f = k * static_cast<int>(BLOCK) + i;
-            codes[act8 ? q : f] = w[act8 ? f : q];
-          }
-        }
+        get_codes(was.data(), nib, !act8, i, q);
+        put_codes(codes, nib, act8, i, q);
       }
     }
   });
