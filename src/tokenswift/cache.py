@@ -505,18 +505,15 @@ class SparseKV:
         for b in range(a, N, Q8KVCache.SYNC_ROWS):
             e = min(N, b + Q8KVCache.SYNC_ROWS)
             x = main.k[:, 0, :, b:e]  # [L, KVH, n, Dh]
-            if native and self.scorer == "dims":
+            if native:
                 q = torch.empty(x.shape, dtype=torch.int8)
                 kernels.quantize_q8(x, q, self.ks[:, :, b:e, 0])
-                self.kq[:, :, :, b:e] = q.transpose(2, 3)
-            elif native:
-                kernels.quantize_q8(x, self.kq[:, :, b:e], self.ks[:, :, b:e, 0])
             else:
                 q, self.ks[:, :, b:e] = self._quantize(x.float())
-                if self.scorer == "dims":
-                    self.kq[:, :, :, b:e] = q.transpose(2, 3)
-                else:
-                    self.kq[:, :, b:e] = q
+            if self.scorer == "dims":
+                self.kq[:, :, :, b:e] = q.transpose(2, 3)
+            else:
+                self.kq[:, :, b:e] = q
         self.synced = N
 
     def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
