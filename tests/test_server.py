@@ -563,7 +563,7 @@ def test_non_ascii_api_key_is_refused_at_start(smollm, capsys):
 def test_oversized_prompts_are_refused_in_bounded_memory(start):
     """Six ~3.9 MB prompts at once (under the body limit, ~1M tokens each against an 8K context):
     each is counted a piece at a time and refused after its first piece, so the server's memory
-    stays within a bound while it refuses them, and after each burst what is still live comes
+    stays within a bound while it refuses them, and over later bursts what is still live comes
     back to where it was (nothing piles up). Tokenized whole, the same burst took 2.5 GB and kept
     most of it."""
     url = start()
@@ -594,8 +594,16 @@ def test_oversized_prompts_are_refused_in_bounded_memory(start):
     peak, first = burst()
     assert peak < 400 << 20, f"peak {peak >> 20} MiB over idle"
     assert first - idle < 200 << 20, f"{(first - idle) >> 20} MiB kept after a burst"
-    peak, second = burst()
-    assert peak < 400 << 20 and second - first < 50 << 20, (peak >> 20, (second - first) >> 20)
+    # Three more bursts. What stays live after one moves by up to ~55 MiB either way with the
+    # arenas the threads get (measured: -51 to +55 MiB against the first), so one burst's figure
+    # cannot tell a pile-up: memory kept by each burst (50 MiB or more) would put every later
+    # figure above the first, each higher than the last.
+    later = []
+    for _ in range(3):
+        peak, live = burst()
+        assert peak < 400 << 20, f"peak {peak >> 20} MiB over idle"
+        later.append((live - first) >> 20)
+    assert min(later) < 50 and max(later) < 150, f"MiB live after each later burst, against the first: {later}"
 
 
 def test_bad_requests_take_no_queue_slot(url, client):
